@@ -1,0 +1,151 @@
+//! `switchyard-sim`: run simulated SGLang/vLLM-compatible workers.
+
+use clap::Parser;
+use switchyard_sim::fleet;
+use switchyard_sim::model::Profile;
+use switchyard_sim::server::{Faults, Role, WorkerConfig};
+
+/// Simulated LLM inference workers with a continuous-batching performance model.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard-sim", version, about)]
+struct Args {
+    /// Address to bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Number of workers.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: u16,
+    /// Port of the first worker; the others take the next ports (0 = any free ports).
+    #[arg(long, default_value_t = 31000)]
+    base_port: u16,
+    /// Performance profile: h100-llama8b, a100-llama8b, l4-llama8b.
+    #[arg(long, default_value = "h100-llama8b", value_parser = parse_profile)]
+    profile: Profile,
+    /// Fleet file (TOML) describing each worker; overrides --workers/--profile.
+    #[arg(long)]
+    fleet: Option<String>,
+    /// Speed factor relative to the profile.
+    #[arg(long, default_value_t = 1.0, value_parser = positive)]
+    speed: f64,
+    /// Run this many times faster than real hardware (latencies scale consistently).
+    #[arg(long, default_value_t = 1.0, value_parser = positive)]
+    time_scale: f64,
+    /// Base RNG seed (worker i uses seed + i).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Model name served.
+    #[arg(long, default_value = "meta-llama/Llama-3.1-8B-Instruct")]
+    model_name: String,
+    /// Role of every worker (PD disaggregation).
+    #[arg(long, value_enum, default_value_t = Role::Plain)]
+    role: Role,
+    /// Override of the KV capacity in tokens.
+    #[arg(long)]
+    kv_capacity_tokens: Option<u64>,
+    /// Median output length when ignore_eos is not set.
+    #[arg(long, default_value_t = 200)]
+    output_len_median: u32,
+    /// Fault: fraction of requests answered with --error-status.
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Fault: status of injected errors.
+    #[arg(long, default_value_t = 500)]
+    error_status: u16,
+    /// Fault: step-time multiplier (3.0 = 3× slower).
+    #[arg(long, default_value_t = 1.0)]
+    slowdown: f64,
+    /// Fault: cut streams after this many tokens.
+    #[arg(long)]
+    die_after_tokens: Option<u32>,
+    /// Fault: accept requests and never answer.
+    #[arg(long)]
+    hang: bool,
+    /// Fault: /health answers 503.
+    #[arg(long)]
+    health_fail: bool,
+    /// Log filter (error, warn, info, debug, trace).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn parse_profile(s: &str) -> Result<Profile, String> {
+    Profile::by_name(s).ok_or_else(|| {
+        format!(
+            "unknown profile '{s}' (known: {})",
+            Profile::NAMES.join(", ")
+        )
+    })
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("expected a positive number, got '{s}'")),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log_level)
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let mut profile = args.profile.clone();
+    if let Some(kv) = args.kv_capacity_tokens {
+        profile.kv_capacity_tokens = kv;
+    }
+    let template = WorkerConfig {
+        host: args.host.clone(),
+        port: 0,
+        profile,
+        speed: args.speed,
+        time_scale: args.time_scale,
+        seed: args.seed,
+        model_name: args.model_name.clone(),
+        role: args.role,
+        output_len_median: args.output_len_median,
+        faults: Faults {
+            error_rate: args.error_rate,
+            error_status: args.error_status,
+            hang: args.hang,
+            slowdown: args.slowdown,
+            die_after_tokens: args.die_after_tokens,
+            health_fail: args.health_fail,
+            ..Faults::default()
+        },
+    };
+    let configs = match &args.fleet {
+        Some(path) => fleet::load(path, args.base_port, &template),
+        None => Ok(fleet::uniform(
+            args.workers.into(),
+            args.base_port,
+            &template,
+        )),
+    };
+    let workers = match configs {
+        Ok(c) => fleet::spawn_fleet(c).await,
+        Err(e) => Err(e),
+    };
+    let workers = match workers {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    for w in &workers {
+        let c = w.config();
+        println!(
+            "{} profile={} speed={} role={:?} time_scale={}",
+            w.url(),
+            c.profile.name,
+            c.speed,
+            c.role,
+            c.time_scale
+        );
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

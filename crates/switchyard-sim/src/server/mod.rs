@@ -1,0 +1,259 @@
+//! The simulated worker's HTTP server: SGLang- and vLLM-compatible endpoints over the
+//! performance model, fault injection, and an accept loop that can refuse connections.
+
+mod api;
+pub mod body;
+pub mod driver;
+pub mod faults;
+mod metrics;
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::model::{Engine, EngineStats, Profile};
+use driver::EngineHandle;
+pub use faults::{FaultError, Faults};
+
+/// What part a worker plays in a fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Prefill and decode on the same worker.
+    #[default]
+    Plain,
+    /// Prefill only (PD disaggregation).
+    Prefill,
+    /// Decode only (PD disaggregation).
+    Decode,
+}
+
+/// Everything needed to start one simulated worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Address to bind.
+    pub host: String,
+    /// Port to bind (0 = any free port).
+    pub port: u16,
+    /// Performance profile.
+    pub profile: Profile,
+    /// Speed factor relative to the profile (2.0 = twice as fast).
+    pub speed: f64,
+    /// Real time runs this many times faster than simulated hardware time.
+    pub time_scale: f64,
+    /// Seed of the worker's RNG (step noise, output lengths, error injection).
+    pub seed: u64,
+    /// Model name served.
+    pub model_name: String,
+    /// Role in a PD fleet.
+    pub role: Role,
+    /// Median output length (tokens) when `ignore_eos` is not set.
+    pub output_len_median: u32,
+    /// Faults in force at start.
+    pub faults: Faults,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 0,
+            profile: Profile::default(),
+            speed: 1.0,
+            time_scale: 1.0,
+            seed: 0,
+            model_name: "meta-llama/Llama-3.1-8B-Instruct".into(),
+            role: Role::Plain,
+            output_len_median: 200,
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A fault setting is invalid.
+    #[error(transparent)]
+    Fault(#[from] FaultError),
+}
+
+/// State shared by a worker's handlers.
+pub(crate) struct WorkerState {
+    pub(crate) config: WorkerConfig,
+    pub(crate) engine: EngineHandle,
+    pub(crate) faults: Mutex<Faults>,
+    pub(crate) rng: Mutex<StdRng>,
+    pub(crate) next_id: AtomicU64,
+    pub(crate) refuse: watch::Sender<bool>,
+    pub(crate) port: u16,
+}
+
+impl WorkerState {
+    pub(crate) fn faults(&self) -> Faults {
+        self.faults.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn set_faults(&self, faults: Faults) -> Result<(), FaultError> {
+        faults.validate()?;
+        let _ = self
+            .engine
+            .send(driver::Command::SetSlowdown(faults.slowdown));
+        self.refuse.send_replace(faults.refuse_connections);
+        if let Ok(mut f) = self.faults.lock() {
+            *f = faults;
+        }
+        Ok(())
+    }
+}
+
+/// A running simulated worker. Dropping the handle stops it.
+pub struct WorkerHandle {
+    addr: SocketAddr,
+    state: Arc<WorkerState>,
+    _shutdown: watch::Sender<()>,
+}
+
+impl WorkerHandle {
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://host:port`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The worker's configuration.
+    pub fn config(&self) -> &WorkerConfig {
+        &self.state.config
+    }
+
+    /// Replaces the faults in force.
+    pub fn set_faults(&self, faults: Faults) -> Result<(), FaultError> {
+        self.state.set_faults(faults)
+    }
+
+    /// Latest engine counters.
+    pub fn stats(&self) -> EngineStats {
+        self.state.engine.stats()
+    }
+}
+
+/// Binds and starts one simulated worker.
+pub async fn spawn_worker(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
+    config.faults.validate()?;
+    let addr_text = format!("{}:{}", config.host, config.port);
+    let listener = TcpListener::bind(&addr_text)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: addr_text.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: addr_text,
+        source,
+    })?;
+    let engine = Engine::new(config.profile.clone(), config.speed, config.seed);
+    let engine = EngineHandle::spawn(engine, config.time_scale);
+    let (refuse, _) = watch::channel(false);
+    let state = Arc::new(WorkerState {
+        engine,
+        faults: Mutex::new(Faults::default()),
+        rng: Mutex::new(StdRng::seed_from_u64(config.seed ^ 0x5eed)),
+        next_id: AtomicU64::new(1),
+        refuse,
+        port: addr.port(),
+        config,
+    });
+    state.set_faults(state.config.faults.clone())?;
+    let (shutdown, shutdown_rx) = watch::channel(());
+    let app = api::router(state.clone());
+    tokio::spawn(accept_loop(state.clone(), app, addr, listener, shutdown_rx));
+    Ok(WorkerHandle {
+        addr,
+        state,
+        _shutdown: shutdown,
+    })
+}
+
+/// Accepts connections until shut down. While `refuse_connections` is set the listening
+/// socket is closed (connects are refused) and every open connection is dropped.
+async fn accept_loop(
+    state: Arc<WorkerState>,
+    app: axum::Router,
+    addr: SocketAddr,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<()>,
+) {
+    let mut refuse = state.refuse.subscribe();
+    let mut listener = Some(listener);
+    loop {
+        let (kill, _) = watch::channel(());
+        if !*refuse.borrow_and_update() {
+            let l = match listener.take() {
+                Some(l) => l,
+                None => match TcpListener::bind(addr).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(%addr, error = %e, "cannot re-bind after refusing connections; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(20)) => continue,
+                            _ = shutdown.changed() => return,
+                        }
+                    }
+                },
+            };
+            loop {
+                tokio::select! {
+                    accepted = l.accept() => {
+                        if let Ok((stream, _)) = accepted {
+                            tokio::spawn(serve_connection(stream, app.clone(), kill.subscribe()));
+                        }
+                    }
+                    _ = refuse.changed() => if *refuse.borrow_and_update() { break },
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+        // Refusing: the listener is dropped here and `kill` drops every open connection.
+        drop(kill);
+        loop {
+            tokio::select! {
+                _ = refuse.changed() => if !*refuse.borrow_and_update() { break },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+async fn serve_connection(stream: TcpStream, app: axum::Router, mut kill: watch::Receiver<()>) {
+    let _ = stream.set_nodelay(true);
+    let service = TowerToHyperService::new(app);
+    let conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        _ = conn => {}
+        _ = kill.changed() => {}
+    }
+}

@@ -1,0 +1,201 @@
+//! The `switchyard` command line. Flag names and defaults follow sglang-router's so that a
+//! user can switch by changing the command name.
+
+use std::time::Duration;
+
+use clap::Parser;
+
+use super::{normalize_worker_url, ConfigError, HealthConfig, RouterConfig};
+use crate::policies::{PolicyConfig, PolicyKind};
+
+/// LLM inference router: one routing-policy trait for every fleet.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "switchyard", version, about)]
+pub struct Args {
+    /// Address to bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to bind.
+    #[arg(long, default_value_t = 30000)]
+    pub port: u16,
+    /// Worker base URLs (http://host:port), space separated.
+    #[arg(long, num_args = 1.., value_name = "URL")]
+    pub worker_urls: Vec<String>,
+    /// Routing policy.
+    #[arg(long, value_enum, default_value_t = PolicyKind::RoundRobin)]
+    pub policy: PolicyKind,
+    /// Seed for the policy's random choices (for reproducible runs).
+    #[arg(long)]
+    pub policy_seed: Option<u64>,
+    /// Time allowed for a worker to answer (response headers), in seconds.
+    #[arg(long, default_value_t = 1800.0, value_parser = positive_secs)]
+    pub request_timeout_secs: f64,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 512 << 20)]
+    pub max_payload_size: usize,
+    /// Log level (error, warn, info, debug, trace) or a tracing filter.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+    /// Seconds between health probes of each worker.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_secs)]
+    pub health_check_interval_secs: f64,
+    /// Timeout of one health probe, in seconds.
+    #[arg(long, default_value_t = 5.0, value_parser = positive_secs)]
+    pub health_check_timeout_secs: f64,
+    /// Consecutive failed probes before a worker is marked unhealthy.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_failure_threshold: u32,
+    /// Consecutive successful probes before an unhealthy worker is used again.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_success_threshold: u32,
+    /// Path probed on each worker.
+    #[arg(long, default_value = "/health")]
+    pub health_check_endpoint: String,
+    /// Start N simulated workers in-process and route to them (no GPU needed).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub sim_workers: Option<u16>,
+    /// Profile of the simulated workers: h100-llama8b, a100-llama8b, l4-llama8b.
+    #[arg(long, default_value = "h100-llama8b")]
+    pub sim_profile: String,
+    /// Simulated workers run this many times faster than real hardware.
+    #[arg(long, default_value_t = 1.0, value_parser = positive_secs)]
+    pub sim_time_scale: f64,
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("expected a positive number of seconds, got '{s}'")),
+    }
+}
+
+impl Args {
+    /// Validates the arguments into a [`RouterConfig`].
+    pub fn to_config(&self) -> Result<RouterConfig, ConfigError> {
+        let worker_urls = self
+            .worker_urls
+            .iter()
+            .map(|u| normalize_worker_url(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !self.health_check_endpoint.starts_with('/') {
+            return Err(ConfigError::Range {
+                flag: "health-check-endpoint",
+                reason: "must start with '/'".into(),
+            });
+        }
+        if switchyard_sim::model::Profile::by_name(&self.sim_profile).is_none() {
+            return Err(ConfigError::Range {
+                flag: "sim-profile",
+                reason: format!(
+                    "'{}' is not a known profile ({})",
+                    self.sim_profile,
+                    switchyard_sim::model::Profile::NAMES.join(", ")
+                ),
+            });
+        }
+        if self.max_payload_size == 0 {
+            return Err(ConfigError::Range {
+                flag: "max-payload-size",
+                reason: "must be at least 1 byte".into(),
+            });
+        }
+        Ok(RouterConfig {
+            host: self.host.clone(),
+            port: self.port,
+            worker_urls,
+            policy: PolicyConfig::new(self.policy, self.policy_seed),
+            request_timeout: Duration::from_secs_f64(self.request_timeout_secs),
+            max_payload_size: self.max_payload_size,
+            health: HealthConfig {
+                interval: Duration::from_secs_f64(self.health_check_interval_secs),
+                timeout: Duration::from_secs_f64(self.health_check_timeout_secs),
+                failure_threshold: self.health_failure_threshold,
+                success_threshold: self.health_success_threshold,
+                endpoint: self.health_check_endpoint.clone(),
+            },
+            ..RouterConfig::default()
+        })
+    }
+}
+
+/// What the command line asked for.
+#[derive(Debug)]
+pub enum ParseOutcome {
+    /// Run with these arguments.
+    Run(Box<Args>),
+    /// Print this text (help, version) and exit 0.
+    Print(String),
+    /// Print this one-line error and exit 2.
+    Fail(String),
+}
+
+/// Parses the command line without exiting, so errors can be printed as one line.
+pub fn parse_args<I, T>(args: I) -> ParseOutcome
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    match Args::try_parse_from(args) {
+        Ok(a) => match a.to_config() {
+            Ok(_) => ParseOutcome::Run(Box::new(a)),
+            Err(e) => ParseOutcome::Fail(format!("error: {e}")),
+        },
+        Err(e) => match e.kind() {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                ParseOutcome::Print(e.to_string())
+            }
+            _ => {
+                let text = e.to_string();
+                ParseOutcome::Fail(
+                    text.lines()
+                        .next()
+                        .unwrap_or("error: invalid arguments")
+                        .to_owned(),
+                )
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_sglang_router() {
+        let ParseOutcome::Run(a) = parse_args(["switchyard"]) else {
+            panic!("defaults must parse")
+        };
+        let c = a.to_config().unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 30000));
+        assert_eq!(c.request_timeout, Duration::from_secs(1800));
+        assert_eq!(c.max_payload_size, 512 * 1024 * 1024);
+        assert_eq!(
+            (c.health.failure_threshold, c.health.success_threshold),
+            (3, 2)
+        );
+        assert_eq!(c.health.endpoint, "/health");
+    }
+
+    #[test]
+    fn bad_values_fail_with_one_line() {
+        for argv in [
+            vec!["switchyard", "--port", "x"],
+            vec!["switchyard", "--policy", "nope"],
+            vec!["switchyard", "--worker-urls", "localhost:8000"],
+            vec!["switchyard", "--health-failure-threshold", "0"],
+            vec!["switchyard", "--request-timeout-secs", "-1"],
+            vec!["switchyard", "--no-such-flag"],
+        ] {
+            match parse_args(argv.clone()) {
+                ParseOutcome::Fail(msg) => {
+                    assert!(
+                        !msg.contains('\n') && msg.starts_with("error"),
+                        "{argv:?}: {msg}"
+                    )
+                }
+                other => panic!("{argv:?} accepted: {other:?}"),
+            }
+        }
+    }
+}

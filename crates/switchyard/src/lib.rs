@@ -1,0 +1,17 @@
+//! Switchyard: an LLM inference router.
+//!
+//! A request comes in (OpenAI or SGLang API), a [`policies::RoutingPolicy`] picks a worker,
+//! the request is proxied and its response (often an SSE stream) flows back untouched while
+//! [`load`] observes it. See `shared/design/architecture.md` for the map.
+
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod health;
+pub mod load;
+pub mod policies;
+pub mod proxy;
+pub mod request;
+pub mod routers;
+pub mod server;
+pub mod workers;

@@ -1,0 +1,92 @@
+//! `switchyard`: parse the command line, start the router (and the demo fleet), run until
+//! SIGINT/SIGTERM.
+
+use std::process::ExitCode;
+
+use switchyard::config::{parse_args, Args, ParseOutcome};
+use switchyard::{demo, server};
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args_os()) {
+        ParseOutcome::Run(a) => a,
+        ParseOutcome::Print(text) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        ParseOutcome::Fail(line) => {
+            eprintln!("{line}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(*args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let mut config = args.to_config().map_err(|e| e.to_string())?;
+    let fleet = match args.sim_workers {
+        Some(n) => demo::start_fleet(n.into(), &args.sim_profile, args.sim_time_scale, 0).await?,
+        None => Vec::new(),
+    };
+    config.worker_urls.extend(fleet.iter().map(|w| w.url()));
+    let router = server::start(config)
+        .await
+        .map_err(|e| format!("cannot listen: {e}"))?;
+    let url = router.url();
+    let policy = router.state().router.policy().name();
+    println!(
+        "switchyard listening on {url} ({} workers, policy {policy})",
+        router.state().registry.all().len()
+    );
+    if !fleet.is_empty() {
+        println!("simulated workers ({}):", args.sim_profile);
+        for w in &fleet {
+            println!("  {}", w.url());
+        }
+        println!(
+            "try:\n  curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"default\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}],\"max_tokens\":32}}'"
+        );
+    }
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    router.shutdown().await.map_err(|e| e.to_string())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,182 @@
+//! How a worker is chosen: the [`RoutingPolicy`] trait, one file per policy, and the factory.
+//!
+//! A policy is a pure decision over a snapshot of healthy candidates plus its own state: it
+//! never does I/O, never sleeps and never filters (the router hands it only workers that
+//! may serve). The same objects therefore run in the live router and in offline simulation.
+//! What a policy *measures* lives in [`crate::load`]; policies only read it.
+//!
+//! Adding a policy: one file here implementing [`RoutingPolicy`] with its own config type,
+//! one variant in [`PolicyKind`]/[`PolicyConfig`], one line in [`build`].
+
+mod load_based;
+mod power_of_two;
+mod random;
+mod rng;
+mod round_robin;
+
+use std::fmt;
+use std::sync::Arc;
+
+pub use load_based::{LoadBased, LoadBasedConfig};
+pub use power_of_two::{PowerOfTwo, PowerOfTwoConfig};
+pub use random::{Random, RandomConfig};
+pub use round_robin::{RoundRobin, RoundRobinConfig};
+
+use crate::load::RequestOutcome;
+use crate::request::RequestView;
+use crate::workers::Worker;
+
+/// Why no worker could be chosen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoutingError {
+    /// The candidate list was empty.
+    #[error("no healthy workers available")]
+    NoHealthyWorkers,
+}
+
+/// One routing policy, used for whole requests (regular mode) and for prefill/decode pairs.
+pub trait RoutingPolicy: Send + Sync + fmt::Debug {
+    /// The policy's name as given on the command line.
+    fn name(&self) -> &'static str;
+
+    /// Picks one of `workers` (all healthy) for `request`; returns its index.
+    fn select_single(
+        &self,
+        workers: &[Arc<Worker>],
+        request: &RequestView,
+    ) -> Result<usize, RoutingError>;
+
+    /// Picks a prefill worker and a decode worker; returns their indices. By default two
+    /// independent single selections; a policy that can score pairs jointly overrides it.
+    fn select_pair(
+        &self,
+        prefill: &[Arc<Worker>],
+        decode: &[Arc<Worker>],
+        request: &RequestView,
+    ) -> Result<(usize, usize), RoutingError> {
+        Ok((
+            self.select_single(prefill, request)?,
+            self.select_single(decode, request)?,
+        ))
+    }
+
+    /// What the router observed about a finished request. Stateless policies ignore it.
+    fn on_request_complete(&self, _outcome: &RequestOutcome) {}
+}
+
+/// Policy names accepted by `--policy`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum PolicyKind {
+    /// Uniformly random.
+    Random,
+    /// In turn.
+    RoundRobin,
+    /// Lower load of two random candidates.
+    PowerOfTwo,
+    /// Least load, random among ties.
+    LoadBased,
+}
+
+/// A policy with its settings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PolicyConfig {
+    /// See [`Random`].
+    Random(RandomConfig),
+    /// See [`RoundRobin`].
+    RoundRobin(RoundRobinConfig),
+    /// See [`PowerOfTwo`].
+    PowerOfTwo(PowerOfTwoConfig),
+    /// See [`LoadBased`].
+    LoadBased(LoadBasedConfig),
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig::RoundRobin(RoundRobinConfig::default())
+    }
+}
+
+impl PolicyConfig {
+    /// The default settings of `kind`, with `seed` for its random choices.
+    pub fn new(kind: PolicyKind, seed: Option<u64>) -> Self {
+        match kind {
+            PolicyKind::Random => PolicyConfig::Random(RandomConfig { seed }),
+            PolicyKind::RoundRobin => PolicyConfig::RoundRobin(RoundRobinConfig::default()),
+            PolicyKind::PowerOfTwo => PolicyConfig::PowerOfTwo(PowerOfTwoConfig { seed }),
+            PolicyKind::LoadBased => PolicyConfig::LoadBased(LoadBasedConfig { seed }),
+        }
+    }
+}
+
+/// Builds a policy from its config.
+pub fn build(config: &PolicyConfig) -> Arc<dyn RoutingPolicy> {
+    match config {
+        PolicyConfig::Random(c) => Arc::new(Random::new(c)),
+        PolicyConfig::RoundRobin(c) => Arc::new(RoundRobin::new(c)),
+        PolicyConfig::PowerOfTwo(c) => Arc::new(PowerOfTwo::new(c)),
+        PolicyConfig::LoadBased(c) => Arc::new(LoadBased::new(c)),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Arc;
+
+    use crate::load::InFlightGuard;
+    use crate::workers::{Worker, WorkerRole};
+
+    pub fn workers(n: usize) -> Vec<Arc<Worker>> {
+        (0..n)
+            .map(|i| {
+                Arc::new(Worker::new(
+                    format!("http://127.0.0.1:{}", 1000 + i),
+                    WorkerRole::Regular,
+                ))
+            })
+            .collect()
+    }
+
+    /// Puts `n` requests in flight on `w`; they stay until the guards drop.
+    pub fn load(w: &Arc<Worker>, n: usize) -> Vec<InFlightGuard> {
+        (0..n).map(|_| InFlightGuard::new(w.clone())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_policy_rejects_an_empty_list_and_picks_in_range() {
+        let ws = test_support::workers(3);
+        for kind in [
+            PolicyKind::Random,
+            PolicyKind::RoundRobin,
+            PolicyKind::PowerOfTwo,
+            PolicyKind::LoadBased,
+        ] {
+            let p = build(&PolicyConfig::new(kind, Some(1)));
+            let req = RequestView::default();
+            assert_eq!(
+                p.select_single(&[], &req),
+                Err(RoutingError::NoHealthyWorkers),
+                "{}",
+                p.name()
+            );
+            assert_eq!(
+                p.select_pair(&ws, &[], &req),
+                Err(RoutingError::NoHealthyWorkers)
+            );
+            for _ in 0..50 {
+                assert!(p.select_single(&ws, &req).unwrap() < 3);
+                let (a, b) = p.select_pair(&ws[..1], &ws, &req).unwrap();
+                assert!(a == 0 && b < 3);
+            }
+            assert!(p.select_single(&ws[..1], &req) == Ok(0));
+        }
+    }
+}

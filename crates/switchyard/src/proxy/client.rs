@@ -1,0 +1,142 @@
+//! The pooled HTTP/1.1 client (hyper-util, keep-alive) and one function that sends a
+//! buffered request to a worker.
+
+use std::time::Duration;
+
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// The client type used for every upstream call.
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Builds a keep-alive pooled client. Health probes get their own so they never queue
+/// behind inference traffic.
+pub fn new_client(connect_timeout: Duration, pool_max_idle_per_host: usize) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(pool_max_idle_per_host)
+        .build(connector)
+}
+
+/// Why a request to a worker failed before a response arrived.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The connection could not be made: nothing reached the worker, retrying elsewhere is safe.
+    #[error("connection failed: {0}")]
+    Connect(String),
+    /// The request was (possibly) sent but no valid response came back.
+    #[error("{0}")]
+    Transport(String),
+    /// No response headers within the timeout.
+    #[error("timed out")]
+    Timeout,
+    /// The target URL could not be formed.
+    #[error("invalid upstream URL: {0}")]
+    Url(String),
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and those the client recomputes.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+/// Copies end-to-end headers from `from` into `to`.
+pub fn forward_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    for (name, value) in from {
+        if !is_hop_by_hop(name) {
+            to.append(name.clone(), value.clone());
+        }
+    }
+}
+
+/// A client plus the timeout applied to each upstream request.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// The pooled client.
+    pub client: HttpClient,
+    /// Time allowed until the response headers arrive.
+    pub timeout: Duration,
+}
+
+impl Upstream {
+    /// Sends `body` to `base_url` + `path` with the client's end-to-end `headers`.
+    pub async fn send(
+        &self,
+        method: Method,
+        base_url: &str,
+        path: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, SendError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{base_url}{path}"))
+            .body(Full::new(body))
+            .map_err(|e| SendError::Url(e.to_string()))?;
+        forward_headers(headers, req.headers_mut());
+        if !req.headers().contains_key(header::CONTENT_TYPE) {
+            req.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+            Err(_) => Err(SendError::Timeout),
+            Ok(Err(e)) if e.is_connect() => Err(SendError::Connect(error_chain(&e))),
+            Ok(Err(e)) => Err(SendError::Transport(error_chain(&e))),
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+
+    /// GETs (or POSTs an empty body to) a worker endpoint and buffers the answer.
+    pub async fn fetch(
+        &self,
+        method: Method,
+        base_url: &str,
+        path: &str,
+    ) -> Result<(u16, Bytes), SendError> {
+        let resp = self
+            .send(method, base_url, path, &HeaderMap::new(), Bytes::new())
+            .await?;
+        let status = resp.status().as_u16();
+        let body = tokio::time::timeout(self.timeout, resp.into_body().collect())
+            .await
+            .map_err(|_| SendError::Timeout)?
+            .map_err(|e| SendError::Transport(e.to_string()))?
+            .to_bytes();
+        Ok((status, body))
+    }
+}
+
+/// The error with its causes, so "connection refused" is visible behind hyper's summary.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,5 @@
+//! Dispatch: choose a worker through the policy, forward, relay the response.
+
+mod regular;
+
+pub use regular::RegularRouter;

@@ -1,0 +1,175 @@
+//! Worker management: `/workers` (GET/POST/DELETE), sglang-router's legacy `/add_worker`,
+//! `/remove_worker`, `/list_workers`, and `/flush_cache` fanned out to every worker.
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::task::JoinSet;
+
+use super::inference::read_body;
+use super::AppState;
+use crate::config::normalize_worker_url;
+use crate::error::ApiError;
+use crate::workers::{Worker, WorkerRole};
+
+#[derive(Debug, Deserialize)]
+pub(super) struct UrlQuery {
+    url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddWorkerBody {
+    url: String,
+}
+
+fn describe(w: &Worker) -> Value {
+    json!({
+        "url": w.url(),
+        "role": w.role(),
+        "healthy": w.is_healthy(),
+        "model_id": w.model_id(),
+        "load": {"in_flight": w.load().in_flight(), "dispatched": w.load().dispatched(),
+                 "succeeded": w.load().succeeded(), "failed": w.load().failed()},
+    })
+}
+
+fn required_url(q: UrlQuery) -> Result<String, ApiError> {
+    let url = q
+        .url
+        .ok_or_else(|| ApiError::BadRequest("missing query parameter 'url'".into()))?;
+    normalize_worker_url(&url).map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
+async fn add(state: &AppState, url: &str) -> Result<Response, ApiError> {
+    let url = normalize_worker_url(url).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let worker = state.register_worker(url, WorkerRole::Regular).await?;
+    tracing::info!(
+        worker = worker.url(),
+        healthy = worker.is_healthy(),
+        "worker added"
+    );
+    Ok((
+        StatusCode::OK,
+        Json(json!({"status": "added", "worker": describe(&worker)})),
+    )
+        .into_response())
+}
+
+fn remove(state: &AppState, url: &str) -> Result<Response, ApiError> {
+    let url = normalize_worker_url(url).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let worker = state
+        .registry
+        .remove(&url)
+        .map_err(|e| ApiError::NotFound(e.to_string()))?;
+    tracing::info!(worker = worker.url(), "worker removed");
+    Ok(Json(json!({"status": "removed", "url": worker.url()})).into_response())
+}
+
+/// `GET /workers`.
+pub(super) async fn list_workers(State(state): State<AppState>) -> Json<Value> {
+    let all = state.registry.all();
+    Json(
+        json!({"workers": all.iter().map(|w| describe(w)).collect::<Vec<_>>(), "total": all.len()}),
+    )
+}
+
+/// `POST /workers` with `{"url": "http://host:port"}`.
+pub(super) async fn add_worker(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_body(&headers, body, 1 << 20).await?;
+    let req: AddWorkerBody = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::BadRequest(format!("expected {{\"url\": \"http://host:port\"}}: {e}"))
+    })?;
+    add(&state, &req.url).await
+}
+
+/// `DELETE /workers?url=...`.
+pub(super) async fn remove_worker_query(
+    State(state): State<AppState>,
+    Query(q): Query<UrlQuery>,
+) -> Result<Response, ApiError> {
+    let url = required_url(q)?;
+    remove(&state, &url)
+}
+
+/// `DELETE /workers/{url}` (the URL percent-encoded or not).
+pub(super) async fn remove_worker_path(
+    State(state): State<AppState>,
+    Path(url): Path<String>,
+) -> Result<Response, ApiError> {
+    // A raw "http://host:port" arrives with its "//" collapsed by some clients; restore it.
+    let url = if url.contains("://") {
+        url
+    } else {
+        url.replacen(":/", "://", 1)
+    };
+    remove(&state, &url)
+}
+
+/// `POST /add_worker?url=...` (sglang-router's legacy form).
+pub(super) async fn legacy_add_worker(
+    State(state): State<AppState>,
+    Query(q): Query<UrlQuery>,
+) -> Result<Response, ApiError> {
+    let url = required_url(q)?;
+    add(&state, &url).await
+}
+
+/// `POST /remove_worker?url=...` (legacy).
+pub(super) async fn legacy_remove_worker(
+    State(state): State<AppState>,
+    Query(q): Query<UrlQuery>,
+) -> Result<Response, ApiError> {
+    let url = required_url(q)?;
+    remove(&state, &url)
+}
+
+/// `GET /list_workers` (legacy): `{"urls": [...]}`.
+pub(super) async fn legacy_list_workers(State(state): State<AppState>) -> Json<Value> {
+    Json(
+        json!({"urls": state.registry.all().iter().map(|w| w.url().to_owned()).collect::<Vec<_>>()}),
+    )
+}
+
+/// `POST /flush_cache`: flushes every worker's prefix cache; 200 only if all succeeded.
+pub(super) async fn flush_cache(State(state): State<AppState>) -> Response {
+    let mut calls = JoinSet::new();
+    for w in state.registry.all().iter() {
+        let control = state.control.clone();
+        let url = w.url().to_owned();
+        calls.spawn(async move {
+            let r = control.fetch(Method::POST, &url, "/flush_cache").await;
+            (url, r)
+        });
+    }
+    let mut results: Vec<Value> = Vec::new();
+    let mut all_ok = true;
+    for (url, r) in calls.join_all().await {
+        let ok = matches!(r, Ok((s, _)) if (200..300).contains(&s));
+        all_ok &= ok;
+        let detail = match r {
+            Ok((s, _)) => json!({"url": url, "status": s, "ok": ok}),
+            Err(e) => json!({"url": url, "error": e.to_string(), "ok": false}),
+        };
+        results.push(detail);
+    }
+    results.sort_by(|a, b| a["url"].as_str().cmp(&b["url"].as_str()));
+    let status = if all_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    (
+        status,
+        Json(json!({"status": if all_ok { "flushed" } else { "partial" }, "workers": results})),
+    )
+        .into_response()
+}

@@ -1,0 +1,179 @@
+//! Health and information endpoints. Optional worker endpoints (`/get_model_info`,
+//! `/get_server_info`, `/health_generate`) are used when a worker has them and synthesised
+//! when it doesn't, so plain OpenAI-compatible servers (vLLM, llama.cpp, TGI) work too.
+
+use axum::extract::State;
+use axum::http::{header, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use super::AppState;
+use crate::error::ApiError;
+use crate::proxy::Upstream;
+
+/// Asks a worker which model it serves: `/v1/models`, else `/get_model_info`.
+pub(super) async fn discover_model(upstream: &Upstream, url: &str) -> Option<String> {
+    if let Ok((200, body)) = upstream.fetch(Method::GET, url, "/v1/models").await {
+        let v: Value = serde_json::from_slice(&body).ok()?;
+        if let Some(id) = v.pointer("/data/0/id").and_then(Value::as_str) {
+            return Some(id.to_owned());
+        }
+    }
+    if let Ok((200, body)) = upstream.fetch(Method::GET, url, "/get_model_info").await {
+        let v: Value = serde_json::from_slice(&body).ok()?;
+        return v
+            .get("model_path")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+    }
+    None
+}
+
+fn json_bytes(status: u16, body: Bytes) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// Fetches `path` from the first healthy worker that answers 2xx with JSON.
+async fn from_any_worker(
+    state: &AppState,
+    method: Method,
+    path: &str,
+) -> Result<Option<Bytes>, ApiError> {
+    let healthy = state.registry.healthy();
+    if healthy.is_empty() {
+        return Err(ApiError::NoHealthyWorkers);
+    }
+    for w in healthy.iter() {
+        if let Ok((status, body)) = state.control.fetch(method.clone(), w.url(), path).await {
+            if (200..300).contains(&status)
+                && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok()
+            {
+                return Ok(Some(body));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// `GET /health`: the router process is up.
+pub(super) async fn health() -> StatusCode {
+    StatusCode::OK
+}
+
+/// `GET /liveness`: the router process is up.
+pub(super) async fn liveness() -> StatusCode {
+    StatusCode::OK
+}
+
+/// `GET /readiness`: 200 when at least one worker is healthy, else 503.
+pub(super) async fn readiness(State(state): State<AppState>) -> Response {
+    let healthy = state.registry.healthy().len();
+    let total = state.registry.all().len();
+    let body = Json(
+        json!({"status": if healthy > 0 { "ready" } else { "not ready" }, "healthy_workers": healthy, "total_workers": total}),
+    );
+    if healthy > 0 {
+        (StatusCode::OK, body).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
+}
+
+/// `GET /health_generate`: a healthy worker can generate (its `/health_generate`, or `/health`
+/// for servers without it).
+pub(super) async fn health_generate(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let healthy = state.registry.healthy();
+    let worker = healthy
+        .iter()
+        .min_by_key(|w| w.load().in_flight())
+        .ok_or(ApiError::NoHealthyWorkers)?;
+    let answer = match state
+        .control
+        .fetch(Method::GET, worker.url(), "/health_generate")
+        .await
+    {
+        Ok((404, _)) => {
+            state
+                .control
+                .fetch(Method::GET, worker.url(), "/health")
+                .await
+        }
+        other => other,
+    };
+    match answer {
+        Ok((status, _)) if (200..300).contains(&status) => Ok(StatusCode::OK.into_response()),
+        Ok((status, _)) => Err(ApiError::WorkerUnreachable {
+            worker: worker.url().to_owned(),
+            reason: format!("health_generate answered {status}"),
+        }),
+        Err(e) => Err(ApiError::WorkerUnreachable {
+            worker: worker.url().to_owned(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// `GET /v1/models`: a worker's list, or one built from the models workers reported.
+pub(super) async fn models(State(state): State<AppState>) -> Result<Response, ApiError> {
+    if let Some(body) = from_any_worker(&state, Method::GET, "/v1/models").await? {
+        return Ok(json_bytes(200, body));
+    }
+    let mut ids: Vec<String> = state
+        .registry
+        .healthy()
+        .iter()
+        .filter_map(|w| w.model_id())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    let data: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"id": id, "object": "model", "owned_by": "switchyard"}))
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// `GET /get_model_info`: a worker's answer, or one built from its reported model.
+pub(super) async fn model_info(State(state): State<AppState>) -> Result<Response, ApiError> {
+    if let Some(body) = from_any_worker(&state, Method::GET, "/get_model_info").await? {
+        return Ok(json_bytes(200, body));
+    }
+    let model = state.registry.healthy().iter().find_map(|w| w.model_id());
+    Ok(
+        Json(json!({"model_path": model, "tokenizer_path": model, "is_generation": true}))
+            .into_response(),
+    )
+}
+
+/// `GET /get_server_info`: a worker's server info plus the router's own.
+pub(super) async fn server_info(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let worker_info = from_any_worker(&state, Method::GET, "/get_server_info")
+        .await?
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    let mut out = match worker_info {
+        Some(Value::Object(m)) => Value::Object(m),
+        _ => json!({}),
+    };
+    out["router"] = json!({
+        "name": "switchyard",
+        "version": env!("CARGO_PKG_VERSION"),
+        "policy": state.router.policy().name(),
+        "workers": state.registry.all().len(),
+        "healthy_workers": state.registry.healthy().len(),
+    });
+    Ok(Json(out).into_response())
+}
+
+/// `GET /get_loads`: the router's view of each worker's load.
+pub(super) async fn loads(State(state): State<AppState>) -> Json<Value> {
+    let workers: Vec<Value> = state
+        .registry
+        .all()
+        .iter()
+        .map(|w| json!({"url": w.url(), "healthy": w.is_healthy(), "in_flight": w.load().in_flight()}))
+        .collect();
+    Json(json!({"workers": workers}))
+}

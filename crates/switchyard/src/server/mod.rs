@@ -1,0 +1,233 @@
+//! The HTTP front: routes, middleware (request id, body limit), and start-up/shutdown.
+
+mod admin;
+mod inference;
+mod info;
+mod request_id;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::Method;
+use axum::routing::{delete, get, post};
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::RouterConfig;
+use crate::error::ApiError;
+use crate::policies;
+use crate::proxy::{client, Upstream};
+use crate::routers::RegularRouter;
+use crate::workers::{Worker, WorkerRegistry, WorkerRole};
+
+pub use request_id::REQUEST_ID;
+
+/// State shared by every handler.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// Router configuration.
+    pub config: Arc<RouterConfig>,
+    /// Worker membership.
+    pub registry: Arc<WorkerRegistry>,
+    /// Inference dispatch.
+    pub router: RegularRouter,
+    /// Client for info/admin calls to workers (short timeout).
+    pub control: Upstream,
+    /// Client for health probes (own pool).
+    pub probes: Upstream,
+}
+
+impl AppState {
+    /// Builds the state for `config` with an empty registry.
+    pub fn new(config: RouterConfig) -> Self {
+        let registry = Arc::new(WorkerRegistry::new());
+        let inference = Upstream {
+            client: client::new_client(Duration::from_secs(5), 1024),
+            timeout: config.request_timeout,
+        };
+        let control = Upstream {
+            client: client::new_client(Duration::from_secs(5), 8),
+            timeout: Duration::from_secs(30),
+        };
+        let probes = Upstream {
+            client: client::new_client(config.health.timeout, 4),
+            timeout: config.health.timeout,
+        };
+        let policy = policies::build(&config.policy);
+        let router = RegularRouter::new(
+            registry.clone(),
+            policy,
+            inference,
+            config.max_connect_attempts,
+        );
+        Self {
+            config: Arc::new(config),
+            registry,
+            router,
+            control,
+            probes,
+        }
+    }
+
+    /// Probes a worker once (health, then the model it serves) and registers it, healthy or not.
+    pub async fn register_worker(
+        &self,
+        url: String,
+        role: WorkerRole,
+    ) -> Result<Arc<Worker>, ApiError> {
+        if self.registry.get(&url).is_some() {
+            return Err(ApiError::Conflict(format!(
+                "worker {url} is already registered"
+            )));
+        }
+        let worker = self.probe_new_worker(url, role).await;
+        self.registry
+            .add(worker.clone())
+            .map_err(|e| ApiError::Conflict(e.to_string()))?;
+        Ok(worker)
+    }
+
+    /// A new worker with its first health probe and model discovery done.
+    async fn probe_new_worker(&self, url: String, role: WorkerRole) -> Arc<Worker> {
+        let worker = Arc::new(Worker::new(url, role));
+        let healthy =
+            crate::health::probe(&self.probes, &worker, &self.config.health.endpoint).await;
+        if !healthy {
+            tracing::warn!(
+                worker = worker.url(),
+                "worker did not pass its first health probe; added as unhealthy"
+            );
+        }
+        worker.set_healthy_flag(healthy);
+        if let Some(model) = info::discover_model(&self.control, worker.url()).await {
+            worker.set_model_id(model);
+        }
+        worker
+    }
+}
+
+/// The router's HTTP application.
+pub fn app(state: AppState) -> Router {
+    let limit = state.config.max_payload_size;
+    Router::new()
+        .route("/v1/chat/completions", post(inference::chat_completions))
+        .route("/v1/completions", post(inference::completions))
+        .route("/generate", post(inference::generate))
+        .route("/v1/embeddings", post(inference::embeddings))
+        .route("/v1/rerank", post(inference::rerank))
+        .route("/health", get(info::health))
+        .route("/liveness", get(info::liveness))
+        .route("/readiness", get(info::readiness))
+        .route("/health_generate", get(info::health_generate))
+        .route("/v1/models", get(info::models))
+        .route("/get_model_info", get(info::model_info))
+        .route("/get_server_info", get(info::server_info))
+        .route("/get_loads", get(info::loads))
+        .route("/flush_cache", post(admin::flush_cache))
+        .route(
+            "/workers",
+            get(admin::list_workers)
+                .post(admin::add_worker)
+                .delete(admin::remove_worker_query),
+        )
+        .route("/workers/{*url}", delete(admin::remove_worker_path))
+        .route("/add_worker", post(admin::legacy_add_worker))
+        .route("/remove_worker", post(admin::legacy_remove_worker))
+        .route("/list_workers", get(admin::legacy_list_workers))
+        .fallback(|method: Method, uri: axum::http::Uri| async move {
+            ApiError::NotFound(format!("no route for {method} {}", uri.path()))
+        })
+        .layer(axum::middleware::from_fn(request_id::propagate))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// A router running in this process.
+pub struct RunningRouter {
+    addr: SocketAddr,
+    state: AppState,
+    shutdown: watch::Sender<()>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningRouter {
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Its shared state (registry, config).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Stops accepting, lets open requests finish, and waits for the server to end.
+    pub async fn shutdown(self) -> std::io::Result<()> {
+        let _ = self.shutdown.send(());
+        self.task.await.unwrap_or(Ok(()))
+    }
+}
+
+/// Binds `config.host:config.port`, registers the configured workers, starts the health
+/// checker, and serves until [`RunningRouter::shutdown`] (or until `stop` resolves).
+pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
+    let listener = TcpListener::bind((config.host.as_str(), config.port)).await?;
+    let addr = listener.local_addr()?;
+    let state = AppState::new(config);
+    // Probed concurrently, registered in the order given.
+    let probes = state.config.worker_urls.iter().map(|url| {
+        let state = state.clone();
+        let url = url.clone();
+        async move { state.probe_new_worker(url, WorkerRole::Regular).await }
+    });
+    for worker in futures_join_all(probes).await {
+        if let Err(e) = state.registry.add(worker) {
+            tracing::warn!(error = %e, "worker not registered");
+        }
+    }
+    let (shutdown, shutdown_rx) = watch::channel(());
+    tokio::spawn(crate::health::run(
+        state.registry.clone(),
+        state.probes.clone(),
+        state.config.health.clone(),
+        shutdown_rx.clone(),
+    ));
+    let app = app(state.clone());
+    let mut stop = shutdown_rx;
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.changed().await;
+            })
+            .await
+    });
+    Ok(RunningRouter {
+        addr,
+        state,
+        shutdown,
+        task,
+    })
+}
+
+/// Runs futures concurrently and collects their outputs in order.
+async fn futures_join_all<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    for (i, f) in futures.into_iter().enumerate() {
+        set.spawn(async move { (i, f.await) });
+    }
+    let mut out: Vec<_> = set.join_all().await;
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, o)| o).collect()
+}

@@ -1,0 +1,130 @@
+//! Worker membership as immutable snapshots swapped atomically: the request path reads a
+//! snapshot with one atomic load and never takes a lock (after pingora-load-balancing).
+
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use super::Worker;
+
+/// A membership change that cannot be made.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RegistryError {
+    /// The URL is already registered.
+    #[error("worker {0} is already registered")]
+    AlreadyExists(String),
+    /// The URL is not registered.
+    #[error("worker {0} is not registered")]
+    NotFound(String),
+}
+
+/// All workers, and the healthy ones, as two snapshots.
+#[derive(Debug, Default)]
+pub struct WorkerRegistry {
+    all: ArcSwap<Vec<Arc<Worker>>>,
+    healthy: ArcSwap<Vec<Arc<Worker>>>,
+    /// Serialises writers; readers never touch it.
+    write: Mutex<()>,
+}
+
+impl WorkerRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every registered worker.
+    pub fn all(&self) -> Arc<Vec<Arc<Worker>>> {
+        self.all.load_full()
+    }
+
+    /// The workers a policy may choose from now.
+    pub fn healthy(&self) -> Arc<Vec<Arc<Worker>>> {
+        self.healthy.load_full()
+    }
+
+    /// Looks a worker up by URL.
+    pub fn get(&self, url: &str) -> Option<Arc<Worker>> {
+        self.all.load().iter().find(|w| w.url() == url).cloned()
+    }
+
+    /// Registers a worker.
+    pub fn add(&self, worker: Arc<Worker>) -> Result<(), RegistryError> {
+        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.all.load();
+        if current.iter().any(|w| w.url() == worker.url()) {
+            return Err(RegistryError::AlreadyExists(worker.url().to_owned()));
+        }
+        let mut next = Vec::with_capacity(current.len() + 1);
+        next.extend(current.iter().cloned());
+        next.push(worker);
+        self.publish(next);
+        Ok(())
+    }
+
+    /// Unregisters a worker. Requests already sent to it finish normally.
+    pub fn remove(&self, url: &str) -> Result<Arc<Worker>, RegistryError> {
+        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.all.load();
+        let pos = current
+            .iter()
+            .position(|w| w.url() == url)
+            .ok_or_else(|| RegistryError::NotFound(url.to_owned()))?;
+        let mut next: Vec<_> = current.iter().cloned().collect();
+        let removed = next.remove(pos);
+        self.publish(next);
+        Ok(removed)
+    }
+
+    /// Sets a worker's health and refreshes the healthy snapshot if it changed.
+    pub fn set_healthy(&self, worker: &Worker, healthy: bool) {
+        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        if worker.set_healthy_flag(healthy) {
+            let all = self.all.load();
+            self.healthy.store(Arc::new(
+                all.iter().filter(|w| w.is_healthy()).cloned().collect(),
+            ));
+        }
+    }
+
+    fn publish(&self, next: Vec<Arc<Worker>>) {
+        self.healthy.store(Arc::new(
+            next.iter().filter(|w| w.is_healthy()).cloned().collect(),
+        ));
+        self.all.store(Arc::new(next));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workers::WorkerRole;
+
+    fn worker(port: u16) -> Arc<Worker> {
+        Arc::new(Worker::new(
+            format!("http://127.0.0.1:{port}"),
+            WorkerRole::Regular,
+        ))
+    }
+
+    #[test]
+    fn membership_and_health_snapshots() {
+        let r = WorkerRegistry::new();
+        r.add(worker(1)).unwrap();
+        r.add(worker(2)).unwrap();
+        assert_eq!(
+            r.add(worker(1)),
+            Err(RegistryError::AlreadyExists("http://127.0.0.1:1".into()))
+        );
+        let before = r.healthy();
+        let w1 = r.get("http://127.0.0.1:1").unwrap();
+        r.set_healthy(&w1, false);
+        assert_eq!(before.len(), 2, "old snapshots are never mutated");
+        assert_eq!(r.healthy().len(), 1);
+        r.set_healthy(&w1, true);
+        assert_eq!(r.healthy().len(), 2);
+        r.remove("http://127.0.0.1:2").unwrap();
+        assert_eq!((r.all().len(), r.healthy().len()), (1, 1));
+        assert!(r.remove("http://127.0.0.1:2").is_err());
+    }
+}

@@ -1,0 +1,84 @@
+//! One inference server as the router knows it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
+
+use serde::Serialize;
+
+use crate::load::WorkerLoad;
+
+/// The part a worker plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "type")]
+pub enum WorkerRole {
+    /// Serves whole requests.
+    Regular,
+    /// Prefill server in a PD fleet, with its KV bootstrap port if it has one.
+    Prefill {
+        /// Bootstrap port for SGLang-style KV transfer.
+        bootstrap_port: Option<u16>,
+    },
+    /// Decode server in a PD fleet.
+    Decode,
+}
+
+/// A worker: its address and role, whether it may be routed to, and its load.
+///
+/// "Healthy" is decided by the health checker; policies only ever see healthy workers.
+#[derive(Debug)]
+pub struct Worker {
+    url: String,
+    role: WorkerRole,
+    healthy: AtomicBool,
+    load: WorkerLoad,
+    model_id: RwLock<Option<String>>,
+}
+
+impl Worker {
+    /// A worker at `url` (already validated and normalised), healthy until a probe says otherwise.
+    pub fn new(url: String, role: WorkerRole) -> Self {
+        Self {
+            url,
+            role,
+            healthy: AtomicBool::new(true),
+            load: WorkerLoad::default(),
+            model_id: RwLock::new(None),
+        }
+    }
+
+    /// Base URL, `scheme://host:port`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Role.
+    pub fn role(&self) -> WorkerRole {
+        self.role
+    }
+
+    /// Whether the health checker currently lets it serve.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_healthy_flag(&self, healthy: bool) -> bool {
+        self.healthy.swap(healthy, Ordering::Relaxed) != healthy
+    }
+
+    /// Load counters.
+    pub fn load(&self) -> &WorkerLoad {
+        &self.load
+    }
+
+    /// The model the worker said it serves, when it said.
+    pub fn model_id(&self) -> Option<String> {
+        self.model_id.read().ok().and_then(|m| m.clone())
+    }
+
+    /// Records the model the worker serves (from `/v1/models` or `/get_model_info`).
+    pub fn set_model_id(&self, model: String) {
+        if let Ok(mut m) = self.model_id.write() {
+            *m = Some(model);
+        }
+    }
+}
