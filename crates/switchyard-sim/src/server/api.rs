@@ -125,6 +125,13 @@ async fn infer(State(state): State<Shared>, api: Api, body: Bytes) -> Response {
     }
     let max_ctx = state.config.profile.kv_capacity_tokens.min(131_072);
     let room = max_ctx.saturating_sub(req.prompt.len() as u64);
+    if let Some(m) = req.max_tokens.filter(|m| u64::from(*m) > room) {
+        let msg = format!(
+            "this model's maximum context length is {max_ctx} tokens; the request has {} prompt tokens and asks for {m} more",
+            req.prompt.len()
+        );
+        return error(StatusCode::BAD_REQUEST, &msg);
+    }
     let (output, stopped_early) = output_tokens(&state, &req, room);
     let prompt_tokens = req.prompt.len() as u32;
     let tokens = match state
