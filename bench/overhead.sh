@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Router overhead, side by side in one run (shared/design/benchmarks.md §1):
+#   direct (a static nginx worker) → nginx reverse proxy → switchyard round_robin
+#   [→ sglang-router, vllm-router when installed in $PEERS_VENV]
+# wrk, POST chat body, 64 connections, 2 threads, $DURATION seconds each, loopback only.
+# Prints requests/s, p50, p99, non-2xx and the proxy's RSS; ratios are against nginx proxy.
+#
+# Needs: nginx, wrk (apt-get install -y nginx wrk), a release build (built here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-64}
+PEERS_VENV=${PEERS_VENV:-}
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs nginx and wrk: apt-get install -y nginx wrk" >&2; exit 1; }
+cargo build --release --quiet --bin switchyard
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+W1=$(free_port); W2=$(free_port); NP=$(free_port); SY=$(free_port)
+
+BODY='{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there!"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}}'
+cat > "$WORK/nginx.conf" <<NGINX
+worker_processes 1;
+pid $WORK/nginx.pid;
+error_log $WORK/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$W1; location / { default_type application/json; return 200 '$BODY'; } }
+  server { listen 127.0.0.1:$W2; location / { default_type application/json; return 200 '$BODY'; } }
+  upstream workers { server 127.0.0.1:$W1; server 127.0.0.1:$W2; keepalive 128; }
+  server { listen 127.0.0.1:$NP; location / { proxy_pass http://workers; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+}
+NGINX
+nginx -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!)
+
+cat > "$WORK/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model":"m","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Write one sentence about trains."}],"max_tokens":32}'
+LUA
+
+wait_port() { for _ in $(seq 1 "${2:-200}"); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+wait_port "$W1"; wait_port "$NP"
+
+./target/release/switchyard --port "$SY" --worker-urls "http://127.0.0.1:$W1" "http://127.0.0.1:$W2" --policy round_robin --log-level warn > "$WORK/switchyard.log" 2>&1 & SY_PID=$!; PIDS+=($SY_PID)
+wait_port "$SY"
+
+rss_mb() { [ -n "${1:-}" ] && awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "-"; }
+
+printf '%-28s %12s %10s %10s %8s %8s %10s\n' target "req/s" "p50 ms" "p99 ms" non2xx "RSS MB" "vs nginx"
+NGINX_RPS=""
+run() { # name url pid
+  local out rps p50 p99 non2xx
+  out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -s "$WORK/post.lua" "$2/v1/chat/completions")
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out"); non2xx=${non2xx:-0}
+  ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us/,"",v); printf "%.3f", v/1000 } else if (v ~ /ms$/) { sub(/ms/,"",v); printf "%.3f", v } else if (v ~ /s$/) { sub(/s/,"",v); printf "%.3f", v*1000 } else print v }'; }
+  [ "$1" = "nginx proxy" ] && NGINX_RPS=$rps
+  local ratio="-"; [ -n "$NGINX_RPS" ] && ratio=$(awk -v a="$rps" -v b="$NGINX_RPS" 'BEGIN{printf "%.2fx", a/b}')
+  printf '%-28s %12s %10s %10s %8s %8s %10s\n' "$1" "$rps" "$(ms "$p50")" "$(ms "$p99")" "$non2xx" "$(rss_mb "${3:-}")" "$ratio"
+}
+
+run "direct (static worker)" "http://127.0.0.1:$W1"
+run "nginx proxy" "http://127.0.0.1:$NP"
+run "switchyard round_robin" "http://127.0.0.1:$SY" "$SY_PID"
+
+if [ -n "$PEERS_VENV" ] && [ -x "$PEERS_VENV/bin/python" ]; then
+  SG=$(free_port)
+  "$PEERS_VENV/bin/python" -m sglang_router.launch_router --host 127.0.0.1 --port "$SG" --worker-urls "http://127.0.0.1:$W1" "http://127.0.0.1:$W2" --policy round_robin > "$WORK/sglang.log" 2>&1 & SG_PID=$!; PIDS+=($SG_PID)
+  if wait_port "$SG" 1200; then sleep 2; run "sglang-router round_robin" "http://127.0.0.1:$SG" "$SG_PID"; else echo "sglang-router did not start: $(tail -1 "$WORK/sglang.log")"; fi
+  kill "$SG_PID" 2>/dev/null || true; wait "$SG_PID" 2>/dev/null || true  # both peers default to metrics port 29000
+  VR=$(free_port)
+  if command -v "$PEERS_VENV/bin/vllm-router" >/dev/null; then
+    "$PEERS_VENV/bin/vllm-router" --host 127.0.0.1 --port "$VR" --worker-urls "http://127.0.0.1:$W1" "http://127.0.0.1:$W2" --policy round_robin > "$WORK/vllm.log" 2>&1 & VR_PID=$!; PIDS+=($VR_PID)
+    if wait_port "$VR" 1200; then sleep 2; run "vllm-router round_robin" "http://127.0.0.1:$VR" "$VR_PID"; else echo "vllm-router did not start: $(tail -1 "$WORK/vllm.log")"; fi
+  fi
+fi
