@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Router overhead, side by side in one run (shared/design/benchmarks.md §1):
-#   direct (a static nginx worker) → nginx reverse proxy → switchyard round_robin
-#   [→ sglang-router, vllm-router when installed in $PEERS_VENV]
-# wrk, POST chat body, 64 connections, 2 threads, $DURATION seconds each, loopback only.
+#   direct (a static nginx worker) → nginx reverse proxy → switchyard → sglang-router →
+#   vllm-router (peers when installed in $PEERS_VENV), with round_robin on one fixed chat
+#   body, then cache_aware on varied prompts (every request a new conversation over 64
+#   shared system prompts; the nginx proxy is re-measured on the same varied load).
+# wrk, 64 connections, 2 threads, $DURATION seconds each, loopback only.
+# SOAK=60 adds a 60 s varied-prompt cache_aware run sampling switchyard's RSS.
 # Prints requests/s, p50, p99, non-2xx and the proxy's RSS; ratios are against nginx proxy.
 #
 # Needs: nginx, wrk (apt-get install -y nginx wrk), a release build (built here).
@@ -45,19 +48,30 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.body = '{"model":"m","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Write one sentence about trains."}],"max_tokens":32}'
 LUA
 
+cat > "$WORK/varied.lua" <<'LUA'
+local systems = {}
+for g = 1, 64 do systems[g] = string.rep("You are assistant " .. g .. ". Follow the policy document carefully. ", 10) end
+local n = 0
+request = function()
+  n = n + 1
+  local body = '{"model":"m","messages":[{"role":"system","content":"' .. systems[(n % 64) + 1] ..
+    '"},{"role":"user","content":"question ' .. n .. ' about item ' .. math.random(1, 1000000000) .. '"}],"max_tokens":32}'
+  return wrk.format("POST", nil, {["Content-Type"] = "application/json"}, body)
+end
+LUA
+
 wait_port() { for _ in $(seq 1 "${2:-200}"); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 wait_port "$W1"; wait_port "$NP"
 
-./target/release/switchyard --port "$SY" --worker-urls "http://127.0.0.1:$W1" "http://127.0.0.1:$W2" --policy round_robin --log-level warn > "$WORK/switchyard.log" 2>&1 & SY_PID=$!; PIDS+=($SY_PID)
-wait_port "$SY"
 
 rss_mb() { [ -n "${1:-}" ] && awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "-"; }
 
 printf '%-28s %12s %10s %10s %8s %8s %10s\n' target "req/s" "p50 ms" "p99 ms" non2xx "RSS MB" "vs nginx"
 NGINX_RPS=""
+SCRIPT=post.lua
 run() { # name url pid
   local out rps p50 p99 non2xx
-  out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -s "$WORK/post.lua" "$2/v1/chat/completions")
+  out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -s "$WORK/$SCRIPT" "$2/v1/chat/completions")
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
@@ -68,18 +82,45 @@ run() { # name url pid
   printf '%-28s %12s %10s %10s %8s %8s %10s\n' "$1" "$rps" "$(ms "$p50")" "$(ms "$p99")" "$non2xx" "$(rss_mb "${3:-}")" "$ratio"
 }
 
+start_switchyard() { # policy
+  SY=$(free_port)
+  ./target/release/switchyard --port "$SY" --worker-urls "http://127.0.0.1:$W1" "http://127.0.0.1:$W2" --policy "$1" --log-level warn > "$WORK/switchyard.log" 2>&1 & SY_PID=$!; PIDS+=($SY_PID)
+  wait_port "$SY"
+}
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+peers() { # policy label
+  [ -n "$PEERS_VENV" ] && [ -x "$PEERS_VENV/bin/python" ] || return 0
+  SG=$(free_port)
+  "$PEERS_VENV/bin/python" -m sglang_router.launch_router --host 127.0.0.1 --port "$SG" --worker-urls "http://127.0.0.1:$W1" "http://127.0.0.1:$W2" --policy "$1" > "$WORK/sglang.log" 2>&1 & SG_PID=$!; PIDS+=($SG_PID)
+  if wait_port "$SG" 1200; then sleep 2; run "sglang-router $1$2" "http://127.0.0.1:$SG" "$SG_PID"; else echo "sglang-router did not start: $(tail -1 "$WORK/sglang.log")"; fi
+  stop "$SG_PID"  # both peers default to metrics port 29000
+  if [ -x "$PEERS_VENV/bin/vllm-router" ]; then
+    VR=$(free_port)
+    "$PEERS_VENV/bin/vllm-router" --host 127.0.0.1 --port "$VR" --worker-urls "http://127.0.0.1:$W1" "http://127.0.0.1:$W2" --policy "$1" > "$WORK/vllm.log" 2>&1 & VR_PID=$!; PIDS+=($VR_PID)
+    if wait_port "$VR" 1200; then sleep 2; run "vllm-router $1$2" "http://127.0.0.1:$VR" "$VR_PID"; else echo "vllm-router did not start: $(tail -1 "$WORK/vllm.log")"; fi
+    stop "$VR_PID"
+  fi
+}
+
+echo "# round_robin, one fixed chat body"
 run "direct (static worker)" "http://127.0.0.1:$W1"
 run "nginx proxy" "http://127.0.0.1:$NP"
+start_switchyard round_robin
 run "switchyard round_robin" "http://127.0.0.1:$SY" "$SY_PID"
+stop "$SY_PID"
+peers round_robin ""
 
-if [ -n "$PEERS_VENV" ] && [ -x "$PEERS_VENV/bin/python" ]; then
-  SG=$(free_port)
-  "$PEERS_VENV/bin/python" -m sglang_router.launch_router --host 127.0.0.1 --port "$SG" --worker-urls "http://127.0.0.1:$W1" "http://127.0.0.1:$W2" --policy round_robin > "$WORK/sglang.log" 2>&1 & SG_PID=$!; PIDS+=($SG_PID)
-  if wait_port "$SG" 1200; then sleep 2; run "sglang-router round_robin" "http://127.0.0.1:$SG" "$SG_PID"; else echo "sglang-router did not start: $(tail -1 "$WORK/sglang.log")"; fi
-  kill "$SG_PID" 2>/dev/null || true; wait "$SG_PID" 2>/dev/null || true  # both peers default to metrics port 29000
-  VR=$(free_port)
-  if command -v "$PEERS_VENV/bin/vllm-router" >/dev/null; then
-    "$PEERS_VENV/bin/vllm-router" --host 127.0.0.1 --port "$VR" --worker-urls "http://127.0.0.1:$W1" "http://127.0.0.1:$W2" --policy round_robin > "$WORK/vllm.log" 2>&1 & VR_PID=$!; PIDS+=($VR_PID)
-    if wait_port "$VR" 1200; then sleep 2; run "vllm-router round_robin" "http://127.0.0.1:$VR" "$VR_PID"; else echo "vllm-router did not start: $(tail -1 "$WORK/vllm.log")"; fi
-  fi
+echo "# cache_aware, varied prompts (64 shared system prompts, every request new)"
+SCRIPT=varied.lua
+NGINX_RPS=""
+run "nginx proxy" "http://127.0.0.1:$NP"
+start_switchyard cache_aware
+run "switchyard cache_aware" "http://127.0.0.1:$SY" "$SY_PID"
+if [ -n "${SOAK:-}" ]; then
+  before=$(rss_mb "$SY_PID")
+  DURATION=$SOAK run "switchyard cache_aware ${SOAK}s soak" "http://127.0.0.1:$SY" "$SY_PID"
+  echo "switchyard RSS: ${before} MB before the soak, $(rss_mb "$SY_PID") MB after"
 fi
+stop "$SY_PID"
+peers cache_aware " (varied)"

@@ -683,3 +683,94 @@ fn bad_flags_exit_2_with_one_line() {
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
     }
 }
+
+/// Sends 7 prefix groups (coprime with the 4 workers, so round robin cannot align with them) × 6 chat requests (sequentially) and returns the cached prompt
+/// tokens the simulated workers reported, summed.
+async fn cached_tokens_with(policy: PolicyKind) -> u64 {
+    let mut sims = Vec::new();
+    for i in 0..4 {
+        sims.push(
+            spawn_worker(WorkerConfig {
+                time_scale: 100.0,
+                seed: i,
+                ..WorkerConfig::default()
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    let r = router(config(sims.iter().map(|s| s.url()).collect(), policy)).await;
+    let mut cached = 0;
+    for round in 0..6 {
+        for group in 0..7 {
+            let system = format!("{group} You are assistant number {group}. ").repeat(30);
+            let body = json!({"messages": [{"role": "system", "content": system}, {"role": "user", "content": format!("question {round}")}], "max_tokens": 2});
+            let a = post(&format!("{}/v1/chat/completions", r.url()), &body).await;
+            assert_eq!(a.status, 200);
+            cached += a.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap();
+        }
+    }
+    cached
+}
+
+#[tokio::test]
+async fn cache_aware_raises_prefix_cache_hits_over_round_robin() {
+    let aware = cached_tokens_with(PolicyKind::CacheAware).await;
+    let rr = cached_tokens_with(PolicyKind::RoundRobin).await;
+    // cache_aware: every group after its first request hits (5 of 6 rounds); round robin
+    // scatters each group over all 4 workers, so the first visit to each worker misses.
+    assert!(
+        aware as f64 > rr as f64 * 1.3,
+        "cache_aware {aware} vs round_robin {rr} cached tokens"
+    );
+}
+
+#[tokio::test]
+async fn consistent_hash_keeps_sessions_on_one_worker() {
+    let mut ws = Vec::new();
+    for _ in 0..4 {
+        ws.push(mock_worker().await);
+    }
+    let r = router(config(
+        ws.iter().map(|w| w.url()).collect(),
+        PolicyKind::ConsistentHash,
+    ))
+    .await;
+    let mut owners = HashMap::new();
+    for round in 0..5 {
+        for s in 0..20 {
+            let session = format!("session-{s}");
+            let a = send(
+                "POST",
+                &format!("{}/v1/chat/completions", r.url()),
+                &[
+                    ("content-type", "application/json"),
+                    ("x-session-id", &session),
+                ],
+                chat(json!({"messages": [{"role": "user", "content": format!("turn {round}")}]}))
+                    .to_string(),
+            )
+            .await;
+            let worker = a.json()["worker"].as_u64().unwrap();
+            assert_eq!(
+                *owners.entry(session).or_insert(worker),
+                worker,
+                "session moved"
+            );
+        }
+    }
+    let distinct: std::collections::HashSet<_> = owners.values().collect();
+    assert!(
+        distinct.len() >= 3,
+        "20 sessions should spread over the workers: {owners:?}"
+    );
+    // The body's `user` field is a key too.
+    let url = format!("{}/v1/completions", r.url());
+    let body = json!({"prompt": "x", "user": "alice"});
+    let first = post(&url, &body).await.json()["worker"].clone();
+    for _ in 0..5 {
+        assert_eq!(post(&url, &body).await.json()["worker"], first);
+    }
+}

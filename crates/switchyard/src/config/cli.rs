@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use super::{normalize_worker_url, ConfigError, HealthConfig, RouterConfig};
-use crate::policies::{PolicyConfig, PolicyKind};
+use crate::policies::{CacheAwareConfig, PolicyConfig, PolicyKind};
 
 /// LLM inference router: one routing-policy trait for every fleet.
 #[derive(Debug, Clone, Parser)]
@@ -27,6 +27,21 @@ pub struct Args {
     /// Seed for the policy's random choices (for reproducible runs).
     #[arg(long)]
     pub policy_seed: Option<u64>,
+    /// cache_aware: minimum prefix match ratio to route by cache.
+    #[arg(long, default_value_t = 0.3, value_parser = unit_interval)]
+    pub cache_threshold: f64,
+    /// cache_aware: absolute in-flight difference that counts as imbalanced.
+    #[arg(long, default_value_t = 64)]
+    pub balance_abs_threshold: usize,
+    /// cache_aware: relative in-flight ratio that counts as imbalanced.
+    #[arg(long, default_value_t = 1.5, value_parser = positive_secs)]
+    pub balance_rel_threshold: f64,
+    /// cache_aware: seconds between background trims of the prefix tree.
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    pub eviction_interval: u64,
+    /// cache_aware: bound on the prefix tree (characters or tokens, summed over workers).
+    #[arg(long, default_value_t = 1 << 26)]
+    pub max_tree_size: usize,
     /// Time allowed for a worker to answer (response headers), in seconds.
     #[arg(long, default_value_t = 1800.0, value_parser = positive_secs)]
     pub request_timeout_secs: f64,
@@ -62,6 +77,13 @@ pub struct Args {
     pub sim_time_scale: f64,
 }
 
+fn unit_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("expected a number between 0 and 1, got '{s}'")),
+    }
+}
+
 fn positive_secs(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
@@ -70,6 +92,20 @@ fn positive_secs(s: &str) -> Result<f64, String> {
 }
 
 impl Args {
+    fn policy_config(&self) -> PolicyConfig {
+        match PolicyConfig::new(self.policy, self.policy_seed) {
+            PolicyConfig::CacheAware(c) => PolicyConfig::CacheAware(CacheAwareConfig {
+                cache_threshold: self.cache_threshold,
+                balance_abs_threshold: self.balance_abs_threshold,
+                balance_rel_threshold: self.balance_rel_threshold,
+                eviction_interval: Duration::from_secs(self.eviction_interval),
+                max_tree_size: self.max_tree_size,
+                ..c
+            }),
+            other => other,
+        }
+    }
+
     /// Validates the arguments into a [`RouterConfig`].
     pub fn to_config(&self) -> Result<RouterConfig, ConfigError> {
         let worker_urls = self
@@ -103,7 +139,7 @@ impl Args {
             host: self.host.clone(),
             port: self.port,
             worker_urls,
-            policy: PolicyConfig::new(self.policy, self.policy_seed),
+            policy: self.policy_config(),
             request_timeout: Duration::from_secs_f64(self.request_timeout_secs),
             max_payload_size: self.max_payload_size,
             health: HealthConfig {
@@ -175,6 +211,30 @@ mod tests {
             (3, 2)
         );
         assert_eq!(c.health.endpoint, "/health");
+        let ParseOutcome::Run(a) = parse_args([
+            "switchyard",
+            "--policy",
+            "cache_aware",
+            "--max-tree-size",
+            "1000",
+        ]) else {
+            panic!()
+        };
+        let PolicyConfig::CacheAware(ca) = a.to_config().unwrap().policy else {
+            panic!("not cache_aware")
+        };
+        assert_eq!(
+            (
+                ca.cache_threshold,
+                ca.balance_abs_threshold,
+                ca.balance_rel_threshold
+            ),
+            (0.3, 64, 1.5)
+        );
+        assert_eq!(
+            (ca.eviction_interval, ca.max_tree_size),
+            (Duration::from_secs(120), 1000)
+        );
     }
 
     #[test]
@@ -186,6 +246,7 @@ mod tests {
             vec!["switchyard", "--health-failure-threshold", "0"],
             vec!["switchyard", "--request-timeout-secs", "-1"],
             vec!["switchyard", "--no-such-flag"],
+            vec!["switchyard", "--cache-threshold", "1.5"],
         ] {
             match parse_args(argv.clone()) {
                 ParseOutcome::Fail(msg) => {

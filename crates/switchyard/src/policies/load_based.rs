@@ -1,6 +1,6 @@
 //! `load_based`: the least in-flight candidate, random among equals.
 //!
-//! Ties are broken at random (reservoir sampling in one pass). A deterministic tie-break
+//! Ties are broken at random. A deterministic tie-break
 //! (first index) sends every concurrent request that sees the same snapshot to the same
 //! worker — the herd effect seen in the router we replace.
 
@@ -33,29 +33,42 @@ impl LoadBased {
     }
 }
 
-/// Index of the least-loaded worker by `load`, uniformly random among ties.
+/// Index of the least-loaded worker by `load`, uniformly random among ties: one pass finds
+/// the minimum and counts ties, one RNG draw picks the k-th tie, a second pass finds it.
 pub(crate) fn least_loaded(
     workers: &[Arc<Worker>],
     rng: &PolicyRng,
     load: impl Fn(&Worker) -> usize,
 ) -> Option<usize> {
-    let mut best = None;
     let mut best_load = usize::MAX;
-    let mut ties = 0;
+    let mut ties = 0usize;
+    let mut first = None;
     for (i, w) in workers.iter().enumerate() {
         let l = load(w);
         if l < best_load {
             best_load = l;
-            best = Some(i);
             ties = 1;
+            first = Some(i);
         } else if l == best_load {
             ties += 1;
-            if rng.index(ties) == 0 {
-                best = Some(i);
-            }
         }
     }
-    best
+    let first = first?;
+    if ties == 1 {
+        return Some(first);
+    }
+    let mut k = rng.index(ties);
+    // Loads may move between the passes; then the first minimum stands.
+    let pick = workers.iter().enumerate().skip(first).find_map(|(i, w)| {
+        if load(w) == best_load {
+            if k == 0 {
+                return Some(i);
+            }
+            k -= 1;
+        }
+        None
+    });
+    Some(pick.unwrap_or(first))
 }
 
 impl RoutingPolicy for LoadBased {

@@ -8,15 +8,21 @@
 //! Adding a policy: one file here implementing [`RoutingPolicy`] with its own config type,
 //! one variant in [`PolicyKind`]/[`PolicyConfig`], one line in [`build`].
 
+mod cache_aware;
+mod consistent_hash;
 mod load_based;
 mod power_of_two;
+pub mod radix_tree;
 mod random;
 mod rng;
 mod round_robin;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
+pub use cache_aware::{CacheAware, CacheAwareConfig, CacheDecision};
+pub use consistent_hash::{stable_hash, ConsistentHash, ConsistentHashConfig};
 pub use load_based::{LoadBased, LoadBasedConfig};
 pub use power_of_two::{PowerOfTwo, PowerOfTwoConfig};
 pub use random::{Random, RandomConfig};
@@ -62,6 +68,15 @@ pub trait RoutingPolicy: Send + Sync + fmt::Debug {
 
     /// What the router observed about a finished request. Stateless policies ignore it.
     fn on_request_complete(&self, _outcome: &RequestOutcome) {}
+
+    /// How often [`RoutingPolicy::maintain`] should run, for policies with state to tidy.
+    fn maintenance_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Periodic upkeep (e.g. trimming a cache tree). Pure computation: the router's timer
+    /// (or a simulation's virtual clock) calls it, so the policy never owns a thread.
+    fn maintain(&self) {}
 }
 
 /// Policy names accepted by `--policy`.
@@ -79,6 +94,10 @@ pub enum PolicyKind {
     PowerOfTwo,
     /// Least load, random among ties.
     LoadBased,
+    /// Prefix-cache affinity with load balancing.
+    CacheAware,
+    /// Session affinity on a hash ring.
+    ConsistentHash,
 }
 
 /// A policy with its settings.
@@ -92,6 +111,10 @@ pub enum PolicyConfig {
     PowerOfTwo(PowerOfTwoConfig),
     /// See [`LoadBased`].
     LoadBased(LoadBasedConfig),
+    /// See [`CacheAware`].
+    CacheAware(CacheAwareConfig),
+    /// See [`ConsistentHash`].
+    ConsistentHash(ConsistentHashConfig),
 }
 
 impl Default for PolicyConfig {
@@ -108,6 +131,14 @@ impl PolicyConfig {
             PolicyKind::RoundRobin => PolicyConfig::RoundRobin(RoundRobinConfig::default()),
             PolicyKind::PowerOfTwo => PolicyConfig::PowerOfTwo(PowerOfTwoConfig { seed }),
             PolicyKind::LoadBased => PolicyConfig::LoadBased(LoadBasedConfig { seed }),
+            PolicyKind::CacheAware => PolicyConfig::CacheAware(CacheAwareConfig {
+                seed,
+                ..CacheAwareConfig::default()
+            }),
+            PolicyKind::ConsistentHash => PolicyConfig::ConsistentHash(ConsistentHashConfig {
+                seed,
+                ..ConsistentHashConfig::default()
+            }),
         }
     }
 }
@@ -119,6 +150,8 @@ pub fn build(config: &PolicyConfig) -> Arc<dyn RoutingPolicy> {
         PolicyConfig::RoundRobin(c) => Arc::new(RoundRobin::new(c)),
         PolicyConfig::PowerOfTwo(c) => Arc::new(PowerOfTwo::new(c)),
         PolicyConfig::LoadBased(c) => Arc::new(LoadBased::new(c)),
+        PolicyConfig::CacheAware(c) => Arc::new(CacheAware::new(c)),
+        PolicyConfig::ConsistentHash(c) => Arc::new(ConsistentHash::new(c)),
     }
 }
 

@@ -200,6 +200,7 @@ pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
         state.config.health.clone(),
         shutdown_rx.clone(),
     ));
+    spawn_maintenance(state.router.policy().clone(), shutdown_rx.clone());
     let app = app(state.clone());
     let mut stop = shutdown_rx;
     // Without TCP_NODELAY, small SSE chunks meet the client's delayed ACK: +40 ms TTFT.
@@ -219,6 +220,26 @@ pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
         shutdown,
         task,
     })
+}
+
+/// Calls the policy's `maintain` on its interval until shutdown.
+fn spawn_maintenance(
+    policy: Arc<dyn crate::policies::RoutingPolicy>,
+    mut shutdown: watch::Receiver<()>,
+) {
+    let Some(every) = policy.maintenance_interval() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(every);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => policy.maintain(),
+                _ = shutdown.changed() => return,
+            }
+        }
+    });
 }
 
 /// Runs futures concurrently and collects their outputs in order.

@@ -1,6 +1,6 @@
 //! One inference server as the router knows it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::RwLock;
 
 use serde::Serialize;
@@ -27,6 +27,7 @@ pub enum WorkerRole {
 /// "Healthy" is decided by the health checker; policies only ever see healthy workers.
 #[derive(Debug)]
 pub struct Worker {
+    id: u32,
     url: String,
     role: WorkerRole,
     healthy: AtomicBool,
@@ -37,13 +38,20 @@ pub struct Worker {
 impl Worker {
     /// A worker at `url` (already validated and normalised), healthy until a probe says otherwise.
     pub fn new(url: String, role: WorkerRole) -> Self {
+        static NEXT_ID: AtomicU32 = AtomicU32::new(0);
         Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             url,
             role,
             healthy: AtomicBool::new(true),
             load: WorkerLoad::default(),
             model_id: RwLock::new(None),
         }
+    }
+
+    /// A process-unique id, stable for the worker's life; policies key per-worker state on it.
+    pub fn id(&self) -> u32 {
+        self.id
     }
 
     /// Base URL, `scheme://host:port`.

@@ -1,0 +1,151 @@
+//! Hot-path benchmarks: policy selection at 4/64/1,024 workers, radix-tree insert and match
+//! at 10^4–10^6 stored prompts of realistic shapes, and the tree's memory per stored
+//! character. A plain harness (no criterion) keeps the build lean; each figure is the best
+//! of several timed batches, so background noise inflates it less.
+//!
+//! `cargo bench --bench hot_paths` (add `-- quick` for a shorter run).
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use switchyard::load::InFlightGuard;
+use switchyard::policies::radix_tree::RadixTree;
+use switchyard::policies::{build, PolicyConfig, PolicyKind};
+use switchyard::request::{RequestView, RoutingText};
+use switchyard::workers::{Worker, WorkerRole};
+
+/// Best-of-`rounds` nanoseconds per call of `f`, each round `iters` calls.
+fn ns_per_op(rounds: usize, iters: usize, mut f: impl FnMut(usize)) -> f64 {
+    let mut best = f64::MAX;
+    let mut i = 0;
+    for _ in 0..rounds {
+        let start = Instant::now();
+        for _ in 0..iters {
+            f(i);
+            i += 1;
+        }
+        best = best.min(start.elapsed().as_nanos() as f64 / iters as f64);
+    }
+    best
+}
+
+fn system_prompt(g: usize) -> String {
+    format!("system: You are assistant {g}. Follow the policy document carefully. ").repeat(12)
+}
+
+const WORDS: [&str; 16] = [
+    "train",
+    "schedule",
+    "delay",
+    "platform",
+    "ticket",
+    "refund",
+    "connection",
+    "station",
+    "weather",
+    "route",
+    "price",
+    "seat",
+    "luggage",
+    "night",
+    "express",
+    "transfer",
+];
+
+/// A chat routing text: one of `groups` system prompts, then 1-3 turns of distinct
+/// questions (~100-200 characters each) and answers.
+fn conversation(rng: &mut StdRng, groups: usize) -> String {
+    let g = rng.random_range(0..groups);
+    let mut s = system_prompt(g);
+    for turn in 0..rng.random_range(1..4) {
+        s.push_str("user: ");
+        for _ in 0..rng.random_range(16..32) {
+            s.push_str(WORDS[rng.random_range(0..WORDS.len())]);
+            s.push(' ');
+        }
+        s.push_str(&format!("\nassistant: answer {turn}\n"));
+    }
+    s
+}
+
+fn bench_selection(quick: bool) {
+    println!("\n## policy selection (ns per select_single, best of 5)");
+    println!("{:<16} {:>10} {:>10} {:>10}", "policy", "4", "64", "1024");
+    let mut rng = StdRng::seed_from_u64(1);
+    let texts: Vec<RequestView> = (0..1024)
+        .map(|_| RequestView {
+            text: RoutingText::Text(conversation(&mut rng, 64)),
+            ..RequestView::default()
+        })
+        .collect();
+    for kind in <PolicyKind as clap::ValueEnum>::value_variants() {
+        let mut row = format!("{:<16}", format!("{kind:?}"));
+        for n in [4usize, 64, 1024] {
+            let workers: Vec<Arc<Worker>> = (0..n)
+                .map(|i| {
+                    Arc::new(Worker::new(
+                        format!("http://10.0.0.{}:{}", i % 250, 8000 + i),
+                        WorkerRole::Regular,
+                    ))
+                })
+                .collect();
+            // Some load so least-loaded policies have work to do.
+            let _guards: Vec<InFlightGuard> = (0..n * 2)
+                .map(|i| InFlightGuard::new(workers[(i * 7) % n].clone()))
+                .collect();
+            let policy = build(&PolicyConfig::new(*kind, Some(7)));
+            let iters = if quick { 2_000 } else { 20_000 };
+            let ns = ns_per_op(5, iters, |i| {
+                black_box(policy.select_single(&workers, &texts[i % texts.len()]).ok());
+            });
+            row.push_str(&format!(" {ns:>10.0}"));
+        }
+        println!("{row}");
+    }
+}
+
+fn bench_tree(quick: bool) {
+    println!("\n## radix tree (text keys; 64 system prompts × multi-turn histories, 16 workers, bound 2^26)");
+    println!(
+        "{:>10} {:>12} {:>12} {:>14} {:>12} {:>14}",
+        "prompts", "insert ns", "match ns", "stored chars", "MiB", "B per char"
+    );
+    let sizes: &[usize] = if quick {
+        &[10_000, 100_000]
+    } else {
+        &[10_000, 100_000, 1_000_000]
+    };
+    for &n in sizes {
+        let mut rng = StdRng::seed_from_u64(n as u64);
+        let mut tree = RadixTree::<u8>::new(1 << 26);
+        let prompts: Vec<String> = (0..4096).map(|_| conversation(&mut rng, 64)).collect();
+        let mut inserting = std::time::Duration::ZERO;
+        for i in 0..n {
+            // Every stored prompt is a fresh conversation (generation not timed).
+            let p = conversation(&mut rng, 64);
+            let start = Instant::now();
+            tree.insert(p.as_bytes(), (i % 16) as u32);
+            inserting += start.elapsed();
+        }
+        let insert_ns = inserting.as_nanos() as f64 / n as f64;
+        let match_ns = ns_per_op(5, 5_000, |i| {
+            black_box(tree.match_prefix(prompts[i % prompts.len()].as_bytes()));
+        });
+        let bytes = tree.memory_bytes();
+        let chars = tree.total_size();
+        println!(
+            "{n:>10} {insert_ns:>12.0} {match_ns:>12.0} {chars:>14} {:>12.1} {:>14.2}",
+            bytes as f64 / (1 << 20) as f64,
+            bytes as f64 / chars.max(1) as f64
+        );
+    }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    bench_selection(quick);
+    bench_tree(quick);
+}

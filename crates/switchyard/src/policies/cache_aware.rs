@@ -1,0 +1,260 @@
+//! `cache_aware`: send a request where its prefix is most likely cached, unless that would
+//! unbalance the fleet (sglang-router's algorithm, with two fixes).
+//!
+//! 1. If the fleet is imbalanced — `max − min > balance_abs_threshold` and
+//!    `max > balance_rel_threshold × min` over in-flight requests — pick the least loaded.
+//! 2. Else match the routing text against the fleet-wide [`radix_tree`](super::radix_tree):
+//!    if the best worker's match ratio exceeds `cache_threshold`, pick it (ties: less loaded).
+//! 3. Else pick the **least loaded** worker. sglang-router picks the worker with the smallest
+//!    tree here, which ignores load and sends a burst of new prefixes to one worker.
+//!
+//! The routing text is the whole conversation (every chat message in order), so turns of
+//! one conversation share prefixes; token-id requests use a separate token tree. The chosen
+//! worker is recorded under the text. Memory is bounded on every insert (see the tree);
+//! [`RoutingPolicy::maintain`] trims to a low-water mark in the background.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::load_based::least_loaded;
+use super::radix_tree::{PrefixMatch, SharedTree};
+use super::rng::PolicyRng;
+use super::{RoutingError, RoutingPolicy};
+use crate::request::{RequestView, RoutingText};
+use crate::workers::Worker;
+
+/// Settings of [`CacheAware`] (sglang-router's names and defaults).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheAwareConfig {
+    /// Minimum match ratio (matched / prompt length) to route by cache.
+    pub cache_threshold: f64,
+    /// Absolute in-flight difference above which the fleet counts as imbalanced.
+    pub balance_abs_threshold: usize,
+    /// Relative in-flight ratio above which the fleet counts as imbalanced.
+    pub balance_rel_threshold: f64,
+    /// How often the background sweep trims the tree.
+    pub eviction_interval: Duration,
+    /// Bound on Σ (characters or tokens) × workers holding them, per tree.
+    pub max_tree_size: usize,
+    /// RNG seed for tie-breaks.
+    pub seed: Option<u64>,
+}
+
+impl Default for CacheAwareConfig {
+    fn default() -> Self {
+        Self {
+            cache_threshold: 0.3,
+            balance_abs_threshold: 64,
+            balance_rel_threshold: 1.5,
+            eviction_interval: Duration::from_secs(120),
+            max_tree_size: 1 << 26,
+            seed: None,
+        }
+    }
+}
+
+/// Prefix-cache-aware routing with load balancing.
+#[derive(Debug)]
+pub struct CacheAware {
+    config: CacheAwareConfig,
+    text: SharedTree<u8>,
+    tokens: SharedTree<u32>,
+    rng: PolicyRng,
+}
+
+/// Why a decision was made (for traces and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheDecision {
+    /// Loads were imbalanced: least loaded.
+    Imbalanced,
+    /// The best match exceeded the threshold.
+    CacheHit,
+    /// No good match: least loaded.
+    Miss,
+}
+
+impl CacheAware {
+    /// A policy with `config`.
+    pub fn new(config: &CacheAwareConfig) -> Self {
+        Self {
+            text: SharedTree::new(config.max_tree_size),
+            tokens: SharedTree::new(config.max_tree_size),
+            rng: PolicyRng::new(config.seed),
+            config: config.clone(),
+        }
+    }
+
+    /// Total size of the text tree (characters × workers holding them).
+    pub fn text_tree_size(&self) -> usize {
+        self.text.with(|t| t.total_size())
+    }
+
+    fn matches(&self, text: &RoutingText) -> Option<PrefixMatch> {
+        match text {
+            RoutingText::Text(s) => Some(self.text.match_prefix(s.as_bytes())),
+            RoutingText::Tokens(t) => Some(self.tokens.match_prefix(t)),
+            RoutingText::None => None,
+        }
+    }
+
+    fn record(&self, text: &RoutingText, worker: &Worker) {
+        match text {
+            RoutingText::Text(s) => self.text.insert(s.as_bytes(), worker.id()),
+            RoutingText::Tokens(t) => self.tokens.insert(t, worker.id()),
+            RoutingText::None => {}
+        }
+    }
+
+    /// Chooses a worker and says why.
+    pub fn decide(
+        &self,
+        workers: &[Arc<Worker>],
+        request: &RequestView,
+    ) -> Result<(usize, CacheDecision), RoutingError> {
+        let in_flight = |w: &Worker| w.load().in_flight();
+        let least =
+            || least_loaded(workers, &self.rng, in_flight).ok_or(RoutingError::NoHealthyWorkers);
+        if workers.is_empty() {
+            return Err(RoutingError::NoHealthyWorkers);
+        }
+        let (min, max) = workers
+            .iter()
+            .map(|w| in_flight(w))
+            .fold((usize::MAX, 0), |(lo, hi), l| (lo.min(l), hi.max(l)));
+        let imbalanced = max - min > self.config.balance_abs_threshold
+            && max as f64 > self.config.balance_rel_threshold * min as f64;
+        let decision = if imbalanced {
+            (least()?, CacheDecision::Imbalanced)
+        } else {
+            match self.matches(&request.text) {
+                Some(m) if m.key_size > 0 => {
+                    let best = workers.iter().map(|w| m.of(w.id())).max().unwrap_or(0);
+                    if best as f64 / m.key_size as f64 > self.config.cache_threshold {
+                        let holders: Vec<Arc<Worker>> = workers
+                            .iter()
+                            .filter(|w| m.of(w.id()) == best)
+                            .cloned()
+                            .collect();
+                        let pick = least_loaded(&holders, &self.rng, in_flight)
+                            .ok_or(RoutingError::NoHealthyWorkers)?;
+                        let index = workers
+                            .iter()
+                            .position(|w| Arc::ptr_eq(w, &holders[pick]))
+                            .unwrap_or(0);
+                        (index, CacheDecision::CacheHit)
+                    } else {
+                        (least()?, CacheDecision::Miss)
+                    }
+                }
+                _ => (least()?, CacheDecision::Miss),
+            }
+        };
+        self.record(&request.text, &workers[decision.0]);
+        Ok(decision)
+    }
+}
+
+impl RoutingPolicy for CacheAware {
+    fn name(&self) -> &'static str {
+        "cache_aware"
+    }
+
+    fn select_single(
+        &self,
+        workers: &[Arc<Worker>],
+        request: &RequestView,
+    ) -> Result<usize, RoutingError> {
+        let (index, why) = self.decide(workers, request)?;
+        tracing::trace!(worker = workers[index].url(), decision = ?why, "cache_aware");
+        Ok(index)
+    }
+
+    fn maintenance_interval(&self) -> Option<Duration> {
+        Some(self.config.eviction_interval)
+    }
+
+    /// Trims each tree to 90 % of its bound, so inserts rarely evict on the request path.
+    fn maintain(&self) {
+        let low_water = self.config.max_tree_size / 10 * 9;
+        self.text.with(|t| t.trim(low_water));
+        self.tokens.with(|t| t.trim(low_water));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policies::test_support::{load, workers};
+
+    fn chat(system: &str, user: &str) -> RequestView {
+        RequestView {
+            text: RoutingText::Text(format!("system: {system}\nuser: {user}\n")),
+            ..RequestView::default()
+        }
+    }
+
+    fn policy() -> CacheAware {
+        CacheAware::new(&CacheAwareConfig {
+            seed: Some(5),
+            ..CacheAwareConfig::default()
+        })
+    }
+
+    #[test]
+    fn same_prefix_goes_to_the_same_worker() {
+        let ws = workers(4);
+        let p = policy();
+        let system = "You are a meticulous assistant who cites sources. ".repeat(8);
+        let (first, why) = p.decide(&ws, &chat(&system, "q0")).unwrap();
+        assert_eq!(why, CacheDecision::Miss);
+        for i in 1..20 {
+            let (w, why) = p.decide(&ws, &chat(&system, &format!("q{i}"))).unwrap();
+            assert_eq!((w, why), (first, CacheDecision::CacheHit));
+        }
+    }
+
+    #[test]
+    fn misses_go_to_the_least_loaded_worker_not_the_smallest_tree() {
+        let ws = workers(3);
+        let p = policy();
+        // Worker 0 has the smallest (empty) tree but is the busiest.
+        let _busy = load(&ws[0], 5);
+        let _mid = load(&ws[1], 3);
+        for i in 0..10 {
+            let distinct = RequestView {
+                text: RoutingText::Text(format!("{i}{i} unrelated prompt")),
+                ..RequestView::default()
+            };
+            let (w, why) = p.decide(&ws, &distinct).unwrap();
+            assert_eq!(why, CacheDecision::Miss);
+            assert_eq!(w, 2, "a miss must go to the least loaded worker");
+        }
+    }
+
+    #[test]
+    fn imbalance_overrides_affinity() {
+        let ws = workers(2);
+        let p = policy();
+        let system = "shared system prompt ".repeat(10);
+        let (holder, _) = p.decide(&ws, &chat(&system, "a")).unwrap();
+        let _flood = load(&ws[holder], 100);
+        let (w, why) = p.decide(&ws, &chat(&system, "b")).unwrap();
+        assert_eq!((w, why), (1 - holder, CacheDecision::Imbalanced));
+    }
+
+    #[test]
+    fn token_requests_use_the_token_tree() {
+        let ws = workers(3);
+        let p = policy();
+        let req = |tail: u32| RequestView {
+            text: RoutingText::Tokens((0..500).chain([tail]).collect()),
+            ..RequestView::default()
+        };
+        let (first, _) = p.decide(&ws, &req(1)).unwrap();
+        assert_eq!(
+            p.decide(&ws, &req(2)).unwrap(),
+            (first, CacheDecision::CacheHit)
+        );
+        assert_eq!(p.text_tree_size(), 0);
+    }
+}

@@ -1,0 +1,196 @@
+//! `consistent_hash`: session affinity on a hash ring with virtual nodes (Karger et al.).
+//!
+//! The key is the request's routing key (`x-session-id` / `x-user-id` header or body `user`),
+//! falling back to the routing text. Each worker owns `virtual_nodes` points on a 64-bit ring,
+//! hashed from its URL, so every router replica builds the same ring and a worker joining or
+//! leaving moves only the keys of its own arcs (≈ 1/N of them).
+
+use std::sync::{Arc, Mutex};
+
+use super::rng::PolicyRng;
+use super::{RoutingError, RoutingPolicy};
+use crate::request::{RequestView, RoutingText};
+use crate::workers::Worker;
+
+/// Settings of [`ConsistentHash`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsistentHashConfig {
+    /// Points per worker on the ring.
+    pub virtual_nodes: usize,
+    /// Seed for the fallback when a request has neither key nor text.
+    pub seed: Option<u64>,
+}
+
+impl Default for ConsistentHashConfig {
+    fn default() -> Self {
+        Self {
+            virtual_nodes: 160,
+            seed: None,
+        }
+    }
+}
+
+/// A stable 64-bit hash (FNV-1a, then a SplitMix64 finaliser for avalanche).
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+#[derive(Debug, Default)]
+struct Ring {
+    members: Vec<u32>,
+    points: Vec<(u64, u32)>,
+}
+
+/// Session affinity by consistent hashing.
+#[derive(Debug)]
+pub struct ConsistentHash {
+    virtual_nodes: usize,
+    ring: Mutex<Ring>,
+    rng: PolicyRng,
+}
+
+impl ConsistentHash {
+    /// A policy with `config`.
+    pub fn new(config: &ConsistentHashConfig) -> Self {
+        Self {
+            virtual_nodes: config.virtual_nodes.max(1),
+            ring: Mutex::new(Ring::default()),
+            rng: PolicyRng::new(config.seed),
+        }
+    }
+
+    fn key_hash(request: &RequestView) -> Option<u64> {
+        if let Some(k) = &request.routing_key {
+            return Some(stable_hash(k.as_bytes()));
+        }
+        match &request.text {
+            RoutingText::Text(s) => Some(stable_hash(s.as_bytes())),
+            RoutingText::Tokens(t) => {
+                let bytes: Vec<u8> = t.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Some(stable_hash(&bytes))
+            }
+            RoutingText::None => None,
+        }
+    }
+}
+
+impl RoutingPolicy for ConsistentHash {
+    fn name(&self) -> &'static str {
+        "consistent_hash"
+    }
+
+    fn select_single(
+        &self,
+        workers: &[Arc<Worker>],
+        request: &RequestView,
+    ) -> Result<usize, RoutingError> {
+        if workers.is_empty() {
+            return Err(RoutingError::NoHealthyWorkers);
+        }
+        let Some(h) = Self::key_hash(request) else {
+            return Ok(self.rng.index(workers.len()));
+        };
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        if ring.members.len() != workers.len()
+            || ring
+                .members
+                .iter()
+                .zip(workers)
+                .any(|(id, w)| *id != w.id())
+        {
+            ring.members = workers.iter().map(|w| w.id()).collect();
+            ring.points.clear();
+            for w in workers {
+                for v in 0..self.virtual_nodes {
+                    ring.points
+                        .push((stable_hash(format!("{}#{v}", w.url()).as_bytes()), w.id()));
+                }
+            }
+            ring.points.sort_unstable();
+        }
+        let at = ring.points.partition_point(|(p, _)| *p < h) % ring.points.len();
+        let owner = ring.points[at].1;
+        Ok(workers.iter().position(|w| w.id() == owner).unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policies::test_support::workers;
+
+    fn keyed(k: &str) -> RequestView {
+        RequestView {
+            routing_key: Some(k.to_owned()),
+            ..RequestView::default()
+        }
+    }
+
+    #[test]
+    fn same_key_same_worker_and_keys_spread() {
+        let ws = workers(4);
+        let p = ConsistentHash::new(&ConsistentHashConfig::default());
+        let mut counts = [0usize; 4];
+        for i in 0..4000 {
+            let k = format!("session-{i}");
+            let w = p.select_single(&ws, &keyed(&k)).unwrap();
+            assert_eq!(w, p.select_single(&ws, &keyed(&k)).unwrap());
+            counts[w] += 1;
+        }
+        // 160 virtual nodes keep each share within ±25% of fair.
+        assert!(
+            counts.iter().all(|&c| (750..=1250).contains(&c)),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn a_joining_worker_moves_about_one_nth_of_keys() {
+        let ws = workers(5);
+        let p = ConsistentHash::new(&ConsistentHashConfig::default());
+        let keys: Vec<String> = (0..5000).map(|i| format!("user-{i}")).collect();
+        let before: Vec<u32> = keys
+            .iter()
+            .map(|k| ws[p.select_single(&ws[..4], &keyed(k)).unwrap()].id())
+            .collect();
+        let after: Vec<u32> = keys
+            .iter()
+            .map(|k| ws[p.select_single(&ws, &keyed(k)).unwrap()].id())
+            .collect();
+        let moved: Vec<usize> = (0..keys.len()).filter(|&i| before[i] != after[i]).collect();
+        let fraction = moved.len() as f64 / keys.len() as f64;
+        assert!(
+            (0.12..=0.28).contains(&fraction),
+            "moved {fraction:.3}, expected ≈ 1/5"
+        );
+        assert!(
+            moved.iter().all(|&i| after[i] == ws[4].id()),
+            "keys may only move to the new worker"
+        );
+        // And leaving moves back exactly those keys.
+        let again: Vec<u32> = keys
+            .iter()
+            .map(|k| ws[p.select_single(&ws[..4], &keyed(k)).unwrap()].id())
+            .collect();
+        assert_eq!(again, before);
+    }
+
+    #[test]
+    fn falls_back_to_the_routing_text() {
+        let ws = workers(3);
+        let p = ConsistentHash::new(&ConsistentHashConfig::default());
+        let req = RequestView {
+            text: RoutingText::Text("hello".into()),
+            ..RequestView::default()
+        };
+        let w = p.select_single(&ws, &req).unwrap();
+        assert!((0..10).all(|_| p.select_single(&ws, &req).unwrap() == w));
+    }
+}
