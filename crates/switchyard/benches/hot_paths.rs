@@ -12,7 +12,7 @@ use std::time::Instant;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use switchyard::load::InFlightGuard;
-use switchyard::policies::radix_tree::RadixTree;
+use switchyard::policies::radix_tree::{RadixTree, SharedTree};
 use switchyard::policies::{build, PolicyConfig, PolicyKind};
 use switchyard::request::{RequestView, RoutingText};
 use switchyard::workers::{Worker, WorkerRole};
@@ -144,8 +144,42 @@ fn bench_tree(quick: bool) {
     }
 }
 
+/// Lock contention: threads each doing match-then-insert (what cache_aware does per request)
+/// on one shared tree. Aggregate ops/s that stays flat as threads are added means the lock
+/// serialises them; on a 2-core machine 2 threads is the meaningful point.
+fn bench_contention(quick: bool) {
+    println!("\n## shared tree contention (match + insert per op, aggregate)");
+    println!("{:>8} {:>14} {:>14}", "threads", "ops/s", "ns/op/thread");
+    let per_thread = if quick { 20_000 } else { 100_000 };
+    for threads in [1usize, 2, 4] {
+        let tree = Arc::new(SharedTree::<u8>::new(1 << 24));
+        let start = Instant::now();
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let tree = tree.clone();
+                std::thread::spawn(move || {
+                    let mut rng = StdRng::seed_from_u64(t as u64);
+                    let prompts: Vec<String> = (0..1024).map(|_| conversation(&mut rng, 64)).collect();
+                    for i in 0..per_thread {
+                        let p = &prompts[i % prompts.len()];
+                        black_box(tree.match_prefix(p.as_bytes()));
+                        tree.insert(p.as_bytes(), (i % 16) as u32);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            let _ = h.join();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let ops = (threads * per_thread) as f64;
+        println!("{threads:>8} {:>14.0} {:>14.0}", ops / secs, secs * 1e9 / per_thread as f64);
+    }
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     bench_selection(quick);
     bench_tree(quick);
+    bench_contention(quick);
 }
