@@ -90,11 +90,7 @@ pub enum FleetError {
 pub fn uniform(count: usize, base_port: u16, template: &WorkerConfig) -> Vec<WorkerConfig> {
     (0..count)
         .map(|i| WorkerConfig {
-            port: if base_port == 0 {
-                0
-            } else {
-                base_port.saturating_add(i as u16)
-            },
+            port: if base_port == 0 { 0 } else { base_port.saturating_add(i as u16) },
             seed: template.seed.wrapping_add(i as u64),
             ..template.clone()
         })
@@ -108,14 +104,12 @@ pub fn from_toml(
     base_port: u16,
     template: &WorkerConfig,
 ) -> Result<Vec<WorkerConfig>, FleetError> {
-    let file: FleetFile = toml::from_str(text).map_err(|e| FleetError::Parse {
-        path: path.into(),
-        message: e.to_string(),
-    })?;
+    let file: FleetFile =
+        toml::from_str(text).map_err(|e| FleetError::Parse { path: path.into(), message: e.to_string() })?;
     let mut out = Vec::new();
     for spec in &file.worker {
-        let profile = Profile::by_name(&spec.profile)
-            .ok_or_else(|| FleetError::UnknownProfile(spec.profile.clone()))?;
+        let profile =
+            Profile::by_name(&spec.profile).ok_or_else(|| FleetError::UnknownProfile(spec.profile.clone()))?;
         let count = spec.count.unwrap_or(1);
         if count > 1 && spec.port.is_some() {
             return Err(FleetError::Parse {
@@ -130,11 +124,7 @@ pub fn from_toml(
             if let Some(kv) = spec.kv_capacity_tokens {
                 c.profile.kv_capacity_tokens = kv;
             }
-            c.port = spec.port.unwrap_or(if base_port == 0 {
-                0
-            } else {
-                base_port.saturating_add(i as u16)
-            });
+            c.port = spec.port.unwrap_or(if base_port == 0 { 0 } else { base_port.saturating_add(i as u16) });
             c.speed = spec.speed.unwrap_or(template.speed);
             c.role = spec.role.unwrap_or(template.role);
             c.time_scale = file.time_scale.unwrap_or(template.time_scale);
@@ -149,15 +139,8 @@ pub fn from_toml(
 }
 
 /// Reads and parses a fleet file.
-pub fn load(
-    path: &str,
-    base_port: u16,
-    template: &WorkerConfig,
-) -> Result<Vec<WorkerConfig>, FleetError> {
-    let text = std::fs::read_to_string(path).map_err(|source| FleetError::Read {
-        path: path.into(),
-        source,
-    })?;
+pub fn load(path: &str, base_port: u16, template: &WorkerConfig) -> Result<Vec<WorkerConfig>, FleetError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FleetError::Read { path: path.into(), source })?;
     from_toml(path, &text, base_port, template)
 }
 
@@ -188,34 +171,17 @@ mod tests {
         "#;
         let c = from_toml("f.toml", text, 40000, &WorkerConfig::default()).unwrap();
         assert_eq!(c.len(), 3);
-        assert_eq!(
-            c.iter().map(|c| c.port).collect::<Vec<_>>(),
-            vec![40000, 40001, 40002]
-        );
+        assert_eq!(c.iter().map(|c| c.port).collect::<Vec<_>>(), vec![40000, 40001, 40002]);
         assert_eq!(c[2].profile.name, "l4-llama8b");
-        assert_eq!(
-            (c[2].speed, c[2].role, c[0].time_scale),
-            (0.5, Role::Decode, 5.0)
-        );
+        assert_eq!((c[2].speed, c[2].role, c[0].time_scale), (0.5, Role::Decode, 5.0));
     }
 
     #[test]
     fn fleet_file_errors_name_the_problem() {
-        let e = from_toml(
-            "f.toml",
-            "[[worker]]\nprofile = \"tpu\"\n",
-            0,
-            &WorkerConfig::default(),
-        )
-        .unwrap_err();
+        let e = from_toml("f.toml", "[[worker]]\nprofile = \"tpu\"\n", 0, &WorkerConfig::default()).unwrap_err();
         assert!(e.to_string().contains("tpu"));
-        let e = from_toml(
-            "f.toml",
-            "[[worker]]\nprofile = \"h100\"\nspeeed = 1\n",
-            0,
-            &WorkerConfig::default(),
-        )
-        .unwrap_err();
+        let e = from_toml("f.toml", "[[worker]]\nprofile = \"h100\"\nspeeed = 1\n", 0, &WorkerConfig::default())
+            .unwrap_err();
         assert!(e.to_string().contains("speeed"), "{e}");
     }
 }

@@ -69,12 +69,7 @@ struct Args {
 }
 
 fn parse_profile(s: &str) -> Result<Profile, String> {
-    Profile::by_name(s).ok_or_else(|| {
-        format!(
-            "unknown profile '{s}' (known: {})",
-            Profile::NAMES.join(", ")
-        )
-    })
+    Profile::by_name(s).ok_or_else(|| format!("unknown profile '{s}' (known: {})", Profile::NAMES.join(", ")))
 }
 
 fn positive(s: &str) -> Result<f64, String> {
@@ -88,10 +83,7 @@ fn positive(s: &str) -> Result<f64, String> {
 async fn main() {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log_level)
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| "info".into()))
         .init();
     let mut profile = args.profile.clone();
     if let Some(kv) = args.kv_capacity_tokens {
@@ -119,11 +111,7 @@ async fn main() {
     };
     let configs = match &args.fleet {
         Some(path) => fleet::load(path, args.base_port, &template),
-        None => Ok(fleet::uniform(
-            args.workers.into(),
-            args.base_port,
-            &template,
-        )),
+        None => Ok(fleet::uniform(args.workers.into(), args.base_port, &template)),
     };
     let workers = match configs {
         Ok(c) => fleet::spawn_fleet(c).await,

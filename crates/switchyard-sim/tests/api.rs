@@ -19,8 +19,7 @@ struct Answer {
 
 impl Answer {
     fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -31,9 +30,7 @@ impl Answer {
         let mut events = Vec::new();
         let mut done = false;
         for frame in text.split("\n\n").filter(|f| !f.is_empty()) {
-            let data = frame
-                .strip_prefix("data: ")
-                .unwrap_or_else(|| panic!("not an SSE data frame: {frame:?}"));
+            let data = frame.strip_prefix("data: ").unwrap_or_else(|| panic!("not an SSE data frame: {frame:?}"));
             if data == "[DONE]" {
                 done = true;
             } else {
@@ -46,41 +43,22 @@ impl Answer {
 }
 
 async fn call(method: &str, url: String, body: &str) -> Result<Answer, String> {
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     let req = Request::builder()
         .method(method)
         .uri(url)
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_owned())))
         .unwrap();
-    let resp = client
-        .request(req)
-        .await
-        .map_err(|e| format!("request: {e:?}"))?;
+    let resp = client.request(req).await.map_err(|e| format!("request: {e:?}"))?;
     let status = resp.status();
-    let content_type = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("body: {e:?}"))?
-        .to_bytes();
-    Ok(Answer {
-        status,
-        content_type,
-        body,
-    })
+    let content_type = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    let body = resp.into_body().collect().await.map_err(|e| format!("body: {e:?}"))?.to_bytes();
+    Ok(Answer { status, content_type, body })
 }
 
 async fn post(w: &WorkerHandle, path: &str, body: Value) -> Answer {
-    call("POST", format!("{}{path}", w.url()), &body.to_string())
-        .await
-        .unwrap()
+    call("POST", format!("{}{path}", w.url()), &body.to_string()).await.unwrap()
 }
 
 async fn get(w: &WorkerHandle, path: &str) -> Answer {
@@ -88,25 +66,22 @@ async fn get(w: &WorkerHandle, path: &str) -> Answer {
 }
 
 async fn worker(time_scale: f64) -> WorkerHandle {
-    spawn_worker(WorkerConfig {
-        time_scale,
-        ..WorkerConfig::default()
-    })
-    .await
-    .unwrap()
+    spawn_worker(WorkerConfig { time_scale, ..WorkerConfig::default() }).await.unwrap()
 }
 
 #[tokio::test]
 async fn generate_native_api_with_meta_info() {
     let w = worker(100.0).await;
-    let a = post(&w, "/generate", json!({"text": "The quick brown fox jumps", "sampling_params": {"max_new_tokens": 7, "ignore_eos": true}})).await;
+    let a = post(
+        &w,
+        "/generate",
+        json!({"text": "The quick brown fox jumps", "sampling_params": {"max_new_tokens": 7, "ignore_eos": true}}),
+    )
+    .await;
     assert_eq!(a.status, 200);
     let v = a.json();
     let m = &v["meta_info"];
-    assert_eq!(
-        (m["prompt_tokens"].as_u64(), m["completion_tokens"].as_u64()),
-        (Some(7), Some(7))
-    );
+    assert_eq!((m["prompt_tokens"].as_u64(), m["completion_tokens"].as_u64()), (Some(7), Some(7)));
     assert_eq!(m["finish_reason"]["type"], "length");
     assert!(m["e2e_latency"].as_f64().unwrap() > 0.0);
     assert_eq!(v["text"].as_str().unwrap().split_whitespace().count(), 7);
@@ -119,10 +94,7 @@ async fn generate_native_api_with_meta_info() {
     assert_eq!(events[3]["meta_info"]["completion_tokens"], 4);
     assert_eq!(events[3]["meta_info"]["prompt_tokens"], 5);
     assert!(events[2]["meta_info"]["finish_reason"].is_null());
-    assert!(events[3]["text"]
-        .as_str()
-        .unwrap()
-        .starts_with(events[2]["text"].as_str().unwrap()));
+    assert!(events[3]["text"].as_str().unwrap().starts_with(events[2]["text"].as_str().unwrap()));
 }
 
 #[tokio::test]
@@ -130,62 +102,30 @@ async fn openai_chat_and_completions_with_usage_and_cached_tokens() {
     let w = worker(100.0).await;
     let system = "You are a meticulous assistant. ".repeat(40);
     let chat = |q: &str| json!({"model": "x", "messages": [{"role": "system", "content": system}, {"role": "user", "content": q}], "max_tokens": 5, "ignore_eos": true});
-    let first = post(&w, "/v1/chat/completions", chat("first question"))
-        .await
-        .json();
+    let first = post(&w, "/v1/chat/completions", chat("first question")).await.json();
     assert_eq!(first["object"], "chat.completion");
     assert_eq!(first["choices"][0]["message"]["role"], "assistant");
     assert_eq!(first["choices"][0]["finish_reason"], "length");
     assert_eq!(first["usage"]["completion_tokens"], 5);
     assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
     let u = &first["usage"];
-    assert_eq!(
-        u["total_tokens"].as_u64().unwrap(),
-        u["prompt_tokens"].as_u64().unwrap() + 5
-    );
-    let second = post(&w, "/v1/chat/completions", chat("second question"))
+    assert_eq!(u["total_tokens"].as_u64().unwrap(), u["prompt_tokens"].as_u64().unwrap() + 5);
+    let second = post(&w, "/v1/chat/completions", chat("second question")).await.json();
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached >= 300, "shared system prompt must hit the prefix cache, got {cached}");
+
+    let c = post(&w, "/v1/completions", json!({"prompt": "Once upon a time", "max_tokens": 3, "ignore_eos": true}))
         .await
         .json();
-    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
-        .as_u64()
-        .unwrap();
-    assert!(
-        cached >= 300,
-        "shared system prompt must hit the prefix cache, got {cached}"
-    );
-
-    let c = post(
-        &w,
-        "/v1/completions",
-        json!({"prompt": "Once upon a time", "max_tokens": 3, "ignore_eos": true}),
-    )
-    .await
-    .json();
     assert_eq!(c["object"], "text_completion");
     assert_eq!(c["usage"]["completion_tokens"], 3);
-    assert_eq!(
-        c["choices"][0]["text"]
-            .as_str()
-            .unwrap()
-            .split_whitespace()
-            .count(),
-        3
-    );
+    assert_eq!(c["choices"][0]["text"].as_str().unwrap().split_whitespace().count(), 3);
     // Without ignore_eos the length is drawn and capped by max_tokens.
     for _ in 0..5 {
-        let c = post(
-            &w,
-            "/v1/completions",
-            json!({"prompt": "x y z", "max_tokens": 20}),
-        )
-        .await
-        .json();
+        let c = post(&w, "/v1/completions", json!({"prompt": "x y z", "max_tokens": 20})).await.json();
         let n = c["usage"]["completion_tokens"].as_u64().unwrap();
         assert!((1..=20).contains(&n));
-        assert_eq!(
-            c["choices"][0]["finish_reason"],
-            if n < 20 { "stop" } else { "length" }
-        );
+        assert_eq!(c["choices"][0]["finish_reason"], if n < 20 { "stop" } else { "length" });
     }
 }
 
@@ -197,20 +137,14 @@ async fn openai_streams_role_deltas_finish_usage_and_done() {
     assert!(done);
     assert_eq!(events.len(), 5, "role chunk + 3 tokens + usage");
     assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
-    assert!(events
-        .iter()
-        .all(|e| e["object"] == "chat.completion.chunk"));
+    assert!(events.iter().all(|e| e["object"] == "chat.completion.chunk"));
     assert_eq!(events[3]["choices"][0]["finish_reason"], "length");
     assert!(events[2]["choices"][0]["finish_reason"].is_null());
     assert_eq!(events[4]["choices"], json!([]));
     assert_eq!(events[4]["usage"]["completion_tokens"], 3);
     // No usage chunk unless asked.
-    let a = post(
-        &w,
-        "/v1/completions",
-        json!({"prompt": "hi", "max_tokens": 2, "ignore_eos": true, "stream": true}),
-    )
-    .await;
+    let a =
+        post(&w, "/v1/completions", json!({"prompt": "hi", "max_tokens": 2, "ignore_eos": true, "stream": true})).await;
     let (events, done) = a.sse();
     assert!(done && events.len() == 2 && events.iter().all(|e| e.get("usage").is_none()));
     assert_eq!(events[1]["choices"][0]["finish_reason"], "length");
@@ -221,25 +155,13 @@ async fn info_load_metrics_and_cache_endpoints() {
     let w = worker(100.0).await;
     assert_eq!(get(&w, "/health").await.status, 200);
     assert_eq!(get(&w, "/health_generate").await.status, 200);
-    assert_eq!(
-        get(&w, "/v1/models").await.json()["data"][0]["id"],
-        "meta-llama/Llama-3.1-8B-Instruct"
-    );
-    assert_eq!(
-        get(&w, "/get_model_info").await.json()["is_generation"],
-        true
-    );
-    assert_eq!(
-        get(&w, "/get_server_info").await.json()["max_total_num_tokens"],
-        430_000
-    );
+    assert_eq!(get(&w, "/v1/models").await.json()["data"][0]["id"], "meta-llama/Llama-3.1-8B-Instruct");
+    assert_eq!(get(&w, "/get_model_info").await.json()["is_generation"], true);
+    assert_eq!(get(&w, "/get_server_info").await.json()["max_total_num_tokens"], 430_000);
     post(&w, "/generate", json!({"text": "a b c d e f g h i j k l m n o p q r s t u v w x y z ".repeat(10), "sampling_params": {"max_new_tokens": 2}})).await;
     let load = get(&w, "/get_load").await.json();
     assert_eq!(load["num_reqs"], 0);
-    assert!(
-        load["num_tokens"].as_u64().unwrap() > 0,
-        "prefix cache holds the prompt"
-    );
+    assert!(load["num_tokens"].as_u64().unwrap() > 0, "prefix cache holds the prompt");
     let metrics = get(&w, "/metrics").await.text();
     for family in [
         "sglang:num_running_reqs",
@@ -251,25 +173,17 @@ async fn info_load_metrics_and_cache_endpoints() {
         "vllm:kv_cache_usage_perc",
         "vllm:generation_tokens_total",
     ] {
-        assert!(
-            metrics.contains(&format!("# TYPE {family} ")),
-            "missing {family}"
-        );
+        assert!(metrics.contains(&format!("# TYPE {family} ")), "missing {family}");
     }
     assert!(
-        metrics.contains(
-            "sglang:generation_tokens_total{model_name=\"meta-llama/Llama-3.1-8B-Instruct\"} 3"
-        ),
+        metrics.contains("sglang:generation_tokens_total{model_name=\"meta-llama/Llama-3.1-8B-Instruct\"} 3"),
         "{metrics}"
     );
     assert_eq!(post(&w, "/flush_cache", json!({})).await.status, 200);
     // The flush is processed by the engine task; the gauge follows once it has run.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while get(&w, "/get_load").await.json()["num_tokens"] != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "flush_cache did not empty the cache"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "flush_cache did not empty the cache");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(get(&w, "/nope").await.status, 404);
@@ -281,48 +195,26 @@ async fn bad_requests_get_engine_style_400s() {
     for (path, body, needle) in [
         ("/v1/chat/completions", "{broken", "invalid JSON"),
         ("/v1/chat/completions", r#"{"messages": "hi"}"#, "messages"),
-        (
-            "/v1/completions",
-            r#"{"prompt": "x", "max_tokens": 0}"#,
-            "max_tokens",
-        ),
+        ("/v1/completions", r#"{"prompt": "x", "max_tokens": 0}"#, "max_tokens"),
         ("/v1/completions", r#"{"prompt": "x", "n": 2}"#, "n=1"),
-        (
-            "/generate",
-            r#"{"sampling_params": {"max_new_tokens": 3}}"#,
-            "text",
-        ),
+        ("/generate", r#"{"sampling_params": {"max_new_tokens": 3}}"#, "text"),
         ("/generate", r#"{"text": ""}"#, "empty"),
         (
             "/generate",
-            &format!(
-                r#"{{"text": "x", "sampling_params": {{"max_new_tokens": {}}}}}"#,
-                200_000
-            ),
+            &format!(r#"{{"text": "x", "sampling_params": {{"max_new_tokens": {}}}}}"#, 200_000),
             "context length",
         ),
     ] {
-        let a = call("POST", format!("{}{path}", w.url()), body)
-            .await
-            .unwrap();
+        let a = call("POST", format!("{}{path}", w.url()), body).await.unwrap();
         assert_eq!(a.status, 400, "{path} {body}");
         let v = a.json();
-        assert_eq!(
-            (v["object"].as_str(), v["code"].as_u64()),
-            (Some("error"), Some(400))
-        );
+        assert_eq!((v["object"].as_str(), v["code"].as_u64()), (Some("error"), Some(400)));
         assert!(v["message"].as_str().unwrap().contains(needle), "{v}");
     }
     let bad = post(&w, "/sim/faults", json!({"error_rate": 2.0})).await;
     assert_eq!(bad.status, 400);
     let bad = post(&w, "/sim/faults", json!({"no_such_fault": true})).await;
-    assert!(
-        bad.status == 400
-            && bad.json()["message"]
-                .as_str()
-                .unwrap()
-                .contains("no_such_fault")
-    );
+    assert!(bad.status == 400 && bad.json()["message"].as_str().unwrap().contains("no_such_fault"));
 }
 
 #[tokio::test]
@@ -331,12 +223,7 @@ async fn each_fault_is_observed_by_a_client() {
     let req = json!({"prompt": "hello", "max_tokens": 20, "ignore_eos": true});
     let set = |f: Value| post(&w, "/sim/faults", f);
     // Error rate with a chosen status.
-    assert_eq!(
-        set(json!({"error_rate": 1.0, "error_status": 503}))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(set(json!({"error_rate": 1.0, "error_status": 503})).await.status, 200);
     assert_eq!(post(&w, "/v1/completions", req.clone()).await.status, 503);
     assert_eq!(get(&w, "/sim/faults").await.json()["error_status"], 503);
     // Malformed JSON with 200.
@@ -355,18 +242,10 @@ async fn each_fault_is_observed_by_a_client() {
         &json!({"prompt": "x", "max_tokens": 20, "ignore_eos": true, "stream": true}).to_string(),
     )
     .await;
-    assert!(
-        r.is_err(),
-        "a cut stream must not look complete: {:?}",
-        r.map(|a| a.text())
-    );
+    assert!(r.is_err(), "a cut stream must not look complete: {:?}", r.map(|a| a.text()));
     // Hang: accepted, never answered.
     set(json!({"hang": true})).await;
-    let hung = tokio::time::timeout(
-        Duration::from_millis(300),
-        post(&w, "/v1/completions", req.clone()),
-    )
-    .await;
+    let hung = tokio::time::timeout(Duration::from_millis(300), post(&w, "/v1/completions", req.clone())).await;
     assert!(hung.is_err(), "a hung worker answered");
     // Refuse connections, then recover on the same port.
     set(json!({"refuse_connections": true})).await;
@@ -387,12 +266,7 @@ async fn each_fault_is_observed_by_a_client() {
 
 async fn e2e_seconds(w: &WorkerHandle, tokens: u32) -> f64 {
     let start = tokio::time::Instant::now();
-    let a = post(
-        w,
-        "/v1/completions",
-        json!({"prompt": "p", "max_tokens": tokens, "ignore_eos": true}),
-    )
-    .await;
+    let a = post(w, "/v1/completions", json!({"prompt": "p", "max_tokens": tokens, "ignore_eos": true})).await;
     assert_eq!(a.status, 200);
     start.elapsed().as_secs_f64()
 }
@@ -408,19 +282,9 @@ async fn time_scale_and_slowdown_scale_latency() {
         (simulated_fast / simulated_slow - 1.0).abs() < 0.35,
         "scaled latencies differ: {simulated_fast} vs {simulated_slow}"
     );
-    assert!(
-        simulated_slow > 1.8 && simulated_slow < 3.5,
-        "{simulated_slow}"
-    );
+    assert!(simulated_slow > 1.8 && simulated_slow < 3.5, "{simulated_slow}");
     // A 4× slowdown fault makes the same request ~4× slower.
-    slow.set_faults(Faults {
-        slowdown: 4.0,
-        ..Faults::default()
-    })
-    .unwrap();
+    slow.set_faults(Faults { slowdown: 4.0, ..Faults::default() }).unwrap();
     let degraded = e2e_seconds(&slow, 400).await;
-    assert!(
-        degraded / ts > 2.5,
-        "slowdown not applied: {ts} → {degraded}"
-    );
+    assert!(degraded / ts > 2.5, "slowdown not applied: {ts} → {degraded}");
 }

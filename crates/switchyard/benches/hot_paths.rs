@@ -76,26 +76,17 @@ fn bench_selection(quick: bool) {
     println!("{:<16} {:>10} {:>10} {:>10}", "policy", "4", "64", "1024");
     let mut rng = StdRng::seed_from_u64(1);
     let texts: Vec<RequestView> = (0..1024)
-        .map(|_| RequestView {
-            text: RoutingText::Text(conversation(&mut rng, 64)),
-            ..RequestView::default()
-        })
+        .map(|_| RequestView { text: RoutingText::Text(conversation(&mut rng, 64)), ..RequestView::default() })
         .collect();
     for kind in <PolicyKind as clap::ValueEnum>::value_variants() {
         let mut row = format!("{:<16}", format!("{kind:?}"));
         for n in [4usize, 64, 1024] {
             let workers: Vec<Arc<Worker>> = (0..n)
-                .map(|i| {
-                    Arc::new(Worker::new(
-                        format!("http://10.0.0.{}:{}", i % 250, 8000 + i),
-                        WorkerRole::Regular,
-                    ))
-                })
+                .map(|i| Arc::new(Worker::new(format!("http://10.0.0.{}:{}", i % 250, 8000 + i), WorkerRole::Regular)))
                 .collect();
             // Some load so least-loaded policies have work to do.
-            let _guards: Vec<InFlightGuard> = (0..n * 2)
-                .map(|i| InFlightGuard::new(workers[(i * 7) % n].clone()))
-                .collect();
+            let _guards: Vec<InFlightGuard> =
+                (0..n * 2).map(|i| InFlightGuard::new(workers[(i * 7) % n].clone())).collect();
             let policy = build(&PolicyConfig::new(*kind, Some(7)));
             let iters = if quick { 2_000 } else { 20_000 };
             let ns = ns_per_op(5, iters, |i| {
@@ -113,11 +104,7 @@ fn bench_tree(quick: bool) {
         "{:>10} {:>12} {:>12} {:>14} {:>12} {:>14}",
         "prompts", "insert ns", "match ns", "stored chars", "MiB", "B per char"
     );
-    let sizes: &[usize] = if quick {
-        &[10_000, 100_000]
-    } else {
-        &[10_000, 100_000, 1_000_000]
-    };
+    let sizes: &[usize] = if quick { &[10_000, 100_000] } else { &[10_000, 100_000, 1_000_000] };
     for &n in sizes {
         let mut rng = StdRng::seed_from_u64(n as u64);
         let mut tree = RadixTree::<u8>::new(1 << 26);

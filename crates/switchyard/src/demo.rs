@@ -6,25 +6,9 @@ use switchyard_sim::model::Profile;
 use switchyard_sim::server::{WorkerConfig, WorkerHandle};
 
 /// Starts `count` simulated workers of `profile` on free loopback ports.
-pub async fn start_fleet(
-    count: usize,
-    profile: &str,
-    time_scale: f64,
-    seed: u64,
-) -> Result<Vec<WorkerHandle>, String> {
-    let profile = Profile::by_name(profile).ok_or_else(|| {
-        format!(
-            "unknown simulator profile '{profile}' (known: {})",
-            Profile::NAMES.join(", ")
-        )
-    })?;
-    let template = WorkerConfig {
-        profile,
-        time_scale,
-        seed,
-        ..WorkerConfig::default()
-    };
-    fleet::spawn_fleet(fleet::uniform(count, 0, &template))
-        .await
-        .map_err(|e| e.to_string())
+pub async fn start_fleet(count: usize, profile: &str, time_scale: f64, seed: u64) -> Result<Vec<WorkerHandle>, String> {
+    let profile = Profile::by_name(profile)
+        .ok_or_else(|| format!("unknown simulator profile '{profile}' (known: {})", Profile::NAMES.join(", ")))?;
+    let template = WorkerConfig { profile, time_scale, seed, ..WorkerConfig::default() };
+    fleet::spawn_fleet(fleet::uniform(count, 0, &template)).await.map_err(|e| e.to_string())
 }

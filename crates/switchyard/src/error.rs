@@ -34,6 +34,29 @@ pub enum ApiError {
         /// What failed.
         reason: String,
     },
+    /// Every attempt failed; the last one with this status (only when no response is kept).
+    #[error("worker {worker} answered {status} and no other worker could serve the request")]
+    WorkerFailed {
+        /// Worker URL.
+        worker: String,
+        /// Its status.
+        status: u16,
+    },
+    /// Admission queue full.
+    #[error("too many requests: the admission queue is full (--queue-size); retry after {retry_after_secs} s")]
+    QueueFull {
+        /// Suggested wait.
+        retry_after_secs: u64,
+    },
+    /// Waited too long for an admission slot.
+    #[error("request waited {secs:.1} s for a free slot (--queue-timeout-secs)")]
+    QueueTimeout {
+        /// The queue timeout.
+        secs: f64,
+    },
+    /// Missing or wrong bearer token.
+    #[error("missing or invalid API key (Authorization: Bearer ...)")]
+    Unauthorized,
     /// A worker did not answer in time.
     #[error("worker {worker} did not answer within {secs:.3} s (--request-timeout-secs)")]
     Timeout {
@@ -53,8 +76,11 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NoHealthyWorkers => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::WorkerUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::WorkerUnreachable { .. } | ApiError::WorkerFailed { .. } => StatusCode::BAD_GATEWAY,
             ApiError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::QueueTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -64,8 +90,11 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found_error",
             ApiError::Conflict(_) => "conflict_error",
             ApiError::NoHealthyWorkers => "service_unavailable",
-            ApiError::WorkerUnreachable { .. } => "bad_gateway",
+            ApiError::WorkerUnreachable { .. } | ApiError::WorkerFailed { .. } => "bad_gateway",
             ApiError::Timeout { .. } => "timeout",
+            ApiError::QueueFull { .. } => "rate_limit_error",
+            ApiError::QueueTimeout { .. } => "timeout",
+            ApiError::Unauthorized => "authentication_error",
         }
     }
 }
@@ -78,11 +107,20 @@ pub fn error_body(status: StatusCode, kind: &str, message: &str) -> serde_json::
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        (
-            status,
-            Json(error_body(status, self.kind(), &self.to_string())),
-        )
-            .into_response()
+        let mut resp = (status, Json(error_body(status, self.kind(), &self.to_string()))).into_response();
+        let retry_after = match &self {
+            ApiError::QueueFull { retry_after_secs } => Some(*retry_after_secs),
+            ApiError::NoHealthyWorkers => Some(5),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
+        }
+        if matches!(self, ApiError::Unauthorized) {
+            resp.headers_mut()
+                .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        }
+        resp
     }
 }
 
@@ -97,20 +135,8 @@ mod tests {
             (ApiError::NotFound("x".into()), 404),
             (ApiError::PayloadTooLarge { limit: 1 }, 413),
             (ApiError::NoHealthyWorkers, 503),
-            (
-                ApiError::WorkerUnreachable {
-                    worker: "w".into(),
-                    reason: "r".into(),
-                },
-                502,
-            ),
-            (
-                ApiError::Timeout {
-                    worker: "w".into(),
-                    secs: 1.0,
-                },
-                504,
-            ),
+            (ApiError::WorkerUnreachable { worker: "w".into(), reason: "r".into() }, 502),
+            (ApiError::Timeout { worker: "w".into(), secs: 1.0 }, 504),
         ];
         for (e, s) in cases {
             assert_eq!(e.status().as_u16(), s);

@@ -18,13 +18,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt().with_env_filter(filter).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -47,15 +43,10 @@ async fn run(args: Args) -> Result<(), String> {
         None => Vec::new(),
     };
     config.worker_urls.extend(fleet.iter().map(|w| w.url()));
-    let router = server::start(config)
-        .await
-        .map_err(|e| format!("cannot listen: {e}"))?;
+    let router = server::start(config).await.map_err(|e| format!("cannot listen: {e}"))?;
     let url = router.url();
     let policy = router.state().router.policy().name();
-    println!(
-        "switchyard listening on {url} ({} workers, policy {policy})",
-        router.state().registry.all().len()
-    );
+    println!("switchyard listening on {url} ({} workers, policy {policy})", router.state().registry.all().len());
     if !fleet.is_empty() {
         println!("simulated workers ({}):", args.sim_profile);
         for w in &fleet {
@@ -74,14 +65,13 @@ async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

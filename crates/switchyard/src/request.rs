@@ -109,20 +109,15 @@ fn token_ids(v: &Value) -> Option<Vec<u32>> {
     if arr.is_empty() {
         return None;
     }
-    arr.iter()
-        .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
-        .collect()
+    arr.iter().map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok())).collect()
 }
 
 fn text_of(v: &Value) -> Option<RoutingText> {
     match v {
         Value::String(s) => Some(RoutingText::Text(s.clone())),
-        Value::Array(a) if a.first().is_some_and(Value::is_string) => Some(RoutingText::Text(
-            a.iter()
-                .filter_map(Value::as_str)
-                .collect::<Vec<_>>()
-                .join("\n"),
-        )),
+        Value::Array(a) if a.first().is_some_and(Value::is_string) => {
+            Some(RoutingText::Text(a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("\n")))
+        }
         Value::Array(_) => token_ids(v).map(RoutingText::Tokens),
         _ => None,
     }
@@ -146,6 +141,11 @@ impl RequestView {
     /// Parses a request body. `header_key` is the session key from the headers, if any
     /// (it wins over the body's `user`).
     pub fn parse(body: &[u8], header_key: Option<&str>) -> Result<Self, ParseError> {
+        // JSON is UTF-8 (RFC 8259); serde does not check strings in skipped fields, so check
+        // here and never forward a body the worker would have to reject.
+        if let Err(e) = std::str::from_utf8(body) {
+            return Err(ParseError::Json(format!("the body is not valid UTF-8: {e}")));
+        }
         let first = body.iter().find(|b| !b.is_ascii_whitespace());
         if first != Some(&b'{') {
             // Distinguish "not JSON" from "JSON but not an object" for a clearer error.
@@ -154,8 +154,7 @@ impl RequestView {
                 Err(e) => Err(ParseError::Json(e.to_string())),
             };
         }
-        let f: Fields<'_> =
-            serde_json::from_slice(body).map_err(|e| ParseError::Json(e.to_string()))?;
+        let f: Fields<'_> = serde_json::from_slice(body).map_err(|e| ParseError::Json(e.to_string()))?;
         let text = if let Some(messages) = &f.messages {
             let mut s = String::new();
             for m in messages {
@@ -170,21 +169,12 @@ impl RequestView {
         } else if let Some(ids) = f.input_ids.as_ref().and_then(token_ids) {
             RoutingText::Tokens(ids)
         } else {
-            [&f.prompt, &f.text, &f.input, &f.query]
-                .into_iter()
-                .flatten()
-                .find_map(text_of)
-                .unwrap_or_default()
+            [&f.prompt, &f.text, &f.input, &f.query].into_iter().flatten().find_map(text_of).unwrap_or_default()
         };
         Ok(Self {
             text,
-            routing_key: header_key
-                .map(str::to_owned)
-                .or_else(|| f.user.map(Cow::into_owned)),
-            max_tokens: f
-                .max_completion_tokens
-                .or(f.max_tokens)
-                .or(f.sampling_params.and_then(|s| s.max_new_tokens)),
+            routing_key: header_key.map(str::to_owned).or_else(|| f.user.map(Cow::into_owned)),
+            max_tokens: f.max_completion_tokens.or(f.max_tokens).or(f.sampling_params.and_then(|s| s.max_new_tokens)),
             stream: f.stream.unwrap_or(false),
             model: f.model.map(Cow::into_owned),
         })
@@ -202,28 +192,16 @@ mod tests {
             None,
         )
         .unwrap();
+        assert_eq!(v.text, RoutingText::Text("system: be brief\nuser: hi\n".into()));
         assert_eq!(
-            v.text,
-            RoutingText::Text("system: be brief\nuser: hi\n".into())
-        );
-        assert_eq!(
-            (
-                v.max_tokens,
-                v.stream,
-                v.model.as_deref(),
-                v.routing_key.as_deref()
-            ),
+            (v.max_tokens, v.stream, v.model.as_deref(), v.routing_key.as_deref()),
             (Some(9), true, Some("m"), Some("u1"))
         );
     }
 
     #[test]
     fn prompt_text_and_token_ids() {
-        let v = RequestView::parse(
-            br#"{"text":"abc","sampling_params":{"max_new_tokens":4}}"#,
-            Some("s"),
-        )
-        .unwrap();
+        let v = RequestView::parse(br#"{"text":"abc","sampling_params":{"max_new_tokens":4}}"#, Some("s")).unwrap();
         assert_eq!(
             (v.text, v.max_tokens, v.routing_key.as_deref()),
             (RoutingText::Text("abc".into()), Some(4), Some("s"))
@@ -238,26 +216,10 @@ mod tests {
 
     #[test]
     fn malformed_bodies_are_errors_not_panics() {
-        assert!(matches!(
-            RequestView::parse(b"{oops", None),
-            Err(ParseError::Json(_))
-        ));
-        assert_eq!(
-            RequestView::parse(b"[1,2]", None),
-            Err(ParseError::NotAnObject)
-        );
-        assert!(matches!(
-            RequestView::parse(b"", None),
-            Err(ParseError::Json(_))
-        ));
-        assert!(matches!(
-            RequestView::parse(br#"{"max_tokens":"x"}"#, None),
-            Err(ParseError::Json(_))
-        ));
-        assert!(RequestView::parse(
-            br#"{"messages":[{"role":"user","content":"hi"}],"extra":{"a":[1]}}"#,
-            None
-        )
-        .is_ok());
+        assert!(matches!(RequestView::parse(b"{oops", None), Err(ParseError::Json(_))));
+        assert_eq!(RequestView::parse(b"[1,2]", None), Err(ParseError::NotAnObject));
+        assert!(matches!(RequestView::parse(b"", None), Err(ParseError::Json(_))));
+        assert!(matches!(RequestView::parse(br#"{"max_tokens":"x"}"#, None), Err(ParseError::Json(_))));
+        assert!(RequestView::parse(br#"{"messages":[{"role":"user","content":"hi"}],"extra":{"a":[1]}}"#, None).is_ok());
     }
 }

@@ -25,9 +25,7 @@ const PIECES: [&str; 10] = [
 /// (including 'é'/'è', which share a lead byte) meet at split points.
 fn prompt(rng: &mut StdRng) -> String {
     let n = rng.random_range(1..12);
-    (0..n)
-        .map(|_| PIECES[rng.random_range(0..PIECES.len())])
-        .collect()
+    (0..n).map(|_| PIECES[rng.random_range(0..PIECES.len())]).collect()
 }
 
 /// Longest common prefix in characters.
@@ -49,12 +47,7 @@ fn matches_agree_with_a_naive_longest_prefix_search() {
         let m = tree.match_prefix(query.as_bytes());
         assert_eq!(m.key_size, query.chars().count());
         for t in 0..6 {
-            let expected = naive.get(&t).map_or(0, |ps| {
-                ps.iter()
-                    .map(|p| common_chars(p, &query))
-                    .max()
-                    .unwrap_or(0)
-            });
+            let expected = naive.get(&t).map_or(0, |ps| ps.iter().map(|p| common_chars(p, &query)).max().unwrap_or(0));
             assert_eq!(m.of(t), expected, "step {step} tenant {t} query {query:?}");
         }
         if step % 500 == 0 {
@@ -75,13 +68,7 @@ fn token_keys_agree_with_naive_search() {
     for _ in 0..2000 {
         let base: u32 = rng.random_range(0..4);
         let key: Vec<u32> = (0..rng.random_range(1..40))
-            .map(|i| {
-                if i < 20 {
-                    base * 100 + i
-                } else {
-                    rng.random_range(0..3)
-                }
-            })
+            .map(|i| if i < 20 { base * 100 + i } else { rng.random_range(0..3) })
             .collect();
         let tenant = rng.random_range(0..4);
         tree.insert(&key, tenant);
@@ -112,11 +99,7 @@ fn eviction_keeps_the_bound_under_100k_random_inserts() {
         let tenant = rng.random_range(0..8);
         tree.insert(p.as_bytes(), tenant);
         let size = p.chars().count();
-        assert!(
-            tree.total_size() <= bound.max(size),
-            "step {step}: {} > {bound}",
-            tree.total_size()
-        );
+        assert!(tree.total_size() <= bound.max(size), "step {step}: {} > {bound}", tree.total_size());
         if step >= 99_000 {
             naive.entry(tenant).or_default().push(p);
         }
@@ -137,18 +120,10 @@ fn eviction_keeps_the_bound_under_100k_random_inserts() {
     }
     for (t, ps) in &naive {
         let last = ps.last().unwrap();
-        assert_eq!(
-            tree.match_prefix(last.as_bytes()).of(*t),
-            last.chars().count(),
-            "newest prompt of {t} evicted"
-        );
+        assert_eq!(tree.match_prefix(last.as_bytes()).of(*t), last.chars().count(), "newest prompt of {t} evicted");
     }
     // Memory stays proportional to the bound.
-    assert!(
-        tree.memory_bytes() < 64 * bound,
-        "{} bytes for a {bound}-char bound",
-        tree.memory_bytes()
-    );
+    assert!(tree.memory_bytes() < 64 * bound, "{} bytes for a {bound}-char bound", tree.memory_bytes());
 }
 
 #[test]
@@ -173,11 +148,7 @@ fn concurrent_inserts_and_matches_keep_invariants() {
             })
         })
         .collect();
-    let longest = threads
-        .into_iter()
-        .map(|t| t.join().unwrap())
-        .max()
-        .unwrap();
+    let longest = threads.into_iter().map(|t| t.join().unwrap()).max().unwrap();
     tree.with(|t| {
         t.check_invariants().unwrap();
         assert!(t.total_size() <= bound + longest);

@@ -153,10 +153,7 @@ impl Engine {
     /// An idle engine for `profile`, `speed` × faster than the profile, with a seeded RNG.
     pub fn new(profile: Profile, speed: f64, seed: u64) -> Self {
         let cache = PrefixCache::new(profile.page_size);
-        let stats = EngineStats {
-            kv_capacity_tokens: profile.kv_capacity_tokens,
-            ..EngineStats::default()
-        };
+        let stats = EngineStats { kv_capacity_tokens: profile.kv_capacity_tokens, ..EngineStats::default() };
         Self {
             profile,
             speed: if speed > 0.0 { speed } else { 1.0 },
@@ -251,12 +248,8 @@ impl Engine {
         s.running = self.running.len();
         s.waiting = self.waiting.len();
         s.kv_used_tokens = self.kv_used();
-        s.pending_prefill_tokens = self
-            .running
-            .iter()
-            .chain(self.waiting.iter())
-            .map(|r| r.target.saturating_sub(r.computed))
-            .sum();
+        s.pending_prefill_tokens =
+            self.running.iter().chain(self.waiting.iter()).map(|r| r.target.saturating_sub(r.computed)).sum();
         s
     }
 
@@ -271,9 +264,7 @@ impl Engine {
     }
 
     fn kv_free(&self) -> u64 {
-        self.profile
-            .kv_capacity_tokens
-            .saturating_sub(self.kv_used())
+        self.profile.kv_capacity_tokens.saturating_sub(self.kv_used())
     }
 
     /// Frees KV until `tokens` are free, evicting the prefix cache LRU-first. Returns success.
@@ -318,10 +309,7 @@ impl Engine {
             self.stats.prompt_tokens_total += r.prompt.len() as u64;
             self.stats.cached_tokens_total += cached;
         }
-        self.events.push(EngineEvent::Admitted {
-            id: r.id,
-            cached_tokens: r.cached_tokens,
-        });
+        self.events.push(EngineEvent::Admitted { id: r.id, cached_tokens: r.cached_tokens });
         self.running.push(r);
         true
     }
@@ -368,10 +356,7 @@ impl Engine {
                 chunks.push((i, n));
             }
         }
-        while budget > 0
-            && self.running.len() < self.profile.max_running_requests
-            && !self.waiting.is_empty()
-        {
+        while budget > 0 && self.running.len() < self.profile.max_running_requests && !self.waiting.is_empty() {
             if !self.admit_head() {
                 break;
             }
@@ -389,21 +374,13 @@ impl Engine {
             context += r.context();
         }
         if prefill_tokens == 0 && decoding == 0 {
-            return if self.events.is_empty() {
-                None
-            } else {
-                Some((0.0, std::mem::take(&mut self.events)))
-            };
+            return if self.events.is_empty() { None } else { Some((0.0, std::mem::take(&mut self.events))) };
         }
         let noise = (self.profile.noise_sigma * standard_normal(&mut self.rng)).exp();
-        let duration =
-            self.profile.step_time(prefill_tokens, decoding, context) * noise * self.slowdown
-                / self.speed;
+        let duration = self.profile.step_time(prefill_tokens, decoding, context) * noise * self.slowdown / self.speed;
 
         // Decode: one token per decoding sequence (decided before this step's prefills finish).
-        let decoding_ids: Vec<usize> = (0..self.running.len())
-            .filter(|&i| !self.running[i].prefilling())
-            .collect();
+        let decoding_ids: Vec<usize> = (0..self.running.len()).filter(|&i| !self.running[i].prefilling()).collect();
         for i in decoding_ids {
             self.emit_token(i);
         }
@@ -449,11 +426,7 @@ impl Engine {
         self.own_total += 1;
         self.stats.generation_tokens_total += 1;
         let last = r.generated >= r.output_tokens;
-        self.events.push(EngineEvent::Token {
-            id: r.id,
-            index,
-            last,
-        });
+        self.events.push(EngineEvent::Token { id: r.id, index, last });
     }
 }
 

@@ -45,10 +45,7 @@ pub struct PrefixCache {
 impl PrefixCache {
     /// An empty cache with pages of `page_size` tokens.
     pub fn new(page_size: usize) -> Self {
-        Self {
-            page_size: page_size.max(1),
-            ..Self::default()
-        }
+        Self { page_size: page_size.max(1), ..Self::default() }
     }
 
     /// Tokens per page.
@@ -68,10 +65,7 @@ impl PrefixCache {
 
     /// Number of leading pages of `hashes` present in the cache.
     pub fn match_len(&self, hashes: &[u64]) -> usize {
-        hashes
-            .iter()
-            .take_while(|h| self.pages.contains_key(h))
-            .count()
+        hashes.iter().take_while(|h| self.pages.contains_key(h)).count()
     }
 
     /// Takes a reference on the pages in `hashes`, inserting those not present.
@@ -84,22 +78,14 @@ impl PrefixCache {
             match self.pages.get_mut(h) {
                 Some(p) => {
                     if p.refs == 0 {
-                        self.evictable
-                            .remove(&(p.tick, std::cmp::Reverse(p.depth), *h));
+                        self.evictable.remove(&(p.tick, std::cmp::Reverse(p.depth), *h));
                     }
                     p.refs += 1;
                     p.tick = tick;
                 }
                 None => {
                     let depth = (first_depth + i) as u32;
-                    self.pages.insert(
-                        *h,
-                        Page {
-                            refs: 1,
-                            tick,
-                            depth,
-                        },
-                    );
+                    self.pages.insert(*h, Page { refs: 1, tick, depth });
                     inserted += 1;
                 }
             }
@@ -116,8 +102,7 @@ impl PrefixCache {
                 p.refs = p.refs.saturating_sub(1);
                 p.tick = tick;
                 if p.refs == 0 {
-                    self.evictable
-                        .insert((tick, std::cmp::Reverse(p.depth), *h));
+                    self.evictable.insert((tick, std::cmp::Reverse(p.depth), *h));
                 }
             }
         }

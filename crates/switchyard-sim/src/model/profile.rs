@@ -61,14 +61,7 @@ impl Profile {
 
     /// A100 serving Llama-3.1-8B.
     pub fn a100_llama8b() -> Self {
-        Self {
-            name: "a100-llama8b".into(),
-            c0: 10.9e-3,
-            a: 48e-6,
-            c1: 18e-6,
-            c2: 89e-9,
-            ..Self::h100_llama8b()
-        }
+        Self { name: "a100-llama8b".into(), c0: 10.9e-3, a: 48e-6, c1: 18e-6, c2: 89e-9, ..Self::h100_llama8b() }
     }
 
     /// L4 serving Llama-3.1-8B: the slow, small-KV tier (about 3× an A100's costs).
@@ -102,10 +95,6 @@ impl Profile {
     /// new tokens, `decoding` sequences and `context` tokens attended by them.
     pub fn step_time(&self, prefill_tokens: u64, decoding: u64, context: u64) -> f64 {
         let pf = prefill_tokens as f64;
-        self.c0
-            + self.a * pf
-            + self.q * pf * pf
-            + self.c1 * decoding as f64
-            + self.c2 * context as f64
+        self.c0 + self.a * pf + self.q * pf * pf + self.c1 * decoding as f64 + self.c2 * context as f64
     }
 }

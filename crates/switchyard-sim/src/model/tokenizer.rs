@@ -49,9 +49,7 @@ fn fnv1a(bytes: &[u8]) -> u32 {
 }
 
 /// Filler words the simulated model "generates"; token `i` of an output is word `i % len`.
-const FILLER: [&str; 8] = [
-    "lorem ", "ipsum ", "dolor ", "sit ", "amet ", "sed ", "do ", "tempor ",
-];
+const FILLER: [&str; 8] = ["lorem ", "ipsum ", "dolor ", "sit ", "amet ", "sed ", "do ", "tempor "];
 
 /// Text of the `index`-th generated token.
 pub fn output_token_text(index: u32) -> &'static str {
@@ -82,13 +80,7 @@ mod tests {
         for text in ["héllo wörld", "日本語のテキストです", "🚀🚀x", "", "abc"] {
             let t = tokenize(text);
             assert_eq!(t.len(), count_tokens(text));
-            assert!(
-                t.len()
-                    <= text
-                        .len()
-                        .div_ceil(BYTES_PER_TOKEN)
-                        .max(text.chars().count())
-            );
+            assert!(t.len() <= text.len().div_ceil(BYTES_PER_TOKEN).max(text.chars().count()));
         }
         assert_eq!(tokenize("abcdefgh").len(), 2);
     }

@@ -28,18 +28,9 @@ type Shared = Arc<WorkerState>;
 
 pub(super) fn router(state: Shared) -> Router {
     Router::new()
-        .route(
-            "/generate",
-            post(|s: State<Shared>, b: Bytes| infer(s, Api::Generate, b)),
-        )
-        .route(
-            "/v1/chat/completions",
-            post(|s: State<Shared>, b: Bytes| infer(s, Api::Chat, b)),
-        )
-        .route(
-            "/v1/completions",
-            post(|s: State<Shared>, b: Bytes| infer(s, Api::Completion, b)),
-        )
+        .route("/generate", post(|s: State<Shared>, b: Bytes| infer(s, Api::Generate, b)))
+        .route("/v1/chat/completions", post(|s: State<Shared>, b: Bytes| infer(s, Api::Chat, b)))
+        .route("/v1/completions", post(|s: State<Shared>, b: Bytes| infer(s, Api::Completion, b)))
         .route("/health", get(health))
         .route("/health_generate", get(health_generate))
         .route("/v1/models", get(models))
@@ -59,25 +50,17 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Output length: exactly `max_tokens` with `ignore_eos`, else a lognormal draw capped by it.
 fn output_tokens(state: &WorkerState, req: &GenRequest, room: u64) -> (u32, bool) {
-    let cap = req
-        .max_tokens
-        .map_or(room, |m| u64::from(m).min(room))
-        .max(1) as u32;
+    let cap = req.max_tokens.map_or(room, |m| u64::from(m).min(room)).max(1) as u32;
     if req.ignore_eos {
         return (cap, false);
     }
     let draw = match state.rng.lock() {
-        Ok(mut rng) => {
-            f64::from(state.config.output_len_median) * (0.8 * standard_normal(&mut *rng)).exp()
-        }
+        Ok(mut rng) => f64::from(state.config.output_len_median) * (0.8 * standard_normal(&mut *rng)).exp(),
         Err(_) => f64::from(state.config.output_len_median),
     };
     let natural = draw.round().clamp(1.0, f64::from(u32::MAX)) as u32;
@@ -93,23 +76,12 @@ async fn infer(State(state): State<Shared>, api: Api, body: Bytes) -> Response {
     if faults.hang {
         std::future::pending::<()>().await;
     }
-    if faults.error_rate > 0.0
-        && state
-            .rng
-            .lock()
-            .map(|mut r| r.random::<f64>() < faults.error_rate)
-            .unwrap_or(false)
-    {
-        let status =
-            StatusCode::from_u16(faults.error_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if faults.error_rate > 0.0 && state.rng.lock().map(|mut r| r.random::<f64>() < faults.error_rate).unwrap_or(false) {
+        let status = StatusCode::from_u16(faults.error_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return error(status, "injected fault");
     }
     if faults.malformed {
-        return (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            "{\"choices\": [{\"text\": ",
-        )
+        return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{\"choices\": [{\"text\": ")
             .into_response();
     }
     let req = match wire::parse(api, &body) {
@@ -118,10 +90,8 @@ async fn infer(State(state): State<Shared>, api: Api, body: Bytes) -> Response {
     };
     let start = Instant::now();
     if faults.first_token_delay_ms > 0 {
-        tokio::time::sleep(Duration::from_secs_f64(
-            faults.first_token_delay_ms as f64 / 1e3 / state.config.time_scale,
-        ))
-        .await;
+        tokio::time::sleep(Duration::from_secs_f64(faults.first_token_delay_ms as f64 / 1e3 / state.config.time_scale))
+            .await;
     }
     let max_ctx = state.config.profile.kv_capacity_tokens.min(131_072);
     let room = max_ctx.saturating_sub(req.prompt.len() as u64);
@@ -134,14 +104,7 @@ async fn infer(State(state): State<Shared>, api: Api, body: Bytes) -> Response {
     }
     let (output, stopped_early) = output_tokens(&state, &req, room);
     let prompt_tokens = req.prompt.len() as u32;
-    let tokens = match state
-        .engine
-        .submit(SimRequest {
-            prompt: req.prompt.clone(),
-            output_tokens: output,
-        })
-        .await
-    {
+    let tokens = match state.engine.submit(SimRequest { prompt: req.prompt.clone(), output_tokens: output }).await {
         Ok(Ok(rx)) => rx,
         Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
@@ -155,10 +118,7 @@ async fn infer(State(state): State<Shared>, api: Api, body: Bytes) -> Response {
     let ctx = Ctx {
         api,
         id,
-        model: req
-            .model
-            .clone()
-            .unwrap_or_else(|| state.config.model_name.clone()),
+        model: req.model.clone().unwrap_or_else(|| state.config.model_name.clone()),
         created: unix_now(),
         prompt_tokens,
         stopped_early,
@@ -224,10 +184,7 @@ async fn full_response(ctx: Ctx, mut tokens: UnboundedReceiver<TokenMsg>) -> Res
             }
         }
     }
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the engine stopped before the request finished",
-    )
+    error(StatusCode::SERVICE_UNAVAILABLE, "the engine stopped before the request finished")
 }
 
 fn stream_response(ctx: Ctx, mut tokens: UnboundedReceiver<TokenMsg>) -> Response {
@@ -262,10 +219,7 @@ fn stream_response(ctx: Ctx, mut tokens: UnboundedReceiver<TokenMsg>) -> Respons
     });
     let mut resp = Response::new(Body::new(body));
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
 }
@@ -283,10 +237,7 @@ async fn health_generate(State(state): State<Shared>) -> Response {
     if faults.health_fail || faults.hang {
         return error(StatusCode::SERVICE_UNAVAILABLE, "injected health failure");
     }
-    let probe = SimRequest {
-        prompt: vec![1, 2, 3, 4],
-        output_tokens: 1,
-    };
+    let probe = SimRequest { prompt: vec![1, 2, 3, 4], output_tokens: 1 };
     match state.engine.submit(probe).await {
         Ok(Ok(mut rx)) => {
             while let Some(msg) = rx.recv().await {

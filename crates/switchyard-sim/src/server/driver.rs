@@ -76,13 +76,7 @@ impl EngineHandle {
     ) -> Result<Result<mpsc::UnboundedReceiver<TokenMsg>, SubmitError>, EngineStopped> {
         let (tokens, rx) = mpsc::unbounded_channel();
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Command::Submit {
-                request,
-                tokens,
-                reply,
-            })
-            .map_err(|_| EngineStopped)?;
+        self.tx.send(Command::Submit { request, tokens, reply }).map_err(|_| EngineStopped)?;
         match answer.await {
             Ok(Ok(_)) => Ok(Ok(rx)),
             Ok(Err(e)) => Ok(Err(e)),
@@ -130,9 +124,7 @@ async fn run(
         tokio::time::sleep_until(base + Duration::from_secs_f64(virtual_elapsed)).await;
         for ev in events {
             let (id, msg) = match ev {
-                EngineEvent::Admitted { id, cached_tokens } => {
-                    (id, TokenMsg::Admitted { cached_tokens })
-                }
+                EngineEvent::Admitted { id, cached_tokens } => (id, TokenMsg::Admitted { cached_tokens }),
                 EngineEvent::Token { id, index, last } => (id, TokenMsg::Token { index, last }),
                 EngineEvent::Preempted { .. } => continue,
             };
@@ -149,17 +141,9 @@ async fn run(
     }
 }
 
-fn handle(
-    engine: &mut Engine,
-    sinks: &mut HashMap<RequestId, mpsc::UnboundedSender<TokenMsg>>,
-    cmd: Command,
-) {
+fn handle(engine: &mut Engine, sinks: &mut HashMap<RequestId, mpsc::UnboundedSender<TokenMsg>>, cmd: Command) {
     match cmd {
-        Command::Submit {
-            request,
-            tokens,
-            reply,
-        } => {
+        Command::Submit { request, tokens, reply } => {
             let result = engine.submit(request);
             if let Ok(id) = result {
                 sinks.insert(id, tokens);

@@ -115,9 +115,7 @@ impl WorkerState {
 
     pub(crate) fn set_faults(&self, faults: Faults) -> Result<(), FaultError> {
         faults.validate()?;
-        let _ = self
-            .engine
-            .send(driver::Command::SetSlowdown(faults.slowdown));
+        let _ = self.engine.send(driver::Command::SetSlowdown(faults.slowdown));
         self.refuse.send_replace(faults.refuse_connections);
         if let Ok(mut f) = self.faults.lock() {
             *f = faults;
@@ -164,16 +162,9 @@ impl WorkerHandle {
 pub async fn spawn_worker(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
     config.faults.validate()?;
     let addr_text = format!("{}:{}", config.host, config.port);
-    let listener = TcpListener::bind(&addr_text)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: addr_text.clone(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: addr_text,
-        source,
-    })?;
+    let listener =
+        TcpListener::bind(&addr_text).await.map_err(|source| StartError::Bind { addr: addr_text.clone(), source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: addr_text, source })?;
     let engine = Engine::new(config.profile.clone(), config.speed, config.seed);
     let engine = EngineHandle::spawn(engine, config.time_scale);
     let (refuse, _) = watch::channel(false);
@@ -190,11 +181,7 @@ pub async fn spawn_worker(config: WorkerConfig) -> Result<WorkerHandle, StartErr
     let (shutdown, shutdown_rx) = watch::channel(());
     let app = api::router(state.clone());
     tokio::spawn(accept_loop(state.clone(), app, addr, listener, shutdown_rx));
-    Ok(WorkerHandle {
-        addr,
-        state,
-        _shutdown: shutdown,
-    })
+    Ok(WorkerHandle { addr, state, _shutdown: shutdown })
 }
 
 /// Accepts connections until shut down. While `refuse_connections` is set the listening
@@ -250,8 +237,7 @@ async fn accept_loop(
 async fn serve_connection(stream: TcpStream, app: axum::Router, mut kill: watch::Receiver<()>) {
     let _ = stream.set_nodelay(true);
     let service = TowerToHyperService::new(app);
-    let conn =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
     tokio::select! {
         _ = conn => {}
         _ = kill.changed() => {}

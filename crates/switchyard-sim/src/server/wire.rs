@@ -70,33 +70,23 @@ fn as_bool(v: &Value, field: &str) -> Result<bool, BadRequest> {
 }
 
 fn token_ids(v: &Value, field: &str) -> Result<Vec<u32>, BadRequest> {
-    let arr = v
-        .as_array()
-        .ok_or_else(|| bad(format!("{field} must be an array of token ids")))?;
+    let arr = v.as_array().ok_or_else(|| bad(format!("{field} must be an array of token ids")))?;
     arr.iter()
         .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
         .collect::<Option<Vec<u32>>>()
-        .ok_or_else(|| {
-            bad(format!(
-                "{field} must contain only non-negative integer token ids"
-            ))
-        })
+        .ok_or_else(|| bad(format!("{field} must contain only non-negative integer token ids")))
 }
 
 /// Joins chat messages in order as `role: content` lines (text parts of multi-part content).
 pub fn chat_prompt_text(messages: &Value) -> Result<String, BadRequest> {
-    let list = messages
-        .as_array()
-        .ok_or_else(|| bad("'messages' must be an array"))?;
+    let list = messages.as_array().ok_or_else(|| bad("'messages' must be an array"))?;
     if list.is_empty() {
         return Err(bad("'messages' must contain at least one message"));
     }
     let mut text = String::new();
     for (i, m) in list.iter().enumerate() {
-        let role = m
-            .get("role")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad(format!("messages[{i}].role must be a string")))?;
+        let role =
+            m.get("role").and_then(Value::as_str).ok_or_else(|| bad(format!("messages[{i}].role must be a string")))?;
         text.push_str(role);
         text.push_str(": ");
         match m.get("content") {
@@ -109,11 +99,7 @@ pub fn chat_prompt_text(messages: &Value) -> Result<String, BadRequest> {
                 }
             }
             Some(Value::Null) | None => {}
-            Some(_) => {
-                return Err(bad(format!(
-                    "messages[{i}].content must be a string or an array of parts"
-                )))
-            }
+            Some(_) => return Err(bad(format!("messages[{i}].content must be a string or an array of parts"))),
         }
         text.push('\n');
     }
@@ -122,8 +108,7 @@ pub fn chat_prompt_text(messages: &Value) -> Result<String, BadRequest> {
 
 /// Parses a request body for `api`.
 pub fn parse(api: Api, body: &[u8]) -> Result<GenRequest, BadRequest> {
-    let v: Value =
-        serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON body: {e}")))?;
+    let v: Value = serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON body: {e}")))?;
     if !v.is_object() {
         return Err(bad("the request body must be a JSON object"));
     }
@@ -139,7 +124,9 @@ pub fn parse(api: Api, body: &[u8]) -> Result<GenRequest, BadRequest> {
             prompt = match (field("text"), field("input_ids")) {
                 (Value::String(s), _) => tokenizer::tokenize(s),
                 (Value::Null, ids @ Value::Array(_)) => token_ids(ids, "input_ids")?,
-                (Value::Array(_), _) => return Err(bad("batched 'text' is not supported by this simulator; send one prompt per request")),
+                (Value::Array(_), _) => {
+                    return Err(bad("batched 'text' is not supported by this simulator; send one prompt per request"))
+                }
                 (Value::Null, Value::Null) => return Err(bad("either 'text' or 'input_ids' must be provided")),
                 _ => return Err(bad("'text' must be a string")),
             };
@@ -148,10 +135,7 @@ pub fn parse(api: Api, body: &[u8]) -> Result<GenRequest, BadRequest> {
                 return Err(bad("'sampling_params' must be an object"));
             }
             let spf = |k: &str| sp.get(k).unwrap_or(&null);
-            max_tokens = Some(
-                as_u32(spf("max_new_tokens"), "max_new_tokens")?
-                    .unwrap_or(GENERATE_DEFAULT_MAX_TOKENS),
-            );
+            max_tokens = Some(as_u32(spf("max_new_tokens"), "max_new_tokens")?.unwrap_or(GENERATE_DEFAULT_MAX_TOKENS));
             ignore_eos = as_bool(spf("ignore_eos"), "ignore_eos")?;
             include_usage = false;
         }
@@ -164,13 +148,9 @@ pub fn parse(api: Api, body: &[u8]) -> Result<GenRequest, BadRequest> {
                     Value::Array(a) if a.len() == 1 && a[0].is_string() => {
                         tokenizer::tokenize(a[0].as_str().unwrap_or_default())
                     }
-                    ids @ Value::Array(a) if a.iter().all(Value::is_number) => {
-                        token_ids(ids, "prompt")?
-                    }
+                    ids @ Value::Array(a) if a.iter().all(Value::is_number) => token_ids(ids, "prompt")?,
                     Value::Null => return Err(bad("'prompt' is required")),
-                    _ => return Err(bad(
-                        "'prompt' must be a string, a list of one string, or a list of token ids",
-                    )),
+                    _ => return Err(bad("'prompt' must be a string, a list of one string, or a list of token ids")),
                 }
             };
             let mt = match field("max_completion_tokens") {
@@ -180,10 +160,7 @@ pub fn parse(api: Api, body: &[u8]) -> Result<GenRequest, BadRequest> {
             max_tokens = mt;
             ignore_eos = as_bool(field("ignore_eos"), "ignore_eos")?;
             let so = field("stream_options");
-            include_usage = as_bool(
-                so.get("include_usage").unwrap_or(&null),
-                "stream_options.include_usage",
-            )?;
+            include_usage = as_bool(so.get("include_usage").unwrap_or(&null), "stream_options.include_usage")?;
             let n = as_u32(field("n"), "n")?.unwrap_or(1);
             if n != 1 {
                 return Err(bad("only n=1 is supported"));
@@ -193,16 +170,7 @@ pub fn parse(api: Api, body: &[u8]) -> Result<GenRequest, BadRequest> {
     if prompt.is_empty() {
         return Err(bad("the prompt is empty"));
     }
-    Ok(GenRequest {
-        api,
-        prompt,
-        max_tokens,
-        ignore_eos,
-        stream,
-        include_usage,
-        model,
-        bootstrap_room,
-    })
+    Ok(GenRequest { api, prompt, max_tokens, ignore_eos, stream, include_usage, model, bootstrap_room })
 }
 
 /// Everything known about a finished (or finishing) request, for building responses.
@@ -284,23 +252,15 @@ impl Summary<'_> {
     /// The SSE chunk(s) announcing token `index` (`last` = final token), as `data: …\n\n` frames.
     pub fn token_chunk(&self, api: Api, index: u32, last: bool) -> String {
         let word = output_token_text(index);
-        let finish = if last {
-            Value::from(self.finish_reason())
-        } else {
-            Value::Null
-        };
+        let finish = if last { Value::from(self.finish_reason()) } else { Value::Null };
         let mut out = String::new();
         match api {
-            Api::Generate => push_sse(
-                &mut out,
-                &json!({"text": output_text(index + 1), "meta_info": self.meta_info(last)}),
-            ),
+            Api::Generate => {
+                push_sse(&mut out, &json!({"text": output_text(index + 1), "meta_info": self.meta_info(last)}))
+            }
             Api::Chat => {
                 if index == 0 {
-                    push_sse(
-                        &mut out,
-                        &self.chat_chunk(json!({"role": "assistant", "content": ""}), Value::Null),
-                    );
+                    push_sse(&mut out, &self.chat_chunk(json!({"role": "assistant", "content": ""}), Value::Null));
                 }
                 push_sse(&mut out, &self.chat_chunk(json!({"content": word}), finish));
             }
@@ -320,11 +280,7 @@ impl Summary<'_> {
 
     /// The final usage chunk of an OpenAI stream (`stream_options.include_usage`).
     pub fn usage_chunk(&self, api: Api) -> String {
-        let object = if api == Api::Chat {
-            "chat.completion.chunk"
-        } else {
-            "text_completion"
-        };
+        let object = if api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
         let mut out = String::new();
         push_sse(
             &mut out,
@@ -367,24 +323,18 @@ mod tests {
 
     #[test]
     fn parses_each_api() {
-        let g = parse(Api::Generate, br#"{"text":"hello world","sampling_params":{"max_new_tokens":5,"ignore_eos":true},"stream":true}"#).unwrap();
-        assert_eq!(
-            (g.max_tokens, g.ignore_eos, g.stream),
-            (Some(5), true, true)
-        );
+        let g = parse(
+            Api::Generate,
+            br#"{"text":"hello world","sampling_params":{"max_new_tokens":5,"ignore_eos":true},"stream":true}"#,
+        )
+        .unwrap();
+        assert_eq!((g.max_tokens, g.ignore_eos, g.stream), (Some(5), true, true));
         let g = parse(Api::Generate, br#"{"input_ids":[1,2,3]}"#).unwrap();
         assert_eq!(g.prompt, vec![1, 2, 3]);
         assert_eq!(g.max_tokens, Some(GENERATE_DEFAULT_MAX_TOKENS));
         let c = parse(Api::Chat, br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":7,"stream_options":{"include_usage":true}}"#).unwrap();
-        assert_eq!(
-            (c.max_tokens, c.include_usage, c.model.as_deref()),
-            (Some(7), true, Some("m"))
-        );
-        let p = parse(
-            Api::Completion,
-            br#"{"prompt":[5,6],"max_completion_tokens":3}"#,
-        )
-        .unwrap();
+        assert_eq!((c.max_tokens, c.include_usage, c.model.as_deref()), (Some(7), true, Some("m")));
+        let p = parse(Api::Completion, br#"{"prompt":[5,6],"max_completion_tokens":3}"#).unwrap();
         assert_eq!((p.prompt.len(), p.max_tokens), (2, Some(3)));
     }
 
@@ -395,11 +345,7 @@ mod tests {
             (Api::Chat, br"[1]", "JSON object"),
             (Api::Chat, br#"{"messages":[]}"#, "at least one"),
             (Api::Chat, br#"{"messages":[{"content":"x"}]}"#, "role"),
-            (
-                Api::Chat,
-                br#"{"messages":[{"role":"user","content":"x"}],"max_tokens":-1}"#,
-                "max_tokens",
-            ),
+            (Api::Chat, br#"{"messages":[{"role":"user","content":"x"}],"max_tokens":-1}"#, "max_tokens"),
             (Api::Completion, br#"{"model":"m"}"#, "prompt"),
             (Api::Generate, br#"{"sampling_params":{}}"#, "text"),
             (Api::Generate, br#"{"input_ids":[1,-2]}"#, "input_ids"),

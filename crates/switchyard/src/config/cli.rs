@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use super::{normalize_worker_url, ConfigError, HealthConfig, RouterConfig};
+use super::{
+    normalize_worker_url, AdmissionConfig, CircuitBreakerConfig, ConfigError, HealthConfig, RetryConfig, RouterConfig,
+};
 use crate::policies::{CacheAwareConfig, PolicyConfig, PolicyKind};
 
 /// LLM inference router: one routing-policy trait for every fleet.
@@ -66,6 +68,54 @@ pub struct Args {
     /// Path probed on each worker.
     #[arg(long, default_value = "/health")]
     pub health_check_endpoint: String,
+    /// Attempts per request in total (first included), each on a different worker.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub retry_max_retries: u32,
+    /// Backoff before the first retry, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    pub retry_initial_backoff_ms: u64,
+    /// Upper bound on one backoff, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub retry_max_backoff_ms: u64,
+    /// Backoff growth per retry.
+    #[arg(long, default_value_t = 1.5, value_parser = positive_secs)]
+    pub retry_backoff_multiplier: f64,
+    /// Random ± fraction applied to each backoff.
+    #[arg(long, default_value_t = 0.2, value_parser = unit_interval)]
+    pub retry_jitter_factor: f64,
+    /// Consecutive worker failures that open a worker's circuit.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub cb_failure_threshold: u32,
+    /// Consecutive half-open successes that close it again.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub cb_success_threshold: u32,
+    /// Seconds a circuit stays open before one probe request is let through.
+    #[arg(long, default_value_t = 60.0, value_parser = positive_secs)]
+    pub cb_timeout_duration_secs: f64,
+    /// Requests proxied at once (unset = unlimited).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_concurrent_requests: Option<u64>,
+    /// Requests that may wait for a slot; more get 429 with Retry-After.
+    #[arg(long, default_value_t = 100)]
+    pub queue_size: usize,
+    /// Longest wait for a slot before 408, in seconds.
+    #[arg(long, default_value_t = 60.0, value_parser = positive_secs)]
+    pub queue_timeout_secs: f64,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 180.0, value_parser = non_negative_secs)]
+    pub shutdown_grace_secs: f64,
+    /// Bearer token required on admin routes (worker management, flush_cache).
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Bearer token required on inference routes.
+    #[arg(long, env = "SWITCHYARD_INFERENCE_API_KEY", hide_env_values = true)]
+    pub inference_api_key: Option<String>,
+    /// Seconds start-up waits for a first healthy worker (start-up never fails for it).
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative_secs)]
+    pub worker_startup_timeout_secs: f64,
+    /// Remove workers the health checker marks unhealthy.
+    #[arg(long)]
+    pub remove_unhealthy_workers: bool,
     /// Start N simulated workers in-process and route to them (no GPU needed).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub sim_workers: Option<u16>,
@@ -81,6 +131,13 @@ fn unit_interval(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
         _ => Err(format!("expected a number between 0 and 1, got '{s}'")),
+    }
+}
+
+fn non_negative_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("expected a non-negative number of seconds, got '{s}'")),
     }
 }
 
@@ -108,16 +165,9 @@ impl Args {
 
     /// Validates the arguments into a [`RouterConfig`].
     pub fn to_config(&self) -> Result<RouterConfig, ConfigError> {
-        let worker_urls = self
-            .worker_urls
-            .iter()
-            .map(|u| normalize_worker_url(u))
-            .collect::<Result<Vec<_>, _>>()?;
+        let worker_urls = self.worker_urls.iter().map(|u| normalize_worker_url(u)).collect::<Result<Vec<_>, _>>()?;
         if !self.health_check_endpoint.starts_with('/') {
-            return Err(ConfigError::Range {
-                flag: "health-check-endpoint",
-                reason: "must start with '/'".into(),
-            });
+            return Err(ConfigError::Range { flag: "health-check-endpoint", reason: "must start with '/'".into() });
         }
         if switchyard_sim::model::Profile::by_name(&self.sim_profile).is_none() {
             return Err(ConfigError::Range {
@@ -130,10 +180,7 @@ impl Args {
             });
         }
         if self.max_payload_size == 0 {
-            return Err(ConfigError::Range {
-                flag: "max-payload-size",
-                reason: "must be at least 1 byte".into(),
-            });
+            return Err(ConfigError::Range { flag: "max-payload-size", reason: "must be at least 1 byte".into() });
         }
         Ok(RouterConfig {
             host: self.host.clone(),
@@ -149,7 +196,28 @@ impl Args {
                 success_threshold: self.health_success_threshold,
                 endpoint: self.health_check_endpoint.clone(),
             },
-            ..RouterConfig::default()
+            retry: RetryConfig {
+                max_attempts: self.retry_max_retries as usize,
+                initial_backoff: Duration::from_millis(self.retry_initial_backoff_ms),
+                max_backoff: Duration::from_millis(self.retry_max_backoff_ms.max(self.retry_initial_backoff_ms)),
+                multiplier: self.retry_backoff_multiplier,
+                jitter: self.retry_jitter_factor,
+            },
+            circuit_breaker: CircuitBreakerConfig {
+                failure_threshold: self.cb_failure_threshold,
+                success_threshold: self.cb_success_threshold,
+                timeout: Duration::from_secs_f64(self.cb_timeout_duration_secs),
+            },
+            admission: self.max_concurrent_requests.map(|n| AdmissionConfig {
+                max_concurrent: n as usize,
+                queue_size: self.queue_size,
+                queue_timeout: Duration::from_secs_f64(self.queue_timeout_secs),
+            }),
+            shutdown_grace: Duration::from_secs_f64(self.shutdown_grace_secs),
+            api_key: self.api_key.clone().filter(|k| !k.is_empty()),
+            inference_api_key: self.inference_api_key.clone().filter(|k| !k.is_empty()),
+            worker_startup_timeout: Duration::from_secs_f64(self.worker_startup_timeout_secs),
+            remove_unhealthy_workers: self.remove_unhealthy_workers,
         })
     }
 }
@@ -182,12 +250,7 @@ where
             }
             _ => {
                 let text = e.to_string();
-                ParseOutcome::Fail(
-                    text.lines()
-                        .next()
-                        .unwrap_or("error: invalid arguments")
-                        .to_owned(),
-                )
+                ParseOutcome::Fail(text.lines().next().unwrap_or("error: invalid arguments").to_owned())
             }
         },
     }
@@ -199,42 +262,20 @@ mod tests {
 
     #[test]
     fn defaults_match_sglang_router() {
-        let ParseOutcome::Run(a) = parse_args(["switchyard"]) else {
-            panic!("defaults must parse")
-        };
+        let ParseOutcome::Run(a) = parse_args(["switchyard"]) else { panic!("defaults must parse") };
         let c = a.to_config().unwrap();
         assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 30000));
         assert_eq!(c.request_timeout, Duration::from_secs(1800));
         assert_eq!(c.max_payload_size, 512 * 1024 * 1024);
-        assert_eq!(
-            (c.health.failure_threshold, c.health.success_threshold),
-            (3, 2)
-        );
+        assert_eq!((c.health.failure_threshold, c.health.success_threshold), (3, 2));
         assert_eq!(c.health.endpoint, "/health");
-        let ParseOutcome::Run(a) = parse_args([
-            "switchyard",
-            "--policy",
-            "cache_aware",
-            "--max-tree-size",
-            "1000",
-        ]) else {
+        let ParseOutcome::Run(a) = parse_args(["switchyard", "--policy", "cache_aware", "--max-tree-size", "1000"])
+        else {
             panic!()
         };
-        let PolicyConfig::CacheAware(ca) = a.to_config().unwrap().policy else {
-            panic!("not cache_aware")
-        };
-        assert_eq!(
-            (
-                ca.cache_threshold,
-                ca.balance_abs_threshold,
-                ca.balance_rel_threshold
-            ),
-            (0.3, 64, 1.5)
-        );
-        assert_eq!(
-            (ca.eviction_interval, ca.max_tree_size),
-            (Duration::from_secs(120), 1000)
-        );
+        let PolicyConfig::CacheAware(ca) = a.to_config().unwrap().policy else { panic!("not cache_aware") };
+        assert_eq!((ca.cache_threshold, ca.balance_abs_threshold, ca.balance_rel_threshold), (0.3, 64, 1.5));
+        assert_eq!((ca.eviction_interval, ca.max_tree_size), (Duration::from_secs(120), 1000));
     }
 
     #[test]
@@ -250,10 +291,7 @@ mod tests {
         ] {
             match parse_args(argv.clone()) {
                 ParseOutcome::Fail(msg) => {
-                    assert!(
-                        !msg.contains('\n') && msg.starts_with("error"),
-                        "{argv:?}: {msg}"
-                    )
+                    assert!(!msg.contains('\n') && msg.starts_with("error"), "{argv:?}: {msg}")
                 }
                 other => panic!("{argv:?} accepted: {other:?}"),
             }

@@ -53,8 +53,88 @@ pub struct RouterConfig {
     pub max_payload_size: usize,
     /// Health checking.
     pub health: HealthConfig,
-    /// Attempts per request on connection failures, each on a different worker.
-    pub max_connect_attempts: usize,
+    /// Retries of failed attempts (nothing sent to the client yet).
+    pub retry: RetryConfig,
+    /// Per-worker circuit breaker.
+    pub circuit_breaker: CircuitBreakerConfig,
+    /// Admission control (`None` = unlimited concurrency).
+    pub admission: Option<AdmissionConfig>,
+    /// Time in-flight requests get to finish after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Bearer token for admin routes (`None` = open).
+    pub api_key: Option<String>,
+    /// Bearer token for inference routes (`None` = open).
+    pub inference_api_key: Option<String>,
+    /// How long start-up waits for a first healthy worker (it never fails because of it).
+    pub worker_startup_timeout: Duration,
+    /// Remove workers from the registry when the health checker marks them unhealthy.
+    pub remove_unhealthy_workers: bool,
+}
+
+/// Retry with exponential backoff and jitter (pingora/linkerd style: only before anything
+/// reached the client, each attempt on a different worker).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryConfig {
+    /// Attempts in total, the first included.
+    pub max_attempts: usize,
+    /// Backoff before the second attempt.
+    pub initial_backoff: Duration,
+    /// Upper bound on one backoff.
+    pub max_backoff: Duration,
+    /// Growth factor per attempt.
+    pub multiplier: f64,
+    /// ± fraction of random jitter on each backoff.
+    pub jitter: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(30),
+            multiplier: 1.5,
+            jitter: 0.2,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// Backoff before attempt `attempt` (1 = the first retry), jittered by `unit` ∈ [0, 1).
+    pub fn backoff(&self, attempt: u32, unit: f64) -> Duration {
+        let base = self.initial_backoff.as_secs_f64() * self.multiplier.powi(attempt.saturating_sub(1) as i32);
+        let capped = base.min(self.max_backoff.as_secs_f64());
+        let jittered = capped * (1.0 + self.jitter * (2.0 * unit - 1.0));
+        Duration::from_secs_f64(jittered.max(0.0))
+    }
+}
+
+/// Circuit breaker thresholds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CircuitBreakerConfig {
+    /// Consecutive worker-side failures that open the circuit.
+    pub failure_threshold: u32,
+    /// Consecutive successes in half-open state that close it.
+    pub success_threshold: u32,
+    /// Time open before a single probe request is let through.
+    pub timeout: Duration,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        Self { failure_threshold: 10, success_threshold: 3, timeout: Duration::from_secs(60) }
+    }
+}
+
+/// Admission control: a concurrency limit with a bounded FIFO queue in front of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdmissionConfig {
+    /// Requests proxied at once.
+    pub max_concurrent: usize,
+    /// Requests allowed to wait for a slot; beyond this, 429.
+    pub queue_size: usize,
+    /// Longest wait for a slot; beyond this, 408.
+    pub queue_timeout: Duration,
 }
 
 impl Default for RouterConfig {
@@ -67,7 +147,14 @@ impl Default for RouterConfig {
             request_timeout: Duration::from_secs(1800),
             max_payload_size: 512 << 20,
             health: HealthConfig::default(),
-            max_connect_attempts: 3,
+            retry: RetryConfig::default(),
+            circuit_breaker: CircuitBreakerConfig::default(),
+            admission: None,
+            shutdown_grace: Duration::from_secs(180),
+            api_key: None,
+            inference_api_key: None,
+            worker_startup_timeout: Duration::from_secs(0),
+            remove_unhealthy_workers: false,
         }
     }
 }
@@ -96,20 +183,14 @@ pub enum ConfigError {
 /// Checks and normalises a worker URL: scheme http/https, a host, a port; no path.
 /// Returns it without a trailing slash.
 pub fn normalize_worker_url(url: &str) -> Result<String, ConfigError> {
-    let err = |reason: &str| ConfigError::WorkerUrl {
-        url: url.to_owned(),
-        reason: reason.to_owned(),
-    };
+    let err = |reason: &str| ConfigError::WorkerUrl { url: url.to_owned(), reason: reason.to_owned() };
     let uri: hyper::Uri = url.parse().map_err(|_| err("not a URL"))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
         Some(_) => return Err(err("scheme must be http or https")),
         None => return Err(err("missing scheme (http:// or https://)")),
     }
-    let host = uri
-        .host()
-        .filter(|h| !h.is_empty())
-        .ok_or_else(|| err("missing host"))?;
+    let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(|| err("missing host"))?;
     if uri.path() != "/" && !uri.path().is_empty() {
         return Err(err("must not contain a path"));
     }
@@ -117,9 +198,7 @@ pub fn normalize_worker_url(url: &str) -> Result<String, ConfigError> {
         return Err(err("must not contain a query"));
     }
     let scheme = uri.scheme_str().unwrap_or("http");
-    let port = uri
-        .port_u16()
-        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
     Ok(format!("{scheme}://{host}:{port}"))
 }
 
@@ -128,23 +207,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let r = RetryConfig::default();
+        assert_eq!(r.backoff(1, 0.5), Duration::from_millis(50));
+        assert_eq!(r.backoff(2, 0.5), Duration::from_millis(75));
+        assert_eq!(r.backoff(100, 0.5), Duration::from_secs(30));
+        assert_eq!(r.backoff(1, 0.0), Duration::from_millis(40));
+        assert!(r.backoff(1, 0.999) < Duration::from_millis(61));
+    }
+
+    #[test]
     fn worker_urls_are_validated_and_normalised() {
-        assert_eq!(
-            normalize_worker_url("http://127.0.0.1:8000/").unwrap(),
-            "http://127.0.0.1:8000"
-        );
-        assert_eq!(
-            normalize_worker_url("http://localhost").unwrap(),
-            "http://localhost:80"
-        );
-        for bad in [
-            "127.0.0.1:8000",
-            "ftp://x:1",
-            "http://x:1/v1",
-            "http://",
-            "not a url",
-            "http://x:1?a=b",
-        ] {
+        assert_eq!(normalize_worker_url("http://127.0.0.1:8000/").unwrap(), "http://127.0.0.1:8000");
+        assert_eq!(normalize_worker_url("http://localhost").unwrap(), "http://localhost:80");
+        for bad in ["127.0.0.1:8000", "ftp://x:1", "http://x:1/v1", "http://", "not a url", "http://x:1?a=b"] {
             assert!(normalize_worker_url(bad).is_err(), "{bad} accepted");
         }
     }

@@ -25,11 +25,13 @@ pub async fn probe(upstream: &Upstream, worker: &Worker, endpoint: &str) -> bool
     matches!(upstream.fetch(Method::GET, worker.url(), endpoint).await, Ok((status, _)) if (200..300).contains(&status))
 }
 
-/// Runs the checker until `shutdown` changes or its sender is dropped.
+/// Runs the checker until `shutdown` changes or its sender is dropped. With
+/// `remove_unhealthy`, a worker marked unhealthy is also removed from the registry.
 pub async fn run(
     registry: Arc<WorkerRegistry>,
     upstream: Upstream,
     config: HealthConfig,
+    remove_unhealthy: bool,
     mut shutdown: watch::Receiver<()>,
 ) {
     let mut streaks: HashMap<String, Streak> = HashMap::new();
@@ -68,12 +70,11 @@ pub async fn run(
                 s.failures += 1;
                 s.successes = 0;
                 if w.is_healthy() && s.failures >= config.failure_threshold {
-                    tracing::warn!(
-                        worker = w.url(),
-                        failures = s.failures,
-                        "worker marked unhealthy"
-                    );
+                    tracing::warn!(worker = w.url(), failures = s.failures, "worker marked unhealthy");
                     registry.set_healthy(&w, false);
+                    if remove_unhealthy && registry.remove(w.url()).is_ok() {
+                        tracing::warn!(worker = w.url(), "unhealthy worker removed (--remove-unhealthy-workers)");
+                    }
                 }
             }
         }

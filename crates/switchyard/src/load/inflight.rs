@@ -66,11 +66,7 @@ impl InFlightGuard {
         let load = worker.load();
         load.in_flight.fetch_add(1, Ordering::Relaxed);
         load.dispatched.fetch_add(1, Ordering::Relaxed);
-        Self {
-            worker,
-            dispatched_at: Instant::now(),
-            first_byte_at: None,
-        }
+        Self { worker, dispatched_at: Instant::now(), first_byte_at: None }
     }
 
     /// The worker this request is counted on.
@@ -85,15 +81,13 @@ impl InFlightGuard {
         }
     }
 
-    /// Ends the request as succeeded or failed and returns what was observed.
-    /// A guard dropped without `complete` (client went away) counts as neither.
+    /// Ends the request as succeeded or failed (worker-side failure: it also feeds the
+    /// worker's circuit breaker) and returns what was observed. A guard dropped without
+    /// `complete` (client went away) counts as neither.
     pub fn complete(self, success: bool) -> RequestOutcome {
+        self.worker.breaker().record(success);
         let load = self.worker.load();
-        let counter = if success {
-            &load.succeeded
-        } else {
-            &load.failed
-        };
+        let counter = if success { &load.succeeded } else { &load.failed };
         counter.fetch_add(1, Ordering::Relaxed);
         RequestOutcome {
             worker: self.worker.clone(),
@@ -117,10 +111,7 @@ mod tests {
 
     #[test]
     fn guards_count_and_release() {
-        let w = Arc::new(Worker::new(
-            "http://127.0.0.1:1".into(),
-            WorkerRole::Regular,
-        ));
+        let w = Arc::new(Worker::new("http://127.0.0.1:1".into(), WorkerRole::Regular));
         let a = InFlightGuard::new(w.clone());
         let b = InFlightGuard::new(w.clone());
         let c = InFlightGuard::new(w.clone());
@@ -130,12 +121,7 @@ mod tests {
         assert!(a.complete(true).success);
         drop(c); // abandoned: released, counted neither way
         assert_eq!(
-            (
-                w.load().in_flight(),
-                w.load().succeeded(),
-                w.load().failed(),
-                w.load().dispatched()
-            ),
+            (w.load().in_flight(), w.load().succeeded(), w.load().failed(), w.load().dispatched()),
             (0, 1, 1, 3)
         );
     }

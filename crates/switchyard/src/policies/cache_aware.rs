@@ -112,15 +112,12 @@ impl CacheAware {
         request: &RequestView,
     ) -> Result<(usize, CacheDecision), RoutingError> {
         let in_flight = |w: &Worker| w.load().in_flight();
-        let least =
-            || least_loaded(workers, &self.rng, in_flight).ok_or(RoutingError::NoHealthyWorkers);
+        let least = || least_loaded(workers, &self.rng, in_flight).ok_or(RoutingError::NoHealthyWorkers);
         if workers.is_empty() {
             return Err(RoutingError::NoHealthyWorkers);
         }
-        let (min, max) = workers
-            .iter()
-            .map(|w| in_flight(w))
-            .fold((usize::MAX, 0), |(lo, hi), l| (lo.min(l), hi.max(l)));
+        let (min, max) =
+            workers.iter().map(|w| in_flight(w)).fold((usize::MAX, 0), |(lo, hi), l| (lo.min(l), hi.max(l)));
         let imbalanced = max - min > self.config.balance_abs_threshold
             && max as f64 > self.config.balance_rel_threshold * min as f64;
         let decision = if imbalanced {
@@ -130,17 +127,11 @@ impl CacheAware {
                 Some(m) if m.key_size > 0 => {
                     let best = workers.iter().map(|w| m.of(w.id())).max().unwrap_or(0);
                     if best as f64 / m.key_size as f64 > self.config.cache_threshold {
-                        let holders: Vec<Arc<Worker>> = workers
-                            .iter()
-                            .filter(|w| m.of(w.id()) == best)
-                            .cloned()
-                            .collect();
-                        let pick = least_loaded(&holders, &self.rng, in_flight)
-                            .ok_or(RoutingError::NoHealthyWorkers)?;
-                        let index = workers
-                            .iter()
-                            .position(|w| Arc::ptr_eq(w, &holders[pick]))
-                            .unwrap_or(0);
+                        let holders: Vec<Arc<Worker>> =
+                            workers.iter().filter(|w| m.of(w.id()) == best).cloned().collect();
+                        let pick =
+                            least_loaded(&holders, &self.rng, in_flight).ok_or(RoutingError::NoHealthyWorkers)?;
+                        let index = workers.iter().position(|w| Arc::ptr_eq(w, &holders[pick])).unwrap_or(0);
                         (index, CacheDecision::CacheHit)
                     } else {
                         (least()?, CacheDecision::Miss)
@@ -159,11 +150,7 @@ impl RoutingPolicy for CacheAware {
         "cache_aware"
     }
 
-    fn select_single(
-        &self,
-        workers: &[Arc<Worker>],
-        request: &RequestView,
-    ) -> Result<usize, RoutingError> {
+    fn select_single(&self, workers: &[Arc<Worker>], request: &RequestView) -> Result<usize, RoutingError> {
         let (index, why) = self.decide(workers, request)?;
         tracing::trace!(worker = workers[index].url(), decision = ?why, "cache_aware");
         Ok(index)
@@ -187,17 +174,11 @@ mod tests {
     use crate::policies::test_support::{load, workers};
 
     fn chat(system: &str, user: &str) -> RequestView {
-        RequestView {
-            text: RoutingText::Text(format!("system: {system}\nuser: {user}\n")),
-            ..RequestView::default()
-        }
+        RequestView { text: RoutingText::Text(format!("system: {system}\nuser: {user}\n")), ..RequestView::default() }
     }
 
     fn policy() -> CacheAware {
-        CacheAware::new(&CacheAwareConfig {
-            seed: Some(5),
-            ..CacheAwareConfig::default()
-        })
+        CacheAware::new(&CacheAwareConfig { seed: Some(5), ..CacheAwareConfig::default() })
     }
 
     #[test]
@@ -221,10 +202,8 @@ mod tests {
         let _busy = load(&ws[0], 5);
         let _mid = load(&ws[1], 3);
         for i in 0..10 {
-            let distinct = RequestView {
-                text: RoutingText::Text(format!("{i}{i} unrelated prompt")),
-                ..RequestView::default()
-            };
+            let distinct =
+                RequestView { text: RoutingText::Text(format!("{i}{i} unrelated prompt")), ..RequestView::default() };
             let (w, why) = p.decide(&ws, &distinct).unwrap();
             assert_eq!(why, CacheDecision::Miss);
             assert_eq!(w, 2, "a miss must go to the least loaded worker");
@@ -251,10 +230,7 @@ mod tests {
             ..RequestView::default()
         };
         let (first, _) = p.decide(&ws, &req(1)).unwrap();
-        assert_eq!(
-            p.decide(&ws, &req(2)).unwrap(),
-            (first, CacheDecision::CacheHit)
-        );
+        assert_eq!(p.decide(&ws, &req(2)).unwrap(), (first, CacheDecision::CacheHit));
         assert_eq!(p.text_tree_size(), 0);
     }
 }

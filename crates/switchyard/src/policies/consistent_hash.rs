@@ -23,10 +23,7 @@ pub struct ConsistentHashConfig {
 
 impl Default for ConsistentHashConfig {
     fn default() -> Self {
-        Self {
-            virtual_nodes: 160,
-            seed: None,
-        }
+        Self { virtual_nodes: 160, seed: None }
     }
 }
 
@@ -86,11 +83,7 @@ impl RoutingPolicy for ConsistentHash {
         "consistent_hash"
     }
 
-    fn select_single(
-        &self,
-        workers: &[Arc<Worker>],
-        request: &RequestView,
-    ) -> Result<usize, RoutingError> {
+    fn select_single(&self, workers: &[Arc<Worker>], request: &RequestView) -> Result<usize, RoutingError> {
         if workers.is_empty() {
             return Err(RoutingError::NoHealthyWorkers);
         }
@@ -98,19 +91,12 @@ impl RoutingPolicy for ConsistentHash {
             return Ok(self.rng.index(workers.len()));
         };
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-        if ring.members.len() != workers.len()
-            || ring
-                .members
-                .iter()
-                .zip(workers)
-                .any(|(id, w)| *id != w.id())
-        {
+        if ring.members.len() != workers.len() || ring.members.iter().zip(workers).any(|(id, w)| *id != w.id()) {
             ring.members = workers.iter().map(|w| w.id()).collect();
             ring.points.clear();
             for w in workers {
                 for v in 0..self.virtual_nodes {
-                    ring.points
-                        .push((stable_hash(format!("{}#{v}", w.url()).as_bytes()), w.id()));
+                    ring.points.push((stable_hash(format!("{}#{v}", w.url()).as_bytes()), w.id()));
                 }
             }
             ring.points.sort_unstable();
@@ -127,10 +113,7 @@ mod tests {
     use crate::policies::test_support::workers;
 
     fn keyed(k: &str) -> RequestView {
-        RequestView {
-            routing_key: Some(k.to_owned()),
-            ..RequestView::default()
-        }
+        RequestView { routing_key: Some(k.to_owned()), ..RequestView::default() }
     }
 
     #[test]
@@ -145,10 +128,7 @@ mod tests {
             counts[w] += 1;
         }
         // 160 virtual nodes keep each share within ±25% of fair.
-        assert!(
-            counts.iter().all(|&c| (750..=1250).contains(&c)),
-            "{counts:?}"
-        );
+        assert!(counts.iter().all(|&c| (750..=1250).contains(&c)), "{counts:?}");
     }
 
     #[test]
@@ -156,29 +136,14 @@ mod tests {
         let ws = workers(5);
         let p = ConsistentHash::new(&ConsistentHashConfig::default());
         let keys: Vec<String> = (0..5000).map(|i| format!("user-{i}")).collect();
-        let before: Vec<u32> = keys
-            .iter()
-            .map(|k| ws[p.select_single(&ws[..4], &keyed(k)).unwrap()].id())
-            .collect();
-        let after: Vec<u32> = keys
-            .iter()
-            .map(|k| ws[p.select_single(&ws, &keyed(k)).unwrap()].id())
-            .collect();
+        let before: Vec<u32> = keys.iter().map(|k| ws[p.select_single(&ws[..4], &keyed(k)).unwrap()].id()).collect();
+        let after: Vec<u32> = keys.iter().map(|k| ws[p.select_single(&ws, &keyed(k)).unwrap()].id()).collect();
         let moved: Vec<usize> = (0..keys.len()).filter(|&i| before[i] != after[i]).collect();
         let fraction = moved.len() as f64 / keys.len() as f64;
-        assert!(
-            (0.12..=0.28).contains(&fraction),
-            "moved {fraction:.3}, expected ≈ 1/5"
-        );
-        assert!(
-            moved.iter().all(|&i| after[i] == ws[4].id()),
-            "keys may only move to the new worker"
-        );
+        assert!((0.12..=0.28).contains(&fraction), "moved {fraction:.3}, expected ≈ 1/5");
+        assert!(moved.iter().all(|&i| after[i] == ws[4].id()), "keys may only move to the new worker");
         // And leaving moves back exactly those keys.
-        let again: Vec<u32> = keys
-            .iter()
-            .map(|k| ws[p.select_single(&ws[..4], &keyed(k)).unwrap()].id())
-            .collect();
+        let again: Vec<u32> = keys.iter().map(|k| ws[p.select_single(&ws[..4], &keyed(k)).unwrap()].id()).collect();
         assert_eq!(again, before);
     }
 
@@ -186,10 +151,7 @@ mod tests {
     fn falls_back_to_the_routing_text() {
         let ws = workers(3);
         let p = ConsistentHash::new(&ConsistentHashConfig::default());
-        let req = RequestView {
-            text: RoutingText::Text("hello".into()),
-            ..RequestView::default()
-        };
+        let req = RequestView { text: RoutingText::Text("hello".into()), ..RequestView::default() };
         let w = p.select_single(&ws, &req).unwrap();
         assert!((0..10).all(|_| p.select_single(&ws, &req).unwrap() == w));
     }

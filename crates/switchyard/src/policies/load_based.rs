@@ -27,19 +27,13 @@ pub struct LoadBased {
 impl LoadBased {
     /// A policy with `config`.
     pub fn new(config: &LoadBasedConfig) -> Self {
-        Self {
-            rng: PolicyRng::new(config.seed),
-        }
+        Self { rng: PolicyRng::new(config.seed) }
     }
 }
 
 /// Index of the least-loaded worker by `load`, uniformly random among ties: one pass finds
 /// the minimum and counts ties, one RNG draw picks the k-th tie, a second pass finds it.
-pub(crate) fn least_loaded(
-    workers: &[Arc<Worker>],
-    rng: &PolicyRng,
-    load: impl Fn(&Worker) -> usize,
-) -> Option<usize> {
+pub(crate) fn least_loaded(workers: &[Arc<Worker>], rng: &PolicyRng, load: impl Fn(&Worker) -> usize) -> Option<usize> {
     let mut best_load = usize::MAX;
     let mut ties = 0usize;
     let mut first = None;
@@ -76,13 +70,8 @@ impl RoutingPolicy for LoadBased {
         "load_based"
     }
 
-    fn select_single(
-        &self,
-        workers: &[Arc<Worker>],
-        _request: &RequestView,
-    ) -> Result<usize, RoutingError> {
-        least_loaded(workers, &self.rng, |w| w.load().in_flight())
-            .ok_or(RoutingError::NoHealthyWorkers)
+    fn select_single(&self, workers: &[Arc<Worker>], _request: &RequestView) -> Result<usize, RoutingError> {
+        least_loaded(workers, &self.rng, |w| w.load().in_flight()).ok_or(RoutingError::NoHealthyWorkers)
     }
 }
 

@@ -46,11 +46,7 @@ pub trait RoutingPolicy: Send + Sync + fmt::Debug {
     fn name(&self) -> &'static str;
 
     /// Picks one of `workers` (all healthy) for `request`; returns its index.
-    fn select_single(
-        &self,
-        workers: &[Arc<Worker>],
-        request: &RequestView,
-    ) -> Result<usize, RoutingError>;
+    fn select_single(&self, workers: &[Arc<Worker>], request: &RequestView) -> Result<usize, RoutingError>;
 
     /// Picks a prefill worker and a decode worker; returns their indices. By default two
     /// independent single selections; a policy that can score pairs jointly overrides it.
@@ -60,10 +56,7 @@ pub trait RoutingPolicy: Send + Sync + fmt::Debug {
         decode: &[Arc<Worker>],
         request: &RequestView,
     ) -> Result<(usize, usize), RoutingError> {
-        Ok((
-            self.select_single(prefill, request)?,
-            self.select_single(decode, request)?,
-        ))
+        Ok((self.select_single(prefill, request)?, self.select_single(decode, request)?))
     }
 
     /// What the router observed about a finished request. Stateless policies ignore it.
@@ -80,9 +73,7 @@ pub trait RoutingPolicy: Send + Sync + fmt::Debug {
 }
 
 /// Policy names accepted by `--policy`.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[value(rename_all = "snake_case")]
 pub enum PolicyKind {
@@ -131,14 +122,12 @@ impl PolicyConfig {
             PolicyKind::RoundRobin => PolicyConfig::RoundRobin(RoundRobinConfig::default()),
             PolicyKind::PowerOfTwo => PolicyConfig::PowerOfTwo(PowerOfTwoConfig { seed }),
             PolicyKind::LoadBased => PolicyConfig::LoadBased(LoadBasedConfig { seed }),
-            PolicyKind::CacheAware => PolicyConfig::CacheAware(CacheAwareConfig {
-                seed,
-                ..CacheAwareConfig::default()
-            }),
-            PolicyKind::ConsistentHash => PolicyConfig::ConsistentHash(ConsistentHashConfig {
-                seed,
-                ..ConsistentHashConfig::default()
-            }),
+            PolicyKind::CacheAware => {
+                PolicyConfig::CacheAware(CacheAwareConfig { seed, ..CacheAwareConfig::default() })
+            }
+            PolicyKind::ConsistentHash => {
+                PolicyConfig::ConsistentHash(ConsistentHashConfig { seed, ..ConsistentHashConfig::default() })
+            }
         }
     }
 }
@@ -163,14 +152,7 @@ pub(crate) mod test_support {
     use crate::workers::{Worker, WorkerRole};
 
     pub fn workers(n: usize) -> Vec<Arc<Worker>> {
-        (0..n)
-            .map(|i| {
-                Arc::new(Worker::new(
-                    format!("http://127.0.0.1:{}", 1000 + i),
-                    WorkerRole::Regular,
-                ))
-            })
-            .collect()
+        (0..n).map(|i| Arc::new(Worker::new(format!("http://127.0.0.1:{}", 1000 + i), WorkerRole::Regular))).collect()
     }
 
     /// Puts `n` requests in flight on `w`; they stay until the guards drop.
@@ -186,24 +168,11 @@ mod tests {
     #[test]
     fn every_policy_rejects_an_empty_list_and_picks_in_range() {
         let ws = test_support::workers(3);
-        for kind in [
-            PolicyKind::Random,
-            PolicyKind::RoundRobin,
-            PolicyKind::PowerOfTwo,
-            PolicyKind::LoadBased,
-        ] {
+        for kind in [PolicyKind::Random, PolicyKind::RoundRobin, PolicyKind::PowerOfTwo, PolicyKind::LoadBased] {
             let p = build(&PolicyConfig::new(kind, Some(1)));
             let req = RequestView::default();
-            assert_eq!(
-                p.select_single(&[], &req),
-                Err(RoutingError::NoHealthyWorkers),
-                "{}",
-                p.name()
-            );
-            assert_eq!(
-                p.select_pair(&ws, &[], &req),
-                Err(RoutingError::NoHealthyWorkers)
-            );
+            assert_eq!(p.select_single(&[], &req), Err(RoutingError::NoHealthyWorkers), "{}", p.name());
+            assert_eq!(p.select_pair(&ws, &[], &req), Err(RoutingError::NoHealthyWorkers));
             for _ in 0..50 {
                 assert!(p.select_single(&ws, &req).unwrap() < 3);
                 let (a, b) = p.select_pair(&ws[..1], &ws, &req).unwrap();

@@ -24,9 +24,7 @@ pub struct PowerOfTwo {
 impl PowerOfTwo {
     /// A policy with `config`.
     pub fn new(config: &PowerOfTwoConfig) -> Self {
-        Self {
-            rng: PolicyRng::new(config.seed),
-        }
+        Self { rng: PolicyRng::new(config.seed) }
     }
 }
 
@@ -35,11 +33,7 @@ impl RoutingPolicy for PowerOfTwo {
         "power_of_two"
     }
 
-    fn select_single(
-        &self,
-        workers: &[Arc<Worker>],
-        _request: &RequestView,
-    ) -> Result<usize, RoutingError> {
+    fn select_single(&self, workers: &[Arc<Worker>], _request: &RequestView) -> Result<usize, RoutingError> {
         match workers.len() {
             0 => Err(RoutingError::NoHealthyWorkers),
             1 => Ok(0),
@@ -49,13 +43,7 @@ impl RoutingPolicy for PowerOfTwo {
                 if b >= a {
                     b += 1;
                 }
-                Ok(
-                    if workers[b].load().in_flight() < workers[a].load().in_flight() {
-                        b
-                    } else {
-                        a
-                    },
-                )
+                Ok(if workers[b].load().in_flight() < workers[a].load().in_flight() { b } else { a })
             }
         }
     }

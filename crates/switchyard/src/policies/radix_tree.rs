@@ -46,16 +46,8 @@ impl Unit for u8 {
         s.iter().filter(|b| (**b & 0xC0) != 0x80).count()
     }
     fn head(s: &[u8]) -> u32 {
-        let n = s
-            .iter()
-            .skip(1)
-            .take(3)
-            .take_while(|b| (**b & 0xC0) == 0x80)
-            .count()
-            + 1;
-        s[..n]
-            .iter()
-            .fold(0u32, |acc, b| (acc << 8) | u32::from(*b))
+        let n = s.iter().skip(1).take(3).take_while(|b| (**b & 0xC0) == 0x80).count() + 1;
+        s[..n].iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b))
     }
 }
 
@@ -187,10 +179,7 @@ pub struct PrefixMatch {
 impl PrefixMatch {
     /// Matched size of `tenant` (0 when absent).
     pub fn of(&self, tenant: TenantId) -> usize {
-        self.tenants
-            .binary_search_by_key(&tenant, |e| e.0)
-            .map(|i| self.tenants[i].1)
-            .unwrap_or(0)
+        self.tenants.binary_search_by_key(&tenant, |e| e.0).map(|i| self.tenants[i].1).unwrap_or(0)
     }
 }
 
@@ -262,23 +251,17 @@ impl<U: Unit> RadixTree<U> {
     /// Approximate heap memory in bytes (nodes, labels, child maps, tenant lists, LRU heap).
     pub fn memory_bytes(&self) -> usize {
         let mut bytes = self.nodes.capacity() * std::mem::size_of::<Node<U>>()
-            + self.lru.capacity()
-                * std::mem::size_of::<LruEntry>()
+            + self.lru.capacity() * std::mem::size_of::<LruEntry>()
             + self.free.capacity() * 4;
         for n in self.nodes.iter().filter(|n| n.alive) {
-            bytes += n.label.len() * std::mem::size_of::<U>()
-                + n.children.heap_bytes()
-                + n.tenants.capacity() * 16;
+            bytes += n.label.len() * std::mem::size_of::<U>() + n.children.heap_bytes() + n.tenants.capacity() * 16;
         }
         bytes
     }
 
     /// Every tenant's match length for `key`.
     pub fn match_prefix(&self, key: &[U]) -> PrefixMatch {
-        let mut out = PrefixMatch {
-            tenants: Vec::new(),
-            key_size: U::size(key),
-        };
+        let mut out = PrefixMatch { tenants: Vec::new(), key_size: U::size(key) };
         let (mut cur, mut i) = (ROOT, 0usize);
         while i < key.len() {
             let Some(child) = self.nodes[cur as usize].children.get(U::head(&key[i..])) else {
@@ -296,8 +279,7 @@ impl<U: Unit> RadixTree<U> {
             };
             // Tenants here ⊆ tenants of the previous node: update in one merge pass.
             if out.tenants.is_empty() {
-                out.tenants
-                    .extend(node.tenants.iter().map(|(t, _)| (*t, matched)));
+                out.tenants.extend(node.tenants.iter().map(|(t, _)| (*t, matched)));
             } else {
                 let mut j = 0;
                 for (t, _) in &node.tenants {
@@ -334,11 +316,7 @@ impl<U: Unit> RadixTree<U> {
                 }
                 Some(child) => {
                     let cp = common_prefix(&self.nodes[child as usize].label, &key[i..]);
-                    let node = if cp < self.nodes[child as usize].label.len() {
-                        self.split(child, cp)
-                    } else {
-                        child
-                    };
+                    let node = if cp < self.nodes[child as usize].label.len() { self.split(child, cp) } else { child };
                     i += cp;
                     node
                 }
@@ -461,9 +439,7 @@ impl<U: Unit> RadixTree<U> {
         }
         // Drop nodes nobody holds, walking up while parents become empty leaves.
         let mut cur = node;
-        while cur != ROOT
-            && self.nodes[cur as usize].tenants.is_empty()
-            && self.nodes[cur as usize].children.is_empty()
+        while cur != ROOT && self.nodes[cur as usize].tenants.is_empty() && self.nodes[cur as usize].children.is_empty()
         {
             let parent = self.nodes[cur as usize].parent;
             let head = U::head(&self.nodes[cur as usize].label);
@@ -486,10 +462,7 @@ impl<U: Unit> RadixTree<U> {
             .enumerate()
             .filter(|(_, n)| n.alive)
             .filter_map(|(i, n)| {
-                n.tenants
-                    .iter()
-                    .find(|(t, _)| *t == tenant)
-                    .map(|(_, tick)| (i as u32, *tick, n.depth))
+                n.tenants.iter().find(|(t, _)| *t == tenant).map(|(_, tick)| (i as u32, *tick, n.depth))
             })
             .collect();
         // Deepest first, so parents become leaves before they are visited.
@@ -524,12 +497,7 @@ impl<U: Unit> RadixTree<U> {
                 if n.depth != p.depth + n.size {
                     return Err(format!("node {i} depth"));
                 }
-                if n.parent != ROOT
-                    && !n
-                        .tenants
-                        .iter()
-                        .all(|(t, _)| p.tenants.iter().any(|(pt, _)| pt == t))
-                {
+                if n.parent != ROOT && !n.tenants.iter().all(|(t, _)| p.tenants.iter().any(|(pt, _)| pt == t)) {
                     return Err(format!("node {i} has a tenant its parent lacks"));
                 }
                 if n.label.is_empty() {
@@ -568,17 +536,11 @@ impl<U: Unit> SharedTree<U> {
     }
     /// See [`RadixTree::match_prefix`].
     pub fn match_prefix(&self, key: &[U]) -> PrefixMatch {
-        self.0
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .match_prefix(key)
+        self.0.read().unwrap_or_else(|p| p.into_inner()).match_prefix(key)
     }
     /// See [`RadixTree::insert`].
     pub fn insert(&self, key: &[U], tenant: TenantId) {
-        self.0
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, tenant)
+        self.0.write().unwrap_or_else(|p| p.into_inner()).insert(key, tenant)
     }
     /// Runs `f` with exclusive access (maintenance, statistics).
     pub fn with<R>(&self, f: impl FnOnce(&mut RadixTree<U>) -> R) -> R {
@@ -622,15 +584,8 @@ mod tests {
         t.insert(&(0..60).collect::<Vec<_>>(), 1);
         t.insert(&(1000..1060).collect::<Vec<_>>(), 2);
         assert!(t.total_size() <= 100);
-        assert_eq!(
-            t.match_prefix(&(1000..1060).collect::<Vec<_>>()).of(2),
-            60,
-            "newest kept whole"
-        );
-        assert!(
-            t.match_prefix(&(0..60).collect::<Vec<_>>()).of(1) < 60,
-            "oldest trimmed"
-        );
+        assert_eq!(t.match_prefix(&(1000..1060).collect::<Vec<_>>()).of(2), 60, "newest kept whole");
+        assert!(t.match_prefix(&(0..60).collect::<Vec<_>>()).of(1) < 60, "oldest trimmed");
         // One prompt larger than the bound is kept (bound exceeded by at most one prompt).
         t.insert(&(5000..5300).collect::<Vec<_>>(), 3);
         assert_eq!(t.total_size(), 300);

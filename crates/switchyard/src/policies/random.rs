@@ -23,9 +23,7 @@ pub struct Random {
 impl Random {
     /// A policy with `config`.
     pub fn new(config: &RandomConfig) -> Self {
-        Self {
-            rng: PolicyRng::new(config.seed),
-        }
+        Self { rng: PolicyRng::new(config.seed) }
     }
 }
 
@@ -34,11 +32,7 @@ impl RoutingPolicy for Random {
         "random"
     }
 
-    fn select_single(
-        &self,
-        workers: &[Arc<Worker>],
-        _request: &RequestView,
-    ) -> Result<usize, RoutingError> {
+    fn select_single(&self, workers: &[Arc<Worker>], _request: &RequestView) -> Result<usize, RoutingError> {
         if workers.is_empty() {
             return Err(RoutingError::NoHealthyWorkers);
         }

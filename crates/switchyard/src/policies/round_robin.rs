@@ -29,11 +29,7 @@ impl RoutingPolicy for RoundRobin {
         "round_robin"
     }
 
-    fn select_single(
-        &self,
-        workers: &[Arc<Worker>],
-        _request: &RequestView,
-    ) -> Result<usize, RoutingError> {
+    fn select_single(&self, workers: &[Arc<Worker>], _request: &RequestView) -> Result<usize, RoutingError> {
         if workers.is_empty() {
             return Err(RoutingError::NoHealthyWorkers);
         }
@@ -50,9 +46,7 @@ mod tests {
     fn exact_rotation() {
         let ws = workers(3);
         let p = RoundRobin::default();
-        let picks: Vec<_> = (0..7)
-            .map(|_| p.select_single(&ws, &RequestView::default()).unwrap())
-            .collect();
+        let picks: Vec<_> = (0..7).map(|_| p.select_single(&ws, &RequestView::default()).unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2, 0]);
     }
 }

@@ -37,14 +37,7 @@ impl ObservedBody {
         sse: bool,
         error_status: bool,
     ) -> Self {
-        Self {
-            inner,
-            guard: Some(guard),
-            policy,
-            sse,
-            error_status,
-            done: false,
-        }
+        Self { inner, guard: Some(guard), policy, sse, error_status, done: false }
     }
 
     fn finish(&mut self, success: bool) {
@@ -67,10 +60,7 @@ impl Body for ObservedBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         if self.done {
             return Poll::Ready(None);
         }
@@ -99,18 +89,11 @@ impl Body for ObservedBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 self.done = true;
-                let worker = self
-                    .guard
-                    .as_ref()
-                    .map(|g| g.worker().url().to_owned())
-                    .unwrap_or_default();
+                let worker = self.guard.as_ref().map(|g| g.worker().url().to_owned()).unwrap_or_default();
                 tracing::warn!(%worker, error = %e, "worker response broke mid-body");
                 self.finish(false);
                 if self.sse {
-                    Poll::Ready(Some(Ok(Frame::data(stream_error_event(
-                        &worker,
-                        &e.to_string(),
-                    )))))
+                    Poll::Ready(Some(Ok(Frame::data(stream_error_event(&worker, &e.to_string())))))
                 } else {
                     Poll::Ready(Some(Err(e)))
                 }

@@ -96,10 +96,7 @@ impl Upstream {
             .map_err(|e| SendError::Url(e.to_string()))?;
         forward_headers(headers, req.headers_mut());
         if !req.headers().contains_key(header::CONTENT_TYPE) {
-            req.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
+            req.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
         match tokio::time::timeout(self.timeout, self.client.request(req)).await {
             Err(_) => Err(SendError::Timeout),
@@ -110,15 +107,8 @@ impl Upstream {
     }
 
     /// GETs (or POSTs an empty body to) a worker endpoint and buffers the answer.
-    pub async fn fetch(
-        &self,
-        method: Method,
-        base_url: &str,
-        path: &str,
-    ) -> Result<(u16, Bytes), SendError> {
-        let resp = self
-            .send(method, base_url, path, &HeaderMap::new(), Bytes::new())
-            .await?;
+    pub async fn fetch(&self, method: Method, base_url: &str, path: &str) -> Result<(u16, Bytes), SendError> {
+        let resp = self.send(method, base_url, path, &HeaderMap::new(), Bytes::new()).await?;
         let status = resp.status().as_u16();
         let body = tokio::time::timeout(self.timeout, resp.into_body().collect())
             .await

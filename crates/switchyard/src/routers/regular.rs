@@ -3,9 +3,11 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderValue, Method, Response};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
 
+use crate::config::RetryConfig;
 use crate::error::ApiError;
 use crate::load::InFlightGuard;
 use crate::policies::RoutingPolicy;
@@ -22,24 +24,24 @@ pub struct RegularRouter {
     registry: Arc<WorkerRegistry>,
     policy: Arc<dyn RoutingPolicy>,
     upstream: Upstream,
-    max_attempts: usize,
+    retry: RetryConfig,
+}
+
+/// Statuses that mean "this worker can't serve it now; another may" (and count against
+/// the worker's circuit breaker). Other 4xx are the client's and pass through untouched.
+pub fn is_worker_failure(status: StatusCode) -> bool {
+    status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS
 }
 
 impl RegularRouter {
-    /// A router over `registry`'s healthy workers using `policy`. `max_attempts` bounds how
-    /// many distinct workers are tried when connections fail (nothing sent yet, so safe).
+    /// A router over `registry`'s available workers using `policy`, retrying per `retry`.
     pub fn new(
         registry: Arc<WorkerRegistry>,
         policy: Arc<dyn RoutingPolicy>,
         upstream: Upstream,
-        max_attempts: usize,
+        retry: RetryConfig,
     ) -> Self {
-        Self {
-            registry,
-            policy,
-            upstream,
-            max_attempts: max_attempts.max(1),
-        }
+        Self { registry, policy, upstream, retry }
     }
 
     /// The policy in use.
@@ -47,59 +49,102 @@ impl RegularRouter {
         &self.policy
     }
 
-    /// Routes one inference request (`path` like `/v1/chat/completions`).
-    pub async fn route(
-        &self,
-        path: &str,
-        headers: &HeaderMap,
-        body: Bytes,
-    ) -> Result<Response<Body>, ApiError> {
-        let key = ROUTING_KEY_HEADERS
+    /// Healthy workers whose circuit lets a request through, minus those already tried.
+    fn candidates(&self, tried: &[Arc<Worker>]) -> Arc<Vec<Arc<Worker>>> {
+        let healthy = self.registry.healthy();
+        if tried.is_empty() && healthy.iter().all(|w| w.breaker().allows()) {
+            return healthy;
+        }
+        Arc::new(
+            healthy
+                .iter()
+                .filter(|w| w.breaker().allows() && !tried.iter().any(|t| Arc::ptr_eq(t, w)))
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// Whether a worker other than `current` and those tried could take a retry.
+    fn has_alternative(&self, tried: &[Arc<Worker>], current: &Arc<Worker>) -> bool {
+        self.registry
+            .healthy()
             .iter()
-            .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()));
-        let view =
-            RequestView::parse(&body, key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            .any(|w| !Arc::ptr_eq(w, current) && w.breaker().allows() && !tried.iter().any(|t| Arc::ptr_eq(t, w)))
+    }
+
+    /// Routes one inference request (`path` like `/v1/chat/completions`).
+    ///
+    /// Failed attempts (connection refused, broken before the headers, a worker-failure
+    /// status) are retried on another worker with backoff while nothing has reached the
+    /// client; a worker-failure response is relayed as is when no attempt or worker is left.
+    pub async fn route(&self, path: &str, headers: &HeaderMap, body: Bytes) -> Result<Response<Body>, ApiError> {
+        let key = ROUTING_KEY_HEADERS.iter().find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()));
+        let view = RequestView::parse(&body, key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let mut tried: Vec<Arc<Worker>> = Vec::new();
         let mut last_error = ApiError::NoHealthyWorkers;
-        for _ in 0..self.max_attempts {
-            let healthy = self.registry.healthy();
-            let candidates: Vec<Arc<Worker>>;
-            let pool: &[Arc<Worker>] = if tried.is_empty() {
-                &healthy
-            } else {
-                candidates = healthy
-                    .iter()
-                    .filter(|w| !tried.iter().any(|t| Arc::ptr_eq(t, w)))
-                    .cloned()
-                    .collect();
-                &candidates
-            };
-            let Ok(index) = self.policy.select_single(pool, &view) else {
-                break;
-            };
+        let attempts = self.retry.max_attempts.max(1);
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                let unit: f64 = rand::random();
+                tokio::time::sleep(self.retry.backoff(attempt as u32, unit)).await;
+            }
+            let pool = self.candidates(&tried);
+            let Ok(index) = self.policy.select_single(&pool, &view) else { break };
             let worker = pool[index].clone();
+            if !worker.breaker().on_dispatch() {
+                tried.push(worker);
+                continue;
+            }
             // Taken at selection time, so concurrent selections see this request.
             let guard = InFlightGuard::new(worker.clone());
-            tracing::debug!(
-                worker = worker.url(),
-                policy = self.policy.name(),
-                path,
-                "routing decision"
-            );
-            match self
-                .upstream
-                .send(Method::POST, worker.url(), path, headers, body.clone())
-                .await
-            {
-                Ok(resp) => return Ok(relay(resp, guard, self.policy.clone())),
-                Err(SendError::Connect(reason)) => {
-                    tracing::warn!(worker = worker.url(), %reason, "connect failed; trying another worker");
+            tracing::debug!(worker = worker.url(), policy = self.policy.name(), path, attempt, "routing decision");
+            let last_attempt = attempt + 1 == attempts;
+            match self.upstream.send(Method::POST, worker.url(), path, headers, body.clone()).await {
+                Ok(resp)
+                    if is_worker_failure(resp.status()) && !last_attempt && self.has_alternative(&tried, &worker) =>
+                {
+                    tracing::warn!(
+                        worker = worker.url(),
+                        status = resp.status().as_u16(),
+                        attempt,
+                        "worker failed; retrying elsewhere"
+                    );
+                    last_error =
+                        ApiError::WorkerFailed { worker: worker.url().to_owned(), status: resp.status().as_u16() };
                     self.policy.on_request_complete(&guard.complete(false));
-                    last_error = ApiError::WorkerUnreachable {
-                        worker: worker.url().to_owned(),
-                        reason,
-                    };
                     tried.push(worker);
+                }
+                Ok(resp) if is_event_stream(&resp) => return Ok(relay_stream(resp, guard, self.policy.clone())),
+                Ok(resp) => {
+                    // A whole (non-streamed) answer is read before anything is sent, so a worker
+                    // that breaks it mid-body is one more failed attempt, not a broken response.
+                    let (parts, incoming) = resp.into_parts();
+                    match tokio::time::timeout(self.upstream.timeout, Limited::new(incoming, MAX_BUFFERED).collect())
+                        .await
+                    {
+                        Ok(Ok(collected)) => {
+                            let mut guard = guard;
+                            guard.mark_first_byte();
+                            self.policy.on_request_complete(&guard.complete(!is_worker_failure(parts.status)));
+                            return Ok(buffered(parts, collected.to_bytes()));
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(worker = worker.url(), error = %e, attempt, "response body broke; retrying elsewhere");
+                            self.policy.on_request_complete(&guard.complete(false));
+                            last_error = ApiError::WorkerUnreachable {
+                                worker: worker.url().to_owned(),
+                                reason: format!("the response body broke: {e}"),
+                            };
+                            tried.push(worker);
+                        }
+                        Err(_) => {
+                            self.policy.on_request_complete(&guard.complete(false));
+                            return Err(ApiError::Timeout {
+                                worker: worker.url().to_owned(),
+                                secs: self.upstream.timeout.as_secs_f64(),
+                            });
+                        }
+                    }
                 }
                 Err(SendError::Timeout) => {
                     self.policy.on_request_complete(&guard.complete(false));
@@ -109,11 +154,10 @@ impl RegularRouter {
                     });
                 }
                 Err(e) => {
+                    tracing::warn!(worker = worker.url(), error = %e, attempt, "attempt failed before any response; retrying elsewhere");
                     self.policy.on_request_complete(&guard.complete(false));
-                    return Err(ApiError::WorkerUnreachable {
-                        worker: worker.url().to_owned(),
-                        reason: e.to_string(),
-                    });
+                    last_error = ApiError::WorkerUnreachable { worker: worker.url().to_owned(), reason: e.to_string() };
+                    tried.push(worker);
                 }
             }
         }
@@ -121,27 +165,37 @@ impl RegularRouter {
     }
 }
 
-/// Turns a worker's response into the client's, body observed and guard attached.
-fn relay(
+/// Largest non-streamed response read whole before relaying.
+const MAX_BUFFERED: usize = 256 << 20;
+
+fn is_event_stream(resp: &hyper::Response<hyper::body::Incoming>) -> bool {
+    resp.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+/// A complete worker answer as the client's response.
+fn buffered(parts: hyper::http::response::Parts, body: Bytes) -> Response<Body> {
+    let mut out = Response::new(Body::from(body));
+    *out.status_mut() = parts.status;
+    forward_headers(&parts.headers, out.headers_mut());
+    out
+}
+
+/// Turns a worker's SSE response into the client's, body observed and guard attached.
+fn relay_stream(
     resp: hyper::Response<hyper::body::Incoming>,
     guard: InFlightGuard,
     policy: Arc<dyn RoutingPolicy>,
 ) -> Response<Body> {
     let (parts, incoming) = resp.into_parts();
-    let sse = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    let error_status = parts.status.is_server_error();
-    let body = ObservedBody::new(incoming, guard, policy, sse, error_status);
+    let error_status = is_worker_failure(parts.status);
+    let body = ObservedBody::new(incoming, guard, policy, true, error_status);
     let mut out = Response::new(Body::new(body));
     *out.status_mut() = parts.status;
     forward_headers(&parts.headers, out.headers_mut());
-    if sse {
-        // Ask intermediaries (nginx in front of us) not to buffer the stream.
-        out.headers_mut()
-            .insert("x-accel-buffering", HeaderValue::from_static("no"));
-    }
+    // Ask intermediaries (nginx in front of us) not to buffer the stream.
+    out.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
     out
 }

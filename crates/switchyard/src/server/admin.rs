@@ -32,6 +32,7 @@ fn describe(w: &Worker) -> Value {
         "url": w.url(),
         "role": w.role(),
         "healthy": w.is_healthy(),
+        "circuit_breaker": w.breaker().state().name(),
         "model_id": w.model_id(),
         "load": {"in_flight": w.load().in_flight(), "dispatched": w.load().dispatched(),
                  "succeeded": w.load().succeeded(), "failed": w.load().failed()},
@@ -39,33 +40,20 @@ fn describe(w: &Worker) -> Value {
 }
 
 fn required_url(q: UrlQuery) -> Result<String, ApiError> {
-    let url = q
-        .url
-        .ok_or_else(|| ApiError::BadRequest("missing query parameter 'url'".into()))?;
+    let url = q.url.ok_or_else(|| ApiError::BadRequest("missing query parameter 'url'".into()))?;
     normalize_worker_url(&url).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
 async fn add(state: &AppState, url: &str) -> Result<Response, ApiError> {
     let url = normalize_worker_url(url).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let worker = state.register_worker(url, WorkerRole::Regular).await?;
-    tracing::info!(
-        worker = worker.url(),
-        healthy = worker.is_healthy(),
-        "worker added"
-    );
-    Ok((
-        StatusCode::OK,
-        Json(json!({"status": "added", "worker": describe(&worker)})),
-    )
-        .into_response())
+    tracing::info!(worker = worker.url(), healthy = worker.is_healthy(), "worker added");
+    Ok((StatusCode::OK, Json(json!({"status": "added", "worker": describe(&worker)}))).into_response())
 }
 
 fn remove(state: &AppState, url: &str) -> Result<Response, ApiError> {
     let url = normalize_worker_url(url).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let worker = state
-        .registry
-        .remove(&url)
-        .map_err(|e| ApiError::NotFound(e.to_string()))?;
+    let worker = state.registry.remove(&url).map_err(|e| ApiError::NotFound(e.to_string()))?;
     tracing::info!(worker = worker.url(), "worker removed");
     Ok(Json(json!({"status": "removed", "url": worker.url()})).into_response())
 }
@@ -73,9 +61,7 @@ fn remove(state: &AppState, url: &str) -> Result<Response, ApiError> {
 /// `GET /workers`.
 pub(super) async fn list_workers(State(state): State<AppState>) -> Json<Value> {
     let all = state.registry.all();
-    Json(
-        json!({"workers": all.iter().map(|w| describe(w)).collect::<Vec<_>>(), "total": all.len()}),
-    )
+    Json(json!({"workers": all.iter().map(|w| describe(w)).collect::<Vec<_>>(), "total": all.len()}))
 }
 
 /// `POST /workers` with `{"url": "http://host:port"}`.
@@ -85,9 +71,8 @@ pub(super) async fn add_worker(
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = read_body(&headers, body, 1 << 20).await?;
-    let req: AddWorkerBody = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::BadRequest(format!("expected {{\"url\": \"http://host:port\"}}: {e}"))
-    })?;
+    let req: AddWorkerBody = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::BadRequest(format!("expected {{\"url\": \"http://host:port\"}}: {e}")))?;
     add(&state, &req.url).await
 }
 
@@ -106,11 +91,7 @@ pub(super) async fn remove_worker_path(
     Path(url): Path<String>,
 ) -> Result<Response, ApiError> {
     // A raw "http://host:port" arrives with its "//" collapsed by some clients; restore it.
-    let url = if url.contains("://") {
-        url
-    } else {
-        url.replacen(":/", "://", 1)
-    };
+    let url = if url.contains("://") { url } else { url.replacen(":/", "://", 1) };
     remove(&state, &url)
 }
 
@@ -134,9 +115,7 @@ pub(super) async fn legacy_remove_worker(
 
 /// `GET /list_workers` (legacy): `{"urls": [...]}`.
 pub(super) async fn legacy_list_workers(State(state): State<AppState>) -> Json<Value> {
-    Json(
-        json!({"urls": state.registry.all().iter().map(|w| w.url().to_owned()).collect::<Vec<_>>()}),
-    )
+    Json(json!({"urls": state.registry.all().iter().map(|w| w.url().to_owned()).collect::<Vec<_>>()}))
 }
 
 /// `POST /flush_cache`: flushes every worker's prefix cache; 200 only if all succeeded.
@@ -162,14 +141,6 @@ pub(super) async fn flush_cache(State(state): State<AppState>) -> Response {
         results.push(detail);
     }
     results.sort_by(|a, b| a["url"].as_str().cmp(&b["url"].as_str()));
-    let status = if all_ok {
-        StatusCode::OK
-    } else {
-        StatusCode::BAD_GATEWAY
-    };
-    (
-        status,
-        Json(json!({"status": if all_ok { "flushed" } else { "partial" }, "workers": results})),
-    )
-        .into_response()
+    let status = if all_ok { StatusCode::OK } else { StatusCode::BAD_GATEWAY };
+    (status, Json(json!({"status": if all_ok { "flushed" } else { "partial" }, "workers": results}))).into_response()
 }

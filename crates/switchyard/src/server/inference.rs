@@ -11,37 +11,30 @@ use super::AppState;
 use crate::error::ApiError;
 
 /// Reads a request body up to `limit` bytes; larger bodies get 413 without being read whole.
-pub(super) async fn read_body(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<Bytes, ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+pub(super) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
     match Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ApiError::PayloadTooLarge { limit })
-        }
-        Err(e) => Err(ApiError::BadRequest(format!(
-            "failed to read the request body: {e}"
-        ))),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge { limit }),
+        Err(e) => Err(ApiError::BadRequest(format!("failed to read the request body: {e}"))),
     }
 }
 
-async fn route(
-    state: &AppState,
-    path: &str,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
+async fn route(state: &AppState, path: &str, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let permit = match &state.admission {
+        Some(a) => Some(a.admit().await?),
+        None => None,
+    };
     let bytes = read_body(&headers, body, state.config.max_payload_size).await?;
-    state.router.route(path, &headers, bytes).await
+    let response = state.router.route(path, &headers, bytes).await?;
+    Ok(match permit {
+        Some(p) => super::admission::hold_until_done(response, p),
+        None => response,
+    })
 }
 
 macro_rules! inference_endpoint {

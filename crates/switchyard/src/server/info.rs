@@ -23,10 +23,7 @@ pub(super) async fn discover_model(upstream: &Upstream, url: &str) -> Option<Str
     }
     if let Ok((200, body)) = upstream.fetch(Method::GET, url, "/get_model_info").await {
         let v: Value = serde_json::from_slice(&body).ok()?;
-        return v
-            .get("model_path")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+        return v.get("model_path").and_then(Value::as_str).map(str::to_owned);
     }
     None
 }
@@ -37,20 +34,14 @@ fn json_bytes(status: u16, body: Bytes) -> Response {
 }
 
 /// Fetches `path` from the first healthy worker that answers 2xx with JSON.
-async fn from_any_worker(
-    state: &AppState,
-    method: Method,
-    path: &str,
-) -> Result<Option<Bytes>, ApiError> {
+async fn from_any_worker(state: &AppState, method: Method, path: &str) -> Result<Option<Bytes>, ApiError> {
     let healthy = state.registry.healthy();
     if healthy.is_empty() {
         return Err(ApiError::NoHealthyWorkers);
     }
     for w in healthy.iter() {
         if let Ok((status, body)) = state.control.fetch(method.clone(), w.url(), path).await {
-            if (200..300).contains(&status)
-                && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok()
-            {
+            if (200..300).contains(&status) && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok() {
                 return Ok(Some(body));
             }
         }
@@ -86,21 +77,9 @@ pub(super) async fn readiness(State(state): State<AppState>) -> Response {
 /// for servers without it).
 pub(super) async fn health_generate(State(state): State<AppState>) -> Result<Response, ApiError> {
     let healthy = state.registry.healthy();
-    let worker = healthy
-        .iter()
-        .min_by_key(|w| w.load().in_flight())
-        .ok_or(ApiError::NoHealthyWorkers)?;
-    let answer = match state
-        .control
-        .fetch(Method::GET, worker.url(), "/health_generate")
-        .await
-    {
-        Ok((404, _)) => {
-            state
-                .control
-                .fetch(Method::GET, worker.url(), "/health")
-                .await
-        }
+    let worker = healthy.iter().min_by_key(|w| w.load().in_flight()).ok_or(ApiError::NoHealthyWorkers)?;
+    let answer = match state.control.fetch(Method::GET, worker.url(), "/health_generate").await {
+        Ok((404, _)) => state.control.fetch(Method::GET, worker.url(), "/health").await,
         other => other,
     };
     match answer {
@@ -109,10 +88,7 @@ pub(super) async fn health_generate(State(state): State<AppState>) -> Result<Res
             worker: worker.url().to_owned(),
             reason: format!("health_generate answered {status}"),
         }),
-        Err(e) => Err(ApiError::WorkerUnreachable {
-            worker: worker.url().to_owned(),
-            reason: e.to_string(),
-        }),
+        Err(e) => Err(ApiError::WorkerUnreachable { worker: worker.url().to_owned(), reason: e.to_string() }),
     }
 }
 
@@ -121,18 +97,11 @@ pub(super) async fn models(State(state): State<AppState>) -> Result<Response, Ap
     if let Some(body) = from_any_worker(&state, Method::GET, "/v1/models").await? {
         return Ok(json_bytes(200, body));
     }
-    let mut ids: Vec<String> = state
-        .registry
-        .healthy()
-        .iter()
-        .filter_map(|w| w.model_id())
-        .collect();
+    let mut ids: Vec<String> = state.registry.healthy().iter().filter_map(|w| w.model_id()).collect();
     ids.sort();
     ids.dedup();
-    let data: Vec<Value> = ids
-        .iter()
-        .map(|id| json!({"id": id, "object": "model", "owned_by": "switchyard"}))
-        .collect();
+    let data: Vec<Value> =
+        ids.iter().map(|id| json!({"id": id, "object": "model", "owned_by": "switchyard"})).collect();
     Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
@@ -142,10 +111,7 @@ pub(super) async fn model_info(State(state): State<AppState>) -> Result<Response
         return Ok(json_bytes(200, body));
     }
     let model = state.registry.healthy().iter().find_map(|w| w.model_id());
-    Ok(
-        Json(json!({"model_path": model, "tokenizer_path": model, "is_generation": true}))
-            .into_response(),
-    )
+    Ok(Json(json!({"model_path": model, "tokenizer_path": model, "is_generation": true})).into_response())
 }
 
 /// `GET /get_server_info`: a worker's server info plus the router's own.

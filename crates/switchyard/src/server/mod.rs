@@ -1,6 +1,8 @@
 //! The HTTP front: routes, middleware (request id, body limit), and start-up/shutdown.
 
 mod admin;
+mod admission;
+mod auth;
 mod inference;
 mod info;
 mod request_id;
@@ -23,6 +25,7 @@ use crate::proxy::{client, Upstream};
 use crate::routers::RegularRouter;
 use crate::workers::{Worker, WorkerRegistry, WorkerRole};
 
+pub use admission::Admission;
 pub use request_id::REQUEST_ID;
 
 /// State shared by every handler.
@@ -38,68 +41,41 @@ pub struct AppState {
     pub control: Upstream,
     /// Client for health probes (own pool).
     pub probes: Upstream,
+    /// Admission control, when configured.
+    pub admission: Option<Arc<admission::Admission>>,
 }
 
 impl AppState {
     /// Builds the state for `config` with an empty registry.
     pub fn new(config: RouterConfig) -> Self {
         let registry = Arc::new(WorkerRegistry::new());
-        let inference = Upstream {
-            client: client::new_client(Duration::from_secs(5), 1024),
-            timeout: config.request_timeout,
-        };
-        let control = Upstream {
-            client: client::new_client(Duration::from_secs(5), 8),
-            timeout: Duration::from_secs(30),
-        };
-        let probes = Upstream {
-            client: client::new_client(config.health.timeout, 4),
-            timeout: config.health.timeout,
-        };
+        let inference =
+            Upstream { client: client::new_client(Duration::from_secs(5), 1024), timeout: config.request_timeout };
+        let control =
+            Upstream { client: client::new_client(Duration::from_secs(5), 8), timeout: Duration::from_secs(30) };
+        let probes = Upstream { client: client::new_client(config.health.timeout, 4), timeout: config.health.timeout };
         let policy = policies::build(&config.policy);
-        let router = RegularRouter::new(
-            registry.clone(),
-            policy,
-            inference,
-            config.max_connect_attempts,
-        );
-        Self {
-            config: Arc::new(config),
-            registry,
-            router,
-            control,
-            probes,
-        }
+        let router = RegularRouter::new(registry.clone(), policy, inference, config.retry.clone());
+        let admission = config.admission.clone().map(|a| Arc::new(admission::Admission::new(a)));
+        Self { config: Arc::new(config), registry, router, control, probes, admission }
     }
 
     /// Probes a worker once (health, then the model it serves) and registers it, healthy or not.
-    pub async fn register_worker(
-        &self,
-        url: String,
-        role: WorkerRole,
-    ) -> Result<Arc<Worker>, ApiError> {
+    pub async fn register_worker(&self, url: String, role: WorkerRole) -> Result<Arc<Worker>, ApiError> {
         if self.registry.get(&url).is_some() {
-            return Err(ApiError::Conflict(format!(
-                "worker {url} is already registered"
-            )));
+            return Err(ApiError::Conflict(format!("worker {url} is already registered")));
         }
         let worker = self.probe_new_worker(url, role).await;
-        self.registry
-            .add(worker.clone())
-            .map_err(|e| ApiError::Conflict(e.to_string()))?;
+        self.registry.add(worker.clone()).map_err(|e| ApiError::Conflict(e.to_string()))?;
         Ok(worker)
     }
 
     /// A new worker with its first health probe and model discovery done.
     async fn probe_new_worker(&self, url: String, role: WorkerRole) -> Arc<Worker> {
-        let worker = Arc::new(Worker::new(url, role));
-        let healthy =
-            crate::health::probe(&self.probes, &worker, &self.config.health.endpoint).await;
+        let worker = Arc::new(Worker::with_breaker(url, role, self.config.circuit_breaker.clone()));
+        let healthy = crate::health::probe(&self.probes, &worker, &self.config.health.endpoint).await;
         if !healthy {
-            tracing::warn!(
-                worker = worker.url(),
-                "worker did not pass its first health probe; added as unhealthy"
-            );
+            tracing::warn!(worker = worker.url(), "worker did not pass its first health probe; added as unhealthy");
         }
         worker.set_healthy_flag(healthy);
         if let Some(model) = info::discover_model(&self.control, worker.url()).await {
@@ -112,12 +88,21 @@ impl AppState {
 /// The router's HTTP application.
 pub fn app(state: AppState) -> Router {
     let limit = state.config.max_payload_size;
-    Router::new()
+    let inference = Router::new()
         .route("/v1/chat/completions", post(inference::chat_completions))
         .route("/v1/completions", post(inference::completions))
         .route("/generate", post(inference::generate))
         .route("/v1/embeddings", post(inference::embeddings))
         .route("/v1/rerank", post(inference::rerank))
+        .route_layer(axum::middleware::from_fn_with_state(state.config.inference_api_key.clone(), auth::require));
+    let admin = Router::new()
+        .route("/flush_cache", post(admin::flush_cache))
+        .route("/workers", post(admin::add_worker).delete(admin::remove_worker_query))
+        .route("/workers/{*url}", delete(admin::remove_worker_path))
+        .route("/add_worker", post(admin::legacy_add_worker))
+        .route("/remove_worker", post(admin::legacy_remove_worker))
+        .route_layer(axum::middleware::from_fn_with_state(state.config.api_key.clone(), auth::require));
+    let public = Router::new()
         .route("/health", get(info::health))
         .route("/liveness", get(info::liveness))
         .route("/readiness", get(info::readiness))
@@ -126,17 +111,11 @@ pub fn app(state: AppState) -> Router {
         .route("/get_model_info", get(info::model_info))
         .route("/get_server_info", get(info::server_info))
         .route("/get_loads", get(info::loads))
-        .route("/flush_cache", post(admin::flush_cache))
-        .route(
-            "/workers",
-            get(admin::list_workers)
-                .post(admin::add_worker)
-                .delete(admin::remove_worker_query),
-        )
-        .route("/workers/{*url}", delete(admin::remove_worker_path))
-        .route("/add_worker", post(admin::legacy_add_worker))
-        .route("/remove_worker", post(admin::legacy_remove_worker))
-        .route("/list_workers", get(admin::legacy_list_workers))
+        .route("/workers", get(admin::list_workers))
+        .route("/list_workers", get(admin::legacy_list_workers));
+    public
+        .merge(inference)
+        .merge(admin)
         .fallback(|method: Method, uri: axum::http::Uri| async move {
             ApiError::NotFound(format!("no route for {method} {}", uri.path()))
         })
@@ -170,9 +149,21 @@ impl RunningRouter {
     }
 
     /// Stops accepting, lets open requests finish, and waits for the server to end.
+    ///
+    /// Open requests get `--shutdown-grace-secs`; whatever is still running then is cut
+    /// (its clients see the connection close) and shutdown completes anyway.
     pub async fn shutdown(self) -> std::io::Result<()> {
         let _ = self.shutdown.send(());
-        self.task.await.unwrap_or(Ok(()))
+        let grace = self.state.config.shutdown_grace;
+        let mut task = self.task;
+        match tokio::time::timeout(grace, &mut task).await {
+            Ok(joined) => joined.unwrap_or(Ok(())),
+            Err(_) => {
+                tracing::warn!(grace_secs = grace.as_secs_f64(), "shutdown grace period over; closing open requests");
+                task.abort();
+                Ok(())
+            }
+        }
     }
 }
 
@@ -193,11 +184,13 @@ pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
             tracing::warn!(error = %e, "worker not registered");
         }
     }
+    wait_for_first_healthy(&state).await;
     let (shutdown, shutdown_rx) = watch::channel(());
     tokio::spawn(crate::health::run(
         state.registry.clone(),
         state.probes.clone(),
         state.config.health.clone(),
+        state.config.remove_unhealthy_workers,
         shutdown_rx.clone(),
     ));
     spawn_maintenance(state.router.policy().clone(), shutdown_rx.clone());
@@ -214,19 +207,29 @@ pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
             })
             .await
     });
-    Ok(RunningRouter {
-        addr,
-        state,
-        shutdown,
-        task,
-    })
+    Ok(RunningRouter { addr, state, shutdown, task })
+}
+
+/// Start-up with workers still booting: re-probe unhealthy workers until one is healthy or
+/// `--worker-startup-timeout-secs` passes. Never fails start-up; the health checker takes over.
+async fn wait_for_first_healthy(state: &AppState) {
+    let deadline = tokio::time::Instant::now() + state.config.worker_startup_timeout;
+    while state.registry.healthy().is_empty() && !state.registry.all().is_empty() {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!("no healthy worker yet; serving anyway (requests get 503 until one is)");
+            return;
+        }
+        for w in state.registry.all().iter() {
+            if crate::health::probe(&state.probes, w, &state.config.health.endpoint).await {
+                state.registry.set_healthy(w, true);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Calls the policy's `maintain` on its interval until shutdown.
-fn spawn_maintenance(
-    policy: Arc<dyn crate::policies::RoutingPolicy>,
-    mut shutdown: watch::Receiver<()>,
-) {
+fn spawn_maintenance(policy: Arc<dyn crate::policies::RoutingPolicy>, mut shutdown: watch::Receiver<()>) {
     let Some(every) = policy.maintenance_interval() else {
         return;
     };

@@ -22,17 +22,12 @@ pub async fn propagate(mut req: Request, next: Next) -> Response {
         Some(v) if valid(v) => v.clone(),
         _ => {
             let generated = format!("{:016x}", rand::rng().random::<u64>());
-            let v = HeaderValue::from_str(&generated)
-                .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+            let v = HeaderValue::from_str(&generated).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
             req.headers_mut().insert(REQUEST_ID, v.clone());
             v
         }
     };
-    let span = tracing::info_span!(
-        "request",
-        id = id.to_str().unwrap_or(""),
-        path = req.uri().path().to_owned()
-    );
+    let span = tracing::info_span!("request", id = id.to_str().unwrap_or(""), path = req.uri().path().to_owned());
     let mut resp = next.run(req).instrument(span).await;
     resp.headers_mut().insert(REQUEST_ID, id);
     resp

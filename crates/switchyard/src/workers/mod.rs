@@ -1,7 +1,9 @@
 //! Workers and the registry that holds them.
 
+mod circuit_breaker;
 mod registry;
 mod worker;
 
+pub use circuit_breaker::{BreakerState, CircuitBreaker};
 pub use registry::{RegistryError, WorkerRegistry};
 pub use worker::{Worker, WorkerRole};

@@ -66,10 +66,7 @@ impl WorkerRegistry {
     pub fn remove(&self, url: &str) -> Result<Arc<Worker>, RegistryError> {
         let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.all.load();
-        let pos = current
-            .iter()
-            .position(|w| w.url() == url)
-            .ok_or_else(|| RegistryError::NotFound(url.to_owned()))?;
+        let pos = current.iter().position(|w| w.url() == url).ok_or_else(|| RegistryError::NotFound(url.to_owned()))?;
         let mut next: Vec<_> = current.iter().cloned().collect();
         let removed = next.remove(pos);
         self.publish(next);
@@ -81,16 +78,12 @@ impl WorkerRegistry {
         let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
         if worker.set_healthy_flag(healthy) {
             let all = self.all.load();
-            self.healthy.store(Arc::new(
-                all.iter().filter(|w| w.is_healthy()).cloned().collect(),
-            ));
+            self.healthy.store(Arc::new(all.iter().filter(|w| w.is_healthy()).cloned().collect()));
         }
     }
 
     fn publish(&self, next: Vec<Arc<Worker>>) {
-        self.healthy.store(Arc::new(
-            next.iter().filter(|w| w.is_healthy()).cloned().collect(),
-        ));
+        self.healthy.store(Arc::new(next.iter().filter(|w| w.is_healthy()).cloned().collect()));
         self.all.store(Arc::new(next));
     }
 }
@@ -101,10 +94,7 @@ mod tests {
     use crate::workers::WorkerRole;
 
     fn worker(port: u16) -> Arc<Worker> {
-        Arc::new(Worker::new(
-            format!("http://127.0.0.1:{port}"),
-            WorkerRole::Regular,
-        ))
+        Arc::new(Worker::new(format!("http://127.0.0.1:{port}"), WorkerRole::Regular))
     }
 
     #[test]
@@ -112,10 +102,7 @@ mod tests {
         let r = WorkerRegistry::new();
         r.add(worker(1)).unwrap();
         r.add(worker(2)).unwrap();
-        assert_eq!(
-            r.add(worker(1)),
-            Err(RegistryError::AlreadyExists("http://127.0.0.1:1".into()))
-        );
+        assert_eq!(r.add(worker(1)), Err(RegistryError::AlreadyExists("http://127.0.0.1:1".into())));
         let before = r.healthy();
         let w1 = r.get("http://127.0.0.1:1").unwrap();
         r.set_healthy(&w1, false);

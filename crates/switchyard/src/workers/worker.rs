@@ -5,6 +5,8 @@ use std::sync::RwLock;
 
 use serde::Serialize;
 
+use super::CircuitBreaker;
+use crate::config::CircuitBreakerConfig;
 use crate::load::WorkerLoad;
 
 /// The part a worker plays.
@@ -32,12 +34,18 @@ pub struct Worker {
     role: WorkerRole,
     healthy: AtomicBool,
     load: WorkerLoad,
+    breaker: CircuitBreaker,
     model_id: RwLock<Option<String>>,
 }
 
 impl Worker {
     /// A worker at `url` (already validated and normalised), healthy until a probe says otherwise.
     pub fn new(url: String, role: WorkerRole) -> Self {
+        Self::with_breaker(url, role, CircuitBreakerConfig::default())
+    }
+
+    /// A worker with its circuit breaker's thresholds.
+    pub fn with_breaker(url: String, role: WorkerRole, breaker: CircuitBreakerConfig) -> Self {
         static NEXT_ID: AtomicU32 = AtomicU32::new(0);
         Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -45,6 +53,7 @@ impl Worker {
             role,
             healthy: AtomicBool::new(true),
             load: WorkerLoad::default(),
+            breaker: CircuitBreaker::new(breaker),
             model_id: RwLock::new(None),
         }
     }
@@ -71,6 +80,16 @@ impl Worker {
 
     pub(crate) fn set_healthy_flag(&self, healthy: bool) -> bool {
         self.healthy.swap(healthy, Ordering::Relaxed) != healthy
+    }
+
+    /// Whether a request may be sent: healthy and the circuit lets it through.
+    pub fn is_available(&self) -> bool {
+        self.is_healthy() && self.breaker.allows()
+    }
+
+    /// The circuit breaker.
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
     }
 
     /// Load counters.

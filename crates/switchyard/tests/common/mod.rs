@@ -42,42 +42,23 @@ pub struct Answer {
 
 impl Answer {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
 }
 
-pub async fn send(
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: impl Into<Bytes>,
-) -> Answer {
+pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Answer {
     let mut req = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = client()
-        .request(req.body(Full::new(body.into())).unwrap())
-        .await
-        .expect("request failed");
+    let resp = client().request(req.body(Full::new(body.into())).unwrap()).await.expect("request failed");
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.expect("body failed").to_bytes();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
+    Answer { status: parts.status, headers: parts.headers, body }
 }
 
 pub async fn post(url: &str, body: &Value) -> Answer {
-    send(
-        "POST",
-        url,
-        &[("content-type", "application/json")],
-        body.to_string(),
-    )
-    .await
+    send("POST", url, &[("content-type", "application/json")], body.to_string()).await
 }
 
 pub async fn get(url: &str) -> Answer {
@@ -95,10 +76,7 @@ where
         if check().await {
             return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -133,18 +111,11 @@ struct MockState {
     arrivals: mpsc::UnboundedSender<Value>,
 }
 
-async fn mock_infer(
-    State(s): State<MockState>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn mock_infer(State(s): State<MockState>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     s.received.fetch_add(1, Ordering::SeqCst);
     let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let hdrs: HashMap<String, String> = headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
-        .collect();
+    let hdrs: HashMap<String, String> =
+        headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned())).collect();
     let echo = json!({"worker": s.port, "path": uri.path(), "headers": hdrs, "body": req});
     let _ = s.arrivals.send(echo.clone());
     match req.get("mode").and_then(Value::as_str) {
@@ -154,11 +125,7 @@ async fn mock_infer(
         }
         Some("status") => {
             let code = req.get("status").and_then(Value::as_u64).unwrap_or(500) as u16;
-            (
-                StatusCode::from_u16(code).unwrap(),
-                Json(json!({"error": "mock"})),
-            )
-                .into_response()
+            (StatusCode::from_u16(code).unwrap(), Json(json!({"error": "mock"}))).into_response()
         }
         Some("stream") => {
             let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
@@ -170,10 +137,7 @@ async fn mock_infer(
                 let _ = tx.send(Ok(Bytes::from("data: [DONE]\n\n"))).await;
             });
             let stream = futures_stream(rx);
-            Response::builder()
-                .header("content-type", "text/event-stream")
-                .body(Body::new(stream))
-                .unwrap()
+            Response::builder().header("content-type", "text/event-stream").body(Body::new(stream)).unwrap()
         }
         _ => Json(echo).into_response(),
     }
@@ -191,9 +155,7 @@ pub fn futures_stream(
             mut self: std::pin::Pin<&mut Self>,
             cx: &mut std::task::Context<'_>,
         ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
-            self.0
-                .poll_recv(cx)
-                .map(|o| o.map(|r| r.map(http_body::Frame::data)))
+            self.0.poll_recv(cx).map(|o| o.map(|r| r.map(http_body::Frame::data)))
         }
     }
     ChanBody(rx)
@@ -205,32 +167,19 @@ pub async fn mock_worker() -> MockWorker {
     let gate = Arc::new(Semaphore::new(0));
     let received = Arc::new(AtomicUsize::new(0));
     let (tx, arrivals) = mpsc::unbounded_channel();
-    let state = MockState {
-        port: addr.port(),
-        gate: gate.clone(),
-        received: received.clone(),
-        arrivals: tx,
-    };
+    let state = MockState { port: addr.port(), gate: gate.clone(), received: received.clone(), arrivals: tx };
     let app = Router::new()
         .route("/health", routing::get(|| async { "ok" }))
         .route(
             "/v1/models",
-            routing::get(|| async {
-                Json(json!({"object":"list","data":[{"id":"mock-model","object":"model"}]}))
-            }),
+            routing::get(|| async { Json(json!({"object":"list","data":[{"id":"mock-model","object":"model"}]})) }),
         )
         .route("/{*path}", any(mock_infer))
         .with_state(state);
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    MockWorker {
-        addr,
-        gate,
-        received,
-        arrivals,
-        _task: task,
-    }
+    MockWorker { addr, gate, received, arrivals, _task: task }
 }
 
 /// A router config for tests: ephemeral port, fast health checks.
@@ -257,17 +206,11 @@ pub async fn router(config: RouterConfig) -> RunningRouter {
 /// Sum of in-flight counts over every worker, from `/get_loads`.
 pub async fn total_in_flight(router_url: &str) -> u64 {
     let loads = get(&format!("{router_url}/get_loads")).await.json();
-    loads["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["in_flight"].as_u64().unwrap())
-        .sum()
+    loads["workers"].as_array().unwrap().iter().map(|w| w["in_flight"].as_u64().unwrap()).sum()
 }
 
 pub fn chat(extra: Value) -> Value {
-    let mut body =
-        json!({"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4});
+    let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4});
     if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
         for (k, v) in e {
             b.insert(k.clone(), v.clone());
