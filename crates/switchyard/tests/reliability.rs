@@ -297,8 +297,10 @@ async fn chaos_every_request_gets_an_answer() {
     let r = router(cfg).await;
     let url = r.url();
 
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let chaos = {
         let ws = ws.clone();
+        let done = done.clone();
         tokio::spawn(async move {
             let phases = [
                 (0, Faults { refuse_connections: true, ..Faults::default() }),
@@ -312,16 +314,23 @@ async fn chaos_every_request_gets_an_answer() {
                 tokio::time::sleep(Duration::from_millis(400)).await;
                 ws[i].set_faults(Faults::default()).unwrap();
             }
+            tokio::time::sleep(Duration::from_millis(300)).await; // recovery under load
+            done.store(true, Ordering::SeqCst);
         })
     };
     let clients: Vec<_> = (0..6)
         .map(|c| {
             let url = url.clone();
+            let done = done.clone();
             tokio::spawn(async move {
                 let mut results = Vec::new();
-                for i in 0..40 {
+                // Bounded: until the chaos script ends, at most 1,000 requests per client.
+                for i in 0..1_000 {
+                    if done.load(Ordering::SeqCst) {
+                        break;
+                    }
                     let stream = (c + i) % 2 == 0;
-                    let body = json!({"prompt": format!("client {c} request {i}"), "max_tokens": 12, "ignore_eos": true, "stream": stream});
+                    let body = json!({"prompt": format!("client {c} request {i}"), "max_tokens": 48, "ignore_eos": true, "stream": stream});
                     let started = tokio::time::Instant::now();
                     let a = post(&format!("{url}/v1/completions"), &body).await;
                     results.push((a, stream, started.elapsed()));
@@ -337,7 +346,7 @@ async fn chaos_every_request_gets_an_answer() {
             max_latency = max_latency.max(latency);
             let text = String::from_utf8_lossy(&a.body).to_string();
             let complete =
-                if stream { text.ends_with("data: [DONE]\n\n") } else { a.json()["usage"]["completion_tokens"] == 12 };
+                if stream { text.ends_with("data: [DONE]\n\n") } else { a.json()["usage"]["completion_tokens"] == 48 };
             if a.status == 200 && complete {
                 ok += 1;
             } else if (a.status != 200 && serde_json::from_slice::<Value>(&a.body).is_ok())
@@ -354,7 +363,7 @@ async fn chaos_every_request_gets_an_answer() {
         "chaos: sent {sent}, succeeded {ok}, clear errors {clear_errors}, lost {}, max latency {max_latency:?}",
         sent - ok - clear_errors
     );
-    assert_eq!(sent, 240);
+    assert!(sent >= 100, "the load must span the chaos script: {sent}");
     assert_eq!(ok + clear_errors, sent, "lost requests");
     assert!(max_latency < Duration::from_millis(1500 + 2500), "max latency {max_latency:?}");
     assert!(ok as f64 >= 0.8 * sent as f64, "successes should dominate: {ok}/{sent}");
