@@ -9,6 +9,7 @@ pub mod demo;
 pub mod error;
 pub mod health;
 pub mod load;
+pub mod metrics;
 pub mod policies;
 pub mod proxy;
 pub mod request;

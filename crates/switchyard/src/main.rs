@@ -18,8 +18,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let _log_guard = init_logging(&args);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -34,6 +33,31 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Text or JSON logs to stderr, and optionally to daily-rotated files in `--log-dir`.
+/// Returns the file writer's guard, which flushes it on drop.
+fn init_logging(args: &Args) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter = || tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| "info".into());
+    let json = args.log_json;
+    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let stderr = if json { stderr.json().with_filter(filter()).boxed() } else { stderr.with_filter(filter()).boxed() };
+    let (file, guard) = match &args.log_dir {
+        Some(dir) => {
+            let (writer, guard) =
+                tracing_appender::non_blocking(tracing_appender::rolling::daily(dir, "switchyard.log"));
+            let layer = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(false);
+            let layer =
+                if json { layer.json().with_filter(filter()).boxed() } else { layer.with_filter(filter()).boxed() };
+            (Some(layer), Some(guard))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry().with(stderr).with(file).init();
+    guard
 }
 
 async fn run(args: Args) -> Result<(), String> {

@@ -11,9 +11,30 @@ use super::{
 use crate::policies::{CacheAwareConfig, PolicyConfig, PolicyKind};
 
 /// LLM inference router: one routing-policy trait for every fleet.
-#[derive(Debug, Clone, Parser)]
-#[command(name = "switchyard", version, about)]
+#[derive(Debug, Clone, Parser, serde::Serialize)]
+#[command(name = "switchyard", version, about, args_override_self = true)]
 pub struct Args {
+    /// Read options from a TOML or YAML file (keys are the long option names); the command
+    /// line overrides it.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<String>,
+    /// Print the effective configuration (file + command line) as TOML and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+    /// Also write logs to daily-rotated files in this directory.
+    #[arg(long, value_name = "DIR")]
+    pub log_dir: Option<String>,
+    /// Serve Prometheus metrics on a separate listener at this port (always on `/metrics`).
+    #[arg(long)]
+    pub prometheus_port: Option<u16>,
+    /// Address of the separate metrics listener.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub prometheus_host: String,
     /// Address to bind.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -106,9 +127,11 @@ pub struct Args {
     pub shutdown_grace_secs: f64,
     /// Bearer token required on admin routes (worker management, flush_cache).
     #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+    #[serde(serialize_with = "redact")]
     pub api_key: Option<String>,
     /// Bearer token required on inference routes.
     #[arg(long, env = "SWITCHYARD_INFERENCE_API_KEY", hide_env_values = true)]
+    #[serde(serialize_with = "redact")]
     pub inference_api_key: Option<String>,
     /// Seconds start-up waits for a first healthy worker (start-up never fails for it).
     #[arg(long, default_value_t = 0.0, value_parser = non_negative_secs)]
@@ -125,6 +148,13 @@ pub struct Args {
     /// Simulated workers run this many times faster than real hardware.
     #[arg(long, default_value_t = 1.0, value_parser = positive_secs)]
     pub sim_time_scale: f64,
+}
+
+fn redact<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_some("<redacted>"),
+        None => s.serialize_none(),
+    }
 }
 
 fn unit_interval(s: &str) -> Result<f64, String> {
@@ -218,6 +248,8 @@ impl Args {
             inference_api_key: self.inference_api_key.clone().filter(|k| !k.is_empty()),
             worker_startup_timeout: Duration::from_secs_f64(self.worker_startup_timeout_secs),
             remove_unhealthy_workers: self.remove_unhealthy_workers,
+            prometheus_port: self.prometheus_port,
+            prometheus_host: self.prometheus_host.clone(),
         })
     }
 }
@@ -239,7 +271,31 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    match Args::try_parse_from(args) {
+    let mut argv: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    if let Some(path) = super::file::config_path(&argv) {
+        let from_file = match super::file::args_from_file(&path) {
+            Ok(a) => a,
+            Err(e) => return ParseOutcome::Fail(format!("error: {e}")),
+        };
+        // Values from the file alone first, so an error names the file.
+        let mut alone = vec![argv.first().cloned().unwrap_or_else(|| "switchyard".into())];
+        alone.extend(from_file.iter().cloned());
+        if let Err(e) = Args::try_parse_from(&alone) {
+            let first = e.to_string().lines().next().unwrap_or("invalid value").to_owned();
+            return ParseOutcome::Fail(format!(
+                "error: in config file {path}: {}",
+                first.trim_start_matches("error: ")
+            ));
+        }
+        let mut merged = alone;
+        merged.extend(argv.drain(1..));
+        argv = merged;
+    }
+    match Args::try_parse_from(argv) {
+        Ok(a) if a.print_config => match toml::to_string(&a) {
+            Ok(text) => ParseOutcome::Print(text),
+            Err(e) => ParseOutcome::Fail(format!("error: cannot print the configuration: {e}")),
+        },
         Ok(a) => match a.to_config() {
             Ok(_) => ParseOutcome::Run(Box::new(a)),
             Err(e) => ParseOutcome::Fail(format!("error: {e}")),
@@ -276,6 +332,52 @@ mod tests {
         let PolicyConfig::CacheAware(ca) = a.to_config().unwrap().policy else { panic!("not cache_aware") };
         assert_eq!((ca.cache_threshold, ca.balance_abs_threshold, ca.balance_rel_threshold), (0.3, 64, 1.5));
         assert_eq!((ca.eviction_interval, ca.max_tree_size), (Duration::from_secs(120), 1000));
+    }
+
+    fn write(name: &str, text: &str) -> String {
+        let path = std::env::temp_dir().join(format!("switchyard-{}-{name}", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn config_file_with_command_line_precedence() {
+        let toml = write("a.toml", "port = 31000\npolicy = \"cache_aware\"\nworker-urls = [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\"]\nmax_tree_size = 1000\nremove_unhealthy_workers = true\n");
+        let ParseOutcome::Run(a) = parse_args(["switchyard", "--config", &toml, "--port", "32000"]) else { panic!() };
+        assert_eq!(a.port, 32000, "command line wins");
+        assert_eq!(a.policy, PolicyKind::CacheAware);
+        assert_eq!((a.worker_urls.len(), a.max_tree_size, a.remove_unhealthy_workers), (2, 1000, true));
+        let yaml =
+            write("b.yaml", "port: 31001\nworker_urls:\n  - http://127.0.0.1:3\nhealth-check-interval-secs: 0.5\n");
+        let ParseOutcome::Run(a) = parse_args(["switchyard", "--config", &yaml]) else { panic!() };
+        assert_eq!((a.port, a.worker_urls.len(), a.health_check_interval_secs), (31001, 1, 0.5));
+        // The effective configuration prints as TOML that reads back the same.
+        let ParseOutcome::Print(text) =
+            parse_args(["switchyard", "--config", &toml, "--api-key", "s3cret", "--print-config"])
+        else {
+            panic!()
+        };
+        assert!(text.contains("port = 31000") && text.contains("<redacted>") && !text.contains("s3cret"), "{text}");
+    }
+
+    #[test]
+    fn bad_config_files_name_the_key() {
+        for (name, text, needle) in [
+            ("c.toml", "prot = 1\n", "'prot'"),
+            ("d.toml", "port = \"high\"\n", "--port"),
+            ("e.yaml", "policy: [1, {a: 2}]\n", "'policy'"),
+            ("f.toml", "remove_unhealthy_workers = 3\n", "'remove_unhealthy_workers'"),
+            ("g.toml", "port = \n", "not valid TOML"),
+        ] {
+            let path = write(name, text);
+            match parse_args(["switchyard", "--config", &path]) {
+                ParseOutcome::Fail(msg) => assert!(msg.contains(needle) && !msg.contains('\n'), "{name}: {msg}"),
+                other => panic!("{name} accepted: {other:?}"),
+            }
+        }
+        assert!(
+            matches!(parse_args(["switchyard", "--config", "/no/such/file.toml"]), ParseOutcome::Fail(m) if m.contains("cannot read"))
+        );
     }
 
     #[test]

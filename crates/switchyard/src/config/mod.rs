@@ -2,6 +2,7 @@
 //! validation, and the per-policy config types.
 
 mod cli;
+mod file;
 
 pub use cli::{parse_args, Args, ParseOutcome};
 
@@ -69,6 +70,10 @@ pub struct RouterConfig {
     pub worker_startup_timeout: Duration,
     /// Remove workers from the registry when the health checker marks them unhealthy.
     pub remove_unhealthy_workers: bool,
+    /// Separate metrics listener port (`None` = only `/metrics` on the main port).
+    pub prometheus_port: Option<u16>,
+    /// Address of the metrics listener.
+    pub prometheus_host: String,
 }
 
 /// Retry with exponential backoff and jitter (pingora/linkerd style: only before anything
@@ -155,6 +160,8 @@ impl Default for RouterConfig {
             inference_api_key: None,
             worker_startup_timeout: Duration::from_secs(0),
             remove_unhealthy_workers: false,
+            prometheus_port: None,
+            prometheus_host: "127.0.0.1".into(),
         }
     }
 }

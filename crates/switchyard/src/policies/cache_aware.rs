@@ -20,6 +20,7 @@ use super::load_based::least_loaded;
 use super::radix_tree::{PrefixMatch, SharedTree};
 use super::rng::PolicyRng;
 use super::{RoutingError, RoutingPolicy};
+use crate::metrics::{Histogram, RATIO_BUCKETS};
 use crate::request::{RequestView, RoutingText};
 use crate::workers::Worker;
 
@@ -60,6 +61,7 @@ pub struct CacheAware {
     text: SharedTree<u8>,
     tokens: SharedTree<u32>,
     rng: PolicyRng,
+    match_ratio: Histogram,
 }
 
 /// Why a decision was made (for traces and tests).
@@ -80,6 +82,7 @@ impl CacheAware {
             text: SharedTree::new(config.max_tree_size),
             tokens: SharedTree::new(config.max_tree_size),
             rng: PolicyRng::new(config.seed),
+            match_ratio: Histogram::new(&RATIO_BUCKETS),
             config: config.clone(),
         }
     }
@@ -126,6 +129,7 @@ impl CacheAware {
             match self.matches(&request.text) {
                 Some(m) if m.key_size > 0 => {
                     let best = workers.iter().map(|w| m.of(w.id())).max().unwrap_or(0);
+                    self.match_ratio.observe(best as f64 / m.key_size as f64);
                     if best as f64 / m.key_size as f64 > self.config.cache_threshold {
                         let holders: Vec<Arc<Worker>> =
                             workers.iter().filter(|w| m.of(w.id()) == best).cloned().collect();
@@ -158,6 +162,21 @@ impl RoutingPolicy for CacheAware {
 
     fn maintenance_interval(&self) -> Option<Duration> {
         Some(self.config.eviction_interval)
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP switchyard_cache_match_ratio cache_aware: best prefix match ratio per decision.");
+        let _ = writeln!(out, "# TYPE switchyard_cache_match_ratio histogram");
+        self.match_ratio.render(out, "switchyard_cache_match_ratio", "");
+        let (text, tokens) = (self.text.with(|t| t.total_size()), self.tokens.with(|t| t.total_size()));
+        let _ =
+            writeln!(out, "# HELP switchyard_cache_tree_size cache_aware: stored characters (or tokens) × workers.");
+        let _ = writeln!(out, "# TYPE switchyard_cache_tree_size gauge");
+        let _ = writeln!(out, "switchyard_cache_tree_size{{keys=\"text\"}} {text}\nswitchyard_cache_tree_size{{keys=\"tokens\"}} {tokens}");
+        let bytes = self.text.with(|t| t.memory_bytes()) + self.tokens.with(|t| t.memory_bytes());
+        let _ = writeln!(out, "# HELP switchyard_cache_tree_bytes cache_aware: approximate tree memory.");
+        let _ = writeln!(out, "# TYPE switchyard_cache_tree_bytes gauge\nswitchyard_cache_tree_bytes {bytes}");
     }
 
     /// Trims each tree to 90 % of its bound, so inserts rarely evict on the request path.

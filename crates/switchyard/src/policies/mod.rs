@@ -70,6 +70,10 @@ pub trait RoutingPolicy: Send + Sync + fmt::Debug {
     /// Periodic upkeep (e.g. trimming a cache tree). Pure computation: the router's timer
     /// (or a simulation's virtual clock) calls it, so the policy never owns a thread.
     fn maintain(&self) {}
+
+    /// Appends the policy's own Prometheus families (e.g. cache_aware's match ratio and tree
+    /// size) to a scrape.
+    fn render_metrics(&self, _out: &mut String) {}
 }
 
 /// Policy names accepted by `--policy`.

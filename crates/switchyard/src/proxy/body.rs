@@ -1,49 +1,78 @@
-//! The response body relayed to the client, observed on the way.
+//! The body of a streamed (SSE) response relayed to the client, observed on the way.
 //!
 //! It owns the request's [`InFlightGuard`], so the worker's in-flight count drops exactly
 //! when the stream ends — finished, failed, or dropped because the client went away (axum
 //! drops the body, which drops the upstream connection and so cancels the work there).
-//! The first data frame marks time to first byte. If the worker breaks an SSE stream,
-//! the client gets a final `data: {"error": ...}` event instead of a silent truncation.
+//! The first data frame marks time to first token; SSE events are counted for time per
+//! output token. If the worker breaks the stream, the client gets a final
+//! `data: {"error": ...}` event instead of a silent truncation.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::load::InFlightGuard;
+use crate::metrics::Metrics;
 use crate::policies::RoutingPolicy;
 
-/// A worker's response body with its guard.
+/// Where a stream's observations go.
+#[derive(Debug, Clone)]
+pub struct StreamObserver {
+    /// Told about the finished request.
+    pub policy: Arc<dyn RoutingPolicy>,
+    /// Request, TTFT and TPOT metrics.
+    pub metrics: Arc<Metrics>,
+    /// Route label.
+    pub route: &'static str,
+}
+
+/// A worker's SSE response body with its guard.
 pub struct ObservedBody {
     inner: Incoming,
     guard: Option<InFlightGuard>,
-    policy: Arc<dyn RoutingPolicy>,
-    sse: bool,
-    /// Whether the worker answered with an error status (counts as a failed request).
+    observer: StreamObserver,
+    status: u16,
+    /// Whether the worker answered with a worker-failure status.
     error_status: bool,
+    /// SSE `data:` events seen (≈ output tokens for token-per-event engines).
+    events: u32,
     done: bool,
 }
 
 impl ObservedBody {
-    /// Wraps `inner`; `sse` selects the error-event behaviour for broken streams.
+    /// Wraps `inner`, a stream answered with `status`.
     pub fn new(
         inner: Incoming,
         guard: InFlightGuard,
-        policy: Arc<dyn RoutingPolicy>,
-        sse: bool,
+        observer: StreamObserver,
+        status: u16,
         error_status: bool,
     ) -> Self {
-        Self { inner, guard: Some(guard), policy, sse, error_status, done: false }
+        Self { inner, guard: Some(guard), observer, status, error_status, events: 0, done: false }
     }
 
     fn finish(&mut self, success: bool) {
         if let Some(guard) = self.guard.take() {
             let outcome = guard.complete(success);
-            self.policy.on_request_complete(&outcome);
+            let o = &self.observer;
+            o.metrics.request(o.route, self.status, outcome.worker.url(), outcome.latency);
+            // Events beyond the first, over the time after it; `[DONE]` and a usage event
+            // are included, a small bias toward shorter TPOT on short streams.
+            let tpot = outcome
+                .time_to_first_byte
+                .filter(|_| self.events > 2)
+                .map(|ttft| (outcome.latency.saturating_sub(ttft)) / (self.events - 1).max(1));
+            o.metrics.token_timing(
+                outcome.worker.url(),
+                outcome.time_to_first_byte,
+                tpot.filter(|t| *t > Duration::ZERO),
+            );
+            o.policy.on_request_complete(&outcome);
         }
     }
 }
@@ -54,6 +83,10 @@ fn stream_error_event(worker: &str, reason: &str) -> Bytes {
         "type": "bad_gateway", "code": 502,
     }});
     Bytes::from(format!("data: {body}\n\n"))
+}
+
+fn count_events(data: &[u8]) -> u32 {
+    data.windows(5).filter(|w| w == b"data:").count() as u32
 }
 
 impl Body for ObservedBody {
@@ -67,13 +100,12 @@ impl Body for ObservedBody {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
-                if frame.data_ref().is_some_and(|d| !d.is_empty()) {
+                if let Some(d) = frame.data_ref().filter(|d| !d.is_empty()) {
+                    self.events += count_events(d);
                     if let Some(g) = self.guard.as_mut() {
                         g.mark_first_byte();
                     }
                 }
-                // A server writing a sized body stops polling once it has every byte, so
-                // the end must be noticed here rather than from a final `None`.
                 if self.inner.is_end_stream() {
                     self.done = true;
                     let success = !self.error_status;
@@ -90,13 +122,10 @@ impl Body for ObservedBody {
             Poll::Ready(Some(Err(e))) => {
                 self.done = true;
                 let worker = self.guard.as_ref().map(|g| g.worker().url().to_owned()).unwrap_or_default();
-                tracing::warn!(%worker, error = %e, "worker response broke mid-body");
+                tracing::warn!(%worker, error = %e, "worker broke the stream");
+                self.status = 502;
                 self.finish(false);
-                if self.sse {
-                    Poll::Ready(Some(Ok(Frame::data(stream_error_event(&worker, &e.to_string())))))
-                } else {
-                    Poll::Ready(Some(Err(e)))
-                }
+                Poll::Ready(Some(Ok(Frame::data(stream_error_event(&worker, &e.to_string())))))
             }
         }
     }
@@ -106,10 +135,15 @@ impl Body for ObservedBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.sse {
-            SizeHint::default()
-        } else {
-            self.inner.size_hint()
-        }
+        SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_sse_events() {
+        assert_eq!(super::count_events(b"data: {}\n\ndata: {}\n\ndata: [DONE]\n\n"), 3);
+        assert_eq!(super::count_events(b"dat"), 0);
     }
 }

@@ -4,5 +4,5 @@
 mod body;
 pub mod client;
 
-pub use body::ObservedBody;
+pub use body::{ObservedBody, StreamObserver};
 pub use client::{forward_headers, HttpClient, SendError, Upstream};

@@ -2,4 +2,4 @@
 
 mod regular;
 
-pub use regular::RegularRouter;
+pub use regular::{is_worker_failure, Observed, RegularRouter, RoutedTo};

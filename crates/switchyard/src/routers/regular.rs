@@ -10,8 +10,9 @@ use http_body_util::{BodyExt, Limited};
 use crate::config::RetryConfig;
 use crate::error::ApiError;
 use crate::load::InFlightGuard;
+use crate::metrics::Metrics;
 use crate::policies::RoutingPolicy;
-use crate::proxy::{forward_headers, ObservedBody, SendError, Upstream};
+use crate::proxy::{forward_headers, ObservedBody, SendError, StreamObserver, Upstream};
 use crate::request::RequestView;
 use crate::workers::{Worker, WorkerRegistry};
 
@@ -25,6 +26,7 @@ pub struct RegularRouter {
     policy: Arc<dyn RoutingPolicy>,
     upstream: Upstream,
     retry: RetryConfig,
+    metrics: Arc<Metrics>,
 }
 
 /// Statuses that mean "this worker can't serve it now; another may" (and count against
@@ -40,8 +42,9 @@ impl RegularRouter {
         policy: Arc<dyn RoutingPolicy>,
         upstream: Upstream,
         retry: RetryConfig,
+        metrics: Arc<Metrics>,
     ) -> Self {
-        Self { registry, policy, upstream, retry }
+        Self { registry, policy, upstream, retry, metrics }
     }
 
     /// The policy in use.
@@ -77,7 +80,13 @@ impl RegularRouter {
     /// Failed attempts (connection refused, broken before the headers, a worker-failure
     /// status) are retried on another worker with backoff while nothing has reached the
     /// client; a worker-failure response is relayed as is when no attempt or worker is left.
-    pub async fn route(&self, path: &str, headers: &HeaderMap, body: Bytes) -> Result<Response<Body>, ApiError> {
+    pub async fn route(
+        &self,
+        route: &'static str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Body>, ApiError> {
+        let path = route;
         let key = ROUTING_KEY_HEADERS.iter().find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()));
         let view = RequestView::parse(&body, key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let mut tried: Vec<Arc<Worker>> = Vec::new();
@@ -85,6 +94,7 @@ impl RegularRouter {
         let attempts = self.retry.max_attempts.max(1);
         for attempt in 0..attempts {
             if attempt > 0 {
+                self.metrics.retry();
                 let unit: f64 = rand::random();
                 tokio::time::sleep(self.retry.backoff(attempt as u32, unit)).await;
             }
@@ -114,7 +124,12 @@ impl RegularRouter {
                     self.policy.on_request_complete(&guard.complete(false));
                     tried.push(worker);
                 }
-                Ok(resp) if is_event_stream(&resp) => return Ok(relay_stream(resp, guard, self.policy.clone())),
+                Ok(resp) if is_event_stream(&resp) => {
+                    let observer = StreamObserver { policy: self.policy.clone(), metrics: self.metrics.clone(), route };
+                    let mut out = relay_stream(resp, guard, observer);
+                    out.extensions_mut().insert(RoutedTo(worker));
+                    return Ok(out);
+                }
                 Ok(resp) => {
                     // A whole (non-streamed) answer is read before anything is sent, so a worker
                     // that breaks it mid-body is one more failed attempt, not a broken response.
@@ -126,7 +141,9 @@ impl RegularRouter {
                             let mut guard = guard;
                             guard.mark_first_byte();
                             self.policy.on_request_complete(&guard.complete(!is_worker_failure(parts.status)));
-                            return Ok(buffered(parts, collected.to_bytes()));
+                            let mut out = buffered(parts, collected.to_bytes());
+                            out.extensions_mut().insert(RoutedTo(worker));
+                            return Ok(out);
                         }
                         Ok(Err(e)) => {
                             tracing::warn!(worker = worker.url(), error = %e, attempt, "response body broke; retrying elsewhere");
@@ -187,15 +204,24 @@ fn buffered(parts: hyper::http::response::Parts, body: Bytes) -> Response<Body> 
 fn relay_stream(
     resp: hyper::Response<hyper::body::Incoming>,
     guard: InFlightGuard,
-    policy: Arc<dyn RoutingPolicy>,
+    observer: StreamObserver,
 ) -> Response<Body> {
     let (parts, incoming) = resp.into_parts();
     let error_status = is_worker_failure(parts.status);
-    let body = ObservedBody::new(incoming, guard, policy, true, error_status);
+    let body = ObservedBody::new(incoming, guard, observer, parts.status.as_u16(), error_status);
     let mut out = Response::new(Body::new(body));
     *out.status_mut() = parts.status;
     forward_headers(&parts.headers, out.headers_mut());
     // Ask intermediaries (nginx in front of us) not to buffer the stream.
     out.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
+    out.extensions_mut().insert(Observed);
     out
 }
+
+/// Response extension: the worker that answered.
+#[derive(Debug, Clone)]
+pub struct RoutedTo(pub Arc<Worker>);
+
+/// Response extension: the body records its own metrics when it ends (streams).
+#[derive(Debug, Clone, Copy)]
+pub struct Observed;

@@ -9,6 +9,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::AppState;
 use crate::error::ApiError;
+use crate::routers::{Observed, RoutedTo};
 
 /// Reads a request body up to `limit` bytes; larger bodies get 413 without being read whole.
 pub(super) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
@@ -24,9 +25,32 @@ pub(super) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> 
     }
 }
 
-async fn route(state: &AppState, path: &str, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn route(state: &AppState, path: &'static str, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let started = tokio::time::Instant::now();
+    let answer = admit_and_route(state, path, headers, body).await;
+    // Streams record themselves when they end; everything else is recorded here.
+    let (status, worker) = match &answer {
+        Ok(r) if r.extensions().get::<Observed>().is_some() => return answer,
+        Ok(r) => (r.status().as_u16(), r.extensions().get::<RoutedTo>().map(|w| w.0.url().to_owned())),
+        Err(e) => (e.status().as_u16(), None),
+    };
+    state.metrics.request(path, status, worker.as_deref().unwrap_or("none"), started.elapsed());
+    answer
+}
+
+async fn admit_and_route(
+    state: &AppState,
+    path: &'static str,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let permit = match &state.admission {
-        Some(a) => Some(a.admit().await?),
+        Some(a) => {
+            state.metrics.set_queue_depth(a.waiting() + 1);
+            let permit = a.admit().await;
+            state.metrics.set_queue_depth(a.waiting());
+            Some(permit?)
+        }
         None => None,
     };
     let bytes = read_body(&headers, body, state.config.max_payload_size).await?;

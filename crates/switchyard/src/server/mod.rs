@@ -5,6 +5,7 @@ mod admission;
 mod auth;
 mod inference;
 mod info;
+mod listener;
 mod request_id;
 
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::RouterConfig;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::policies;
 use crate::proxy::{client, Upstream};
 use crate::routers::RegularRouter;
@@ -43,6 +45,8 @@ pub struct AppState {
     pub probes: Upstream,
     /// Admission control, when configured.
     pub admission: Option<Arc<admission::Admission>>,
+    /// Prometheus families.
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {
@@ -55,9 +59,10 @@ impl AppState {
             Upstream { client: client::new_client(Duration::from_secs(5), 8), timeout: Duration::from_secs(30) };
         let probes = Upstream { client: client::new_client(config.health.timeout, 4), timeout: config.health.timeout };
         let policy = policies::build(&config.policy);
-        let router = RegularRouter::new(registry.clone(), policy, inference, config.retry.clone());
+        let metrics = Arc::new(Metrics::new(policy.name()));
+        let router = RegularRouter::new(registry.clone(), policy, inference, config.retry.clone(), metrics.clone());
         let admission = config.admission.clone().map(|a| Arc::new(admission::Admission::new(a)));
-        Self { config: Arc::new(config), registry, router, control, probes, admission }
+        Self { config: Arc::new(config), registry, router, control, probes, admission, metrics }
     }
 
     /// Probes a worker once (health, then the model it serves) and registers it, healthy or not.
@@ -111,6 +116,7 @@ pub fn app(state: AppState) -> Router {
         .route("/get_model_info", get(info::model_info))
         .route("/get_server_info", get(info::server_info))
         .route("/get_loads", get(info::loads))
+        .route("/metrics", get(info::metrics))
         .route("/workers", get(admin::list_workers))
         .route("/list_workers", get(admin::legacy_list_workers));
     public
@@ -195,11 +201,11 @@ pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
     ));
     spawn_maintenance(state.router.policy().clone(), shutdown_rx.clone());
     let app = app(state.clone());
+    if let Some(port) = state.config.prometheus_port {
+        spawn_metrics_listener(&state, port, shutdown_rx.clone()).await?;
+    }
     let mut stop = shutdown_rx;
-    // Without TCP_NODELAY, small SSE chunks meet the client's delayed ACK: +40 ms TTFT.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    let listener = listener::CountingListener::new(listener, state.metrics.clone());
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -208,6 +214,20 @@ pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
             .await
     });
     Ok(RunningRouter { addr, state, shutdown, task })
+}
+
+/// The separate `--prometheus-port` listener: `/metrics` only.
+async fn spawn_metrics_listener(state: &AppState, port: u16, mut stop: watch::Receiver<()>) -> std::io::Result<()> {
+    let listener = TcpListener::bind((state.config.prometheus_host.as_str(), port)).await?;
+    let app = Router::new().route("/metrics", get(info::metrics)).with_state(state.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.changed().await;
+            })
+            .await;
+    });
+    Ok(())
 }
 
 /// Start-up with workers still booting: re-probe unhealthy workers until one is healthy or

@@ -1,0 +1,14 @@
+# Builds the router (with the built-in simulator) and runs it. Without --worker-urls,
+# pass --sim-workers N to try it on simulated workers.
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --bin switchyard --bin switchyard-sim
+
+FROM debian:bookworm-slim
+COPY --from=build /src/target/release/switchyard /usr/local/bin/switchyard
+COPY --from=build /src/target/release/switchyard-sim /usr/local/bin/switchyard-sim
+EXPOSE 30000
+USER 65534
+ENTRYPOINT ["/usr/local/bin/switchyard"]
+CMD ["--host", "0.0.0.0", "--port", "30000", "--sim-workers", "4"]

@@ -1,0 +1,254 @@
+//! Prometheus metrics: families registered once, labels typed and bounded (route, status,
+//! worker, policy — never anything per request), rendered in the text exposition format on
+//! `/metrics` and on `--prometheus-port`.
+//!
+//! Per-worker counters that already exist for routing (in-flight, dispatched, breaker and
+//! health state) are read from the registry at scrape time rather than counted twice.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::workers::{BreakerState, WorkerRegistry};
+
+/// Latency buckets in seconds: milliseconds (a router's own overhead, TTFT of short
+/// prompts) up to ten minutes (long generations).
+pub const LATENCY_BUCKETS: [f64; 17] =
+    [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+/// Time-per-output-token buckets in seconds.
+pub const TPOT_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0];
+/// Match-ratio buckets (0–1).
+pub const RATIO_BUCKETS: [f64; 10] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
+
+/// A histogram with fixed buckets, lock-free to observe.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// An empty histogram over `bounds` (upper bounds, ascending; +Inf is implicit).
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: (0..bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one value.
+    pub fn observe(&self, v: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_micros.fetch_add((v.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Appends the histogram's `_bucket`, `_sum` and `_count` lines with `labels`.
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            cumulative += c.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let braced = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braced} {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{braced} {count}");
+    }
+}
+
+/// Labels of `switchyard_requests_total`: bounded by routes × statuses × workers.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct RequestKey {
+    route: &'static str,
+    status: u16,
+    worker: String,
+}
+
+/// Every metric family the router exports.
+#[derive(Debug)]
+pub struct Metrics {
+    policy: &'static str,
+    requests: Mutex<BTreeMap<RequestKey, u64>>,
+    duration: Mutex<BTreeMap<&'static str, Histogram>>,
+    ttft: Mutex<BTreeMap<String, Histogram>>,
+    tpot: Mutex<BTreeMap<String, Histogram>>,
+    retries: AtomicU64,
+    queue_depth: AtomicU64,
+    open_connections: AtomicU64,
+}
+
+impl Metrics {
+    /// A fresh set for a router running `policy`.
+    pub fn new(policy: &'static str) -> Self {
+        Self {
+            policy,
+            requests: Mutex::new(BTreeMap::new()),
+            duration: Mutex::new(BTreeMap::new()),
+            ttft: Mutex::new(BTreeMap::new()),
+            tpot: Mutex::new(BTreeMap::new()),
+            retries: AtomicU64::new(0),
+            queue_depth: AtomicU64::new(0),
+            open_connections: AtomicU64::new(0),
+        }
+    }
+
+    /// A finished request: its route, final status, the worker that answered ("none" if
+    /// no worker did) and its duration.
+    pub fn request(&self, route: &'static str, status: u16, worker: &str, duration: Duration) {
+        let key = RequestKey { route, status, worker: worker.to_owned() };
+        *self.requests.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default() += 1;
+        self.duration
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(route)
+            .or_insert_with(|| Histogram::new(&LATENCY_BUCKETS))
+            .observe(duration.as_secs_f64());
+    }
+
+    /// Time to first token (first body byte) and mean time per output token of a stream.
+    pub fn token_timing(&self, worker: &str, ttft: Option<Duration>, tpot: Option<Duration>) {
+        if let Some(t) = ttft {
+            let mut m = self.ttft.lock().unwrap_or_else(|p| p.into_inner());
+            m.entry(worker.to_owned()).or_insert_with(|| Histogram::new(&LATENCY_BUCKETS)).observe(t.as_secs_f64());
+        }
+        if let Some(t) = tpot {
+            let mut m = self.tpot.lock().unwrap_or_else(|p| p.into_inner());
+            m.entry(worker.to_owned()).or_insert_with(|| Histogram::new(&TPOT_BUCKETS)).observe(t.as_secs_f64());
+        }
+    }
+
+    /// One retry (a further attempt on another worker).
+    pub fn retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests waiting for admission.
+    pub fn set_queue_depth(&self, n: usize) {
+        self.queue_depth.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Client connections opened/closed.
+    pub fn connection(&self, opened: bool) {
+        if opened {
+            self.open_connections.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.open_connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The text exposition.
+    pub fn render(&self, registry: &WorkerRegistry) -> String {
+        let mut out = String::with_capacity(8192);
+        let p = self.policy;
+        header(&mut out, "switchyard_requests_total", "counter", "Requests answered, by route, status and worker.");
+        for (k, v) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(
+                out,
+                "switchyard_requests_total{{route=\"{}\",status=\"{}\",worker=\"{}\",policy=\"{p}\"}} {v}",
+                k.route, k.status, k.worker
+            );
+        }
+        header(
+            &mut out,
+            "switchyard_request_duration_seconds",
+            "histogram",
+            "Request duration, to the end of the response.",
+        );
+        for (route, h) in self.duration.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            h.render(&mut out, "switchyard_request_duration_seconds", &format!("route=\"{route}\""));
+        }
+        header(&mut out, "switchyard_ttft_seconds", "histogram", "Time to first token (first body byte) by worker.");
+        for (w, h) in self.ttft.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            h.render(&mut out, "switchyard_ttft_seconds", &format!("worker=\"{w}\""));
+        }
+        header(&mut out, "switchyard_tpot_seconds", "histogram", "Mean time per output token of streams, by worker.");
+        for (w, h) in self.tpot.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            h.render(&mut out, "switchyard_tpot_seconds", &format!("worker=\"{w}\""));
+        }
+        let workers = registry.all();
+        header(&mut out, "switchyard_worker_in_flight", "gauge", "Requests in flight per worker.");
+        for w in workers.iter() {
+            let _ = writeln!(out, "switchyard_worker_in_flight{{worker=\"{}\"}} {}", w.url(), w.load().in_flight());
+        }
+        header(&mut out, "switchyard_policy_decisions_total", "counter", "Requests the policy sent to each worker.");
+        for w in workers.iter() {
+            let _ = writeln!(
+                out,
+                "switchyard_policy_decisions_total{{policy=\"{p}\",worker=\"{}\"}} {}",
+                w.url(),
+                w.load().dispatched()
+            );
+        }
+        header(&mut out, "switchyard_worker_healthy", "gauge", "1 if the health checker lets the worker serve.");
+        for w in workers.iter() {
+            let _ = writeln!(out, "switchyard_worker_healthy{{worker=\"{}\"}} {}", w.url(), u8::from(w.is_healthy()));
+        }
+        header(&mut out, "switchyard_circuit_breaker_state", "gauge", "0 closed, 1 open, 2 half-open.");
+        for w in workers.iter() {
+            let v = match w.breaker().state() {
+                BreakerState::Closed { .. } => 0,
+                BreakerState::Open { .. } => 1,
+                BreakerState::HalfOpen { .. } => 2,
+            };
+            let _ = writeln!(out, "switchyard_circuit_breaker_state{{worker=\"{}\"}} {v}", w.url());
+        }
+        header(&mut out, "switchyard_retries_total", "counter", "Attempts retried on another worker.");
+        let _ = writeln!(out, "switchyard_retries_total {}", self.retries.load(Ordering::Relaxed));
+        header(&mut out, "switchyard_queue_depth", "gauge", "Requests waiting for admission.");
+        let _ = writeln!(out, "switchyard_queue_depth {}", self.queue_depth.load(Ordering::Relaxed));
+        header(&mut out, "switchyard_open_connections", "gauge", "Client connections open.");
+        let _ = writeln!(out, "switchyard_open_connections {}", self.open_connections.load(Ordering::Relaxed));
+        header(&mut out, "switchyard_process_resident_memory_bytes", "gauge", "Router resident set size.");
+        let _ = writeln!(out, "switchyard_process_resident_memory_bytes {}", resident_bytes());
+        out
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// RSS from /proc (0 where unavailable).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .map_or(0, |pages| pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let h = Histogram::new(&LATENCY_BUCKETS);
+        h.observe(0.003);
+        h.observe(0.2);
+        h.observe(1000.0);
+        let mut s = String::new();
+        h.render(&mut s, "x", "a=\"b\"");
+        assert!(s.contains("x_bucket{a=\"b\",le=\"0.001\"} 0"));
+        assert!(s.contains("x_bucket{a=\"b\",le=\"0.005\"} 1"));
+        assert!(s.contains("x_bucket{a=\"b\",le=\"0.25\"} 2"));
+        assert!(s.contains("x_bucket{a=\"b\",le=\"600\"} 2"));
+        assert!(s.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3"));
+        assert!(s.contains("x_count{a=\"b\"} 3"));
+    }
+}
