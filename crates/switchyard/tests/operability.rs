@@ -88,7 +88,7 @@ async fn label_cardinality_stays_bounded_under_10k_distinct_prompts() {
         warm += 1;
         assert!(warm < 1000, "one worker never served");
     }
-    let before = series(&String::from_utf8(get(&format!("{u}/metrics")).await.body.to_vec()).unwrap());
+    let before = series(std::str::from_utf8(&get(&format!("{u}/metrics")).await.body).unwrap());
     let tasks: Vec<_> = (0..16)
         .map(|t| {
             let u = u.clone();
