@@ -91,6 +91,7 @@ pub fn uniform(count: usize, base_port: u16, template: &WorkerConfig) -> Vec<Wor
     (0..count)
         .map(|i| WorkerConfig {
             port: if base_port == 0 { 0 } else { base_port.saturating_add(i as u16) },
+            bootstrap_port: template.bootstrap_port.map(|p| if p == 0 { 0 } else { p.saturating_add(i as u16) }),
             seed: template.seed.wrapping_add(i as u64),
             ..template.clone()
         })

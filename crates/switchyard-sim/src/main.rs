@@ -39,6 +39,16 @@ struct Args {
     /// Role of every worker (PD disaggregation).
     #[arg(long, value_enum, default_value_t = Role::Plain)]
     role: Role,
+    /// Prefill role: port of the first worker's KV bootstrap server (the others take the
+    /// next ones); unset = any free ports.
+    #[arg(long)]
+    bootstrap_port: Option<u16>,
+    /// Decode role: seconds to wait for a prefill worker's KV before failing the request.
+    #[arg(long, default_value_t = 10.0, value_parser = positive)]
+    pd_timeout_secs: f64,
+    /// KV transfer bandwidth between prefill and decode workers, GB/s.
+    #[arg(long, default_value_t = 50.0, value_parser = positive)]
+    kv_link_gbps: f64,
     /// Override of the KV capacity in tokens.
     #[arg(long)]
     kv_capacity_tokens: Option<u64>,
@@ -108,6 +118,9 @@ async fn main() {
             health_fail: args.health_fail,
             ..Faults::default()
         },
+        bootstrap_port: args.bootstrap_port,
+        pd_timeout_secs: args.pd_timeout_secs,
+        kv_link_gbps: args.kv_link_gbps,
     };
     let configs = match &args.fleet {
         Some(path) => fleet::load(path, args.base_port, &template),

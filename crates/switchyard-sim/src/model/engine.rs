@@ -122,6 +122,8 @@ struct Active {
     /// KV tokens owned privately (not in the prefix cache).
     own: u64,
     cached_tokens: u32,
+    /// Its prompt's KV arrived from a prefill worker (PD): nothing to prefill here.
+    transferred: bool,
 }
 
 impl Active {
@@ -186,6 +188,16 @@ impl Engine {
 
     /// Queues a request; it is admitted at a later [`Engine::step`].
     pub fn submit(&mut self, req: SimRequest) -> Result<RequestId, SubmitError> {
+        self.submit_with(req, false)
+    }
+
+    /// Queues a request whose prompt KV was transferred from a prefill worker (PD decode):
+    /// it needs KV for the whole prompt but no prefill compute.
+    pub fn submit_transferred(&mut self, req: SimRequest) -> Result<RequestId, SubmitError> {
+        self.submit_with(req, true)
+    }
+
+    fn submit_with(&mut self, req: SimRequest, transferred: bool) -> Result<RequestId, SubmitError> {
         if req.prompt.is_empty() {
             return Err(SubmitError::EmptyPrompt);
         }
@@ -214,6 +226,7 @@ impl Engine {
             held_pages: 0,
             own: 0,
             cached_tokens: 0,
+            transferred,
         });
         Ok(id)
     }
@@ -290,7 +303,7 @@ impl Engine {
         let page = self.profile.page_size;
         // At least one prompt token is always computed, so a full hit still runs a forward pass.
         let max_pages = (r.prompt.len() - 1) / page;
-        let matched = self.cache.match_len(&r.hashes).min(max_pages);
+        let matched = if r.transferred { 0 } else { self.cache.match_len(&r.hashes).min(max_pages) };
         self.cache.acquire(&r.hashes[..matched], 0);
         let cached = (matched * page) as u64;
         let needed = r.target - cached;
@@ -300,7 +313,7 @@ impl Engine {
             return false;
         }
         r.held_pages = matched;
-        r.computed = cached;
+        r.computed = if r.transferred && r.generated == 0 { r.target } else { cached };
         r.own = needed;
         self.own_total += needed;
         // Cache hits count once per prompt, not again after a preemption.
@@ -363,8 +376,10 @@ impl Engine {
             let i = self.running.len() - 1;
             let r = &self.running[i];
             let n = (r.target - r.computed).min(budget);
-            budget -= n;
-            chunks.push((i, n));
+            if n > 0 {
+                budget -= n;
+                chunks.push((i, n));
+            }
         }
 
         let prefill_tokens: u64 = chunks.iter().map(|c| c.1).sum();

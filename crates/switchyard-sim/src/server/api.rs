@@ -20,7 +20,7 @@ use super::body::{ChannelBody, Died};
 use super::driver::{Command, TokenMsg};
 use super::faults::Faults;
 use super::wire::{self, Api, GenRequest, Summary};
-use super::{metrics, WorkerState};
+use super::{metrics, pd, WorkerState};
 use crate::model::engine::standard_normal;
 use crate::model::SimRequest;
 
@@ -102,9 +102,51 @@ async fn infer(State(state): State<Shared>, api: Api, body: Bytes) -> Response {
         );
         return error(StatusCode::BAD_REQUEST, &msg);
     }
-    let (output, stopped_early) = output_tokens(&state, &req, room);
+    let (mut output, mut stopped_early) = output_tokens(&state, &req, room);
     let prompt_tokens = req.prompt.len() as u32;
-    let tokens = match state.engine.submit(SimRequest { prompt: req.prompt.clone(), output_tokens: output }).await {
+    let vllm_kv = req.kv_transfer_params.as_ref();
+    let flag = |k: &str| vllm_kv.and_then(|p| p.get(k)).and_then(Value::as_bool).unwrap_or(false);
+    let mut publish = None;
+    let mut kv_params = None;
+    let mut transferred = false;
+    match state.config.role {
+        super::Role::Plain => {}
+        // Prefill: compute the prompt and the first token only, then hand the KV over.
+        super::Role::Prefill => {
+            if req.bootstrap_room.is_some() || flag("do_remote_decode") {
+                output = 1;
+                stopped_early = false;
+            }
+            publish = req.bootstrap_room;
+            if flag("do_remote_decode") {
+                kv_params =
+                    Some(pd::kv_params_for_decode(state.port, req.prompt.len(), state.config.profile.page_size));
+            }
+        }
+        // Decode: get the KV from the prefill worker first; no prefill compute here.
+        super::Role::Decode => {
+            match (&req.bootstrap_room, &req.bootstrap_host, req.bootstrap_port) {
+                (Some(room), Some(host), Some(port)) => {
+                    let wait = Duration::from_secs_f64(state.config.pd_timeout_secs);
+                    if let Err(e) = pd::fetch_room(host, port, *room, wait).await {
+                        return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+                    }
+                }
+                _ if flag("do_remote_prefill") => {}
+                _ => {
+                    let msg = "this is a decode worker: send bootstrap_host/bootstrap_port/bootstrap_room (SGLang PD) or kv_transfer_params with do_remote_prefill (vLLM PD)";
+                    return error(StatusCode::BAD_REQUEST, msg);
+                }
+            }
+            let transfer = pd::transfer_seconds(req.prompt.len(), state.config.kv_link_gbps) / state.config.time_scale;
+            tokio::time::sleep(Duration::from_secs_f64(transfer)).await;
+            transferred = true;
+        }
+    }
+    let sim_request = SimRequest { prompt: req.prompt.clone(), output_tokens: output };
+    let input_logprobs = (req.return_logprob && state.config.role != super::Role::Decode)
+        .then(|| req.prompt.iter().map(|t| json!([-f64::from(t % 1000) / 100.0, t, null])).collect::<Vec<_>>());
+    let tokens = match state.engine.submit_with(sim_request, transferred).await {
         Ok(Ok(rx)) => rx,
         Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
@@ -125,6 +167,10 @@ async fn infer(State(state): State<Shared>, api: Api, body: Bytes) -> Response {
         start,
         time_scale: state.config.time_scale,
         include_usage: req.include_usage,
+        publish: publish.map(|room| (state.rooms.clone(), room)),
+        kv_params,
+        input_logprobs: input_logprobs.map(Value::Array),
+        return_logprob: req.return_logprob,
         die_after: faults.die_after_tokens,
     };
     if req.stream {
@@ -146,9 +192,37 @@ struct Ctx {
     time_scale: f64,
     include_usage: bool,
     die_after: Option<u32>,
+    /// Prefill role: publish this room once the prompt is computed.
+    publish: Option<(Arc<pd::Rooms>, u64)>,
+    /// Prefill role, vLLM style: parameters for the decode worker.
+    kv_params: Option<Value>,
+    /// `return_logprob`: prompt logprobs (null on decode workers: the prefill side has them).
+    input_logprobs: Option<Value>,
+    return_logprob: bool,
 }
 
 impl Ctx {
+    /// A token arrived: the first one means the prompt is computed (prefill hand-over point).
+    fn on_token(&self, index: u32) {
+        if index == 0 {
+            if let Some((rooms, room)) = &self.publish {
+                rooms.publish(*room, self.prompt_tokens);
+            }
+        }
+    }
+
+    /// The complete response, with the PD and logprob additions.
+    fn full(&self, cached: u32, completion: u32) -> Value {
+        let mut v = self.summary(cached, completion).response(self.api);
+        if let Some(p) = &self.kv_params {
+            v["kv_transfer_params"] = p.clone();
+        }
+        if self.return_logprob && self.api == Api::Generate {
+            v["meta_info"]["input_token_logprobs"] = self.input_logprobs.clone().unwrap_or(Value::Null);
+        }
+        v
+    }
+
     fn summary(&self, cached_tokens: u32, completion_tokens: u32) -> Summary<'_> {
         Summary {
             id: &self.id,
@@ -178,8 +252,9 @@ async fn full_response(ctx: Ctx, mut tokens: UnboundedReceiver<TokenMsg>) -> Res
                 if ctx.die_after.is_some_and(|k| index >= k) {
                     return aborted();
                 }
+                ctx.on_token(index);
                 if last {
-                    return Json(ctx.summary(cached, index + 1).response(ctx.api)).into_response();
+                    return Json(ctx.full(cached, index + 1)).into_response();
                 }
             }
         }
@@ -203,6 +278,7 @@ fn stream_response(ctx: Ctx, mut tokens: UnboundedReceiver<TokenMsg>) -> Respons
                 let _ = tx.send(Err(Died)).await;
                 return;
             }
+            ctx.on_token(index);
             let summary = ctx.summary(cached, index + 1);
             let mut chunk = summary.token_chunk(ctx.api, index, last);
             if last {

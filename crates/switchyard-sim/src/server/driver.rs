@@ -37,6 +37,8 @@ pub enum Command {
     Submit {
         /// The request.
         request: SimRequest,
+        /// Its prompt KV arrived from a prefill worker (PD decode).
+        transferred: bool,
         /// Where its tokens go.
         tokens: mpsc::UnboundedSender<TokenMsg>,
         /// Accepted, or why not.
@@ -74,9 +76,18 @@ impl EngineHandle {
         &self,
         request: SimRequest,
     ) -> Result<Result<mpsc::UnboundedReceiver<TokenMsg>, SubmitError>, EngineStopped> {
+        self.submit_with(request, false).await
+    }
+
+    /// Queues a request; `transferred` marks prompt KV received from a prefill worker.
+    pub async fn submit_with(
+        &self,
+        request: SimRequest,
+        transferred: bool,
+    ) -> Result<Result<mpsc::UnboundedReceiver<TokenMsg>, SubmitError>, EngineStopped> {
         let (tokens, rx) = mpsc::unbounded_channel();
         let (reply, answer) = oneshot::channel();
-        self.tx.send(Command::Submit { request, tokens, reply }).map_err(|_| EngineStopped)?;
+        self.tx.send(Command::Submit { request, transferred, tokens, reply }).map_err(|_| EngineStopped)?;
         match answer.await {
             Ok(Ok(_)) => Ok(Ok(rx)),
             Ok(Err(e)) => Ok(Err(e)),
@@ -143,8 +154,8 @@ async fn run(
 
 fn handle(engine: &mut Engine, sinks: &mut HashMap<RequestId, mpsc::UnboundedSender<TokenMsg>>, cmd: Command) {
     match cmd {
-        Command::Submit { request, tokens, reply } => {
-            let result = engine.submit(request);
+        Command::Submit { request, transferred, tokens, reply } => {
+            let result = if transferred { engine.submit_transferred(request) } else { engine.submit(request) };
             if let Ok(id) = result {
                 sinks.insert(id, tokens);
             }

@@ -6,6 +6,7 @@ pub mod body;
 pub mod driver;
 pub mod faults;
 mod metrics;
+pub mod pd;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -62,6 +63,12 @@ pub struct WorkerConfig {
     pub output_len_median: u32,
     /// Faults in force at start.
     pub faults: Faults,
+    /// Prefill role: port of the KV bootstrap server (0 or unset = any free port).
+    pub bootstrap_port: Option<u16>,
+    /// Decode role: how long (real seconds) to wait for a prefill worker's KV.
+    pub pd_timeout_secs: f64,
+    /// KV transfer link bandwidth between prefill and decode workers, GB/s.
+    pub kv_link_gbps: f64,
 }
 
 impl Default for WorkerConfig {
@@ -77,6 +84,9 @@ impl Default for WorkerConfig {
             role: Role::Plain,
             output_len_median: 200,
             faults: Faults::default(),
+            bootstrap_port: None,
+            pd_timeout_secs: 10.0,
+            kv_link_gbps: 50.0,
         }
     }
 }
@@ -106,6 +116,7 @@ pub(crate) struct WorkerState {
     pub(crate) next_id: AtomicU64,
     pub(crate) refuse: watch::Sender<bool>,
     pub(crate) port: u16,
+    pub(crate) rooms: Arc<pd::Rooms>,
 }
 
 impl WorkerState {
@@ -127,6 +138,7 @@ impl WorkerState {
 /// A running simulated worker. Dropping the handle stops it.
 pub struct WorkerHandle {
     addr: SocketAddr,
+    bootstrap_port: Option<u16>,
     state: Arc<WorkerState>,
     _shutdown: watch::Sender<()>,
 }
@@ -135,6 +147,11 @@ impl WorkerHandle {
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Port of the KV bootstrap server (prefill workers).
+    pub fn bootstrap_port(&self) -> Option<u16> {
+        self.bootstrap_port
     }
 
     /// `http://host:port`.
@@ -175,13 +192,28 @@ pub async fn spawn_worker(config: WorkerConfig) -> Result<WorkerHandle, StartErr
         next_id: AtomicU64::new(1),
         refuse,
         port: addr.port(),
+        rooms: Arc::new(pd::Rooms::default()),
         config,
     });
     state.set_faults(state.config.faults.clone())?;
     let (shutdown, shutdown_rx) = watch::channel(());
+    let bootstrap_port = if state.config.role == Role::Prefill {
+        let bind = format!("{}:{}", state.config.host, state.config.bootstrap_port.unwrap_or(0));
+        let l = TcpListener::bind(&bind).await.map_err(|source| StartError::Bind { addr: bind.clone(), source })?;
+        let port = l.local_addr().map_err(|source| StartError::Bind { addr: bind, source })?.port();
+        let app = pd::bootstrap_router(state.rooms.clone());
+        let mut stop = shutdown_rx.clone();
+        tokio::spawn(async move {
+            let _ =
+                axum::serve(l, app).with_graceful_shutdown(async move { while stop.changed().await.is_ok() {} }).await;
+        });
+        Some(port)
+    } else {
+        None
+    };
     let app = api::router(state.clone());
     tokio::spawn(accept_loop(state.clone(), app, addr, listener, shutdown_rx));
-    Ok(WorkerHandle { addr, state, _shutdown: shutdown })
+    Ok(WorkerHandle { addr, bootstrap_port, state, _shutdown: shutdown })
 }
 
 /// Accepts connections until shut down. While `refuse_connections` is set the listening

@@ -35,6 +35,14 @@ pub struct GenRequest {
     pub model: Option<String>,
     /// SGLang PD bootstrap room, when the router set one.
     pub bootstrap_room: Option<u64>,
+    /// SGLang PD: host of the prefill worker's bootstrap server.
+    pub bootstrap_host: Option<String>,
+    /// SGLang PD: its port.
+    pub bootstrap_port: Option<u16>,
+    /// vLLM PD: the `kv_transfer_params` object.
+    pub kv_transfer_params: Option<Value>,
+    /// SGLang: return prompt logprobs (`meta_info.input_token_logprobs`).
+    pub return_logprob: bool,
 }
 
 /// A 400 with the message the client will see.
@@ -117,6 +125,10 @@ pub fn parse(api: Api, body: &[u8]) -> Result<GenRequest, BadRequest> {
     let stream = as_bool(field("stream"), "stream")?;
     let model = field("model").as_str().map(str::to_owned);
     let bootstrap_room = field("bootstrap_room").as_u64();
+    let bootstrap_host = field("bootstrap_host").as_str().map(str::to_owned);
+    let bootstrap_port = field("bootstrap_port").as_u64().and_then(|p| u16::try_from(p).ok());
+    let kv_transfer_params = Some(field("kv_transfer_params").clone()).filter(Value::is_object);
+    let return_logprob = as_bool(field("return_logprob"), "return_logprob")?;
     let prompt;
     let (max_tokens, ignore_eos, include_usage);
     match api {
@@ -170,7 +182,20 @@ pub fn parse(api: Api, body: &[u8]) -> Result<GenRequest, BadRequest> {
     if prompt.is_empty() {
         return Err(bad("the prompt is empty"));
     }
-    Ok(GenRequest { api, prompt, max_tokens, ignore_eos, stream, include_usage, model, bootstrap_room })
+    Ok(GenRequest {
+        api,
+        prompt,
+        max_tokens,
+        ignore_eos,
+        stream,
+        include_usage,
+        model,
+        bootstrap_room,
+        bootstrap_host,
+        bootstrap_port,
+        kv_transfer_params,
+        return_logprob,
+    })
 }
 
 /// Everything known about a finished (or finishing) request, for building responses.

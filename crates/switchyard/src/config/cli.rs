@@ -6,7 +6,8 @@ use std::time::Duration;
 use clap::Parser;
 
 use super::{
-    normalize_worker_url, AdmissionConfig, CircuitBreakerConfig, ConfigError, HealthConfig, RetryConfig, RouterConfig,
+    normalize_worker_url, AdmissionConfig, CircuitBreakerConfig, ConfigError, HealthConfig, PdConfig, PdStyle,
+    RetryConfig, RouterConfig,
 };
 use crate::policies::{CacheAwareConfig, PolicyConfig, PolicyKind};
 
@@ -47,6 +48,33 @@ pub struct Args {
     /// Routing policy.
     #[arg(long, value_enum, default_value_t = PolicyKind::RoundRobin)]
     pub policy: PolicyKind,
+    /// Prefill/decode disaggregation, SGLang style (bootstrap rooms).
+    #[arg(long)]
+    pub pd_disaggregation: bool,
+    /// Prefill/decode disaggregation, vLLM style (kv_transfer_params).
+    #[arg(long)]
+    pub vllm_pd_disaggregation: bool,
+    /// A prefill worker and, optionally, its bootstrap port (or `none`); repeatable.
+    #[arg(long, num_args = 1..=2, value_names = ["URL", "BOOTSTRAP_PORT"], action = clap::ArgAction::Append)]
+    pub prefill: Vec<String>,
+    /// A decode worker; repeatable.
+    #[arg(long, value_name = "URL", action = clap::ArgAction::Append)]
+    pub decode: Vec<String>,
+    /// Policy of the prefill pool (default: --policy).
+    #[arg(long, value_enum)]
+    pub prefill_policy: Option<PolicyKind>,
+    /// Policy of the decode pool (default: --policy).
+    #[arg(long, value_enum)]
+    pub decode_policy: Option<PolicyKind>,
+    /// PD: seconds the prefill leg may take before it counts as failed (and is retried).
+    #[arg(long, default_value_t = 60.0, value_parser = positive_secs)]
+    pub pd_prefill_timeout_secs: f64,
+    /// Demo: start N simulated prefill workers (with --sim-decode, a PD fleet).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub sim_prefill: Option<u16>,
+    /// Demo: start M simulated decode workers.
+    #[arg(long, value_name = "M", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub sim_decode: Option<u16>,
     /// Seed for the policy's random choices (for reproducible runs).
     #[arg(long)]
     pub policy_seed: Option<u64>,
@@ -179,8 +207,61 @@ fn positive_secs(s: &str) -> Result<f64, String> {
 }
 
 impl Args {
+    fn pd_config(&self) -> Result<Option<PdConfig>, ConfigError> {
+        let wanted = self.pd_disaggregation || self.vllm_pd_disaggregation;
+        if !wanted {
+            if !self.prefill.is_empty()
+                || !self.decode.is_empty()
+                || self.sim_prefill.is_some()
+                || self.sim_decode.is_some()
+            {
+                return Err(ConfigError::Range {
+                    flag: "prefill",
+                    reason: "and --decode / --sim-prefill / --sim-decode need --pd-disaggregation or --vllm-pd-disaggregation".into(),
+                });
+            }
+            return Ok(None);
+        }
+        if self.pd_disaggregation && self.vllm_pd_disaggregation {
+            return Err(ConfigError::Range {
+                flag: "pd-disaggregation",
+                reason: "and --vllm-pd-disaggregation are exclusive".into(),
+            });
+        }
+        // Values arrive flattened: a URL starts a worker, a following number or `none` is its port.
+        let mut prefill: Vec<(String, Option<u16>)> = Vec::new();
+        for v in &self.prefill {
+            if v.contains("://") {
+                prefill.push((normalize_worker_url(v)?, None));
+            } else if let Some(last) = prefill.last_mut().filter(|l| l.1.is_none()) {
+                if v != "none" {
+                    last.1 = Some(v.parse::<u16>().map_err(|_| ConfigError::Range {
+                        flag: "prefill",
+                        reason: format!("bootstrap port must be a port number or 'none', got '{v}'"),
+                    })?);
+                }
+            } else {
+                return Err(ConfigError::Range { flag: "prefill", reason: format!("'{v}' is not a worker URL") });
+            }
+        }
+        let decode = self.decode.iter().map(|u| normalize_worker_url(u)).collect::<Result<Vec<_>, _>>()?;
+        let with_kind = |k: Option<PolicyKind>| k.map(|k| self.policy_config_for(k));
+        Ok(Some(PdConfig {
+            style: if self.vllm_pd_disaggregation { PdStyle::Vllm } else { PdStyle::Sglang },
+            prefill,
+            decode,
+            prefill_policy: with_kind(self.prefill_policy),
+            decode_policy: with_kind(self.decode_policy),
+            prefill_timeout: Duration::from_secs_f64(self.pd_prefill_timeout_secs),
+        }))
+    }
+
     fn policy_config(&self) -> PolicyConfig {
-        match PolicyConfig::new(self.policy, self.policy_seed) {
+        self.policy_config_for(self.policy)
+    }
+
+    fn policy_config_for(&self, kind: PolicyKind) -> PolicyConfig {
+        match PolicyConfig::new(kind, self.policy_seed) {
             PolicyConfig::CacheAware(c) => PolicyConfig::CacheAware(CacheAwareConfig {
                 cache_threshold: self.cache_threshold,
                 balance_abs_threshold: self.balance_abs_threshold,
@@ -248,6 +329,7 @@ impl Args {
             inference_api_key: self.inference_api_key.clone().filter(|k| !k.is_empty()),
             worker_startup_timeout: Duration::from_secs_f64(self.worker_startup_timeout_secs),
             remove_unhealthy_workers: self.remove_unhealthy_workers,
+            pd: self.pd_config()?,
             prometheus_port: self.prometheus_port,
             prometheus_host: self.prometheus_host.clone(),
         })
@@ -378,6 +460,47 @@ mod tests {
         assert!(
             matches!(parse_args(["switchyard", "--config", "/no/such/file.toml"]), ParseOutcome::Fail(m) if m.contains("cannot read"))
         );
+    }
+
+    #[test]
+    fn pd_flags_parse_like_sglang_router() {
+        let ParseOutcome::Run(a) = parse_args([
+            "switchyard",
+            "--pd-disaggregation",
+            "--prefill",
+            "http://p1:8000",
+            "9000",
+            "--prefill",
+            "http://p2:8000",
+            "--prefill",
+            "http://p3:8000",
+            "none",
+            "--decode",
+            "http://d1:8000",
+            "--decode",
+            "http://d2:8000",
+            "--decode-policy",
+            "power_of_two",
+        ]) else {
+            panic!()
+        };
+        let pd = a.to_config().unwrap().pd.unwrap();
+        assert_eq!(pd.style, PdStyle::Sglang);
+        assert_eq!(
+            pd.prefill,
+            vec![
+                ("http://p1:8000".into(), Some(9000)),
+                ("http://p2:8000".into(), None),
+                ("http://p3:8000".into(), None)
+            ]
+        );
+        assert_eq!(pd.decode.len(), 2);
+        assert!(pd.prefill_policy.is_none() && matches!(pd.decode_policy, Some(PolicyConfig::PowerOfTwo(_))));
+        assert!(matches!(parse_args(["switchyard", "--prefill", "http://p:1"]), ParseOutcome::Fail(_)));
+        assert!(matches!(
+            parse_args(["switchyard", "--pd-disaggregation", "--prefill", "http://p:1", "port"]),
+            ParseOutcome::Fail(_)
+        ));
     }
 
     #[test]

@@ -13,9 +13,10 @@ use super::Args;
 pub fn args_from_file(path: &str) -> Result<Vec<OsString>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {path}: {e}"))?;
     let value: Value = if path.ends_with(".yaml") || path.ends_with(".yml") {
-        serde_yaml::from_str(&text).map_err(|e| format!("config file {path} is not valid YAML: {e}"))?
+        serde_yaml::from_str(&text).map_err(|e| format!("config file {path} is not valid YAML: {}", one_line(&e)))?
     } else {
-        let t: toml::Value = toml::from_str(&text).map_err(|e| format!("config file {path} is not valid TOML: {e}"))?;
+        let t: toml::Value =
+            toml::from_str(&text).map_err(|e| format!("config file {path} is not valid TOML: {}", one_line(&e)))?;
         serde_json::to_value(t).map_err(|e| format!("config file {path}: {e}"))?
     };
     let Value::Object(map) = value else {
@@ -56,6 +57,11 @@ pub fn args_from_file(path: &str) -> Result<Vec<OsString>, String> {
         }
     }
     Ok(out)
+}
+
+/// A parser's (multi-line, annotated) message on one line.
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The `--config` value in `argv`, if any.

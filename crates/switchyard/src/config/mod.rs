@@ -70,6 +70,8 @@ pub struct RouterConfig {
     pub worker_startup_timeout: Duration,
     /// Remove workers from the registry when the health checker marks them unhealthy.
     pub remove_unhealthy_workers: bool,
+    /// Prefill/decode disaggregation, when enabled.
+    pub pd: Option<PdConfig>,
     /// Separate metrics listener port (`None` = only `/metrics` on the main port).
     pub prometheus_port: Option<u16>,
     /// Address of the metrics listener.
@@ -131,6 +133,33 @@ impl Default for CircuitBreakerConfig {
     }
 }
 
+/// The KV-transfer protocol of a PD fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PdStyle {
+    /// SGLang: bootstrap host/port/room, both legs at once.
+    Sglang,
+    /// vLLM: prefill with `kv_transfer_params`, then decode.
+    Vllm,
+}
+
+/// Prefill/decode mode.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PdConfig {
+    /// Protocol.
+    pub style: PdStyle,
+    /// Prefill workers and their bootstrap ports.
+    pub prefill: Vec<(String, Option<u16>)>,
+    /// Decode workers.
+    pub decode: Vec<String>,
+    /// Policy of the prefill pool when set separately.
+    pub prefill_policy: Option<PolicyConfig>,
+    /// Policy of the decode pool when set separately.
+    pub decode_policy: Option<PolicyConfig>,
+    /// Longest wait for the prefill leg (a prompt and one token), far below the request
+    /// timeout, so a hung prefill worker costs one retry rather than the whole timeout.
+    pub prefill_timeout: Duration,
+}
+
 /// Admission control: a concurrency limit with a bounded FIFO queue in front of it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdmissionConfig {
@@ -160,6 +189,7 @@ impl Default for RouterConfig {
             inference_api_key: None,
             worker_startup_timeout: Duration::from_secs(0),
             remove_unhealthy_workers: false,
+            pd: None,
             prometheus_port: None,
             prometheus_host: "127.0.0.1".into(),
         }

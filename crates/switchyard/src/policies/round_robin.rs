@@ -15,6 +15,10 @@ pub struct RoundRobinConfig {}
 #[derive(Debug, Default)]
 pub struct RoundRobin {
     next: AtomicUsize,
+    /// Pair selection rotates each pool on its own counter; one shared counter would lock
+    /// the two pools into a fixed phase (with two workers each: always the same pair).
+    next_prefill: AtomicUsize,
+    next_decode: AtomicUsize,
 }
 
 impl RoundRobin {
@@ -35,6 +39,20 @@ impl RoutingPolicy for RoundRobin {
         }
         Ok(self.next.fetch_add(1, Ordering::Relaxed) % workers.len())
     }
+
+    fn select_pair(
+        &self,
+        prefill: &[Arc<Worker>],
+        decode: &[Arc<Worker>],
+        _request: &RequestView,
+    ) -> Result<(usize, usize), RoutingError> {
+        if prefill.is_empty() || decode.is_empty() {
+            return Err(RoutingError::NoHealthyWorkers);
+        }
+        let p = self.next_prefill.fetch_add(1, Ordering::Relaxed) % prefill.len();
+        let d = self.next_decode.fetch_add(1, Ordering::Relaxed) % decode.len();
+        Ok((p, d))
+    }
 }
 
 #[cfg(test)]
@@ -48,5 +66,8 @@ mod tests {
         let p = RoundRobin::default();
         let picks: Vec<_> = (0..7).map(|_| p.select_single(&ws, &RequestView::default()).unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2, 0]);
+        let pairs: Vec<_> =
+            (0..4).map(|_| p.select_pair(&ws[..2], &ws[..2], &RequestView::default()).unwrap()).collect();
+        assert_eq!(pairs, vec![(0, 0), (1, 1), (0, 0), (1, 1)], "each pool rotates on its own");
     }
 }

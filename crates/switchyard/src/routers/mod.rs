@@ -1,5 +1,48 @@
 //! Dispatch: choose a worker through the policy, forward, relay the response.
 
+mod pd;
 mod regular;
 
+pub use pd::{PairPolicy, PdRouter};
 pub use regular::{is_worker_failure, Observed, RegularRouter, RoutedTo};
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Response};
+use bytes::Bytes;
+
+use crate::error::ApiError;
+use crate::policies::RoutingPolicy;
+
+/// The router for the configured mode.
+#[derive(Debug, Clone)]
+pub enum Dispatch {
+    /// Whole requests to one pool.
+    Regular(RegularRouter),
+    /// Prefill/decode pairs.
+    Pd(PdRouter),
+}
+
+impl Dispatch {
+    /// Routes one inference request.
+    pub async fn route(
+        &self,
+        route: &'static str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Body>, ApiError> {
+        match self {
+            Dispatch::Regular(r) => r.route(route, headers, body).await,
+            Dispatch::Pd(r) => r.route(route, headers, body).await,
+        }
+    }
+
+    /// The policy reported for the router (the prefill pool's in PD mode with split policies).
+    pub fn policy(&self) -> &Arc<dyn RoutingPolicy> {
+        match self {
+            Dispatch::Regular(r) => r.policy(),
+            Dispatch::Pd(r) => r.policy().primary(),
+        }
+    }
+}

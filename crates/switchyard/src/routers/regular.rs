@@ -183,9 +183,9 @@ impl RegularRouter {
 }
 
 /// Largest non-streamed response read whole before relaying.
-const MAX_BUFFERED: usize = 256 << 20;
+pub(crate) const MAX_BUFFERED: usize = 256 << 20;
 
-fn is_event_stream(resp: &hyper::Response<hyper::body::Incoming>) -> bool {
+pub(crate) fn is_event_stream(resp: &hyper::Response<hyper::body::Incoming>) -> bool {
     resp.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -193,7 +193,7 @@ fn is_event_stream(resp: &hyper::Response<hyper::body::Incoming>) -> bool {
 }
 
 /// A complete worker answer as the client's response.
-fn buffered(parts: hyper::http::response::Parts, body: Bytes) -> Response<Body> {
+pub(crate) fn buffered(parts: hyper::http::response::Parts, body: Bytes) -> Response<Body> {
     let mut out = Response::new(Body::from(body));
     *out.status_mut() = parts.status;
     forward_headers(&parts.headers, out.headers_mut());
@@ -201,7 +201,7 @@ fn buffered(parts: hyper::http::response::Parts, body: Bytes) -> Response<Body> 
 }
 
 /// Turns a worker's SSE response into the client's, body observed and guard attached.
-fn relay_stream(
+pub(crate) fn relay_stream(
     resp: hyper::Response<hyper::body::Incoming>,
     guard: InFlightGuard,
     observer: StreamObserver,

@@ -25,6 +25,12 @@ pub(super) struct UrlQuery {
 #[serde(deny_unknown_fields)]
 struct AddWorkerBody {
     url: String,
+    /// `regular` (default), `prefill` or `decode`.
+    #[serde(default)]
+    role: Option<String>,
+    /// Prefill workers: the KV bootstrap port.
+    #[serde(default)]
+    bootstrap_port: Option<u16>,
 }
 
 fn describe(w: &Worker) -> Value {
@@ -44,9 +50,18 @@ fn required_url(q: UrlQuery) -> Result<String, ApiError> {
     normalize_worker_url(&url).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
-async fn add(state: &AppState, url: &str) -> Result<Response, ApiError> {
+async fn add(state: &AppState, url: &str, role: WorkerRole) -> Result<Response, ApiError> {
     let url = normalize_worker_url(url).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let worker = state.register_worker(url, WorkerRole::Regular).await?;
+    let pd = state.config.pd.is_some();
+    if pd == matches!(role, WorkerRole::Regular) {
+        let msg = if pd {
+            "this router runs in PD mode: add workers with role prefill or decode"
+        } else {
+            "prefill/decode workers need a router started in PD mode"
+        };
+        return Err(ApiError::BadRequest(msg.into()));
+    }
+    let worker = state.register_worker(url, role).await?;
     tracing::info!(worker = worker.url(), healthy = worker.is_healthy(), "worker added");
     Ok((StatusCode::OK, Json(json!({"status": "added", "worker": describe(&worker)}))).into_response())
 }
@@ -73,7 +88,13 @@ pub(super) async fn add_worker(
     let bytes = read_body(&headers, body, 1 << 20).await?;
     let req: AddWorkerBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::BadRequest(format!("expected {{\"url\": \"http://host:port\"}}: {e}")))?;
-    add(&state, &req.url).await
+    let role = match req.role.as_deref() {
+        None | Some("regular") => WorkerRole::Regular,
+        Some("prefill") => WorkerRole::Prefill { bootstrap_port: req.bootstrap_port },
+        Some("decode") => WorkerRole::Decode,
+        Some(other) => return Err(ApiError::BadRequest(format!("unknown role '{other}' (regular, prefill, decode)"))),
+    };
+    add(&state, &req.url, role).await
 }
 
 /// `DELETE /workers?url=...`.
@@ -101,7 +122,7 @@ pub(super) async fn legacy_add_worker(
     Query(q): Query<UrlQuery>,
 ) -> Result<Response, ApiError> {
     let url = required_url(q)?;
-    add(&state, &url).await
+    add(&state, &url, WorkerRole::Regular).await
 }
 
 /// `POST /remove_worker?url=...` (legacy).

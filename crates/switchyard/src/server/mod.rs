@@ -24,7 +24,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::policies;
 use crate::proxy::{client, Upstream};
-use crate::routers::RegularRouter;
+use crate::routers::{Dispatch, PairPolicy, PdRouter, RegularRouter};
 use crate::workers::{Worker, WorkerRegistry, WorkerRole};
 
 pub use admission::Admission;
@@ -38,7 +38,7 @@ pub struct AppState {
     /// Worker membership.
     pub registry: Arc<WorkerRegistry>,
     /// Inference dispatch.
-    pub router: RegularRouter,
+    pub router: Dispatch,
     /// Client for info/admin calls to workers (short timeout).
     pub control: Upstream,
     /// Client for health probes (own pool).
@@ -60,7 +60,33 @@ impl AppState {
         let probes = Upstream { client: client::new_client(config.health.timeout, 4), timeout: config.health.timeout };
         let policy = policies::build(&config.policy);
         let metrics = Arc::new(Metrics::new(policy.name()));
-        let router = RegularRouter::new(registry.clone(), policy, inference, config.retry.clone(), metrics.clone());
+        let router = match &config.pd {
+            None => Dispatch::Regular(RegularRouter::new(
+                registry.clone(),
+                policy,
+                inference,
+                config.retry.clone(),
+                metrics.clone(),
+            )),
+            Some(pd) => {
+                let pair = match (&pd.prefill_policy, &pd.decode_policy) {
+                    (None, None) => PairPolicy::Joint(policy),
+                    (p, d) => PairPolicy::PerPool {
+                        prefill: p.as_ref().map_or_else(|| policy.clone(), policies::build),
+                        decode: d.as_ref().map_or_else(|| policy.clone(), policies::build),
+                    },
+                };
+                Dispatch::Pd(PdRouter::new(
+                    registry.clone(),
+                    pair,
+                    inference,
+                    config.retry.clone(),
+                    metrics.clone(),
+                    pd.style,
+                    pd.prefill_timeout,
+                ))
+            }
+        };
         let admission = config.admission.clone().map(|a| Arc::new(admission::Admission::new(a)));
         Self { config: Arc::new(config), registry, router, control, probes, admission, metrics }
     }
@@ -180,10 +206,15 @@ pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
     let addr = listener.local_addr()?;
     let state = AppState::new(config);
     // Probed concurrently, registered in the order given.
-    let probes = state.config.worker_urls.iter().map(|url| {
+    let mut initial: Vec<(String, WorkerRole)> =
+        state.config.worker_urls.iter().map(|u| (u.clone(), WorkerRole::Regular)).collect();
+    if let Some(pd) = &state.config.pd {
+        initial.extend(pd.prefill.iter().map(|(u, port)| (u.clone(), WorkerRole::Prefill { bootstrap_port: *port })));
+        initial.extend(pd.decode.iter().map(|u| (u.clone(), WorkerRole::Decode)));
+    }
+    let probes = initial.into_iter().map(|(url, role)| {
         let state = state.clone();
-        let url = url.clone();
-        async move { state.probe_new_worker(url, WorkerRole::Regular).await }
+        async move { state.probe_new_worker(url, role).await }
     });
     for worker in futures_join_all(probes).await {
         if let Err(e) = state.registry.add(worker) {
@@ -199,7 +230,16 @@ pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
         state.config.remove_unhealthy_workers,
         shutdown_rx.clone(),
     ));
-    spawn_maintenance(state.router.policy().clone(), shutdown_rx.clone());
+    match &state.router {
+        Dispatch::Pd(pd) => match pd.policy() {
+            PairPolicy::Joint(p) => spawn_maintenance(p.clone(), shutdown_rx.clone()),
+            PairPolicy::PerPool { prefill, decode } => {
+                spawn_maintenance(prefill.clone(), shutdown_rx.clone());
+                spawn_maintenance(decode.clone(), shutdown_rx.clone());
+            }
+        },
+        Dispatch::Regular(r) => spawn_maintenance(r.policy().clone(), shutdown_rx.clone()),
+    }
     let app = app(state.clone());
     if let Some(port) = state.config.prometheus_port {
         spawn_metrics_listener(&state, port, shutdown_rx.clone()).await?;

@@ -1,0 +1,203 @@
+//! Prefill/decode disaggregation end to end with simulated prefill and decode workers:
+//! every policy in both protocols, streaming and not, logprob merge, and failing legs
+//! answered well inside the request timeout.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use switchyard::config::{PdConfig, PdStyle, RetryConfig, RouterConfig};
+use switchyard::policies::PolicyKind;
+use switchyard_sim::server::{spawn_worker, Faults, Role, WorkerConfig, WorkerHandle};
+
+struct Fleet {
+    prefill: Vec<WorkerHandle>,
+    decode: Vec<WorkerHandle>,
+}
+
+async fn fleet(prefill: usize, decode: usize) -> Fleet {
+    let base = WorkerConfig { time_scale: 100.0, pd_timeout_secs: 0.5, ..WorkerConfig::default() };
+    let mut f = Fleet { prefill: Vec::new(), decode: Vec::new() };
+    for i in 0..prefill {
+        f.prefill
+            .push(spawn_worker(WorkerConfig { role: Role::Prefill, seed: i as u64, ..base.clone() }).await.unwrap());
+    }
+    for i in 0..decode {
+        f.decode.push(
+            spawn_worker(WorkerConfig { role: Role::Decode, seed: 100 + i as u64, ..base.clone() }).await.unwrap(),
+        );
+    }
+    f
+}
+
+fn pd_config(f: &Fleet, style: PdStyle, policy: PolicyKind) -> RouterConfig {
+    let mut cfg = config(vec![], policy);
+    cfg.request_timeout = Duration::from_secs(60);
+    cfg.retry = RetryConfig {
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(5),
+        ..RetryConfig::default()
+    };
+    cfg.pd = Some(PdConfig {
+        style,
+        prefill: f.prefill.iter().map(|w| (w.url(), w.bootstrap_port())).collect(),
+        decode: f.decode.iter().map(|w| w.url()).collect(),
+        prefill_policy: None,
+        decode_policy: None,
+        prefill_timeout: Duration::from_secs(1),
+    });
+    cfg
+}
+
+fn load_of(workers: &Value, url: &str, field: &str) -> u64 {
+    workers["workers"].as_array().unwrap().iter().find(|w| w["url"] == url).unwrap()["load"][field].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn every_policy_serves_through_both_pd_protocols() {
+    let f = fleet(2, 2).await;
+    for style in [PdStyle::Sglang, PdStyle::Vllm] {
+        for policy in <PolicyKind as clap::ValueEnum>::value_variants().iter().copied() {
+            let r = router(pd_config(&f, style, policy)).await;
+            let u = r.url();
+            let chat_body =
+                json!({"messages": [{"role": "user", "content": "tell me"}], "max_tokens": 6, "ignore_eos": true});
+            let a = post(&format!("{u}/v1/chat/completions"), &chat_body).await;
+            assert_eq!(a.status, 200, "{style:?} {policy:?}: {:?}", a.body);
+            assert_eq!(a.json()["usage"]["completion_tokens"], 6);
+            let mut streamed = chat_body.clone();
+            streamed["stream"] = json!(true);
+            let s = post(&format!("{u}/v1/chat/completions"), &streamed).await;
+            let text = String::from_utf8_lossy(&s.body).to_string();
+            assert!(
+                text.ends_with("data: [DONE]\n\n") && text.matches("\"content\":\"").count() == 7,
+                "{style:?} {policy:?}: {text}"
+            );
+            let g = post(
+                &format!("{u}/generate"),
+                &json!({"text": "abc def ghi", "sampling_params": {"max_new_tokens": 3, "ignore_eos": true}}),
+            )
+            .await;
+            assert_eq!(g.json()["meta_info"]["completion_tokens"], 3, "{style:?} {policy:?}");
+            eventually(Duration::from_secs(5), "both pools idle", || async { total_in_flight(&u).await == 0 }).await;
+            let workers = get(&format!("{u}/workers")).await.json();
+            let prefill: u64 = f.prefill.iter().map(|w| load_of(&workers, &w.url(), "dispatched")).sum();
+            let decode: u64 = f.decode.iter().map(|w| load_of(&workers, &w.url(), "dispatched")).sum();
+            assert_eq!((prefill, decode), (3, 3), "{style:?} {policy:?}: one leg each per request");
+        }
+    }
+}
+
+#[tokio::test]
+async fn sglang_style_merges_prompt_logprobs_from_the_prefill_leg() {
+    let f = fleet(1, 1).await;
+    let r = router(pd_config(&f, PdStyle::Sglang, PolicyKind::RoundRobin)).await;
+    let a = post(
+        &format!("{}/generate", r.url()),
+        &json!({"text": "one two three four", "sampling_params": {"max_new_tokens": 2}, "return_logprob": true}),
+    )
+    .await;
+    let v = a.json();
+    let prompt_tokens = v["meta_info"]["prompt_tokens"].as_u64().unwrap() as usize;
+    let logprobs = v["meta_info"]["input_token_logprobs"].as_array().expect("merged from the prefill leg");
+    assert_eq!(logprobs.len(), prompt_tokens);
+    // The decode worker alone has none to give.
+    let direct = post(
+        &format!("{}/generate", f.decode[0].url()),
+        &json!({"text": "x", "return_logprob": true, "kv_transfer_params": {"do_remote_prefill": true}}),
+    )
+    .await;
+    assert!(direct.json()["meta_info"]["input_token_logprobs"].is_null());
+}
+
+#[tokio::test]
+async fn failing_prefill_legs_are_retried_on_another_pair_quickly() {
+    for style in [PdStyle::Sglang, PdStyle::Vllm] {
+        let f = fleet(2, 2).await;
+        let r = router(pd_config(&f, style, PolicyKind::RoundRobin)).await;
+        let u = r.url();
+        let body = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "ignore_eos": true});
+        for (label, fault) in [
+            ("errors", Faults { error_rate: 1.0, error_status: 500, ..Faults::default() }),
+            ("dead", Faults { refuse_connections: true, ..Faults::default() }),
+            ("hung", Faults { hang: true, ..Faults::default() }),
+        ] {
+            f.prefill[0].set_faults(fault).unwrap();
+            for i in 0..4 {
+                let started = Instant::now();
+                let a = post(&format!("{u}/v1/chat/completions"), &body).await;
+                assert_eq!(a.status, 200, "{style:?} prefill {label} request {i}: {:?}", a.body);
+                assert!(started.elapsed() < Duration::from_secs(5), "{style:?} {label}: took {:?}", started.elapsed());
+            }
+            f.prefill[0].set_faults(Faults::default()).unwrap();
+        }
+        // Every prefill worker broken: a clear error, far below the 60 s request timeout.
+        for w in &f.prefill {
+            w.set_faults(Faults { refuse_connections: true, ..Faults::default() }).unwrap();
+        }
+        let started = Instant::now();
+        let a = post(&format!("{u}/v1/chat/completions"), &body).await;
+        assert!(a.status == 502 || a.status == 503, "{style:?}: {}", a.status);
+        assert!(a.json()["error"]["message"].is_string());
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        eventually(Duration::from_secs(5), "in-flight 0 on both pools", || async { total_in_flight(&u).await == 0 })
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn a_decode_worker_dying_mid_stream_ends_the_stream_with_an_error() {
+    let f = fleet(1, 1).await;
+    let r = router(pd_config(&f, PdStyle::Sglang, PolicyKind::LoadBased)).await;
+    f.decode[0].set_faults(Faults { die_after_tokens: Some(3), ..Faults::default() }).unwrap();
+    let started = Instant::now();
+    let body =
+        json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 20, "ignore_eos": true, "stream": true});
+    let a = post(&format!("{}/v1/chat/completions", r.url()), &body).await;
+    let text = String::from_utf8_lossy(&a.body).to_string();
+    assert!(text.contains("ended the stream early"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    eventually(Duration::from_secs(5), "in-flight 0", || async { total_in_flight(&r.url()).await == 0 }).await;
+    // A dead decode pool gives a clear error quickly.
+    f.decode[0].set_faults(Faults { refuse_connections: true, ..Faults::default() }).unwrap();
+    let started = Instant::now();
+    let a = post(&format!("{}/v1/chat/completions", r.url()), &json!({"messages": [{"role": "user", "content": "x"}]}))
+        .await;
+    assert!(a.status.is_server_error() && started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn prefill_and_decode_workers_can_be_added_at_run_time() {
+    let f = fleet(1, 1).await;
+    let mut cfg = pd_config(&f, PdStyle::Sglang, PolicyKind::RoundRobin);
+    if let Some(pd) = cfg.pd.as_mut() {
+        pd.prefill.clear();
+        pd.decode.clear();
+    }
+    let r = router(cfg).await;
+    let u = r.url();
+    assert_eq!(post(&format!("{u}/generate"), &json!({"text": "x"})).await.status, 503);
+    let p = &f.prefill[0];
+    let added = post(
+        &format!("{u}/workers"),
+        &json!({"url": p.url(), "role": "prefill", "bootstrap_port": p.bootstrap_port()}),
+    )
+    .await;
+    assert_eq!(added.status, 200, "{:?}", added.body);
+    assert_eq!(
+        post(&format!("{u}/workers"), &json!({"url": f.decode[0].url()})).await.status,
+        400,
+        "PD mode needs a role"
+    );
+    assert_eq!(post(&format!("{u}/workers"), &json!({"url": f.decode[0].url(), "role": "decode"})).await.status, 200);
+    let workers = get(&format!("{u}/workers")).await.json();
+    let roles: Vec<&str> =
+        workers["workers"].as_array().unwrap().iter().map(|w| w["role"]["type"].as_str().unwrap()).collect();
+    assert_eq!(roles, vec!["prefill", "decode"]);
+    assert_eq!(
+        post(&format!("{u}/generate"), &json!({"text": "x", "sampling_params": {"max_new_tokens": 2}})).await.status,
+        200
+    );
+}
