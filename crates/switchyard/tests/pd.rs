@@ -103,6 +103,12 @@ async fn sglang_style_merges_prompt_logprobs_from_the_prefill_leg() {
     let prompt_tokens = v["meta_info"]["prompt_tokens"].as_u64().unwrap() as usize;
     let logprobs = v["meta_info"]["input_token_logprobs"].as_array().expect("merged from the prefill leg");
     assert_eq!(logprobs.len(), prompt_tokens);
+    // Streamed: the first event carries them.
+    let s = post(&format!("{}/generate", r.url()), &json!({"text": "one two three four", "sampling_params": {"max_new_tokens": 3}, "return_logprob": true, "stream": true})).await;
+    let text = String::from_utf8_lossy(&s.body).to_string();
+    let first: Value = serde_json::from_str(text.split("\n\n").next().unwrap().trim_start_matches("data: ")).unwrap();
+    assert_eq!(first["meta_info"]["input_token_logprobs"].as_array().map(Vec::len), Some(prompt_tokens), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"));
     // The decode worker alone has none to give.
     let direct = post(
         &format!("{}/generate", f.decode[0].url()),

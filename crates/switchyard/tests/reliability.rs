@@ -369,3 +369,27 @@ async fn chaos_every_request_gets_an_answer() {
     assert!(ok as f64 >= 0.8 * sent as f64, "successes should dominate: {ok}/{sent}");
     eventually(Duration::from_secs(5), "in-flight back to 0", || async { total_in_flight(&url).await == 0 }).await;
 }
+
+#[tokio::test]
+async fn unhealthy_workers_are_removed_when_asked_and_startup_waits_for_one() {
+    let ws = sims(2).await;
+    let mut cfg = config(ws.iter().map(|w| w.url()).collect(), PolicyKind::RoundRobin);
+    cfg.remove_unhealthy_workers = true;
+    let r = router(cfg).await;
+    ws[0].set_faults(Faults { health_fail: true, ..Faults::default() }).unwrap();
+    eventually(Duration::from_secs(5), "sick worker removed", || async {
+        get(&format!("{}/list_workers", r.url())).await.json()["urls"] == json!([ws[1].url()])
+    })
+    .await;
+    // Start-up with the only worker still booting: waits (bounded) and then serves.
+    let booting = sims(1).await;
+    booting[0].set_faults(Faults { health_fail: true, ..Faults::default() }).unwrap();
+    let mut cfg = config(vec![booting[0].url()], PolicyKind::RoundRobin);
+    cfg.worker_startup_timeout = Duration::from_secs(10);
+    cfg.health.success_threshold = 1_000; // only the start-up wait can make it healthy
+    let starting = tokio::spawn(router(cfg));
+    eventually(Duration::from_secs(5), "first probe refused", || async { !starting.is_finished() }).await;
+    booting[0].set_faults(Faults::default()).unwrap();
+    let r2 = starting.await.unwrap();
+    assert_eq!(get(&format!("{}/readiness", r2.url())).await.status, 200, "ready as soon as start-up returns");
+}

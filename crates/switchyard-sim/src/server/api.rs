@@ -281,6 +281,27 @@ fn stream_response(ctx: Ctx, mut tokens: UnboundedReceiver<TokenMsg>) -> Respons
             ctx.on_token(index);
             let summary = ctx.summary(cached, index + 1);
             let mut chunk = summary.token_chunk(ctx.api, index, last);
+            if index == 0 && ctx.return_logprob && ctx.api == Api::Generate {
+                // SGLang sends the prompt logprobs with the first streamed chunk.
+                let mut first: Value = json!({"text": wire::output_text(1), "meta_info": {}});
+                if let Some(Value::Object(m)) =
+                    serde_json::from_str::<Value>(chunk.trim_start_matches("data: ").trim_end())
+                        .ok()
+                        .and_then(|v| v.get("meta_info").cloned())
+                {
+                    first["meta_info"] = Value::Object(m);
+                }
+                first["meta_info"]["input_token_logprobs"] = ctx.input_logprobs.clone().unwrap_or(Value::Null);
+                chunk = String::new();
+                wire::push_sse(&mut chunk, &first);
+                if last {
+                    chunk.push_str(wire::SSE_DONE);
+                }
+                if tx.send(Ok(Bytes::from(chunk))).await.is_err() || last {
+                    return;
+                }
+                continue;
+            }
             if last {
                 if ctx.include_usage && ctx.api != Api::Generate {
                     chunk.push_str(&summary.usage_chunk(ctx.api));

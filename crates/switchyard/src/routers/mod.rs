@@ -14,6 +14,16 @@ use bytes::Bytes;
 
 use crate::error::ApiError;
 use crate::policies::RoutingPolicy;
+use crate::request::RequestView;
+
+/// Headers that carry a session affinity key, in order of preference.
+const ROUTING_KEY_HEADERS: [&str; 2] = ["x-session-id", "x-user-id"];
+
+/// The request view both routers route on: body fields plus the header session key.
+fn parse_view(headers: &HeaderMap, body: &[u8]) -> Result<RequestView, ApiError> {
+    let key = ROUTING_KEY_HEADERS.iter().find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()));
+    RequestView::parse(body, key).map_err(|e| ApiError::BadRequest(e.to_string()))
+}
 
 /// The router for the configured mode.
 #[derive(Debug, Clone)]

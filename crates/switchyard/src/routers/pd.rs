@@ -157,8 +157,7 @@ impl PdRouter {
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Response<Body>, ApiError> {
-        let key = ["x-session-id", "x-user-id"].iter().find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()));
-        let view = RequestView::parse(&body, key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let view = super::parse_view(headers, &body)?;
         let json: Value = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let (mut tried_p, mut tried_d) = (Vec::new(), Vec::new());
         let mut last_error = ApiError::NoHealthyWorkers;
@@ -312,12 +311,29 @@ impl PdRouter {
             }
         };
         if stream && is_event_stream(&decode_resp) {
-            // The prefill leg finishes on its own; the decode stream goes to the client now.
+            // Prompt logprobs come from the prefill leg (already done: the decode worker only
+            // answers once the KV is there); otherwise it finishes on its own.
+            let inject = if want_logprobs {
+                let answer = match prefill_answer.take() {
+                    Some(b) => Some(b),
+                    None => match (&mut prefill.handle).await {
+                        Ok(Ok((_, b))) => Some(b),
+                        _ => None,
+                    },
+                };
+                answer.as_deref().and_then(prompt_logprobs)
+            } else {
+                None
+            };
             prefill.detach();
             let observer =
                 StreamObserver { policy: self.policy.decode_policy().clone(), metrics: self.metrics.clone(), route };
             let mut out = relay_stream(decode_resp, decode_guard, observer);
             out.extensions_mut().insert(RoutedTo(d.clone()));
+            if let Some(logprobs) = inject {
+                let (parts, body) = out.into_parts();
+                out = Response::from_parts(parts, Body::new(InjectLogprobs::new(body, logprobs)));
+            }
             return Ok(out);
         }
         let (parts, incoming) = decode_resp.into_parts();
@@ -440,18 +456,98 @@ impl PdRouter {
     }
 }
 
+/// `meta_info.input_token_logprobs` from a prefill answer: a JSON body, or the first SSE
+/// event that has them when the request was streamed.
+fn prompt_logprobs(answer: &[u8]) -> Option<Value> {
+    let find = |v: Value| v.pointer("/meta_info/input_token_logprobs").cloned().filter(|l| !l.is_null());
+    if let Ok(v) = serde_json::from_slice::<Value>(answer) {
+        return find(v);
+    }
+    std::str::from_utf8(answer)
+        .ok()?
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find_map(find)
+}
+
 /// Puts the prefill leg's `meta_info.input_token_logprobs` into the decode leg's answer.
 fn merge_input_logprobs(prefill: &[u8], decode: Bytes) -> Bytes {
-    let (Ok(p), Ok(mut d)) = (serde_json::from_slice::<Value>(prefill), serde_json::from_slice::<Value>(&decode))
-    else {
-        return decode;
-    };
-    let Some(logprobs) = p.pointer("/meta_info/input_token_logprobs").cloned() else { return decode };
+    let Ok(mut d) = serde_json::from_slice::<Value>(&decode) else { return decode };
+    let Some(logprobs) = prompt_logprobs(prefill) else { return decode };
     if let Some(meta) = d.get_mut("meta_info").and_then(Value::as_object_mut) {
         meta.insert("input_token_logprobs".into(), logprobs);
         return Bytes::from(d.to_string());
     }
     decode
+}
+
+/// A stream whose first SSE event gets `meta_info.input_token_logprobs` (from the prefill
+/// leg); the rest passes through untouched.
+struct InjectLogprobs {
+    inner: Body,
+    logprobs: Option<Value>,
+    pending: Vec<u8>,
+}
+
+impl InjectLogprobs {
+    fn new(inner: Body, logprobs: Value) -> Self {
+        Self { inner, logprobs: Some(logprobs), pending: Vec::new() }
+    }
+
+    /// Rewrites the first complete event in `pending`; returns the bytes ready to send.
+    fn rewrite_first(&mut self) -> Option<Bytes> {
+        let end = self.pending.windows(2).position(|w| w == b"\n\n")? + 2;
+        let event: Vec<u8> = self.pending.drain(..end).collect();
+        let logprobs = self.logprobs.take().unwrap_or(Value::Null);
+        let rewritten = std::str::from_utf8(&event)
+            .ok()
+            .and_then(|e| e.strip_prefix("data: "))
+            .and_then(|data| serde_json::from_str::<Value>(data.trim_end()).ok())
+            .and_then(|mut v| {
+                v.get_mut("meta_info")?.as_object_mut()?.insert("input_token_logprobs".into(), logprobs);
+                Some(format!("data: {v}\n\n").into_bytes())
+            })
+            .unwrap_or(event);
+        let mut out = rewritten;
+        out.append(&mut self.pending);
+        Some(Bytes::from(out))
+    }
+}
+
+impl http_body::Body for InjectLogprobs {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        use std::task::Poll;
+        loop {
+            if self.logprobs.is_none() && self.pending.is_empty() {
+                return std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+            }
+            match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        self.pending.extend_from_slice(&data);
+                        if let Some(out) = self.rewrite_first() {
+                            return Poll::Ready(Some(Ok(http_body::Frame::data(out))));
+                        }
+                    }
+                    Err(other) => return Poll::Ready(Some(Ok(other))),
+                },
+                Poll::Ready(None) => {
+                    // Ended before a complete event: pass on what there is.
+                    self.logprobs = None;
+                    let rest = std::mem::take(&mut self.pending);
+                    return Poll::Ready((!rest.is_empty()).then(|| Ok(http_body::Frame::data(Bytes::from(rest)))));
+                }
+                other => return other,
+            }
+        }
+    }
 }
 
 /// A task aborted when dropped (a cancelled leg), unless detached to finish on its own.
@@ -491,5 +587,40 @@ mod tests {
         );
         let v: Value = serde_json::from_slice(&merged).unwrap();
         assert_eq!(v["meta_info"]["input_token_logprobs"], json!([[-0.1, 5, null]]));
+    }
+
+    #[tokio::test]
+    async fn the_first_stream_event_gets_prompt_logprobs() {
+        let chunks = std::collections::VecDeque::from(vec![
+            Bytes::from_static(b"data: {\"text\":\"a\",\"meta_"),
+            Bytes::from_static(
+                b"info\":{\"input_token_logprobs\":null}}\n\ndata: {\"text\":\"ab\",\"meta_info\":{}}\n\n",
+            ),
+            Bytes::from_static(b"data: [DONE]\n\n"),
+        ]);
+        let body = Body::new(Chunks(chunks));
+        let injected = InjectLogprobs::new(body, json!([[-1.0, 7, null]]));
+        let all = http_body_util::BodyExt::collect(injected).await.unwrap().to_bytes();
+        let text = String::from_utf8(all.to_vec()).unwrap();
+        let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+        assert_eq!(events.len(), 3);
+        let first: Value = serde_json::from_str(events[0].trim_start_matches("data: ")).unwrap();
+        assert_eq!(first["meta_info"]["input_token_logprobs"], json!([[-1.0, 7, null]]));
+        assert_eq!(events[1], "data: {\"text\":\"ab\",\"meta_info\":{}}");
+        assert_eq!(events[2], "data: [DONE]");
+    }
+
+    /// A body of fixed chunks, one frame each.
+    struct Chunks(std::collections::VecDeque<Bytes>);
+
+    impl http_body::Body for Chunks {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+            std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+        }
     }
 }

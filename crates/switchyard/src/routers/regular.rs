@@ -13,11 +13,7 @@ use crate::load::InFlightGuard;
 use crate::metrics::Metrics;
 use crate::policies::RoutingPolicy;
 use crate::proxy::{forward_headers, ObservedBody, SendError, StreamObserver, Upstream};
-use crate::request::RequestView;
 use crate::workers::{Worker, WorkerRegistry};
-
-/// Headers that carry a session affinity key, in order of preference.
-const ROUTING_KEY_HEADERS: [&str; 2] = ["x-session-id", "x-user-id"];
 
 /// Routes whole requests to workers of one pool.
 #[derive(Debug, Clone)]
@@ -87,8 +83,7 @@ impl RegularRouter {
         body: Bytes,
     ) -> Result<Response<Body>, ApiError> {
         let path = route;
-        let key = ROUTING_KEY_HEADERS.iter().find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()));
-        let view = RequestView::parse(&body, key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let view = super::parse_view(headers, &body)?;
         let mut tried: Vec<Arc<Worker>> = Vec::new();
         let mut last_error = ApiError::NoHealthyWorkers;
         let attempts = self.retry.max_attempts.max(1);
