@@ -72,19 +72,15 @@ impl Histogram {
     }
 }
 
-/// Labels of `switchyard_requests_total`: bounded by routes × statuses × workers.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct RequestKey {
-    route: &'static str,
-    status: u16,
-    worker: String,
-}
+/// `switchyard_requests_total` by (route, status), then worker: bounded by routes × statuses
+/// × workers. The worker level is looked up by `&str`, so a hit allocates nothing.
+type RequestCounts = BTreeMap<(&'static str, u16), BTreeMap<String, u64>>;
 
 /// Every metric family the router exports.
 #[derive(Debug)]
 pub struct Metrics {
     policy: &'static str,
-    requests: Mutex<BTreeMap<RequestKey, u64>>,
+    requests: Mutex<RequestCounts>,
     duration: Mutex<BTreeMap<&'static str, Histogram>>,
     ttft: Mutex<BTreeMap<String, Histogram>>,
     tpot: Mutex<BTreeMap<String, Histogram>>,
@@ -111,8 +107,16 @@ impl Metrics {
     /// A finished request: its route, final status, the worker that answered ("none" if
     /// no worker did) and its duration.
     pub fn request(&self, route: &'static str, status: u16, worker: &str, duration: Duration) {
-        let key = RequestKey { route, status, worker: worker.to_owned() };
-        *self.requests.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default() += 1;
+        {
+            let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+            let by_worker = requests.entry((route, status)).or_default();
+            match by_worker.get_mut(worker) {
+                Some(n) => *n += 1,
+                None => {
+                    by_worker.insert(worker.to_owned(), 1);
+                }
+            }
+        }
         self.duration
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -157,12 +161,13 @@ impl Metrics {
         let mut out = String::with_capacity(8192);
         let p = self.policy;
         header(&mut out, "switchyard_requests_total", "counter", "Requests answered, by route, status and worker.");
-        for (k, v) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(
-                out,
-                "switchyard_requests_total{{route=\"{}\",status=\"{}\",worker=\"{}\",policy=\"{p}\"}} {v}",
-                k.route, k.status, k.worker
-            );
+        for ((route, status), by_worker) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            for (worker, v) in by_worker {
+                let _ = writeln!(
+                    out,
+                    "switchyard_requests_total{{route=\"{route}\",status=\"{status}\",worker=\"{worker}\",policy=\"{p}\"}} {v}"
+                );
+            }
         }
         header(
             &mut out,
