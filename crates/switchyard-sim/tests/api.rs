@@ -284,7 +284,7 @@ async fn time_scale_and_slowdown_scale_latency() {
     );
     assert!(simulated_slow > 1.8 && simulated_slow < 3.5, "{simulated_slow}");
     // A 4× slowdown fault makes the same request ~4× slower.
-    slow.set_faults(Faults { slowdown: 4.0, ..Faults::default() }).unwrap();
-    let degraded = e2e_seconds(&slow, 400).await;
-    assert!(degraded / ts > 2.5, "slowdown not applied: {ts} → {degraded}");
+    fast.set_faults(Faults { slowdown: 4.0, ..Faults::default() }).unwrap();
+    let degraded = e2e_seconds(&fast, 400).await;
+    assert!(degraded / tf > 2.5, "slowdown not applied: {tf} → {degraded}");
 }

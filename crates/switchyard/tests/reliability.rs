@@ -114,8 +114,7 @@ async fn the_circuit_opens_on_a_sick_worker_and_traffic_moves() {
 async fn admission_queue_full_is_429_and_a_long_wait_is_408() {
     let w = mock_worker().await;
     let mut cfg = config(vec![w.url()], PolicyKind::RoundRobin);
-    cfg.admission =
-        Some(AdmissionConfig { max_concurrent: 1, queue_size: 1, queue_timeout: Duration::from_millis(300) });
+    cfg.admission = Some(AdmissionConfig { max_concurrent: 1, queue_size: 1, queue_timeout: Duration::from_secs(1) });
     let r = router(cfg).await;
     let url = format!("{}/v1/completions", r.url());
     let first = {
@@ -131,14 +130,14 @@ async fn admission_queue_full_is_429_and_a_long_wait_is_408() {
         tokio::spawn(async move { post(&url, &json!({"prompt": "x"})).await })
     };
     // The second waits in the queue; a third finds the queue full.
-    let mut third;
-    loop {
-        third = post(&url, &json!({"prompt": "x"})).await;
-        if third.status == 429 {
-            break;
-        }
-        assert!(second.is_finished() || third.status == 408, "unexpected {}", third.status);
-    }
+    let admission = r.state().admission.clone().unwrap();
+    eventually(Duration::from_secs(5), "second request queued", || {
+        let waiting = admission.waiting();
+        async move { waiting == 1 }
+    })
+    .await;
+    let third = post(&url, &json!({"prompt": "x"})).await;
+    assert_eq!(third.status, 429, "{:?}", third.body);
     assert!(third.headers.contains_key("retry-after"));
     assert_eq!(third.json()["error"]["code"], 429);
     let second = second.await.unwrap();

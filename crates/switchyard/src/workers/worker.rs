@@ -82,11 +82,6 @@ impl Worker {
         self.healthy.swap(healthy, Ordering::Relaxed) != healthy
     }
 
-    /// Whether a request may be sent: healthy and the circuit lets it through.
-    pub fn is_available(&self) -> bool {
-        self.is_healthy() && self.breaker.allows()
-    }
-
     /// The circuit breaker.
     pub fn breaker(&self) -> &CircuitBreaker {
         &self.breaker
