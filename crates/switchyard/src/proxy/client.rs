@@ -5,11 +5,14 @@ use std::time::Duration;
 
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+
+/// Largest non-streamed answer read whole before relaying.
+pub const MAX_BUFFERED: usize = 256 << 20;
 
 /// The client type used for every upstream call.
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -110,12 +113,16 @@ impl Upstream {
     pub async fn fetch(&self, method: Method, base_url: &str, path: &str) -> Result<(u16, Bytes), SendError> {
         let resp = self.send(method, base_url, path, &HeaderMap::new(), Bytes::new()).await?;
         let status = resp.status().as_u16();
-        let body = tokio::time::timeout(self.timeout, resp.into_body().collect())
-            .await
-            .map_err(|_| SendError::Timeout)?
-            .map_err(|e| SendError::Transport(e.to_string()))?
-            .to_bytes();
-        Ok((status, body))
+        Ok((status, self.read_whole(resp.into_body()).await?))
+    }
+
+    /// Reads a whole (non-streamed) answer body, bounded in size and by the timeout.
+    pub async fn read_whole(&self, body: Incoming) -> Result<Bytes, SendError> {
+        match tokio::time::timeout(self.timeout, Limited::new(body, MAX_BUFFERED).collect()).await {
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(e)) => Err(SendError::Transport(e.to_string())),
+            Err(_) => Err(SendError::Timeout),
+        }
     }
 }
 

@@ -5,4 +5,4 @@ mod body;
 pub mod client;
 
 pub use body::{ObservedBody, StreamObserver};
-pub use client::{forward_headers, HttpClient, SendError, Upstream};
+pub use client::{forward_headers, HttpClient, SendError, Upstream, MAX_BUFFERED};

@@ -17,10 +17,9 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Response};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use serde_json::{json, Value};
 
-use super::regular::{buffered, is_event_stream, is_worker_failure, relay_stream, RoutedTo, MAX_BUFFERED};
+use super::regular::{buffered, is_event_stream, is_worker_failure, is_worker_failure_code, relay_stream, RoutedTo};
 use crate::config::{PdStyle, RetryConfig};
 use crate::error::ApiError;
 use crate::load::InFlightGuard;
@@ -226,14 +225,12 @@ impl PdRouter {
             e => unreachable(worker, e),
         })?;
         let status = resp.status().as_u16();
-        let bytes = tokio::time::timeout(self.upstream.timeout, Limited::new(resp.into_body(), MAX_BUFFERED).collect())
-            .await
-            .map_err(|_| ApiError::Timeout {
-                worker: worker.url().to_owned(),
-                secs: self.upstream.timeout.as_secs_f64(),
-            })?
-            .map_err(|e| unreachable(worker, format!("the response body broke: {e}")))?
-            .to_bytes();
+        let bytes = self.upstream.read_whole(resp.into_body()).await.map_err(|e| match e {
+            SendError::Timeout => {
+                ApiError::Timeout { worker: worker.url().to_owned(), secs: self.upstream.timeout.as_secs_f64() }
+            }
+            e => unreachable(worker, format!("the response body broke: {e}")),
+        })?;
         Ok((status, bytes))
     }
 
@@ -273,7 +270,7 @@ impl PdRouter {
             let (this, p, headers, bytes) = (self.clone(), p.clone(), headers.clone(), bytes.clone());
             tokio::spawn(async move {
                 let answer = this.whole(&p, route, &headers, bytes).await;
-                let ok = matches!(&answer, Ok((s, _)) if !is_worker_failure(axum::http::StatusCode::from_u16(*s).unwrap_or(axum::http::StatusCode::BAD_GATEWAY)));
+                let ok = matches!(&answer, Ok((s, _)) if !is_worker_failure_code(*s));
                 let outcome = prefill_guard.complete(ok);
                 this.policy.primary().on_request_complete(&outcome);
                 answer
@@ -288,7 +285,7 @@ impl PdRouter {
             tokio::select! {
                 joined = &mut prefill.handle, if prefill_answer.is_none() => {
                     match joined {
-                        Ok(Ok((status, b))) if !is_worker_failure(axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::BAD_GATEWAY)) => prefill_answer = Some(b),
+                        Ok(Ok((status, b))) if !is_worker_failure_code(status) => prefill_answer = Some(b),
                         Ok(Ok((status, _))) => return Err(LegFailure::Prefill(p.clone(), ApiError::WorkerFailed { worker: p.url().to_owned(), status })),
                         Ok(Err(e)) => return Err(LegFailure::Prefill(p.clone(), e)),
                         Err(e) => return Err(LegFailure::Prefill(p.clone(), unreachable(p, e))),
@@ -337,11 +334,9 @@ impl PdRouter {
             return Ok(out);
         }
         let (parts, incoming) = decode_resp.into_parts();
-        let collected =
-            tokio::time::timeout(self.upstream.timeout, Limited::new(incoming, MAX_BUFFERED).collect()).await;
-        let decode_bytes = match collected {
-            Ok(Ok(c)) => c.to_bytes(),
-            _ => {
+        let decode_bytes = match self.upstream.read_whole(incoming).await {
+            Ok(b) => b,
+            Err(_) => {
                 decode_guard.complete(false);
                 return Err(LegFailure::Decode(d.clone(), unreachable(d, "the response body broke")));
             }
@@ -390,11 +385,7 @@ impl PdRouter {
         let guard = InFlightGuard::new(p.clone());
         let answer = self.whole(p, route, headers, Bytes::from(prefill_body.to_string())).await;
         let params = match answer {
-            Ok((status, b))
-                if !is_worker_failure(
-                    axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::BAD_GATEWAY),
-                ) =>
-            {
+            Ok((status, b)) if !is_worker_failure_code(status) => {
                 self.policy.primary().on_request_complete(&guard.complete(true));
                 serde_json::from_slice::<Value>(&b)
                     .ok()
@@ -434,15 +425,14 @@ impl PdRouter {
             }
             Ok(resp) => {
                 let (parts, incoming) = resp.into_parts();
-                match tokio::time::timeout(self.upstream.timeout, Limited::new(incoming, MAX_BUFFERED).collect()).await
-                {
-                    Ok(Ok(c)) => {
+                match self.upstream.read_whole(incoming).await {
+                    Ok(b) => {
                         self.policy.decode_policy().on_request_complete(&guard.complete(true));
-                        let mut out = buffered(parts, c.to_bytes());
+                        let mut out = buffered(parts, b);
                         out.extensions_mut().insert(RoutedTo(d.clone()));
                         Ok(out)
                     }
-                    _ => {
+                    Err(_) => {
                         guard.complete(false);
                         Err(LegFailure::Decode(d.clone(), unreachable(d, "the response body broke")))
                     }

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 
 use crate::config::RetryConfig;
 use crate::error::ApiError;
@@ -29,6 +28,11 @@ pub struct RegularRouter {
 /// the worker's circuit breaker). Other 4xx are the client's and pass through untouched.
 pub fn is_worker_failure(status: StatusCode) -> bool {
     status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS
+}
+
+/// [`is_worker_failure`] for a raw status code (an invalid code counts as a failure).
+pub(crate) fn is_worker_failure_code(code: u16) -> bool {
+    StatusCode::from_u16(code).map_or(true, is_worker_failure)
 }
 
 impl RegularRouter {
@@ -129,18 +133,23 @@ impl RegularRouter {
                     // A whole (non-streamed) answer is read before anything is sent, so a worker
                     // that breaks it mid-body is one more failed attempt, not a broken response.
                     let (parts, incoming) = resp.into_parts();
-                    match tokio::time::timeout(self.upstream.timeout, Limited::new(incoming, MAX_BUFFERED).collect())
-                        .await
-                    {
-                        Ok(Ok(collected)) => {
+                    match self.upstream.read_whole(incoming).await {
+                        Ok(collected) => {
                             let mut guard = guard;
                             guard.mark_first_byte();
                             self.policy.on_request_complete(&guard.complete(!is_worker_failure(parts.status)));
-                            let mut out = buffered(parts, collected.to_bytes());
+                            let mut out = buffered(parts, collected);
                             out.extensions_mut().insert(RoutedTo(worker));
                             return Ok(out);
                         }
-                        Ok(Err(e)) => {
+                        Err(SendError::Timeout) => {
+                            self.policy.on_request_complete(&guard.complete(false));
+                            return Err(ApiError::Timeout {
+                                worker: worker.url().to_owned(),
+                                secs: self.upstream.timeout.as_secs_f64(),
+                            });
+                        }
+                        Err(e) => {
                             tracing::warn!(worker = worker.url(), error = %e, attempt, "response body broke; retrying elsewhere");
                             self.policy.on_request_complete(&guard.complete(false));
                             last_error = ApiError::WorkerUnreachable {
@@ -148,13 +157,6 @@ impl RegularRouter {
                                 reason: format!("the response body broke: {e}"),
                             };
                             tried.push(worker);
-                        }
-                        Err(_) => {
-                            self.policy.on_request_complete(&guard.complete(false));
-                            return Err(ApiError::Timeout {
-                                worker: worker.url().to_owned(),
-                                secs: self.upstream.timeout.as_secs_f64(),
-                            });
                         }
                     }
                 }
@@ -176,9 +178,6 @@ impl RegularRouter {
         Err(last_error)
     }
 }
-
-/// Largest non-streamed response read whole before relaying.
-pub(crate) const MAX_BUFFERED: usize = 256 << 20;
 
 pub(crate) fn is_event_stream(resp: &hyper::Response<hyper::body::Incoming>) -> bool {
     resp.headers()
