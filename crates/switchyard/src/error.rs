@@ -54,6 +54,12 @@ pub enum ApiError {
         /// The queue timeout.
         secs: f64,
     },
+    /// Shed by the policy: no worker can serve the request within its TTFT SLO.
+    #[error("overloaded: no worker can serve the request within the TTFT SLO (--mu-overload shed); retry after {retry_after_secs} s")]
+    Shed {
+        /// Suggested wait.
+        retry_after_secs: u64,
+    },
     /// Missing or wrong bearer token.
     #[error("missing or invalid API key (Authorization: Bearer ...)")]
     Unauthorized,
@@ -75,7 +81,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::NoHealthyWorkers => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NoHealthyWorkers | ApiError::Shed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::WorkerUnreachable { .. } | ApiError::WorkerFailed { .. } => StatusCode::BAD_GATEWAY,
             ApiError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -90,6 +96,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found_error",
             ApiError::Conflict(_) => "conflict_error",
             ApiError::NoHealthyWorkers => "service_unavailable",
+            ApiError::Shed { .. } => "overloaded",
             ApiError::WorkerUnreachable { .. } | ApiError::WorkerFailed { .. } => "bad_gateway",
             ApiError::Timeout { .. } => "timeout",
             ApiError::QueueFull { .. } => "rate_limit_error",
@@ -109,7 +116,7 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let mut resp = (status, Json(error_body(status, self.kind(), &self.to_string()))).into_response();
         let retry_after = match &self {
-            ApiError::QueueFull { retry_after_secs } => Some(*retry_after_secs),
+            ApiError::QueueFull { retry_after_secs } | ApiError::Shed { retry_after_secs } => Some(*retry_after_secs),
             ApiError::NoHealthyWorkers => Some(5),
             _ => None,
         };
@@ -135,6 +142,7 @@ mod tests {
             (ApiError::NotFound("x".into()), 404),
             (ApiError::PayloadTooLarge { limit: 1 }, 413),
             (ApiError::NoHealthyWorkers, 503),
+            (ApiError::Shed { retry_after_secs: 2 }, 503),
             (ApiError::WorkerUnreachable { worker: "w".into(), reason: "r".into() }, 502),
             (ApiError::Timeout { worker: "w".into(), secs: 1.0 }, 504),
         ];

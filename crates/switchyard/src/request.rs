@@ -4,6 +4,8 @@
 //! and forwarded to the worker byte for byte.
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -49,7 +51,71 @@ pub struct RequestView {
     pub stream: bool,
     /// Model asked for.
     pub model: Option<String>,
+    /// How long the router has held the request waiting for capacity (overload queueing).
+    pub waited: Duration,
+    /// Set by a policy that estimates the chosen worker's uncached prompt tokens.
+    pub uncached_hint: UncachedHint,
 }
+
+impl RequestView {
+    /// Prompt tokens: the token ids' count, or the text's bytes / [`crate::load::CHARS_PER_TOKEN`].
+    pub fn prompt_tokens(&self) -> u32 {
+        let n = match &self.text {
+            RoutingText::Text(s) => s.len().div_ceil(crate::load::CHARS_PER_TOKEN),
+            RoutingText::Tokens(t) => t.len(),
+            RoutingText::None => 0,
+        };
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// What the router knows about the request's size when it dispatches it: the policy's
+    /// uncached estimate for the chosen worker if it gave one, else the whole prompt.
+    pub fn dispatch_info(&self) -> crate::load::DispatchInfo {
+        let prompt_tokens = self.prompt_tokens();
+        let uncached_tokens = self.uncached_hint.get().map_or(prompt_tokens, |u| u.min(prompt_tokens));
+        crate::load::DispatchInfo { prompt_tokens, uncached_tokens }
+    }
+}
+
+/// A per-request slot a policy writes during selection (the view is otherwise read-only to
+/// policies): its estimate of the chosen worker's uncached prompt tokens, which the
+/// router's in-flight guard then counts as queued prefill on that worker.
+#[derive(Debug)]
+pub struct UncachedHint(AtomicU32);
+
+impl UncachedHint {
+    const NONE: u32 = u32::MAX;
+
+    /// Records the estimate.
+    pub fn set(&self, tokens: u32) {
+        self.0.store(tokens.min(Self::NONE - 1), Ordering::Relaxed);
+    }
+
+    /// The estimate, if a policy gave one.
+    pub fn get(&self) -> Option<u32> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|&v| v != Self::NONE)
+    }
+}
+
+impl Default for UncachedHint {
+    fn default() -> Self {
+        Self(AtomicU32::new(Self::NONE))
+    }
+}
+
+impl Clone for UncachedHint {
+    fn clone(&self) -> Self {
+        Self(AtomicU32::new(self.0.load(Ordering::Relaxed)))
+    }
+}
+
+impl PartialEq for UncachedHint {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for UncachedHint {}
 
 /// A body that cannot be routed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -177,6 +243,8 @@ impl RequestView {
             max_tokens: f.max_completion_tokens.or(f.max_tokens).or(f.sampling_params.and_then(|s| s.max_new_tokens)),
             stream: f.stream.unwrap_or(false),
             model: f.model.map(Cow::into_owned),
+            waited: Duration::ZERO,
+            uncached_hint: UncachedHint::default(),
         })
     }
 }

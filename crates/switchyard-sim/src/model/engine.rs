@@ -88,6 +88,9 @@ pub struct EngineStats {
     pub waiting: usize,
     /// KV tokens in use (running requests plus prefix cache).
     pub kv_used_tokens: u64,
+    /// Of those, cached pages no running request holds (freed on demand, so SGLang's
+    /// `token_usage` does not count them).
+    pub kv_evictable_tokens: u64,
     /// KV capacity.
     pub kv_capacity_tokens: u64,
     /// Prompt tokens admitted, cumulative.
@@ -255,12 +258,20 @@ impl Engine {
         self.running.is_empty() && self.waiting.is_empty()
     }
 
+    /// Share of KV capacity held by running requests (evictable cache excluded), as engines
+    /// report `token_usage`.
+    pub fn token_usage(&self) -> f64 {
+        let s = self.stats();
+        s.kv_used_tokens.saturating_sub(s.kv_evictable_tokens) as f64 / s.kv_capacity_tokens.max(1) as f64
+    }
+
     /// Current counters and gauges.
     pub fn stats(&self) -> EngineStats {
         let mut s = self.stats.clone();
         s.running = self.running.len();
         s.waiting = self.waiting.len();
         s.kv_used_tokens = self.kv_used();
+        s.kv_evictable_tokens = self.cache.evictable_tokens();
         s.pending_prefill_tokens =
             self.running.iter().chain(self.waiting.iter()).map(|r| r.target.saturating_sub(r.computed)).sum();
         s

@@ -390,7 +390,7 @@ async fn load(State(state): State<Shared>) -> Json<Value> {
         "num_reqs": s.running,
         "num_waiting_reqs": s.waiting,
         "num_tokens": s.kv_used_tokens,
-        "token_usage": s.kv_used_tokens as f64 / s.kv_capacity_tokens.max(1) as f64,
+        "token_usage": s.kv_used_tokens.saturating_sub(s.kv_evictable_tokens) as f64 / s.kv_capacity_tokens.max(1) as f64,
         "pending_prefill_tokens": s.pending_prefill_tokens,
     }))
 }

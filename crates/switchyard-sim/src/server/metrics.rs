@@ -6,7 +6,7 @@ use std::fmt::Write;
 use crate::model::EngineStats;
 
 pub(super) fn render(model: &str, s: &EngineStats) -> String {
-    let usage = s.kv_used_tokens as f64 / s.kv_capacity_tokens.max(1) as f64;
+    let usage = s.kv_used_tokens.saturating_sub(s.kv_evictable_tokens) as f64 / s.kv_capacity_tokens.max(1) as f64;
     let hit_rate = s.cached_tokens_total as f64 / s.prompt_tokens_total.max(1) as f64;
     let mut out = String::with_capacity(2048);
     let mut family = |name: &str, kind: &str, help: &str, value: f64| {

@@ -9,7 +9,8 @@ use super::{
     normalize_worker_url, AdmissionConfig, CircuitBreakerConfig, ConfigError, HealthConfig, PdConfig, PdStyle,
     RetryConfig, RouterConfig,
 };
-use crate::policies::{CacheAwareConfig, PolicyConfig, PolicyKind};
+use crate::load::estimator::EstimatorKind;
+use crate::policies::{CacheAwareConfig, MarginalUtilityConfig, Objective, Overload, PolicyConfig, PolicyKind};
 
 /// LLM inference router: one routing-policy trait for every fleet.
 #[derive(Debug, Clone, Parser, serde::Serialize)]
@@ -93,6 +94,40 @@ pub struct Args {
     /// cache_aware: bound on the prefix tree (characters or tokens, summed over workers).
     #[arg(long, default_value_t = 1 << 26)]
     pub max_tree_size: usize,
+    /// Seconds between polls of each worker's own load report (`/get_load`, else `/metrics`),
+    /// used by power_of_two and marginal_utility's KV/queue guards; 0 = off.
+    #[arg(long, default_value_t = 5.0, value_parser = non_negative_secs)]
+    pub load_check_interval: f64,
+    /// marginal_utility: objective (slo = goodput within SLOs, latency, throughput).
+    #[arg(long, value_enum, default_value_t = Objective::Slo)]
+    pub mu_objective: Objective,
+    /// marginal_utility: estimator of the per-worker models.
+    #[arg(long, value_enum, default_value_t = EstimatorKind::Regression)]
+    pub mu_estimator: EstimatorKind,
+    /// marginal_utility: time-to-first-token SLO, in milliseconds.
+    #[arg(long, default_value_t = 2000.0, value_parser = positive_secs)]
+    pub slo_ttft_ms: f64,
+    /// marginal_utility: time-per-output-token SLO, in milliseconds.
+    #[arg(long, default_value_t = 100.0, value_parser = positive_secs)]
+    pub slo_tpot_ms: f64,
+    /// marginal_utility: share of the SLOs a worker without the request's prefix must stay under.
+    #[arg(long, default_value_t = 0.5, value_parser = unit_interval)]
+    pub mu_slo_margin: f64,
+    /// marginal_utility: when no worker can meet the SLOs: best-effort, queue, or shed (503).
+    #[arg(long, value_enum, default_value_t = Overload::BestEffort)]
+    pub mu_overload: Overload,
+    /// marginal_utility: relative cost difference counted as a tie (broken at random).
+    #[arg(long, default_value_t = 0.02, value_parser = unit_interval)]
+    pub mu_tie_tolerance: f64,
+    /// marginal_utility: score a random sample of this many workers (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub mu_candidates: usize,
+    /// marginal_utility: probability of a random (feasible) choice.
+    #[arg(long, default_value_t = 0.01, value_parser = unit_interval)]
+    pub mu_epsilon: f64,
+    /// marginal_utility: forgetting time constant of the estimators, in seconds.
+    #[arg(long, default_value_t = 120.0, value_parser = positive_secs)]
+    pub mu_tau_secs: f64,
     /// Time allowed for a worker to answer (response headers), in seconds.
     #[arg(long, default_value_t = 1800.0, value_parser = positive_secs)]
     pub request_timeout_secs: f64,
@@ -270,6 +305,21 @@ impl Args {
                 max_tree_size: self.max_tree_size,
                 ..c
             }),
+            PolicyConfig::MarginalUtility(c) => PolicyConfig::MarginalUtility(MarginalUtilityConfig {
+                objective: self.mu_objective,
+                estimator: self.mu_estimator,
+                slo_ttft: Duration::from_secs_f64(self.slo_ttft_ms / 1e3),
+                slo_tpot: Duration::from_secs_f64(self.slo_tpot_ms / 1e3),
+                slo_margin: self.mu_slo_margin,
+                overload: self.mu_overload,
+                tie_tolerance: self.mu_tie_tolerance,
+                candidates: self.mu_candidates,
+                epsilon: self.mu_epsilon,
+                tau: Duration::from_secs_f64(self.mu_tau_secs),
+                max_tree_size: self.max_tree_size,
+                report_max_age: Duration::from_secs_f64((self.load_check_interval * 3.0).max(1.0)),
+                ..c
+            }),
             other => other,
         }
     }
@@ -325,6 +375,8 @@ impl Args {
                 queue_timeout: Duration::from_secs_f64(self.queue_timeout_secs),
             }),
             shutdown_grace: Duration::from_secs_f64(self.shutdown_grace_secs),
+            load_check_interval: (self.load_check_interval > 0.0)
+                .then(|| Duration::from_secs_f64(self.load_check_interval)),
             api_key: self.api_key.clone().filter(|k| !k.is_empty()),
             inference_api_key: self.inference_api_key.clone().filter(|k| !k.is_empty()),
             worker_startup_timeout: Duration::from_secs_f64(self.worker_startup_timeout_secs),

@@ -62,6 +62,8 @@ pub struct RouterConfig {
     pub admission: Option<AdmissionConfig>,
     /// Time in-flight requests get to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// How often workers' own load reports are polled (`None` = never).
+    pub load_check_interval: Option<Duration>,
     /// Bearer token for admin routes (`None` = open).
     pub api_key: Option<String>,
     /// Bearer token for inference routes (`None` = open).
@@ -185,6 +187,7 @@ impl Default for RouterConfig {
             circuit_breaker: CircuitBreakerConfig::default(),
             admission: None,
             shutdown_grace: Duration::from_secs(180),
+            load_check_interval: Some(Duration::from_secs(5)),
             api_key: None,
             inference_api_key: None,
             worker_startup_timeout: Duration::from_secs(0),

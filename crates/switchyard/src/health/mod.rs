@@ -2,6 +2,8 @@
 //! unhealthy after consecutive-result thresholds (so one slow probe doesn't evict a worker
 //! and one lucky probe doesn't restore a broken one).
 
+pub mod load_poller;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 

@@ -1,11 +1,13 @@
-//! In-flight request counting with drop guards, after tower's `load::completion`.
+//! In-flight request counting with drop guards, after tower's `load::completion`, plus the
+//! per-worker running integrals that give each finished request its load window.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::usage::Usage;
 use crate::workers::Worker;
 
 /// Per-worker load counters, updated by guards and read by policies.
@@ -15,6 +17,65 @@ pub struct WorkerLoad {
     dispatched: AtomicU64,
     succeeded: AtomicU64,
     failed: AtomicU64,
+    window: Mutex<Integrals>,
+    reported: Mutex<Option<ReportedLoad>>,
+}
+
+/// What the worker itself last said about its load (polled `/get_load` or `/metrics`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReportedLoad {
+    /// KV cache usage, 0..=1.
+    pub kv_usage: f64,
+    /// Requests waiting in the engine's queue.
+    pub queued: u64,
+    /// Requests running in the engine.
+    pub running: u64,
+    /// When it was read.
+    pub at: Instant,
+}
+
+/// Running state of one worker as the router sees it, advanced at every guard event.
+///
+/// `decoding` (B) counts requests past their first token; `context` (K) sums their prompt
+/// tokens; `queued_prefill` (U) sums the uncached prompt tokens of requests still waiting for
+/// their first token. The integrals of B and K over time, and the cumulative uncached tokens
+/// admitted, let a finished request read its window's averages as two differences: O(1),
+/// exact, and no per-request history.
+#[derive(Debug, Default, Clone, Copy)]
+struct Integrals {
+    last: Option<Instant>,
+    decoding: u64,
+    context: u64,
+    queued_prefill: u64,
+    int_decoding: f64,
+    int_context: f64,
+    admitted_prefill: u64,
+}
+
+impl Integrals {
+    fn advance(&mut self, now: Instant) {
+        if let Some(last) = self.last {
+            let dt = now.saturating_duration_since(last).as_secs_f64();
+            self.int_decoding += self.decoding as f64 * dt;
+            self.int_context += self.context as f64 * dt;
+        }
+        if self.last.is_none_or(|l| now > l) {
+            self.last = Some(now);
+        }
+    }
+}
+
+/// A snapshot of a worker's state, for policies.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LoadSnapshot {
+    /// Requests in flight (queued, prefilling or decoding).
+    pub in_flight: u64,
+    /// Requests past their first token.
+    pub decoding: u64,
+    /// Prompt tokens of the decoding requests.
+    pub context_tokens: u64,
+    /// Uncached prompt tokens of requests still before their first token.
+    pub queued_prefill_tokens: u64,
 }
 
 impl WorkerLoad {
@@ -37,6 +98,53 @@ impl WorkerLoad {
     pub fn failed(&self) -> u64 {
         self.failed.load(Ordering::Relaxed)
     }
+
+    /// The router's view of the worker's batch, context and queued prefill.
+    pub fn snapshot(&self) -> LoadSnapshot {
+        let w = *self.window.lock().unwrap_or_else(|p| p.into_inner());
+        LoadSnapshot {
+            in_flight: self.in_flight() as u64,
+            decoding: w.decoding,
+            context_tokens: w.context,
+            queued_prefill_tokens: w.queued_prefill,
+        }
+    }
+
+    /// The worker's own last report, if the load poller has one.
+    pub fn reported(&self) -> Option<ReportedLoad> {
+        *self.reported.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores a report from the load poller.
+    pub fn set_reported(&self, report: ReportedLoad) {
+        *self.reported.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
+    }
+
+    fn with_window<R>(&self, now: Instant, f: impl FnOnce(&mut Integrals) -> R) -> R {
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        w.advance(now);
+        f(&mut w)
+    }
+}
+
+/// What the router knows about a request when it dispatches it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DispatchInfo {
+    /// Prompt tokens (estimated from the text when the request has no token ids).
+    pub prompt_tokens: u32,
+    /// Of those, the tokens the policy expects the worker to have to compute (not cached).
+    pub uncached_tokens: u32,
+}
+
+/// Averages over a request's decode window (first token → end) on its worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DecodeWindow {
+    /// Time-averaged decoding concurrency B̄ (this request included).
+    pub mean_batch: f64,
+    /// Time-averaged context tokens K̄ of the decoding requests.
+    pub mean_context: f64,
+    /// Uncached prefill tokens admitted per second during the window, P̄.
+    pub prefill_rate: f64,
 }
 
 /// What the router observed about one finished request, for `on_request_complete`.
@@ -50,6 +158,26 @@ pub struct RequestOutcome {
     pub time_to_first_byte: Option<Duration>,
     /// Time from dispatch to the end of the response.
     pub latency: Duration,
+    /// When it ended (virtual time in a simulation).
+    pub finished_at: Instant,
+    /// What was known at dispatch.
+    pub dispatch: DispatchInfo,
+    /// Requests in flight on the worker when this one was sent (itself excluded).
+    pub in_flight_at_dispatch: u64,
+    /// Uncached prompt tokens queued ahead of it at dispatch, U.
+    pub queued_prefill_ahead: u64,
+    /// Token counts the worker reported (or the router counted).
+    pub usage: Usage,
+    /// Load over the decode window, when the request streamed its first token separately.
+    pub window: Option<DecodeWindow>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FirstToken {
+    at: Instant,
+    int_decoding: f64,
+    int_context: f64,
+    admitted_prefill: u64,
 }
 
 /// Counts one request as in flight on a worker for as long as the guard lives.
@@ -57,16 +185,38 @@ pub struct RequestOutcome {
 pub struct InFlightGuard {
     worker: Arc<Worker>,
     dispatched_at: Instant,
-    first_byte_at: Option<Instant>,
+    info: DispatchInfo,
+    in_flight_at_dispatch: u64,
+    queued_prefill_ahead: u64,
+    first_token: Option<FirstToken>,
+    released: bool,
 }
 
 impl InFlightGuard {
-    /// Marks a request as dispatched to `worker`.
+    /// Marks a request as dispatched to `worker` now, with nothing known about its size.
     pub fn new(worker: Arc<Worker>) -> Self {
+        Self::dispatch(worker, DispatchInfo::default(), Instant::now())
+    }
+
+    /// Marks a request as dispatched to `worker` at `now` (a simulation passes virtual time).
+    pub fn dispatch(worker: Arc<Worker>, info: DispatchInfo, now: Instant) -> Self {
         let load = worker.load();
-        load.in_flight.fetch_add(1, Ordering::Relaxed);
+        let in_flight_at_dispatch = load.in_flight.fetch_add(1, Ordering::Relaxed) as u64;
         load.dispatched.fetch_add(1, Ordering::Relaxed);
-        Self { worker, dispatched_at: Instant::now(), first_byte_at: None }
+        let queued_prefill_ahead = load.with_window(now, |w| {
+            let ahead = w.queued_prefill;
+            w.queued_prefill += u64::from(info.uncached_tokens);
+            ahead
+        });
+        Self {
+            worker,
+            dispatched_at: now,
+            info,
+            in_flight_at_dispatch,
+            queued_prefill_ahead,
+            first_token: None,
+            released: false,
+        }
     }
 
     /// The worker this request is counted on.
@@ -76,31 +226,94 @@ impl InFlightGuard {
 
     /// Records the arrival of the first response byte (time to first token for streams).
     pub fn mark_first_byte(&mut self) {
-        if self.first_byte_at.is_none() {
-            self.first_byte_at = Some(Instant::now());
+        if self.first_token.is_none() {
+            self.mark_first_byte_at(Instant::now());
         }
+    }
+
+    /// [`InFlightGuard::mark_first_byte`] at a given time.
+    pub fn mark_first_byte_at(&mut self, now: Instant) {
+        if self.first_token.is_some() {
+            return;
+        }
+        let (prompt, uncached) = (u64::from(self.info.prompt_tokens), u64::from(self.info.uncached_tokens));
+        let first = self.worker.load().with_window(now, |w| {
+            w.queued_prefill = w.queued_prefill.saturating_sub(uncached);
+            w.admitted_prefill += uncached;
+            w.decoding += 1;
+            w.context += prompt;
+            FirstToken {
+                at: now,
+                int_decoding: w.int_decoding,
+                int_context: w.int_context,
+                admitted_prefill: w.admitted_prefill,
+            }
+        });
+        self.first_token = Some(first);
     }
 
     /// Ends the request as succeeded or failed (worker-side failure: it also feeds the
     /// worker's circuit breaker) and returns what was observed. A guard dropped without
     /// `complete` (client went away) counts as neither.
     pub fn complete(self, success: bool) -> RequestOutcome {
+        self.complete_at(success, Usage::default(), Instant::now())
+    }
+
+    /// [`InFlightGuard::complete`] with the token counts seen in the answer, at `now`.
+    pub fn complete_at(mut self, success: bool, usage: Usage, now: Instant) -> RequestOutcome {
         self.worker.breaker().record(success);
         let load = self.worker.load();
         let counter = if success { &load.succeeded } else { &load.failed };
         counter.fetch_add(1, Ordering::Relaxed);
+        let first = self.first_token;
+        let window = load.with_window(now, |w| {
+            let f = first?;
+            let dt = now.saturating_duration_since(f.at).as_secs_f64();
+            (dt > 0.0).then(|| DecodeWindow {
+                mean_batch: (w.int_decoding - f.int_decoding) / dt,
+                mean_context: (w.int_context - f.int_context) / dt,
+                prefill_rate: (w.admitted_prefill - f.admitted_prefill) as f64 / dt,
+            })
+        });
+        self.release(now);
         RequestOutcome {
             worker: self.worker.clone(),
             success,
-            time_to_first_byte: self.first_byte_at.map(|t| t - self.dispatched_at),
-            latency: self.dispatched_at.elapsed(),
+            time_to_first_byte: first.map(|f| f.at.saturating_duration_since(self.dispatched_at)),
+            latency: now.saturating_duration_since(self.dispatched_at),
+            finished_at: now,
+            dispatch: self.info,
+            in_flight_at_dispatch: self.in_flight_at_dispatch,
+            queued_prefill_ahead: self.queued_prefill_ahead,
+            usage,
+            window,
         }
+    }
+
+    /// Takes the request out of the worker's running state (once).
+    fn release(&mut self, now: Instant) {
+        if std::mem::replace(&mut self.released, true) {
+            return;
+        }
+        let (prompt, uncached) = (u64::from(self.info.prompt_tokens), u64::from(self.info.uncached_tokens));
+        let decoding = self.first_token.is_some();
+        self.worker.load().with_window(now, |w| {
+            if decoding {
+                w.decoding = w.decoding.saturating_sub(1);
+                w.context = w.context.saturating_sub(prompt);
+            } else {
+                w.queued_prefill = w.queued_prefill.saturating_sub(uncached);
+            }
+        });
+        let was = self.worker.load().in_flight.fetch_sub(1, Ordering::Relaxed);
+        debug_assert!(was > 0);
+        super::capacity_freed();
     }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.worker.load().in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.release(Instant::now());
     }
 }
 

@@ -11,6 +11,7 @@
 mod cache_aware;
 mod consistent_hash;
 mod load_based;
+mod marginal_utility;
 mod power_of_two;
 pub mod radix_tree;
 mod random;
@@ -24,6 +25,7 @@ use std::time::Duration;
 pub use cache_aware::{CacheAware, CacheAwareConfig, CacheDecision};
 pub use consistent_hash::{stable_hash, ConsistentHash, ConsistentHashConfig};
 pub use load_based::{LoadBased, LoadBasedConfig};
+pub use marginal_utility::{Candidate, MarginalUtility, MarginalUtilityConfig, Objective, Overload};
 pub use power_of_two::{PowerOfTwo, PowerOfTwoConfig};
 pub use random::{Random, RandomConfig};
 pub use round_robin::{RoundRobin, RoundRobinConfig};
@@ -38,6 +40,19 @@ pub enum RoutingError {
     /// The candidate list was empty.
     #[error("no healthy workers available")]
     NoHealthyWorkers,
+    /// No worker can serve the request within its SLO now; the router may hold it and ask
+    /// again after `recheck` or when capacity frees, whichever comes first.
+    #[error("every worker is saturated")]
+    Saturated {
+        /// Longest the router should wait before asking again.
+        recheck: Duration,
+    },
+    /// The request can no longer meet its TTFT SLO and is shed (503 with Retry-After).
+    #[error("shed: no worker can serve the request within its TTFT SLO")]
+    Shed {
+        /// Suggested Retry-After.
+        retry_after: Duration,
+    },
 }
 
 /// One routing policy, used for whole requests (regular mode) and for prefill/decode pairs.
@@ -74,6 +89,11 @@ pub trait RoutingPolicy: Send + Sync + fmt::Debug {
     /// Appends the policy's own Prometheus families (e.g. cache_aware's match ratio and tree
     /// size) to a scrape.
     fn render_metrics(&self, _out: &mut String) {}
+
+    /// The policy's learnt state as JSON for `GET /debug/policy`; stateless policies have none.
+    fn debug_state(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// Policy names accepted by `--policy`.
@@ -93,6 +113,8 @@ pub enum PolicyKind {
     CacheAware,
     /// Session affinity on a hash ring.
     ConsistentHash,
+    /// Least marginal cost on learnt per-worker performance models, within latency SLOs.
+    MarginalUtility,
 }
 
 /// A policy with its settings.
@@ -110,6 +132,8 @@ pub enum PolicyConfig {
     CacheAware(CacheAwareConfig),
     /// See [`ConsistentHash`].
     ConsistentHash(ConsistentHashConfig),
+    /// See [`MarginalUtility`].
+    MarginalUtility(MarginalUtilityConfig),
 }
 
 impl Default for PolicyConfig {
@@ -132,6 +156,9 @@ impl PolicyConfig {
             PolicyKind::ConsistentHash => {
                 PolicyConfig::ConsistentHash(ConsistentHashConfig { seed, ..ConsistentHashConfig::default() })
             }
+            PolicyKind::MarginalUtility => {
+                PolicyConfig::MarginalUtility(MarginalUtilityConfig { seed, ..MarginalUtilityConfig::default() })
+            }
         }
     }
 }
@@ -145,6 +172,7 @@ pub fn build(config: &PolicyConfig) -> Arc<dyn RoutingPolicy> {
         PolicyConfig::LoadBased(c) => Arc::new(LoadBased::new(c)),
         PolicyConfig::CacheAware(c) => Arc::new(CacheAware::new(c)),
         PolicyConfig::ConsistentHash(c) => Arc::new(ConsistentHash::new(c)),
+        PolicyConfig::MarginalUtility(c) => Arc::new(MarginalUtility::new(c)),
     }
 }
 
@@ -172,7 +200,13 @@ mod tests {
     #[test]
     fn every_policy_rejects_an_empty_list_and_picks_in_range() {
         let ws = test_support::workers(3);
-        for kind in [PolicyKind::Random, PolicyKind::RoundRobin, PolicyKind::PowerOfTwo, PolicyKind::LoadBased] {
+        for kind in [
+            PolicyKind::Random,
+            PolicyKind::RoundRobin,
+            PolicyKind::PowerOfTwo,
+            PolicyKind::LoadBased,
+            PolicyKind::MarginalUtility,
+        ] {
             let p = build(&PolicyConfig::new(kind, Some(1)));
             let req = RequestView::default();
             assert_eq!(p.select_single(&[], &req), Err(RoutingError::NoHealthyWorkers), "{}", p.name());

@@ -16,7 +16,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::load::InFlightGuard;
+use tokio::time::Instant;
+
+use crate::load::{InFlightGuard, Usage};
 use crate::metrics::Metrics;
 use crate::policies::RoutingPolicy;
 
@@ -41,6 +43,8 @@ pub struct ObservedBody {
     error_status: bool,
     /// SSE `data:` events seen (≈ output tokens for token-per-event engines).
     events: u32,
+    /// Token counts from `usage` / `meta_info` in the events.
+    usage: Usage,
     done: bool,
 }
 
@@ -53,12 +57,25 @@ impl ObservedBody {
         status: u16,
         error_status: bool,
     ) -> Self {
-        Self { inner, guard: Some(guard), observer, status, error_status, events: 0, done: false }
+        Self {
+            inner,
+            guard: Some(guard),
+            observer,
+            status,
+            error_status,
+            events: 0,
+            usage: Usage::default(),
+            done: false,
+        }
     }
 
     fn finish(&mut self, success: bool) {
         if let Some(guard) = self.guard.take() {
-            let outcome = guard.complete(success);
+            if self.usage.completion_tokens.is_none() {
+                // No usage in the stream: one event per token, less `[DONE]`.
+                self.usage.completion_tokens = Some(self.events.saturating_sub(1));
+            }
+            let outcome = guard.complete_at(success, self.usage, Instant::now());
             let o = &self.observer;
             o.metrics.request(o.route, self.status, outcome.worker.url(), outcome.latency);
             // Events beyond the first, over the time after it; `[DONE]` and a usage event
@@ -102,6 +119,9 @@ impl Body for ObservedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref().filter(|d| !d.is_empty()) {
                     self.events += count_events(d);
+                    let mut usage = self.usage;
+                    usage.scan(d);
+                    self.usage = usage;
                     if let Some(g) = self.guard.as_mut() {
                         g.mark_first_byte();
                     }

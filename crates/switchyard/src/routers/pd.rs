@@ -18,11 +18,12 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Method, Response};
 use bytes::Bytes;
 use serde_json::{json, Value};
+use tokio::time::Instant;
 
 use super::regular::{buffered, is_event_stream, is_worker_failure, is_worker_failure_code, relay_stream, RoutedTo};
 use crate::config::{PdStyle, RetryConfig};
 use crate::error::ApiError;
-use crate::load::InFlightGuard;
+use crate::load::{DispatchInfo, InFlightGuard};
 use crate::metrics::Metrics;
 use crate::policies::RoutingPolicy;
 use crate::proxy::{SendError, StreamObserver, Upstream};
@@ -170,8 +171,8 @@ impl PdRouter {
             let (p, d) = (pp[pi].clone(), dp[di].clone());
             tracing::debug!(prefill = p.url(), decode = d.url(), attempt, "pd routing decision");
             let result = match self.style {
-                PdStyle::Sglang => self.sglang(route, headers, &json, &p, &d).await,
-                PdStyle::Vllm => self.vllm(route, headers, &json, &p, &d).await,
+                PdStyle::Sglang => self.sglang(route, headers, &json, &p, &d, view.dispatch_info()).await,
+                PdStyle::Vllm => self.vllm(route, headers, &json, &p, &d, view.dispatch_info()).await,
             };
             match result {
                 Ok(resp) => return Ok(resp),
@@ -241,6 +242,7 @@ impl PdRouter {
         json: &Value,
         p: &Arc<Worker>,
         d: &Arc<Worker>,
+        info: DispatchInfo,
     ) -> Result<Response<Body>, LegFailure> {
         let bootstrap_port = match p.role() {
             WorkerRole::Prefill { bootstrap_port } => bootstrap_port,
@@ -265,19 +267,22 @@ impl PdRouter {
         let stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
 
         // Prefill leg: its own task, so it can be cancelled (aborted) or left to finish.
-        let prefill_guard = InFlightGuard::new(p.clone());
+        let prefill_guard = InFlightGuard::dispatch(p.clone(), info, Instant::now());
         let prefill = {
             let (this, p, headers, bytes) = (self.clone(), p.clone(), headers.clone(), bytes.clone());
             tokio::spawn(async move {
                 let answer = this.whole(&p, route, &headers, bytes).await;
                 let ok = matches!(&answer, Ok((s, _)) if !is_worker_failure_code(*s));
+                // The prefill leg's whole answer is its first token.
+                let mut prefill_guard = prefill_guard;
+                prefill_guard.mark_first_byte();
                 let outcome = prefill_guard.complete(ok);
                 this.policy.primary().on_request_complete(&outcome);
                 answer
             })
         };
         let mut prefill = AbortOnDrop { handle: prefill, detached: false };
-        let decode_guard = InFlightGuard::new(d.clone());
+        let decode_guard = InFlightGuard::dispatch(d.clone(), info, Instant::now());
         let decode = self.upstream.send(Method::POST, d.url(), route, headers, bytes);
         tokio::pin!(decode);
         let mut prefill_answer: Option<Bytes> = None;
@@ -368,6 +373,7 @@ impl PdRouter {
         json: &Value,
         p: &Arc<Worker>,
         d: &Arc<Worker>,
+        info: DispatchInfo,
     ) -> Result<Response<Body>, LegFailure> {
         let mut prefill_body = json.clone();
         prefill_body["max_tokens"] = json!(1);
@@ -382,10 +388,11 @@ impl PdRouter {
             "do_remote_decode": true, "do_remote_prefill": false,
             "remote_engine_id": null, "remote_block_ids": null, "remote_host": null, "remote_port": null,
         });
-        let guard = InFlightGuard::new(p.clone());
+        let mut guard = InFlightGuard::dispatch(p.clone(), info, Instant::now());
         let answer = self.whole(p, route, headers, Bytes::from(prefill_body.to_string())).await;
         let params = match answer {
             Ok((status, b)) if !is_worker_failure_code(status) => {
+                guard.mark_first_byte();
                 self.policy.primary().on_request_complete(&guard.complete(true));
                 serde_json::from_slice::<Value>(&b)
                     .ok()
@@ -406,7 +413,7 @@ impl PdRouter {
         };
         let mut decode_body = json.clone();
         decode_body["kv_transfer_params"] = params;
-        let guard = InFlightGuard::new(d.clone());
+        let guard = InFlightGuard::dispatch(d.clone(), info, Instant::now());
         match self.upstream.send(Method::POST, d.url(), route, headers, Bytes::from(decode_body.to_string())).await {
             Ok(resp) if is_worker_failure(resp.status()) => {
                 let status = resp.status().as_u16();

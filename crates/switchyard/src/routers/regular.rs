@@ -5,12 +5,13 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use bytes::Bytes;
+use tokio::time::Instant;
 
 use crate::config::RetryConfig;
 use crate::error::ApiError;
-use crate::load::InFlightGuard;
+use crate::load::{InFlightGuard, Usage};
 use crate::metrics::Metrics;
-use crate::policies::RoutingPolicy;
+use crate::policies::{RoutingError, RoutingPolicy};
 use crate::proxy::{forward_headers, ObservedBody, SendError, StreamObserver, Upstream};
 use crate::workers::{Worker, WorkerRegistry};
 
@@ -87,7 +88,7 @@ impl RegularRouter {
         body: Bytes,
     ) -> Result<Response<Body>, ApiError> {
         let path = route;
-        let view = super::parse_view(headers, &body)?;
+        let mut view = super::parse_view(headers, &body)?;
         let mut tried: Vec<Arc<Worker>> = Vec::new();
         let mut last_error = ApiError::NoHealthyWorkers;
         let attempts = self.retry.max_attempts.max(1);
@@ -97,15 +98,24 @@ impl RegularRouter {
                 let unit: f64 = rand::random();
                 tokio::time::sleep(self.retry.backoff(attempt as u32, unit)).await;
             }
-            let pool = self.candidates(&tried);
-            let Ok(index) = self.policy.select_single(&pool, &view) else { break };
-            let worker = pool[index].clone();
+            let selected = super::select_holding(&mut view, |view| {
+                let pool = self.candidates(&tried);
+                self.policy.select_single(&pool, view).map(|i| pool[i].clone())
+            })
+            .await;
+            let worker = match selected {
+                Ok(worker) => worker,
+                Err(RoutingError::Shed { retry_after }) => {
+                    return Err(ApiError::Shed { retry_after_secs: retry_after.as_secs().max(1) });
+                }
+                Err(_) => break,
+            };
             if !worker.breaker().on_dispatch() {
                 tried.push(worker);
                 continue;
             }
             // Taken at selection time, so concurrent selections see this request.
-            let guard = InFlightGuard::new(worker.clone());
+            let guard = InFlightGuard::dispatch(worker.clone(), view.dispatch_info(), Instant::now());
             tracing::debug!(worker = worker.url(), policy = self.policy.name(), path, attempt, "routing decision");
             let last_attempt = attempt + 1 == attempts;
             match self.upstream.send(Method::POST, worker.url(), path, headers, body.clone()).await {
@@ -137,7 +147,10 @@ impl RegularRouter {
                         Ok(collected) => {
                             let mut guard = guard;
                             guard.mark_first_byte();
-                            self.policy.on_request_complete(&guard.complete(!is_worker_failure(parts.status)));
+                            let mut usage = Usage::default();
+                            usage.scan(&collected);
+                            let ok = !is_worker_failure(parts.status);
+                            self.policy.on_request_complete(&guard.complete_at(ok, usage, Instant::now()));
                             let mut out = buffered(parts, collected);
                             out.extensions_mut().insert(RoutedTo(worker));
                             return Ok(out);

@@ -165,3 +165,22 @@ pub(super) async fn flush_cache(State(state): State<AppState>) -> Response {
     let status = if all_ok { StatusCode::OK } else { StatusCode::BAD_GATEWAY };
     (status, Json(json!({"status": if all_ok { "flushed" } else { "partial" }, "workers": results}))).into_response()
 }
+
+/// `GET /debug/policy` (admin): the policy's learnt state — for marginal_utility each
+/// worker's fitted coefficients, sample counts, residual σ and recent predictions against
+/// observations — with worker ids resolved to URLs.
+pub(super) async fn debug_policy(State(state): State<AppState>) -> Response {
+    let Some(mut v) = state.router.policy().debug_state() else {
+        return Json(json!({"policy": state.router.policy().name(), "state": null})).into_response();
+    };
+    let workers = state.registry.all();
+    if let Some(list) = v.get_mut("workers").and_then(Value::as_array_mut) {
+        for entry in list {
+            let id = entry.get("worker").and_then(Value::as_u64);
+            if let Some(w) = workers.iter().find(|w| Some(u64::from(w.id())) == id) {
+                entry["url"] = json!(w.url());
+            }
+        }
+    }
+    Json(v).into_response()
+}

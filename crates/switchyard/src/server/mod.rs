@@ -134,6 +134,18 @@ impl Shared {
     }
 }
 
+/// Whether a configured policy reads workers' own load reports (only those pay for polling).
+fn uses_reported_load(router: &Dispatch) -> bool {
+    let reads = |p: &std::sync::Arc<dyn crate::policies::RoutingPolicy>| p.name() == "marginal_utility";
+    match router {
+        Dispatch::Regular(r) => reads(r.policy()),
+        Dispatch::Pd(pd) => match pd.policy() {
+            PairPolicy::Joint(p) => reads(p),
+            PairPolicy::PerPool { prefill, decode } => reads(prefill) || reads(decode),
+        },
+    }
+}
+
 /// The router's HTTP application.
 pub fn app(state: AppState) -> Router {
     let limit = state.config.max_payload_size;
@@ -150,6 +162,7 @@ pub fn app(state: AppState) -> Router {
         .route("/workers/{*url}", delete(admin::remove_worker_path))
         .route("/add_worker", post(admin::legacy_add_worker))
         .route("/remove_worker", post(admin::legacy_remove_worker))
+        .route("/debug/policy", get(admin::debug_policy))
         .route_layer(axum::middleware::from_fn_with_state(state.config.api_key.clone(), auth::require));
     let public = Router::new()
         .route("/health", get(info::health))
@@ -248,6 +261,14 @@ pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
         state.config.remove_unhealthy_workers,
         shutdown_rx.clone(),
     ));
+    if let Some(interval) = state.config.load_check_interval.filter(|_| uses_reported_load(&state.router)) {
+        tokio::spawn(crate::health::load_poller::run(
+            state.registry.clone(),
+            state.probes.clone(),
+            interval,
+            shutdown_rx.clone(),
+        ));
+    }
     match &state.router {
         Dispatch::Pd(pd) => match pd.policy() {
             PairPolicy::Joint(p) => spawn_maintenance(p.clone(), shutdown_rx.clone()),

@@ -1,0 +1,139 @@
+//! Polls each worker's own load report: SGLang's `/get_load` (an object, or one object per
+//! data-parallel rank), else the Prometheus `/metrics` of SGLang (`sglang:token_usage`,
+//! `sglang:num_queue_reqs`) or vLLM (`vllm:kv_cache_usage_perc`, `vllm:num_requests_waiting`).
+//! What the worker says goes into [`crate::load::WorkerLoad::set_reported`]; policies read it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::Method;
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::load::ReportedLoad;
+use crate::proxy::Upstream;
+use crate::workers::{Worker, WorkerRegistry};
+
+/// Reads one `/get_load` answer.
+pub fn parse_get_load(body: &[u8]) -> Option<(f64, u64, u64)> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let ranks: Vec<&Value> = match &v {
+        Value::Array(a) => a.iter().collect(),
+        Value::Object(_) => vec![&v],
+        _ => return None,
+    };
+    if ranks.is_empty() {
+        return None;
+    }
+    let num = |r: &Value, k: &str| r.get(k).and_then(Value::as_f64);
+    let mut usage: f64 = 0.0;
+    let (mut queued, mut running) = (0u64, 0u64);
+    let mut any = false;
+    for r in &ranks {
+        if let Some(u) = num(r, "token_usage") {
+            usage = usage.max(u);
+            any = true;
+        }
+        if let Some(q) = num(r, "num_waiting_reqs") {
+            queued += q.max(0.0) as u64;
+            any = true;
+        }
+        if let Some(n) = num(r, "num_reqs") {
+            running += n.max(0.0) as u64;
+            any = true;
+        }
+    }
+    any.then_some((usage, queued, running))
+}
+
+/// Reads the load gauges out of a Prometheus text exposition.
+pub fn parse_metrics(text: &str) -> Option<(f64, u64, u64)> {
+    let mut usage = None;
+    let (mut queued, mut running) = (None, None);
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name, value)) = line.rsplit_once(' ') else { continue };
+        let Ok(value) = value.trim().parse::<f64>() else { continue };
+        let name = name.split('{').next().unwrap_or(name);
+        match name {
+            "sglang:token_usage" | "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
+                usage = Some(usage.map_or(value, |u: f64| u.max(value)))
+            }
+            "sglang:num_queue_reqs" | "vllm:num_requests_waiting" => {
+                queued = Some(queued.unwrap_or(0) + value.max(0.0) as u64)
+            }
+            "sglang:num_running_reqs" | "vllm:num_requests_running" => {
+                running = Some(running.unwrap_or(0) + value.max(0.0) as u64)
+            }
+            _ => {}
+        }
+    }
+    (usage.is_some() || queued.is_some()).then(|| (usage.unwrap_or(0.0), queued.unwrap_or(0), running.unwrap_or(0)))
+}
+
+/// One poll of `worker`.
+pub async fn poll(upstream: &Upstream, worker: &Worker) -> Option<ReportedLoad> {
+    let parsed = match upstream.fetch(Method::GET, worker.url(), "/get_load").await {
+        Ok((200, body)) => parse_get_load(&body),
+        _ => None,
+    };
+    let parsed = match parsed {
+        Some(p) => Some(p),
+        None => match upstream.fetch(Method::GET, worker.url(), "/metrics").await {
+            Ok((200, body)) => parse_metrics(&String::from_utf8_lossy(&body)),
+            _ => None,
+        },
+    };
+    parsed.map(|(kv_usage, queued, running)| ReportedLoad { kv_usage, queued, running, at: Instant::now() })
+}
+
+/// Polls every worker each `interval` until `shutdown` changes.
+pub async fn run(
+    registry: Arc<WorkerRegistry>,
+    upstream: Upstream,
+    interval: Duration,
+    mut shutdown: watch::Receiver<()>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let mut polls = JoinSet::new();
+        for w in registry.all().iter() {
+            let w = w.clone();
+            let upstream = upstream.clone();
+            polls.spawn(async move {
+                if let Some(report) = poll(&upstream, &w).await {
+                    w.load().set_reported(report);
+                }
+            });
+        }
+        tokio::select! {
+            _ = polls.join_all() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_sglang_and_vllm_reports() {
+        assert_eq!(parse_get_load(br#"{"num_reqs":3,"num_waiting_reqs":2,"token_usage":0.5}"#), Some((0.5, 2, 3)));
+        assert_eq!(
+            parse_get_load(br#"[{"num_reqs":1,"num_waiting_reqs":0},{"num_reqs":2,"num_waiting_reqs":1}]"#),
+            Some((0.0, 1, 3))
+        );
+        assert_eq!(parse_get_load(b"[]"), None);
+        assert_eq!(parse_get_load(b"oops"), None);
+        let text = "# HELP x\nvllm:num_requests_waiting{model_name=\"m\"} 4.0\nvllm:kv_cache_usage_perc{model_name=\"m\"} 0.25\nvllm:num_requests_running{model_name=\"m\"} 7\n";
+        assert_eq!(parse_metrics(text), Some((0.25, 4, 7)));
+        assert_eq!(parse_metrics("garbage\n"), None);
+    }
+}

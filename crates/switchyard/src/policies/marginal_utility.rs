@@ -1,0 +1,496 @@
+//! `marginal_utility`: send each request where one more request costs the fleet least —
+//! its own latency plus the delay it imposes on the requests already running there —
+//! among the workers where it still meets its latency SLOs.
+//!
+//! What is *measured* lives in [`crate::load`]: the in-flight guards keep each worker's
+//! decoding batch B, context K and queued prefill U, and the [`FleetModel`] learns from every
+//! finished request a linear TPOT model (in B̄, K̄, P̄) and TTFT model (in uncached tokens u,
+//! U, B) per worker. This file only *chooses*, from those predictions (`policies.md`):
+//!
+//! - own cost `TTFT_w(u_w) + ô·T_w(B+1, K+p)`; externality `B·[ΔT·min(ô, r̄) + φ1·u_w]`;
+//!   marginal throughput `G_w = (B+1)/T(B+1) − B/T(B)`.
+//! - objective `slo` (default): keep the workers whose predicted TTFT ≤ margin·SLO and step
+//!   time after admission ≤ margin·SLO, then least marginal cost. A worker holding the
+//!   request's prefix is judged against the full SLO, *with* the saved prefill, so the guard
+//!   never breaks cache affinity while the holder can still serve in time; a cold worker's
+//!   cost includes the prefill it must do and the cached prefixes it would evict.
+//! - `latency`: least marginal cost over all; `throughput`: greatest `G_w`.
+//! - No feasible worker: `best-effort` (least predicted TTFT), or hold in the router
+//!   (`queue`, `shed`) — the policy answers [`RoutingError::Saturated`] and the router waits
+//!   for capacity, then dispatches the last moment the SLO can still be met, or sheds.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::radix_tree::{PrefixMatch, SharedTree};
+use super::rng::PolicyRng;
+use super::{RoutingError, RoutingPolicy};
+use crate::load::estimator::{EstimatorKind, FleetModel, Prediction, Sample, WorkerReport};
+use crate::load::{RequestOutcome, CHARS_PER_TOKEN};
+use crate::request::{RequestView, RoutingText};
+use crate::workers::Worker;
+
+/// What the policy optimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Goodput: SLO-feasible workers first, then least marginal cost.
+    #[default]
+    Slo,
+    /// Least own latency plus externality, over all workers.
+    Latency,
+    /// Greatest marginal decode throughput.
+    Throughput,
+}
+
+/// What to do when no worker can meet the SLOs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[value(rename_all = "kebab-case")]
+pub enum Overload {
+    /// Send to the worker with the least predicted TTFT.
+    #[default]
+    BestEffort,
+    /// Hold in the router until a worker is feasible; best effort once the TTFT budget is spent.
+    Queue,
+    /// Hold as `queue`, but answer 503 + Retry-After once the TTFT SLO can no longer be met.
+    Shed,
+}
+
+/// Settings of [`MarginalUtility`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct MarginalUtilityConfig {
+    /// Objective.
+    pub objective: Objective,
+    /// Estimator of the per-worker models.
+    pub estimator: EstimatorKind,
+    /// TTFT SLO.
+    pub slo_ttft: Duration,
+    /// TPOT SLO.
+    pub slo_tpot: Duration,
+    /// Fraction of the SLOs a cold worker's predictions must stay under.
+    pub slo_margin: f64,
+    /// Overload handling.
+    pub overload: Overload,
+    /// Relative cost difference within which candidates count as tied (random pick).
+    pub tie_tolerance: f64,
+    /// Score a random sample of this many workers (0 = all).
+    pub candidates: usize,
+    /// Probability of a random (feasible) choice, so slopes stay identifiable.
+    pub epsilon: f64,
+    /// Forgetting time constant of the estimators.
+    pub tau: Duration,
+    /// Bound on the prefix tree used for uncached-token estimates.
+    pub max_tree_size: usize,
+    /// Workers reporting KV usage above this are infeasible (unless they hold the prefix).
+    pub kv_guard: f64,
+    /// Reports older than this are ignored by the KV/queue guards.
+    pub report_max_age: Duration,
+    /// RNG seed.
+    pub seed: Option<u64>,
+}
+
+impl Default for MarginalUtilityConfig {
+    fn default() -> Self {
+        Self {
+            objective: Objective::Slo,
+            estimator: EstimatorKind::Regression,
+            slo_ttft: Duration::from_millis(2000),
+            slo_tpot: Duration::from_millis(100),
+            slo_margin: 0.5,
+            overload: Overload::BestEffort,
+            tie_tolerance: 0.02,
+            candidates: 0,
+            epsilon: 0.01,
+            tau: Duration::from_secs(120),
+            max_tree_size: 1 << 26,
+            kv_guard: 0.9,
+            report_max_age: Duration::from_secs(15),
+            seed: None,
+        }
+    }
+}
+
+/// A worker holds the request's prefix when it has cached at least this share of the prompt.
+const HOLDER_SHARE: f64 = 0.3;
+
+/// One candidate's predicted terms (also the decision trace).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Candidate {
+    /// Index in the candidate list.
+    pub index: usize,
+    /// Uncached prompt tokens on this worker.
+    pub uncached: f64,
+    /// Predicted TTFT (ms).
+    pub ttft_ms: f64,
+    /// Predicted step time after admission (ms).
+    pub tpot_after_ms: f64,
+    /// Own cost: TTFT + ô·step time (ms).
+    pub own_ms: f64,
+    /// Delay imposed on the running requests (ms, summed).
+    pub externality_ms: f64,
+    /// Cost of the cached prefixes this request would evict (ms).
+    pub eviction_ms: f64,
+    /// Marginal decode throughput (tokens/ms).
+    pub gain: f64,
+    /// Whether it holds the request's prefix.
+    pub holder: bool,
+    /// Whether it meets the SLO test.
+    pub feasible: bool,
+}
+
+impl Candidate {
+    /// Own cost plus externality plus eviction.
+    pub fn cost(&self) -> f64 {
+        self.own_ms + self.externality_ms + self.eviction_ms
+    }
+}
+
+/// Counters for `/metrics` and `/debug/policy`.
+#[derive(Debug, Default)]
+struct Counters {
+    decisions: AtomicU64,
+    infeasible: AtomicU64,
+    held: AtomicU64,
+    shed: AtomicU64,
+    explored: AtomicU64,
+}
+
+/// The policy.
+#[derive(Debug)]
+pub struct MarginalUtility {
+    config: MarginalUtilityConfig,
+    model: RwLock<FleetModel>,
+    text: SharedTree<u8>,
+    tokens: SharedTree<u32>,
+    rng: PolicyRng,
+    epoch: Instant,
+    counters: Counters,
+}
+
+impl MarginalUtility {
+    /// A policy with `config`.
+    pub fn new(config: &MarginalUtilityConfig) -> Self {
+        Self {
+            model: RwLock::new(FleetModel::new(config.estimator, config.tau.as_secs_f64())),
+            text: SharedTree::new(config.max_tree_size),
+            tokens: SharedTree::new(config.max_tree_size),
+            rng: PolicyRng::new(config.seed),
+            epoch: Instant::now(),
+            counters: Counters::default(),
+            config: config.clone(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &MarginalUtilityConfig {
+        &self.config
+    }
+
+    fn matches(&self, text: &RoutingText) -> Option<PrefixMatch> {
+        match text {
+            RoutingText::Text(s) => Some(self.text.match_prefix(s.as_bytes())),
+            RoutingText::Tokens(t) => Some(self.tokens.match_prefix(t)),
+            RoutingText::None => None,
+        }
+    }
+
+    /// Matched prompt tokens of `worker` (text matches are in bytes).
+    fn matched_tokens(m: &Option<PrefixMatch>, text: &RoutingText, worker: &Worker) -> f64 {
+        let Some(m) = m else { return 0.0 };
+        let n = m.of(worker.id()) as f64;
+        match text {
+            RoutingText::Text(_) => n / CHARS_PER_TOKEN as f64,
+            _ => n,
+        }
+    }
+
+    fn record(&self, text: &RoutingText, worker: &Worker) {
+        match text {
+            RoutingText::Text(s) => self.text.insert(s.as_bytes(), worker.id()),
+            RoutingText::Tokens(t) => self.tokens.insert(t, worker.id()),
+            RoutingText::None => {}
+        }
+    }
+
+    /// Scores every worker (or a power-of-d sample) for `request`.
+    pub fn score(&self, workers: &[Arc<Worker>], request: &RequestView) -> Vec<Candidate> {
+        let indices: Vec<usize> = if self.config.candidates > 0 && workers.len() > self.config.candidates {
+            let mut picked = Vec::with_capacity(self.config.candidates);
+            while picked.len() < self.config.candidates {
+                let i = self.rng.index(workers.len());
+                if !picked.contains(&i) {
+                    picked.push(i);
+                }
+            }
+            picked
+        } else {
+            (0..workers.len()).collect()
+        };
+        let matches = self.matches(&request.text);
+        let prompt = f64::from(request.prompt_tokens());
+        let model = self.model.read().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        indices
+            .into_iter()
+            .map(|index| {
+                let w = &workers[index];
+                let matched = Self::matched_tokens(&matches, &request.text, w).min(prompt);
+                let pred = model.predict(w.id());
+                let out = model.expected_output(w.id());
+                let out = request.max_tokens.map_or(out, |m| out.min(f64::from(m))).max(1.0);
+                let hit_rate = model.cache_hit_rate(w.id());
+                let prefill_rate = model.prefill_rate(w.id());
+                let report =
+                    w.load().reported().filter(|r| now.saturating_duration_since(r.at) <= self.config.report_max_age);
+                self.candidate(index, w, &pred, prompt, matched, out, hit_rate, prefill_rate, report)
+            })
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn candidate(
+        &self,
+        index: usize,
+        w: &Worker,
+        pred: &Prediction,
+        prompt: f64,
+        matched: f64,
+        out: f64,
+        hit_rate: f64,
+        prefill_rate: f64,
+        report: Option<crate::load::ReportedLoad>,
+    ) -> Candidate {
+        let s = w.load().snapshot();
+        let (b, k) = (s.decoding as f64, s.context_tokens as f64);
+        let uncached = (prompt - matched).max(0.0);
+        let ttft = pred.ttft_ms(uncached, s.queued_prefill_tokens as f64, s.in_flight as f64).max(0.0);
+        let t_now = pred.tpot_ms(b, k, prefill_rate).max(1e-3);
+        let t_after = pred.tpot_ms(b + 1.0, k + prompt, prefill_rate).max(t_now);
+        let phi1 = pred.prefill_ms_per_token();
+        let remaining = out / 2.0;
+        let externality = b * ((t_after - t_now) * out.min(remaining) + phi1 * uncached);
+        let holder = prompt > 0.0 && matched >= HOLDER_SHARE * prompt;
+        // A full cache evicts what it holds to make room: future hits there lose about the
+        // recomputation of what this request adds, weighted by how often that cache hits.
+        let full = report.is_some_and(|r| r.kv_usage > 0.8);
+        let eviction = if full && !holder { phi1 * uncached * hit_rate } else { 0.0 };
+        let gain = (b + 1.0) / t_after - b / t_now;
+        let (slo_ttft, slo_tpot) = (self.config.slo_ttft.as_secs_f64() * 1e3, self.config.slo_tpot.as_secs_f64() * 1e3);
+        let guarded = report.is_some_and(|r| r.kv_usage > self.config.kv_guard || r.queued > 0);
+        let feasible = if holder {
+            ttft <= slo_ttft && t_after <= slo_tpot
+        } else {
+            !guarded && ttft <= self.config.slo_margin * slo_ttft && t_after <= self.config.slo_margin * slo_tpot
+        };
+        Candidate {
+            index,
+            uncached,
+            ttft_ms: ttft,
+            tpot_after_ms: t_after,
+            own_ms: ttft + out * t_after,
+            externality_ms: externality,
+            eviction_ms: eviction,
+            gain,
+            holder,
+            feasible,
+        }
+    }
+
+    /// Index (into `set`) of the best by `key` (lower is better), random among near-ties.
+    fn best_by(&self, set: &[&Candidate], key: impl Fn(&Candidate) -> f64) -> Option<usize> {
+        let best = set.iter().map(|c| key(c)).fold(f64::INFINITY, f64::min);
+        if !best.is_finite() {
+            return (!set.is_empty()).then(|| self.rng.index(set.len()));
+        }
+        let tol = best.abs() * self.config.tie_tolerance;
+        let ties: Vec<usize> = (0..set.len()).filter(|&i| key(set[i]) <= best + tol).collect();
+        Some(ties[self.rng.index(ties.len())])
+    }
+
+    /// Chooses among scored candidates; returns the candidate list's entry.
+    pub fn choose(&self, scored: &[Candidate], request: &RequestView) -> Result<Candidate, RoutingError> {
+        if scored.is_empty() {
+            return Err(RoutingError::NoHealthyWorkers);
+        }
+        self.counters.decisions.fetch_add(1, Ordering::Relaxed);
+        let all: Vec<&Candidate> = scored.iter().collect();
+        let explore = self.config.epsilon > 0.0 && (self.rng.index(1_000_000) as f64) < self.config.epsilon * 1e6;
+        let pick = |set: &[&Candidate], key: &dyn Fn(&Candidate) -> f64| -> Candidate {
+            if explore {
+                self.counters.explored.fetch_add(1, Ordering::Relaxed);
+                return *set[self.rng.index(set.len())];
+            }
+            *set[self.best_by(set, key).unwrap_or(0)]
+        };
+        match self.config.objective {
+            Objective::Latency => Ok(pick(&all, &Candidate::cost)),
+            Objective::Throughput => Ok(pick(&all, &|c| -c.gain)),
+            Objective::Slo => {
+                let feasible: Vec<&Candidate> = scored.iter().filter(|c| c.feasible).collect();
+                if !feasible.is_empty() {
+                    return Ok(pick(&feasible, &Candidate::cost));
+                }
+                self.counters.infeasible.fetch_add(1, Ordering::Relaxed);
+                let fastest = *all[self.best_by(&all, |c| c.ttft_ms).unwrap_or(0)];
+                let slo_ttft = self.config.slo_ttft.as_secs_f64() * 1e3;
+                // TTFT budget left if sent to the fastest worker now.
+                let slack = slo_ttft - request.waited.as_secs_f64() * 1e3 - fastest.ttft_ms;
+                let last_chance = 0.05 * slo_ttft;
+                match self.config.overload {
+                    Overload::BestEffort => Ok(fastest),
+                    _ if slack > last_chance => {
+                        self.counters.held.fetch_add(1, Ordering::Relaxed);
+                        Err(RoutingError::Saturated {
+                            recheck: Duration::from_secs_f64(((slack - last_chance) / 1e3).min(last_chance / 1e3)),
+                        })
+                    }
+                    _ if slack >= 0.0 => Ok(fastest),
+                    Overload::Queue => Ok(fastest),
+                    Overload::Shed => {
+                        self.counters.shed.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            waited_ms = request.waited.as_millis() as u64,
+                            predicted_ttft_ms = fastest.ttft_ms,
+                            "marginal_utility: shedding a request that can no longer meet its TTFT SLO"
+                        );
+                        Err(RoutingError::Shed { retry_after: self.config.slo_ttft })
+                    }
+                }
+            }
+        }
+    }
+
+    /// Feeds one observed request into the models, at `at` on the policy's clock.
+    pub fn observe(&self, outcome: &RequestOutcome, at: Instant) {
+        let t = at.saturating_duration_since(self.epoch).as_secs_f64();
+        if let Some(sample) = Sample::from_outcome(outcome, t) {
+            self.model.write().unwrap_or_else(|p| p.into_inner()).observe(outcome.worker.id(), &sample);
+        }
+    }
+
+    /// Per-worker fitted state, for `/debug/policy`.
+    pub fn report(&self) -> Vec<WorkerReport> {
+        self.model.read().unwrap_or_else(|p| p.into_inner()).report()
+    }
+
+    /// Requests shed so far.
+    pub fn shed_count(&self) -> u64 {
+        self.counters.shed.load(Ordering::Relaxed)
+    }
+}
+
+impl RoutingPolicy for MarginalUtility {
+    fn name(&self) -> &'static str {
+        "marginal_utility"
+    }
+
+    fn select_single(&self, workers: &[Arc<Worker>], request: &RequestView) -> Result<usize, RoutingError> {
+        if workers.is_empty() {
+            return Err(RoutingError::NoHealthyWorkers);
+        }
+        let scored = self.score(workers, request);
+        let chosen = self.choose(&scored, request)?;
+        let worker = &workers[chosen.index];
+        tracing::trace!(
+            worker = worker.url(),
+            objective = ?self.config.objective,
+            candidates = ?scored,
+            "marginal_utility decision"
+        );
+        request.uncached_hint.set(chosen.uncached.round() as u32);
+        self.record(&request.text, worker);
+        Ok(chosen.index)
+    }
+
+    /// PD: the prefill pool is scored by the prefill model (TTFT with the queued prefill and
+    /// the prefill workers' cache), the decode pool by the decode model (step time after
+    /// admission and the delay imposed on running decodes); independently, since the KV
+    /// transfer cost between specific pairs is not known. No holding in PD mode: when no
+    /// worker is feasible the choice is best effort.
+    fn select_pair(
+        &self,
+        prefill: &[Arc<Worker>],
+        decode: &[Arc<Worker>],
+        request: &RequestView,
+    ) -> Result<(usize, usize), RoutingError> {
+        if prefill.is_empty() || decode.is_empty() {
+            return Err(RoutingError::NoHealthyWorkers);
+        }
+        let margin = self.config.slo_margin;
+        let (slo_ttft, slo_tpot) = (self.config.slo_ttft.as_secs_f64() * 1e3, self.config.slo_tpot.as_secs_f64() * 1e3);
+        let feasible_or_all = |scored: &[Candidate], ok: &dyn Fn(&Candidate) -> bool| -> Vec<Candidate> {
+            let feasible: Vec<Candidate> = scored.iter().filter(|c| ok(c)).copied().collect();
+            if feasible.is_empty() {
+                scored.to_vec()
+            } else {
+                feasible
+            }
+        };
+        let p_scored = self.score(prefill, request);
+        let p_set = feasible_or_all(&p_scored, &|c| c.ttft_ms <= if c.holder { 1.0 } else { margin } * slo_ttft);
+        let p_refs: Vec<&Candidate> = p_set.iter().collect();
+        let p = *p_refs[self.best_by(&p_refs, |c| c.ttft_ms + c.externality_ms + c.eviction_ms).unwrap_or(0)];
+        let d_scored = self.score(decode, request);
+        let d_set = feasible_or_all(&d_scored, &|c| c.tpot_after_ms <= margin * slo_tpot);
+        let d_refs: Vec<&Candidate> = d_set.iter().collect();
+        let d = *d_refs[self.best_by(&d_refs, |c| c.own_ms - c.ttft_ms + c.externality_ms).unwrap_or(0)];
+        self.counters.decisions.fetch_add(1, Ordering::Relaxed);
+        request.uncached_hint.set(p.uncached.round() as u32);
+        self.record(&request.text, &prefill[p.index]);
+        Ok((p.index, d.index))
+    }
+
+    fn on_request_complete(&self, outcome: &RequestOutcome) {
+        self.observe(outcome, outcome.finished_at);
+    }
+
+    fn maintenance_interval(&self) -> Option<Duration> {
+        Some(Duration::from_secs(120))
+    }
+
+    fn maintain(&self) {
+        let low_water = self.config.max_tree_size / 10 * 9;
+        self.text.with(|t| t.trim(low_water));
+        self.tokens.with(|t| t.trim(low_water));
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let c = &self.counters;
+        for (name, help, v) in [
+            ("decisions", "decisions made", &c.decisions),
+            ("infeasible", "decisions with no SLO-feasible worker", &c.infeasible),
+            ("held", "times a request was held in the router for capacity", &c.held),
+            ("shed", "requests answered 503 because they could no longer meet the TTFT SLO", &c.shed),
+            ("explored", "random (exploration) choices", &c.explored),
+        ] {
+            let _ = writeln!(out, "# HELP switchyard_mu_{name}_total marginal_utility: {help}.");
+            let _ = writeln!(out, "# TYPE switchyard_mu_{name}_total counter");
+            let _ = writeln!(out, "switchyard_mu_{name}_total {}", v.load(Ordering::Relaxed));
+        }
+    }
+
+    fn debug_state(&self) -> Option<serde_json::Value> {
+        let c = &self.counters;
+        Some(serde_json::json!({
+            "policy": "marginal_utility",
+            "objective": self.config.objective,
+            "estimator": self.config.estimator,
+            "overload": self.config.overload,
+            "slo_ttft_ms": self.config.slo_ttft.as_secs_f64() * 1e3,
+            "slo_tpot_ms": self.config.slo_tpot.as_secs_f64() * 1e3,
+            "slo_margin": self.config.slo_margin,
+            "decisions": c.decisions.load(Ordering::Relaxed),
+            "infeasible": c.infeasible.load(Ordering::Relaxed),
+            "held": c.held.load(Ordering::Relaxed),
+            "shed": c.shed.load(Ordering::Relaxed),
+            "explored": c.explored.load(Ordering::Relaxed),
+            "workers": self.report(),
+        }))
+    }
+}
