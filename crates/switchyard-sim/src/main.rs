@@ -139,8 +139,9 @@ async fn main() {
     };
     for w in &workers {
         let c = w.config();
+        let bootstrap = w.bootstrap_port().map(|p| format!(" bootstrap_port={p}")).unwrap_or_default();
         println!(
-            "{} profile={} speed={} role={:?} time_scale={}",
+            "{} profile={} speed={} role={:?} time_scale={}{bootstrap}",
             w.url(),
             c.profile.name,
             c.speed,

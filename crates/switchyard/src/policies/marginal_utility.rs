@@ -331,6 +331,13 @@ impl MarginalUtility {
             Objective::Latency => Ok(pick(&all, &Candidate::cost)),
             Objective::Throughput => Ok(pick(&all, &|c| -c.gain)),
             Objective::Slo => {
+                // Affinity first: a worker holding the prefix keeps the request while it can
+                // still serve it within the SLO; only then does it spill (and so replicate a
+                // hot prefix) to a cold worker.
+                let holders: Vec<&Candidate> = scored.iter().filter(|c| c.feasible && c.holder).collect();
+                if !holders.is_empty() {
+                    return Ok(pick(&holders, &Candidate::cost));
+                }
                 let feasible: Vec<&Candidate> = scored.iter().filter(|c| c.feasible).collect();
                 if !feasible.is_empty() {
                     return Ok(pick(&feasible, &Candidate::cost));
@@ -371,6 +378,11 @@ impl MarginalUtility {
         if let Some(sample) = Sample::from_outcome(outcome, t) {
             self.model.write().unwrap_or_else(|p| p.into_inner()).observe(outcome.worker.id(), &sample);
         }
+    }
+
+    /// Feeds one prepared sample for `worker` (simulations, tests).
+    pub fn observe_sample(&self, worker: u32, sample: &Sample) {
+        self.model.write().unwrap_or_else(|p| p.into_inner()).observe(worker, sample);
     }
 
     /// Per-worker fitted state, for `/debug/policy`.
@@ -492,5 +504,163 @@ impl RoutingPolicy for MarginalUtility {
             "explored": c.explored.load(Ordering::Relaxed),
             "workers": self.report(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::{InFlightGuard, ReportedLoad};
+    use crate::policies::test_support::workers;
+
+    /// Trains `worker`'s models on samples from an h100-like engine running `speed`× as fast.
+    fn train(p: &MarginalUtility, worker: u32, speed: f64) {
+        for i in 0..200 {
+            let b = 1.0 + (i % 64) as f64;
+            let k = b * 1000.0;
+            let tpot = (5.75 + 0.006 * b + 0.054 * k / 1e3) / speed;
+            let u = (i % 8) as f64 * 500.0;
+            let ttft = (20.0 + 17.0 * u / 1e3 + 17.0 * (i % 5) as f64 + 5.0 * b) / speed;
+            p.observe_sample(
+                worker,
+                &Sample {
+                    at: i as f64 * 0.1,
+                    decode: Some(([1.0, b, k / 1e3, 0.0], tpot)),
+                    prefill: Some(([1.0, u / 1e3, (i % 5) as f64, b], ttft)),
+                    output_tokens: Some(200),
+                    cache_hit: Some(0.5),
+                },
+            );
+        }
+    }
+
+    fn request(text: &str) -> RequestView {
+        RequestView { text: RoutingText::Text(text.into()), max_tokens: Some(200), ..RequestView::default() }
+    }
+
+    fn policy(config: MarginalUtilityConfig) -> MarginalUtility {
+        MarginalUtility::new(&MarginalUtilityConfig { seed: Some(11), epsilon: 0.0, ..config })
+    }
+
+    /// Selects and dispatches like the router does (guard at selection), first token at once.
+    fn dispatch(p: &MarginalUtility, ws: &[Arc<Worker>], view: &RequestView) -> (usize, InFlightGuard) {
+        let i = p.select_single(ws, view).unwrap();
+        let mut g = InFlightGuard::dispatch(ws[i].clone(), view.dispatch_info(), Instant::now());
+        g.mark_first_byte();
+        (i, g)
+    }
+
+    #[test]
+    fn a_twice_as_fast_worker_gets_more_work_but_not_all() {
+        let ws = workers(2);
+        let p = policy(MarginalUtilityConfig { slo_ttft: Duration::from_secs(60), ..Default::default() });
+        train(&p, ws[0].id(), 2.0);
+        train(&p, ws[1].id(), 1.0);
+        let mut guards = Vec::new();
+        let mut fast = 0;
+        for i in 0..120 {
+            let (w, g) = dispatch(&p, &ws, &request(&format!("prompt {i} {}", "x".repeat(2000))));
+            fast += usize::from(w == 0);
+            guards.push(g);
+        }
+        let share = fast as f64 / 120.0;
+        assert!((0.55..0.9).contains(&share), "fast worker's share {share}");
+    }
+
+    #[test]
+    fn a_prefix_stays_with_its_holder_until_the_holder_would_miss_the_ttft_slo() {
+        let ws = workers(2);
+        let p = policy(MarginalUtilityConfig { slo_ttft: Duration::from_millis(400), ..Default::default() });
+        train(&p, ws[0].id(), 1.0);
+        train(&p, ws[1].id(), 1.0);
+        let system = "s".repeat(8000);
+        let first = dispatch(&p, &ws, &request(&format!("{system} q0")));
+        let holder = first.0;
+        let mut guards = vec![first.1];
+        let mut spilled_at = None;
+        for i in 1..200 {
+            let view = request(&format!("{system} q{i}"));
+            let scored = p.score(&ws, &view);
+            let holder_ttft = scored[holder].ttft_ms;
+            let (w, g) = dispatch(&p, &ws, &view);
+            guards.push(g);
+            if w != holder {
+                spilled_at = Some(holder_ttft);
+                break;
+            }
+            assert!(scored[holder].holder && holder_ttft <= 400.0, "kept while feasible: {holder_ttft}");
+        }
+        let ttft = spilled_at.expect("the holder saturates and the prefix spills");
+        assert!(ttft > 400.0, "spilled only once the holder's TTFT missed the SLO: {ttft}");
+        assert!(guards.len() > 20, "the holder kept the prefix under load: {}", guards.len());
+    }
+
+    #[test]
+    fn a_cold_worker_with_a_full_hot_cache_pays_for_the_eviction() {
+        let ws = workers(3);
+        let p = policy(MarginalUtilityConfig::default());
+        for w in &ws {
+            train(&p, w.id(), 1.0);
+        }
+        let full = ReportedLoad { kv_usage: 0.85, queued: 0, running: 4, at: Instant::now() };
+        ws[1].load().set_reported(full);
+        let scored = p.score(&ws, &request(&"y".repeat(4000)));
+        assert!(scored[1].eviction_ms > 0.0 && scored[0].eviction_ms == 0.0, "{scored:?}");
+        for _ in 0..50 {
+            assert_ne!(p.select_single(&ws, &request(&format!("{} {}", "z".repeat(4000), 1))).unwrap(), 1);
+        }
+    }
+
+    #[test]
+    fn exploration_never_starves_a_worker() {
+        let ws = workers(2);
+        let p = MarginalUtility::new(&MarginalUtilityConfig { seed: Some(3), epsilon: 0.01, ..Default::default() });
+        train(&p, ws[0].id(), 4.0);
+        train(&p, ws[1].id(), 1.0);
+        let picks: Vec<usize> = (0..3000).map(|_| p.select_single(&ws, &RequestView::default()).unwrap()).collect();
+        let slow = picks.iter().filter(|&&i| i == 1).count();
+        assert!(slow > 0 && slow < 60, "slow worker picked {slow} times of 3000");
+    }
+
+    #[test]
+    fn concurrent_selections_do_not_herd() {
+        let ws = Arc::new(workers(4));
+        let p = Arc::new(policy(MarginalUtilityConfig::default()));
+        for w in ws.iter() {
+            train(&p, w.id(), 1.0);
+        }
+        let counts: Vec<usize> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|t| {
+                    let (p, ws) = (p.clone(), ws.clone());
+                    s.spawn(move || {
+                        (0..8).map(|i| dispatch(&p, &ws, &request(&format!("t{t} r{i}")))).collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            let guards: Vec<_> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+            (0..4).map(|w| guards.iter().filter(|(i, _)| *i == w).count()).collect()
+        });
+        assert!(counts.iter().all(|&c| (8..=24).contains(&c)), "{counts:?}");
+    }
+
+    #[test]
+    fn shed_mode_holds_then_sheds_and_best_effort_always_dispatches() {
+        let ws = workers(1);
+        let slo = Duration::from_millis(100);
+        let shed = policy(MarginalUtilityConfig { slo_ttft: slo, overload: Overload::Shed, ..Default::default() });
+        let best = policy(MarginalUtilityConfig { slo_ttft: slo, ..Default::default() });
+        for p in [&shed, &best] {
+            train(p, ws[0].id(), 1.0);
+        }
+        let _busy: Vec<_> = (0..20).map(|_| InFlightGuard::new(ws[0].clone())).collect();
+        let mut view = request(&"q".repeat(400));
+        // Predicted TTFT with 20 in flight is far above 50 % of the SLO: held, then shed.
+        assert_eq!(best.select_single(&ws, &view), Ok(0));
+        let first = shed.select_single(&ws, &view);
+        assert!(matches!(first, Err(RoutingError::Saturated { .. }) | Err(RoutingError::Shed { .. })), "{first:?}");
+        view.waited = slo;
+        assert!(matches!(shed.select_single(&ws, &view), Err(RoutingError::Shed { .. })));
+        assert!(shed.shed_count() >= 1);
     }
 }

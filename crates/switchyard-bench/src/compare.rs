@@ -1,0 +1,476 @@
+//! `switchyard-bench compare`: every router under test against a fresh simulated fleet, the
+//! same seeded workload at each load level, one after another in one run.
+//!
+//! The fleet (`switchyard-sim`) and each router run as their own processes, peers included,
+//! so every router gets the same treatment. Capacity is measured first: closed loop through
+//! switchyard with least-in-flight routing (`load_based`).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::client::{run_closed_loop, run_open_loop, LoadClient};
+use crate::metrics::Summary;
+use crate::report;
+use crate::scenario::Scenario;
+
+/// Arguments of `compare`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CompareArgs {
+    /// Scenario file.
+    #[arg(long)]
+    pub scenario: String,
+    /// Routers under test, comma separated: `switchyard:POLICY[/objective...]`,
+    /// `sglang-router:POLICY`, `vllm-router:POLICY`. Default: every switchyard policy,
+    /// sglang-router's and vllm-router's cache_aware.
+    #[arg(long, value_delimiter = ',')]
+    pub routers: Vec<String>,
+    /// Output directory (results.json, results.md, <scenario>.svg).
+    #[arg(long, default_value = "bench-results")]
+    pub out: String,
+    /// Python virtual environment with sglang-router and vllm-router (else `$PEERS_VENV`).
+    #[arg(long)]
+    pub peers_venv: Option<String>,
+    /// Override the scenario's requests per load level.
+    #[arg(long)]
+    pub requests: Option<usize>,
+    /// Override the scenario's load levels (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub loads: Vec<f64>,
+    /// Override the scenario's time scale.
+    #[arg(long)]
+    pub time_scale: Option<f64>,
+    /// Use this capacity (req/s, simulated time) instead of measuring it.
+    #[arg(long)]
+    pub capacity: Option<f64>,
+}
+
+/// Every switchyard policy, then the peers' defaults.
+pub const DEFAULT_ROUTERS: [&str; 9] = [
+    "switchyard:random",
+    "switchyard:round_robin",
+    "switchyard:power_of_two",
+    "switchyard:load_based",
+    "switchyard:cache_aware",
+    "switchyard:consistent_hash",
+    "switchyard:marginal_utility",
+    "sglang-router:cache_aware",
+    "vllm-router:cache_aware",
+];
+
+/// One router at one load.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Run {
+    /// `switchyard`, `sglang-router` or `vllm-router`.
+    pub router: String,
+    /// Policy spec.
+    pub policy: String,
+    /// Scenario name.
+    pub scenario: String,
+    /// Fraction of capacity.
+    pub load: f64,
+    /// Requests within both SLOs per second (simulated time).
+    pub goodput_rps: f64,
+    /// Successful requests per second.
+    pub throughput_rps: f64,
+    /// Output tokens per second.
+    pub output_tok_s: f64,
+    /// TTFT p50 (ms).
+    pub ttft_p50_ms: f64,
+    /// TTFT p99 (ms).
+    pub ttft_p99_ms: f64,
+    /// TPOT p50 (ms).
+    pub tpot_p50_ms: f64,
+    /// TPOT p99 (ms).
+    pub tpot_p99_ms: f64,
+    /// E2E p99 (ms).
+    pub e2e_p99_ms: f64,
+    /// Cached / prompt tokens.
+    pub cache_hit_rate: f64,
+    /// Failed requests.
+    pub errors: usize,
+    /// Share of requests within both SLOs.
+    pub slo_attainment: f64,
+    /// Requests per worker (from the workers' own counters).
+    pub worker_share: Vec<f64>,
+}
+
+impl Run {
+    /// The run's row from a summary.
+    pub fn new(router: &str, policy: &str, scenario: &str, load: f64, s: &Summary) -> Self {
+        Self {
+            router: router.into(),
+            policy: policy.into(),
+            scenario: scenario.into(),
+            load,
+            goodput_rps: s.goodput_rps,
+            throughput_rps: s.throughput_rps,
+            output_tok_s: s.output_tok_s,
+            ttft_p50_ms: s.ttft_p50_ms,
+            ttft_p99_ms: s.ttft_p99_ms,
+            tpot_p50_ms: s.tpot_p50_ms,
+            tpot_p99_ms: s.tpot_p99_ms,
+            e2e_p99_ms: s.e2e_p99_ms,
+            cache_hit_rate: s.cache_hit_rate,
+            errors: s.errors,
+            slo_attainment: s.slo_attainment,
+            worker_share: s.worker_share.clone(),
+        }
+    }
+
+    /// `router:policy`.
+    pub fn label(&self) -> String {
+        format!("{}:{}", self.router, self.policy)
+    }
+}
+
+/// `results.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Results {
+    /// Measured capacity (req/s, simulated time).
+    pub capacity_rps: f64,
+    /// Scenario name.
+    pub scenario: String,
+    /// SLOs (ms).
+    pub slo_ttft_ms: f64,
+    /// TPOT SLO (ms).
+    pub slo_tpot_ms: f64,
+    /// Routers skipped, with why.
+    pub skipped: Vec<String>,
+    /// One entry per router and load.
+    pub runs: Vec<Run>,
+}
+
+/// A child process killed (by its PID, which we started) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sibling_binary(name: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let path = exe.with_file_name(name);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} not found next to switchyard-bench; build it: cargo build --release -p switchyard -p switchyard-sim",
+            path.display()
+        ))
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+/// A started fleet: worker URLs, roles and prefill bootstrap ports, read from the simulator's stdout.
+struct Fleet {
+    _proc: Proc,
+    workers: Vec<(String, String, Option<u16>)>,
+}
+
+fn start_fleet(s: &Scenario, time_scale: f64, dir: &Path) -> Result<Fleet, String> {
+    let mut scaled = s.clone();
+    scaled.time_scale = time_scale;
+    let file = dir.join(format!("{}-fleet.toml", s.name));
+    std::fs::write(&file, scaled.fleet_toml()).map_err(|e| e.to_string())?;
+    let n = s.workers().len();
+    let mut child = Command::new(sibling_binary("switchyard-sim")?)
+        .args(["--fleet", &file.to_string_lossy(), "--base-port", "0", "--log-level", "warn"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start switchyard-sim: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout from switchyard-sim")?;
+    let proc = Proc(child);
+    let mut workers = Vec::new();
+    for line in BufReader::new(stdout).lines().take(n) {
+        let line = line.map_err(|e| e.to_string())?;
+        let url = line.split_whitespace().next().unwrap_or_default().to_owned();
+        let field = |k: &str| line.split_whitespace().find_map(|f| f.strip_prefix(k)).map(str::to_owned);
+        let role = field("role=").unwrap_or_default().to_lowercase();
+        let bootstrap = field("bootstrap_port=").and_then(|p| p.parse().ok());
+        workers.push((url, role, bootstrap));
+    }
+    if workers.len() != n {
+        return Err(format!("switchyard-sim started {} of {n} workers", workers.len()));
+    }
+    Ok(Fleet { _proc: proc, workers })
+}
+
+/// The command line that starts `router` with `policy` on `port` in front of `fleet`.
+fn router_command(
+    router: &str,
+    policy: &str,
+    port: u16,
+    fleet: &Fleet,
+    s: &Scenario,
+    time_scale: f64,
+    venv: Option<&str>,
+) -> Result<Command, String> {
+    let urls: Vec<String> = fleet.workers.iter().filter(|w| w.1 == "plain").map(|w| w.0.clone()).collect();
+    let pd_args = |vllm: bool| -> Vec<String> {
+        let mut a = vec![if vllm { "--vllm-pd-disaggregation" } else { "--pd-disaggregation" }.to_owned()];
+        for (url, role, bootstrap) in &fleet.workers {
+            match role.as_str() {
+                "prefill" => {
+                    a.extend(["--prefill".to_owned(), url.clone()]);
+                    if !vllm {
+                        a.push(bootstrap.map_or("none".to_owned(), |p| p.to_string()));
+                    }
+                }
+                "decode" => a.extend(["--decode".to_owned(), url.clone()]),
+                _ => {}
+            }
+        }
+        a
+    };
+    let max_concurrent = s.admission.map(|a| (a.max_concurrent_per_worker * fleet.workers.len()).to_string());
+    let mut cmd;
+    match router {
+        "switchyard" => {
+            cmd = Command::new(sibling_binary("switchyard")?);
+            cmd.args(["--host", "127.0.0.1", "--port", &port.to_string(), "--log-level", "warn"]);
+            cmd.args(["--health-check-interval-secs", "1", "--load-check-interval", "1"]);
+            cmd.args(["--slo-ttft-ms", &(s.slo.ttft_ms / time_scale).to_string()]);
+            cmd.args(["--slo-tpot-ms", &(s.slo.tpot_ms / time_scale).to_string()]);
+            cmd.args(crate::policy_spec::flags(policy));
+            if s.is_pd() {
+                cmd.args(pd_args(false));
+            } else {
+                cmd.arg("--worker-urls").args(&urls);
+            }
+            if policy.starts_with("marginal_utility") {
+                cmd.args(&s.switchyard_args);
+            } else if let Some(n) = &max_concurrent {
+                cmd.args(["--max-concurrent-requests", n]);
+            }
+        }
+        "sglang-router" | "vllm-router" => {
+            let venv = venv.ok_or("no peers venv (--peers-venv or $PEERS_VENV)")?;
+            if router == "sglang-router" {
+                let python = Path::new(venv).join("bin/python");
+                if !python.exists() {
+                    return Err(format!("{} not found", python.display()));
+                }
+                cmd = Command::new(python);
+                cmd.args(["-m", "sglang_router.launch_router"]);
+            } else {
+                let bin = Path::new(venv).join("bin/vllm-router");
+                if !bin.exists() {
+                    return Err(format!("{} not found", bin.display()));
+                }
+                cmd = Command::new(bin);
+            }
+            cmd.args(["--host", "127.0.0.1", "--port", &port.to_string(), "--policy", policy]);
+            if s.is_pd() {
+                cmd.args(pd_args(router == "vllm-router"));
+            } else {
+                cmd.arg("--worker-urls").args(&urls);
+            }
+            if let Some(n) = &max_concurrent {
+                cmd.args(["--max-concurrent-requests", n]);
+            }
+        }
+        other => return Err(format!("unknown router '{other}' (switchyard, sglang-router, vllm-router)")),
+    }
+    Ok(cmd)
+}
+
+async fn wait_ready(client: &LoadClient, base: &str, deadline: Duration) -> bool {
+    let start = tokio::time::Instant::now();
+    let probe = crate::workload::RequestSpec {
+        at: 0.0,
+        prompt: crate::workload::PromptSpec::Prefixed { group: 7, prefix_tokens: 0, seed: 7, tokens: 8 },
+        output_tokens: 2,
+        session: None,
+    };
+    while start.elapsed() < deadline {
+        if client.get(base, "/health").await.is_some() && client.send(&probe, 0.0).await.error.is_none() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    false
+}
+
+/// Requests finished per worker, from each simulated worker's own counter.
+async fn finished_per_worker(client: &LoadClient, fleet: &Fleet) -> Vec<f64> {
+    let mut out = Vec::new();
+    for (url, _, _) in &fleet.workers {
+        let text = client.get(url, "/metrics").await.unwrap_or_default();
+        let v = text
+            .lines()
+            .find(|l| l.starts_with("sglang:num_requests_total"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        out.push(v);
+    }
+    out
+}
+
+fn progress(label: &str, done: usize, total: usize) {
+    if done == total || done % (total / 20).max(1) == 0 {
+        let filled = done * 30 / total.max(1);
+        eprint!("\r  {label:<44} [{}{}] {done}/{total}", "#".repeat(filled), ".".repeat(30 - filled));
+        if done == total {
+            eprintln!();
+        }
+    }
+}
+
+/// Runs the comparison and writes the outputs.
+pub fn run(args: &CompareArgs) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(compare(args))
+}
+
+async fn compare(args: &CompareArgs) -> Result<(), String> {
+    let mut s = Scenario::load(&args.scenario).map_err(|e| e.to_string())?;
+    if let Some(n) = args.requests {
+        s.requests = n;
+    }
+    if !args.loads.is_empty() {
+        s.loads = args.loads.clone();
+    }
+    let time_scale = args.time_scale.unwrap_or(s.time_scale);
+    let dir = PathBuf::from(&args.out);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let venv = args.peers_venv.clone().or_else(|| std::env::var("PEERS_VENV").ok());
+    let routers: Vec<String> =
+        if args.routers.is_empty() { DEFAULT_ROUTERS.iter().map(|r| r.to_string()).collect() } else { args.routers.clone() };
+    let trace = s.workload.trace().map_err(|e| e.to_string())?;
+    let n_workers = s.workers().len();
+    let timeout = Duration::from_secs_f64((600.0 / time_scale).max(30.0));
+
+    let capacity = match args.capacity {
+        Some(c) => c,
+        None => {
+            eprintln!("measuring capacity: closed loop, switchyard load_based, {} per worker", s.capacity.concurrency_per_worker);
+            let fleet = start_fleet(&s, time_scale, &dir)?;
+            let port = free_port()?;
+            let mut cmd = router_command("switchyard", "load_based", port, &fleet, &s, time_scale, None)?;
+            let _router = Proc(cmd.stdout(Stdio::null()).spawn().map_err(|e| e.to_string())?);
+            let base = format!("http://127.0.0.1:{port}");
+            let client = LoadClient::new(&base, "meta-llama/Llama-3.1-8B-Instruct", time_scale, timeout);
+            if !wait_ready(&client, &base, Duration::from_secs(60)).await {
+                return Err("switchyard did not become ready for the capacity measurement".into());
+            }
+            let concurrency = s.capacity.concurrency_per_worker * n_workers;
+            let shapes = s.workload.shapes(s.capacity.requests.max(concurrency * 4), s.seed ^ 0xcafe, 0, trace.as_deref());
+            let results = run_closed_loop(&client, &shapes, concurrency).await;
+            let mut ends: Vec<f64> =
+                results.iter().filter(|r| r.error.is_none()).map(|r| r.sent_at + r.e2e).collect();
+            ends.sort_by(f64::total_cmp);
+            if ends.len() < 4 {
+                return Err(format!("capacity run failed: {:?}", results.iter().find_map(|r| r.error.clone())));
+            }
+            let half = ends.len() / 2;
+            (ends.len() - 1 - half) as f64 / (ends[ends.len() - 1] - ends[half]).max(1e-9)
+        }
+    };
+    eprintln!("capacity: {capacity:.2} req/s (simulated time); time scale {time_scale}");
+
+    let mut results = Results {
+        capacity_rps: capacity,
+        scenario: s.name.clone(),
+        slo_ttft_ms: s.slo.ttft_ms,
+        slo_tpot_ms: s.slo.tpot_ms,
+        skipped: Vec::new(),
+        runs: Vec::new(),
+    };
+    for spec in &routers {
+        let (router, policy) = spec.split_once(':').unwrap_or((spec.as_str(), "round_robin"));
+        let fleet = start_fleet(&s, time_scale, &dir)?;
+        let port = free_port()?;
+        let cmd = router_command(router, policy, port, &fleet, &s, time_scale, venv.as_deref());
+        let mut cmd = match cmd {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("skipping {spec}: {e}");
+                results.skipped.push(format!("{spec}: {e}"));
+                continue;
+            }
+        };
+        let log = std::fs::File::create(dir.join(format!("{}-{}.log", router, policy.replace('/', "-"))))
+            .map_err(|e| e.to_string())?;
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn();
+        let Ok(child) = child else {
+            eprintln!("skipping {spec}: it did not start");
+            results.skipped.push(format!("{spec}: did not start"));
+            continue;
+        };
+        let _router = Proc(child);
+        let base = format!("http://127.0.0.1:{port}");
+        let client = LoadClient::new(&base, "meta-llama/Llama-3.1-8B-Instruct", time_scale, timeout);
+        if !wait_ready(&client, &base, Duration::from_secs(90)).await {
+            eprintln!("skipping {spec}: not ready within 90 s (see its log in {})", dir.display());
+            results.skipped.push(format!("{spec}: not ready within 90 s"));
+            continue;
+        }
+        for (li, &load) in s.loads.iter().enumerate() {
+            for (url, _, _) in &fleet.workers {
+                client.post(url, "/flush_cache", "").await;
+            }
+            let specs =
+                s.workload.requests(s.arrival, load * capacity, s.requests, s.seed, li * s.requests, trace.as_deref());
+            let before = finished_per_worker(&client, &fleet).await;
+            let fault = s.fault.map(|f| {
+                let at = |x: f64| specs[((x * specs.len() as f64) as usize).min(specs.len() - 1)].at / time_scale;
+                (f, at(f.from), at(f.to))
+            });
+            let fault_task = fault.and_then(|(f, from, to)| {
+                let url = fleet.workers.get(f.worker)?.0.clone();
+                let client = client.clone();
+                Some(tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs_f64(from)).await;
+                    client.post(&url, "/sim/faults", &format!("{{\"slowdown\": {}}}", f.slowdown)).await;
+                    tokio::time::sleep(Duration::from_secs_f64((to - from).max(0.0))).await;
+                    client.post(&url, "/sim/faults", "{\"slowdown\": 1.0}").await;
+                }))
+            });
+            let label = format!("{spec} @ {load:.2}");
+            let out = run_open_loop(&client, &specs, |d, t| progress(&label, d, t)).await;
+            if let Some(t) = fault_task {
+                t.abort();
+                if let Some((f, _, _)) = fault {
+                    client.post(&fleet.workers[f.worker].0, "/sim/faults", "{\"slowdown\": 1.0}").await;
+                }
+            }
+            let after = finished_per_worker(&client, &fleet).await;
+            let mut summary = Summary::of(&out, &s.slo, n_workers);
+            let total: f64 = after.iter().zip(&before).map(|(a, b)| a - b).sum();
+            summary.worker_share = after.iter().zip(&before).map(|(a, b)| (a - b) / total.max(1.0)).collect();
+            let run = Run::new(router, policy, &s.name, load, &summary);
+            eprintln!(
+                "  goodput {:.2} req/s, TTFT p99 {:.0} ms, TPOT p99 {:.1} ms, hit {:.2}, errors {}",
+                run.goodput_rps, run.ttft_p99_ms, run.tpot_p99_ms, run.cache_hit_rate, run.errors
+            );
+            results.runs.push(run);
+        }
+    }
+    let json = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("results.json"), json).map_err(|e| e.to_string())?;
+    let md = report::markdown(&results, &args.scenario);
+    std::fs::write(dir.join("results.md"), &md).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join(format!("{}.svg", s.name)), report::svg(&results)).map_err(|e| e.to_string())?;
+    println!("{md}");
+    eprintln!("wrote {}/results.json, results.md, {}.svg", dir.display(), s.name);
+    Ok(())
+}

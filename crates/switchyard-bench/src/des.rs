@@ -1,0 +1,407 @@
+//! Discrete-event fleet simulation: the simulator's engines in virtual time, routed by the
+//! router library's own policy objects and observed through its own in-flight guards —
+//! not copies — so what a policy learns and decides here is what it would in production.
+//!
+//! Virtual time maps onto `tokio::time::Instant`s as `base + t`, which is all the guards and
+//! the policies' estimators need. Several router replicas can share one fleet, each with
+//! its own policy and its own view of the workers (the stale-view study).
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard::load::{InFlightGuard, Usage};
+use switchyard::policies::{build, PolicyConfig, RoutingError, RoutingPolicy};
+use switchyard::request::{RequestView, RoutingText};
+use switchyard::workers::{Worker, WorkerRole};
+use switchyard_sim::model::tokenizer::tokenize;
+use switchyard_sim::model::{Engine, EngineEvent, Profile, RequestId, SimRequest};
+use tokio::time::Instant;
+
+use crate::metrics::RequestResult;
+use crate::scenario::{Fault, Scenario};
+use crate::workload::RequestSpec;
+
+/// One simulated worker.
+#[derive(Debug, Clone)]
+pub struct SimWorker {
+    /// Performance profile.
+    pub profile: Profile,
+    /// Speed factor.
+    pub speed: f64,
+}
+
+impl SimWorker {
+    /// The scenario's workers, repeated cyclically to `n` (or as listed when `n` is `None`).
+    pub fn from_scenario(s: &Scenario, n: Option<usize>) -> Vec<SimWorker> {
+        let base: Vec<SimWorker> = s
+            .workers()
+            .into_iter()
+            .map(|g| {
+                let mut profile = Profile::by_name(&g.profile).unwrap_or_default();
+                if let Some(kv) = g.kv_capacity_tokens {
+                    profile.kv_capacity_tokens = kv;
+                }
+                SimWorker { profile, speed: g.speed }
+            })
+            .collect();
+        let n = n.unwrap_or(base.len());
+        (0..n).map(|i| base[i % base.len()].clone()).collect()
+    }
+}
+
+/// Where requests come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// Open loop: the requests at their own arrival times.
+    Open(Vec<RequestSpec>),
+    /// Closed loop: `concurrency` outstanding; each completion sends the next shape.
+    Closed {
+        /// Request shapes, sent in order.
+        shapes: Vec<RequestSpec>,
+        /// Outstanding requests.
+        concurrency: usize,
+    },
+}
+
+/// What a simulation produced.
+#[derive(Debug, Clone, Default)]
+pub struct DesReport {
+    /// Per request, in arrival order.
+    pub results: Vec<RequestResult>,
+    /// Wall-clock nanoseconds of each policy decision.
+    pub decision_ns: Vec<f64>,
+    /// Requests shed by the policy.
+    pub shed: usize,
+    /// Virtual seconds simulated.
+    pub virtual_secs: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Time(f64);
+impl Eq for Time {}
+impl PartialOrd for Time {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Time {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    Arrival(usize),
+    StepDone(usize),
+    Recheck,
+    Slowdown(usize, u64),
+}
+
+struct Open {
+    guard: Option<InFlightGuard>,
+    replica: usize,
+    last_token: f64,
+}
+
+/// Runs `source` on `workers` with one policy per router replica built from `policy`.
+pub struct Simulation {
+    engines: Vec<Engine>,
+    busy: Vec<bool>,
+    pending: Vec<Vec<EngineEvent>>,
+    replicas: Vec<(Arc<dyn RoutingPolicy>, Vec<Arc<Worker>>)>,
+    base: Instant,
+    heap: BinaryHeap<Reverse<(Time, u64, Event)>>,
+    seq: u64,
+    specs: Vec<RequestSpec>,
+    results: Vec<RequestResult>,
+    open: HashMap<(usize, RequestId), (usize, Open)>,
+    held: VecDeque<(usize, RequestView)>,
+    report: DesReport,
+    record_itl: bool,
+    closed: Option<usize>,
+    next_closed: usize,
+}
+
+impl Simulation {
+    /// A fleet of `workers` behind `replicas` routers, each running `policy`.
+    pub fn new(workers: &[SimWorker], policy: &PolicyConfig, replicas: usize, seed: u64) -> Self {
+        let replicas = (0..replicas.max(1))
+            .map(|r| {
+                let ws = (0..workers.len())
+                    .map(|i| Arc::new(Worker::new(format!("http://sim-{r}-{i}:1"), WorkerRole::Regular)))
+                    .collect();
+                (build(policy), ws)
+            })
+            .collect();
+        Self {
+            engines: workers
+                .iter()
+                .enumerate()
+                .map(|(i, w)| Engine::new(w.profile.clone(), w.speed, seed.wrapping_add(i as u64)))
+                .collect(),
+            busy: vec![false; workers.len()],
+            pending: vec![Vec::new(); workers.len()],
+            replicas,
+            base: Instant::now(),
+            heap: BinaryHeap::new(),
+            seq: 0,
+            specs: Vec::new(),
+            results: Vec::new(),
+            open: HashMap::new(),
+            held: VecDeque::new(),
+            report: DesReport::default(),
+            record_itl: false,
+            closed: None,
+            next_closed: 0,
+        }
+    }
+
+    /// Keeps every inter-token gap (memory grows with output tokens).
+    pub fn record_itl(mut self, on: bool) -> Self {
+        self.record_itl = on;
+        self
+    }
+
+    /// Slows `fault.worker` between the arrivals at fractions `from` and `to` of the run.
+    pub fn with_fault(mut self, fault: &Fault, specs: &[RequestSpec]) -> Self {
+        if fault.worker < self.engines.len() && !specs.is_empty() {
+            let at = |f: f64| specs[((f * specs.len() as f64) as usize).min(specs.len() - 1)].at;
+            self.push(at(fault.from), Event::Slowdown(fault.worker, fault.slowdown.to_bits()));
+            self.push(at(fault.to), Event::Slowdown(fault.worker, 1.0f64.to_bits()));
+        }
+        self
+    }
+
+    fn push(&mut self, t: f64, e: Event) {
+        self.seq += 1;
+        self.heap.push(Reverse((Time(t), self.seq, e)));
+    }
+
+    fn at(&self, t: f64) -> Instant {
+        self.base + Duration::from_secs_f64(t.max(0.0))
+    }
+
+    /// Runs to completion.
+    pub fn run(mut self, source: Source) -> DesReport {
+        match source {
+            Source::Open(specs) => {
+                for (i, s) in specs.iter().enumerate() {
+                    self.push(s.at, Event::Arrival(i));
+                }
+                self.specs = specs;
+            }
+            Source::Closed { shapes, concurrency } => {
+                for i in 0..concurrency.min(shapes.len()) {
+                    self.push(0.0, Event::Arrival(i));
+                }
+                self.next_closed = concurrency.min(shapes.len());
+                self.closed = Some(concurrency);
+                self.specs = shapes;
+            }
+        }
+        self.results = vec![RequestResult::default(); self.specs.len()];
+        let mut now = 0.0;
+        while let Some(Reverse((Time(t), _, event))) = self.heap.pop() {
+            now = t;
+            match event {
+                Event::Arrival(i) => self.arrive(i, t),
+                Event::StepDone(w) => self.step_done(w, t),
+                Event::Recheck => self.retry_held(t),
+                Event::Slowdown(w, bits) => self.engines[w].set_slowdown(f64::from_bits(bits)),
+            }
+        }
+        self.report.virtual_secs = now;
+        self.report.results = std::mem::take(&mut self.results);
+        self.report
+    }
+
+    fn view(&self, i: usize) -> RequestView {
+        let s = &self.specs[i];
+        RequestView {
+            text: RoutingText::Text(s.prompt.text()),
+            max_tokens: Some(s.output_tokens),
+            stream: true,
+            routing_key: s.session.map(|k| k.to_string()),
+            ..RequestView::default()
+        }
+    }
+
+    fn arrive(&mut self, i: usize, t: f64) {
+        self.results[i].sent_at = t;
+        self.results[i].prompt_tokens = self.specs[i].prompt.tokens();
+        let view = self.view(i);
+        self.route(i, view, t);
+    }
+
+    /// Asks the request's replica for a worker; returns false if it must keep waiting.
+    fn route(&mut self, i: usize, mut view: RequestView, t: f64) -> bool {
+        let replica = i % self.replicas.len();
+        view.waited = Duration::from_secs_f64((t - self.results[i].sent_at).max(0.0));
+        let (policy, workers) = &self.replicas[replica];
+        let started = std::time::Instant::now();
+        let choice = policy.select_single(workers, &view);
+        self.report.decision_ns.push(started.elapsed().as_nanos() as f64);
+        match choice {
+            Ok(w) => {
+                let guard = InFlightGuard::dispatch(workers[w].clone(), view.dispatch_info(), self.at(t));
+                let text = match &view.text {
+                    RoutingText::Text(s) => s.as_str(),
+                    _ => "",
+                };
+                let req = SimRequest { prompt: tokenize(text), output_tokens: self.specs[i].output_tokens.max(1) };
+                self.results[i].worker = Some(w);
+                match self.engines[w].submit(req) {
+                    Ok(id) => {
+                        self.open.insert((w, id), (i, Open { guard: Some(guard), replica, last_token: t }));
+                        self.kick(w, t);
+                    }
+                    Err(e) => {
+                        policy.on_request_complete(&guard.complete_at(false, Usage::default(), self.at(t)));
+                        self.fail(i, t, format!("400 {e}"));
+                    }
+                }
+                true
+            }
+            Err(RoutingError::Saturated { recheck }) => {
+                self.held.push_back((i, view));
+                self.push(t + recheck.as_secs_f64().max(1e-4), Event::Recheck);
+                false
+            }
+            Err(RoutingError::Shed { .. }) => {
+                self.report.shed += 1;
+                self.fail(i, t, "503 shed".into());
+                true
+            }
+            Err(e) => {
+                self.fail(i, t, format!("503 {e}"));
+                true
+            }
+        }
+    }
+
+    fn fail(&mut self, i: usize, t: f64, error: String) {
+        let r = &mut self.results[i];
+        r.e2e = t - r.sent_at;
+        r.error = Some(error);
+        self.finished(t);
+    }
+
+    /// A request left the system: in closed loop, the next one arrives.
+    fn finished(&mut self, t: f64) {
+        if self.closed.is_some() && self.next_closed < self.specs.len() {
+            let i = self.next_closed;
+            self.next_closed += 1;
+            self.push(t, Event::Arrival(i));
+        }
+    }
+
+    fn retry_held(&mut self, t: f64) {
+        let mut waiting = std::mem::take(&mut self.held);
+        while let Some((i, view)) = waiting.pop_front() {
+            if !self.route(i, view, t) {
+                // Still saturated: the rest stay queued behind it, in order.
+                let last = self.held.pop_back();
+                self.held.extend(last);
+                self.held.extend(waiting.drain(..));
+                break;
+            }
+        }
+    }
+
+    fn kick(&mut self, w: usize, t: f64) {
+        if self.busy[w] {
+            return;
+        }
+        if let Some((duration, events)) = self.engines[w].step() {
+            self.busy[w] = true;
+            self.pending[w] = events;
+            self.push(t + duration, Event::StepDone(w));
+        }
+    }
+
+    fn step_done(&mut self, w: usize, t: f64) {
+        self.busy[w] = false;
+        let events = std::mem::take(&mut self.pending[w]);
+        let mut freed = false;
+        for e in events {
+            match e {
+                EngineEvent::Admitted { id, cached_tokens } => {
+                    if let Some((i, _)) = self.open.get(&(w, id)) {
+                        self.results[*i].cached_tokens = cached_tokens;
+                    }
+                }
+                EngineEvent::Token { id, index, last } => {
+                    let Some((i, open)) = self.open.get_mut(&(w, id)) else { continue };
+                    let i = *i;
+                    if index == 0 {
+                        if let Some(g) = open.guard.as_mut() {
+                            g.mark_first_byte_at(self.base + Duration::from_secs_f64(t));
+                        }
+                        self.results[i].ttft = Some(t - self.results[i].sent_at);
+                    } else if self.record_itl {
+                        self.results[i].itl.push(t - open.last_token);
+                    }
+                    open.last_token = t;
+                    self.results[i].output_tokens = index + 1;
+                    if last {
+                        if let Some((i, mut open)) = self.open.remove(&(w, id)) {
+                            let r = &mut self.results[i];
+                            r.e2e = t - r.sent_at;
+                            let usage = Usage {
+                                prompt_tokens: Some(r.prompt_tokens),
+                                cached_tokens: Some(r.cached_tokens),
+                                completion_tokens: Some(r.output_tokens),
+                            };
+                            if let Some(g) = open.guard.take() {
+                                let outcome = g.complete_at(true, usage, self.base + Duration::from_secs_f64(t));
+                                self.replicas[open.replica].0.on_request_complete(&outcome);
+                            }
+                            freed = true;
+                            self.finished(t);
+                        }
+                    }
+                }
+                EngineEvent::Preempted { .. } => {}
+            }
+        }
+        self.kick(w, t);
+        if freed && !self.held.is_empty() {
+            self.retry_held(t);
+        }
+    }
+}
+
+/// Runs an open-loop workload and returns the report.
+pub fn run_open(
+    workers: &[SimWorker],
+    policy: &PolicyConfig,
+    replicas: usize,
+    seed: u64,
+    specs: Vec<RequestSpec>,
+    fault: Option<&Fault>,
+) -> DesReport {
+    let mut sim = Simulation::new(workers, policy, replicas, seed);
+    if let Some(f) = fault {
+        sim = sim.with_fault(f, &specs);
+    }
+    sim.run(Source::Open(specs))
+}
+
+/// Fleet capacity in requests/s: closed loop at `concurrency` outstanding under least
+/// in-flight routing (`load_based`), over `shapes`.
+pub fn capacity(workers: &[SimWorker], shapes: Vec<RequestSpec>, concurrency: usize, seed: u64) -> f64 {
+    let policy = PolicyConfig::new(switchyard::policies::PolicyKind::LoadBased, Some(seed));
+    let report = Simulation::new(workers, &policy, 1, seed).run(Source::Closed { shapes, concurrency });
+    // Skip the ramp: rate over the second half of completions.
+    let mut ends: Vec<f64> = report.results.iter().filter(|r| r.error.is_none()).map(|r| r.sent_at + r.e2e).collect();
+    ends.sort_by(f64::total_cmp);
+    if ends.len() < 4 {
+        return 0.0;
+    }
+    let half = ends.len() / 2;
+    let span = (ends[ends.len() - 1] - ends[half]).max(1e-9);
+    (ends.len() - 1 - half) as f64 / span
+}

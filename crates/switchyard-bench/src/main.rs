@@ -1,0 +1,109 @@
+//! `switchyard-bench`: compare routers on a simulated fleet, or simulate a fleet in virtual time.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use switchyard_bench::compare::{self, CompareArgs};
+use switchyard_bench::des::{self, SimWorker};
+use switchyard_bench::metrics::Summary;
+use switchyard_bench::policy_spec;
+use switchyard_bench::scenario::Scenario;
+
+#[derive(Debug, Parser)]
+#[command(name = "switchyard-bench", version, about = "Routing-quality benchmarks for Switchyard and its peers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Every router and policy on the same fleet and workload, one after another.
+    Compare(CompareArgs),
+    /// Discrete-event simulation: the scenario's workload on a (large) virtual fleet.
+    Des(DesArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DesArgs {
+    /// Scenario file.
+    #[arg(long)]
+    scenario: String,
+    /// Policy: a switchyard policy name, optionally `/objective/estimator/overload`.
+    #[arg(long, default_value = "marginal_utility")]
+    policy: String,
+    /// Workers (the scenario's fleet repeated); default: the scenario's fleet.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Requests.
+    #[arg(long, default_value_t = 100_000)]
+    requests: usize,
+    /// Load as a fraction of capacity (default: the scenario's loads, each).
+    #[arg(long)]
+    load: Option<f64>,
+    /// Router replicas, each seeing 1/R of the traffic with its own view.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Write the summaries as JSON here.
+    #[arg(long)]
+    out: Option<String>,
+}
+
+fn run_des(a: &DesArgs) -> Result<(), String> {
+    let s = Scenario::load(&a.scenario).map_err(|e| e.to_string())?;
+    if s.is_pd() {
+        return Err("the discrete-event simulation runs regular (non-PD) fleets only".into());
+    }
+    let policy = policy_spec::parse(&a.policy, &s.slo, 1.0, s.seed)?;
+    let fleet = SimWorker::from_scenario(&s, None);
+    let workers = SimWorker::from_scenario(&s, a.workers);
+    let trace = s.workload.trace().map_err(|e| e.to_string())?;
+    let concurrency = s.capacity.concurrency_per_worker * fleet.len();
+    let shapes = s.workload.shapes(s.capacity.requests.max(concurrency * 4), s.seed ^ 0xcafe, 0, trace.as_deref());
+    let per_fleet = des::capacity(&fleet, shapes, concurrency, s.seed);
+    let capacity = per_fleet * workers.len() as f64 / fleet.len() as f64;
+    eprintln!("capacity: {capacity:.2} req/s ({} workers; {per_fleet:.2} for the scenario's fleet)", workers.len());
+    let loads = a.load.map_or(s.loads.clone(), |l| vec![l]);
+    let mut out = Vec::new();
+    for load in loads {
+        let specs = s.workload.requests(s.arrival, load * capacity, a.requests, s.seed, 0, trace.as_deref());
+        let started = std::time::Instant::now();
+        let report = des::run_open(&workers, &policy, a.replicas, s.seed, specs, s.fault.as_ref());
+        let wall = started.elapsed().as_secs_f64();
+        let summary = Summary::of(&report.results, &s.slo, workers.len());
+        let mut ns = report.decision_ns.clone();
+        let (p50, p99) =
+            (switchyard_bench::metrics::percentile(&mut ns, 0.5), switchyard_bench::metrics::percentile(&mut ns, 0.99));
+        println!(
+            "{} {} load {load:.2}: goodput {:.2} req/s, throughput {:.2} req/s, {:.0} tok/s, TTFT p50/p99 {:.0}/{:.0} ms, TPOT p50/p99 {:.1}/{:.1} ms, hit {:.2}, errors {}, shed {}, decision p50/p99 {:.0}/{:.0} ns, {:.1} s wall",
+            s.name, a.policy, summary.goodput_rps, summary.throughput_rps, summary.output_tok_s, summary.ttft_p50_ms,
+            summary.ttft_p99_ms, summary.tpot_p50_ms, summary.tpot_p99_ms, summary.cache_hit_rate, summary.errors,
+            report.shed, p50, p99, wall
+        );
+        let mut summary = serde_json::to_value(&summary).map_err(|e| e.to_string())?;
+        summary["worker_share"] = serde_json::Value::Null;
+        out.push(serde_json::json!({"scenario": s.name, "policy": a.policy, "load": load, "workers": workers.len(),
+            "replicas": a.replicas, "capacity_rps": capacity, "decision_ns_p50": p50, "decision_ns_p99": p99,
+            "shed": report.shed, "summary": summary}));
+    }
+    if let Some(path) = &a.out {
+        std::fs::write(path, serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?)
+            .map_err(|e| format!("cannot write {path}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Des(a) => run_des(a),
+        Command::Compare(a) => compare::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Per-request timings and the aggregates a run is judged by, including goodput under SLOs.
+//!
+//! All times are in unscaled (simulated-hardware) seconds: a live run multiplies wall-clock
+//! durations by the fleet's time scale before they get here.
+
+use serde::{Deserialize, Serialize};
+
+/// What happened to one request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RequestResult {
+    /// Arrival (send) time, seconds from the start of the run.
+    pub sent_at: f64,
+    /// Time to first token.
+    pub ttft: Option<f64>,
+    /// Gaps between consecutive tokens.
+    pub itl: Vec<f64>,
+    /// End-to-end latency.
+    pub e2e: f64,
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Of those, served from a prefix cache (as the worker reported).
+    pub cached_tokens: u32,
+    /// Output tokens received.
+    pub output_tokens: u32,
+    /// Error (status or transport), if the request failed.
+    pub error: Option<String>,
+    /// Worker index that served it, where known (simulation).
+    pub worker: Option<usize>,
+}
+
+impl RequestResult {
+    /// Mean time per output token after the first.
+    pub fn tpot(&self) -> Option<f64> {
+        let ttft = self.ttft?;
+        (self.output_tokens > 1).then(|| (self.e2e - ttft) / f64::from(self.output_tokens - 1))
+    }
+
+    /// Whether it succeeded within both SLOs (seconds).
+    pub fn meets(&self, slo: &Slo) -> bool {
+        self.error.is_none()
+            && self.ttft.is_some_and(|t| t <= slo.ttft_ms / 1e3)
+            && self.tpot().is_none_or(|t| t <= slo.tpot_ms / 1e3)
+    }
+}
+
+/// Latency objectives of a goodput measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Slo {
+    /// TTFT bound, milliseconds (unscaled time).
+    #[serde(default = "default_ttft")]
+    pub ttft_ms: f64,
+    /// TPOT bound, milliseconds.
+    #[serde(default = "default_tpot")]
+    pub tpot_ms: f64,
+}
+
+fn default_ttft() -> f64 {
+    2000.0
+}
+fn default_tpot() -> f64 {
+    100.0
+}
+
+impl Default for Slo {
+    fn default() -> Self {
+        Self { ttft_ms: default_ttft(), tpot_ms: default_tpot() }
+    }
+}
+
+/// Aggregates of one run at one load.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Requests sent.
+    pub requests: usize,
+    /// Requests that failed.
+    pub errors: usize,
+    /// Requests within both SLOs per second.
+    pub goodput_rps: f64,
+    /// Successful requests per second.
+    pub throughput_rps: f64,
+    /// Output tokens per second.
+    pub output_tok_s: f64,
+    /// Share of requests within both SLOs.
+    pub slo_attainment: f64,
+    /// TTFT percentiles (ms).
+    pub ttft_p50_ms: f64,
+    /// p90.
+    pub ttft_p90_ms: f64,
+    /// p99.
+    pub ttft_p99_ms: f64,
+    /// TPOT percentiles (ms).
+    pub tpot_p50_ms: f64,
+    /// p90.
+    pub tpot_p90_ms: f64,
+    /// p99.
+    pub tpot_p99_ms: f64,
+    /// Inter-token latency percentiles (ms).
+    pub itl_p50_ms: f64,
+    /// p99.
+    pub itl_p99_ms: f64,
+    /// End-to-end percentiles (ms).
+    pub e2e_p50_ms: f64,
+    /// p90.
+    pub e2e_p90_ms: f64,
+    /// p99.
+    pub e2e_p99_ms: f64,
+    /// Cached prompt tokens / prompt tokens.
+    pub cache_hit_rate: f64,
+    /// Share of requests served by each worker (where known).
+    pub worker_share: Vec<f64>,
+    /// Run length used for rates (first send to last completion), seconds.
+    pub duration_s: f64,
+}
+
+/// The `q`-quantile (0..=1) of `v` by nearest rank; 0 for an empty slice.
+pub fn percentile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+impl Summary {
+    /// Aggregates `results` (per-worker shares over `workers` workers).
+    pub fn of(results: &[RequestResult], slo: &Slo, workers: usize) -> Summary {
+        let n = results.len();
+        if n == 0 {
+            return Summary::default();
+        }
+        let start = results.iter().map(|r| r.sent_at).fold(f64::INFINITY, f64::min);
+        let end = results.iter().map(|r| r.sent_at + r.e2e).fold(0.0, f64::max);
+        let duration = (end - start).max(1e-9);
+        let ok: Vec<&RequestResult> = results.iter().filter(|r| r.error.is_none()).collect();
+        let good = results.iter().filter(|r| r.meets(slo)).count();
+        let ms = |v: Vec<f64>| v.into_iter().map(|x| x * 1e3).collect::<Vec<_>>();
+        let mut ttft = ms(ok.iter().filter_map(|r| r.ttft).collect());
+        let mut tpot = ms(ok.iter().filter_map(|r| r.tpot()).collect());
+        let mut itl = ms(ok.iter().flat_map(|r| r.itl.iter().copied()).collect());
+        let mut e2e = ms(ok.iter().map(|r| r.e2e).collect());
+        let prompt: u64 = ok.iter().map(|r| u64::from(r.prompt_tokens)).sum();
+        let cached: u64 = ok.iter().map(|r| u64::from(r.cached_tokens)).sum();
+        let mut share = vec![0.0; workers];
+        for r in results {
+            if let Some(w) = r.worker.filter(|w| *w < workers) {
+                share[w] += 1.0 / n as f64;
+            }
+        }
+        Summary {
+            requests: n,
+            errors: n - ok.len(),
+            goodput_rps: good as f64 / duration,
+            throughput_rps: ok.len() as f64 / duration,
+            output_tok_s: ok.iter().map(|r| f64::from(r.output_tokens)).sum::<f64>() / duration,
+            slo_attainment: good as f64 / n as f64,
+            ttft_p50_ms: percentile(&mut ttft, 0.5),
+            ttft_p90_ms: percentile(&mut ttft, 0.9),
+            ttft_p99_ms: percentile(&mut ttft, 0.99),
+            tpot_p50_ms: percentile(&mut tpot, 0.5),
+            tpot_p90_ms: percentile(&mut tpot, 0.9),
+            tpot_p99_ms: percentile(&mut tpot, 0.99),
+            itl_p50_ms: percentile(&mut itl, 0.5),
+            itl_p99_ms: percentile(&mut itl, 0.99),
+            e2e_p50_ms: percentile(&mut e2e, 0.5),
+            e2e_p90_ms: percentile(&mut e2e, 0.9),
+            e2e_p99_ms: percentile(&mut e2e, 0.99),
+            cache_hit_rate: if prompt == 0 { 0.0 } else { cached as f64 / prompt as f64 },
+            worker_share: share,
+            duration_s: duration,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(sent_at: f64, ttft: f64, e2e: f64, tokens: u32) -> RequestResult {
+        RequestResult {
+            sent_at,
+            ttft: Some(ttft),
+            itl: vec![(e2e - ttft) / f64::from(tokens - 1); tokens as usize - 1],
+            e2e,
+            prompt_tokens: 100,
+            cached_tokens: 50,
+            output_tokens: tokens,
+            error: None,
+            worker: Some(0),
+        }
+    }
+
+    #[test]
+    fn hand_made_timeline() {
+        let slo = Slo { ttft_ms: 500.0, tpot_ms: 50.0 };
+        let results = vec![
+            req(0.0, 0.1, 1.1, 11),  // tpot 100 ms: misses TPOT
+            req(1.0, 0.2, 0.7, 11),  // tpot 50 ms: meets both
+            req(2.0, 0.6, 1.0, 5),   // ttft 600 ms: misses TTFT
+            req(3.0, 0.05, 1.0, 20), // tpot 50 ms: meets, ends at 4.0
+            RequestResult { sent_at: 3.5, e2e: 0.1, error: Some("502".into()), ..Default::default() },
+        ];
+        let s = Summary::of(&results, &slo, 2);
+        assert_eq!((s.requests, s.errors), (5, 1));
+        assert!((s.duration_s - 4.0).abs() < 1e-9);
+        assert!((s.goodput_rps - 0.5).abs() < 1e-9, "2 good over 4 s: {}", s.goodput_rps);
+        assert!((s.throughput_rps - 1.0).abs() < 1e-9);
+        assert!((s.slo_attainment - 0.4).abs() < 1e-9);
+        assert!((s.output_tok_s - 47.0 / 4.0).abs() < 1e-9);
+        assert!((s.ttft_p50_ms - 100.0).abs() < 1e-6 && (s.ttft_p99_ms - 600.0).abs() < 1e-6);
+        assert!((s.tpot_p99_ms - 100.0).abs() < 1e-6);
+        assert!((s.cache_hit_rate - 0.5).abs() < 1e-9);
+        assert!((s.worker_share[0] - 0.8).abs() < 1e-9 && s.worker_share[1] == 0.0);
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!((percentile(&mut v, 0.5), percentile(&mut v, 0.99), percentile(&mut v, 1.0)), (50.0, 99.0, 100.0));
+        assert_eq!(percentile(&mut [], 0.5), 0.0);
+    }
+}

@@ -1,0 +1,75 @@
+//! Naming a policy with its settings on one string: `marginal_utility`,
+//! `marginal_utility/latency`, `marginal_utility/slo/difference` — the same objects the router
+//! builds from its flags, for the simulation and for comparison labels.
+
+use std::time::Duration;
+
+use clap::ValueEnum;
+use switchyard::load::estimator::EstimatorKind;
+use switchyard::policies::{MarginalUtilityConfig, Objective, Overload, PolicyConfig, PolicyKind};
+
+use crate::metrics::Slo;
+
+/// Parses `name[/objective][/estimator][/overload]` into a policy config with `slo` (in the
+/// time units the policy will observe) and `seed`.
+pub fn parse(spec: &str, slo: &Slo, time_scale: f64, seed: u64) -> Result<PolicyConfig, String> {
+    let mut parts = spec.split('/');
+    let name = parts.next().unwrap_or_default();
+    let kind = PolicyKind::from_str(name, true).map_err(|_| format!("unknown policy '{name}'"))?;
+    let mut config = PolicyConfig::new(kind, Some(seed));
+    if let PolicyConfig::MarginalUtility(c) = &mut config {
+        *c = MarginalUtilityConfig {
+            slo_ttft: Duration::from_secs_f64(slo.ttft_ms / 1e3 / time_scale),
+            slo_tpot: Duration::from_secs_f64(slo.tpot_ms / 1e3 / time_scale),
+            ..c.clone()
+        };
+        for p in parts {
+            if let Ok(o) = Objective::from_str(p, true) {
+                c.objective = o;
+            } else if let Ok(e) = EstimatorKind::from_str(p, true) {
+                c.estimator = e;
+            } else if let Ok(o) = Overload::from_str(p, true) {
+                c.overload = o;
+            } else {
+                return Err(format!("unknown marginal_utility setting '{p}' in '{spec}'"));
+            }
+        }
+    } else if parts.next().is_some() {
+        return Err(format!("'{name}' takes no settings ('{spec}')"));
+    }
+    Ok(config)
+}
+
+/// The switchyard command-line flags for the same spec.
+pub fn flags(spec: &str) -> Vec<String> {
+    let mut parts = spec.split('/');
+    let mut out = vec!["--policy".to_owned(), parts.next().unwrap_or_default().to_owned()];
+    for p in parts {
+        if Objective::from_str(p, true).is_ok() {
+            out.extend(["--mu-objective".to_owned(), p.to_owned()]);
+        } else if EstimatorKind::from_str(p, true).is_ok() {
+            out.extend(["--mu-estimator".to_owned(), p.to_owned()]);
+        } else if Overload::from_str(p, true).is_ok() {
+            out.extend(["--mu-overload".to_owned(), p.to_owned()]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_into_configs_and_flags() {
+        let slo = Slo::default();
+        let PolicyConfig::MarginalUtility(c) = parse("marginal_utility/latency/difference", &slo, 10.0, 1).unwrap()
+        else {
+            panic!("mu")
+        };
+        assert_eq!((c.objective, c.estimator, c.slo_ttft), (Objective::Latency, EstimatorKind::Difference, Duration::from_millis(200)));
+        assert!(parse("nope", &slo, 1.0, 1).is_err());
+        assert!(parse("round_robin/x", &slo, 1.0, 1).is_err());
+        assert_eq!(flags("marginal_utility/shed"), ["--policy", "marginal_utility", "--mu-overload", "shed"]);
+    }
+}
