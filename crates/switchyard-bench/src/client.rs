@@ -42,8 +42,8 @@ impl LoadClient {
             "model": self.model, "prompt": prompt, "max_tokens": spec.output_tokens, "ignore_eos": true,
             "stream": true, "stream_options": {"include_usage": true}, "temperature": 0,
         });
-        let mut req = hyper::Request::post(format!("{}/v1/completions", self.base))
-            .header("content-type", "application/json");
+        let mut req =
+            hyper::Request::post(format!("{}/v1/completions", self.base)).header("content-type", "application/json");
         if let Some(s) = spec.session {
             req = req.header("x-session-id", s.to_string());
         }
@@ -63,7 +63,11 @@ impl LoadClient {
             let mut body = resp.into_body();
             if !status.is_success() {
                 let text = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-                return Err(format!("{}: {}", status.as_u16(), String::from_utf8_lossy(&text).chars().take(200).collect::<String>()));
+                return Err(format!(
+                    "{}: {}",
+                    status.as_u16(),
+                    String::from_utf8_lossy(&text).chars().take(200).collect::<String>()
+                ));
             }
             let mut buf: Vec<u8> = Vec::new();
             let mut last: Option<Instant> = None;

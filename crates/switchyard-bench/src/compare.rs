@@ -46,6 +46,10 @@ pub struct CompareArgs {
     /// Use this capacity (req/s, simulated time) instead of measuring it.
     #[arg(long)]
     pub capacity: Option<f64>,
+    /// Measure capacity live (closed loop through switchyard load_based at the scenario's
+    /// `capacity.concurrency_per_worker`) instead of in the discrete-event simulation.
+    #[arg(long)]
+    pub live_capacity: bool,
 }
 
 /// Every switchyard policy, then the peers' defaults.
@@ -322,7 +326,7 @@ async fn finished_per_worker(client: &LoadClient, fleet: &Fleet) -> Vec<f64> {
 }
 
 fn progress(label: &str, done: usize, total: usize) {
-    if done == total || done % (total / 20).max(1) == 0 {
+    if done == total || done % (total / 4).max(1) == 0 {
         let filled = done * 30 / total.max(1);
         eprint!("\r  {label:<44} [{}{}] {done}/{total}", "#".repeat(filled), ".".repeat(30 - filled));
         if done == total {
@@ -353,16 +357,29 @@ async fn compare(args: &CompareArgs) -> Result<(), String> {
     let dir = PathBuf::from(&args.out);
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let venv = args.peers_venv.clone().or_else(|| std::env::var("PEERS_VENV").ok());
-    let routers: Vec<String> =
-        if args.routers.is_empty() { DEFAULT_ROUTERS.iter().map(|r| r.to_string()).collect() } else { args.routers.clone() };
+    let routers: Vec<String> = if args.routers.is_empty() {
+        DEFAULT_ROUTERS.iter().map(|r| r.to_string()).collect()
+    } else {
+        args.routers.clone()
+    };
     let trace = s.workload.trace().map_err(|e| e.to_string())?;
     let n_workers = s.workers().len();
     let timeout = Duration::from_secs_f64((600.0 / time_scale).max(30.0));
 
     let capacity = match args.capacity {
         Some(c) => c,
+        None if !args.live_capacity && !s.is_pd() => {
+            let fleet = crate::des::SimWorker::from_scenario(&s, None);
+            let shapes = s.workload.shapes(s.capacity.requests, s.seed ^ 0xcafe, 0, trace.as_deref());
+            let (c, per_worker) = crate::des::best_capacity(&fleet, &shapes, s.seed);
+            eprintln!("capacity from the discrete-event simulation: best closed loop at {per_worker} per worker");
+            c
+        }
         None => {
-            eprintln!("measuring capacity: closed loop, switchyard load_based, {} per worker", s.capacity.concurrency_per_worker);
+            eprintln!(
+                "measuring capacity: closed loop, switchyard load_based, {} per worker",
+                s.capacity.concurrency_per_worker
+            );
             let fleet = start_fleet(&s, time_scale, &dir)?;
             let port = free_port()?;
             let mut cmd = router_command("switchyard", "load_based", port, &fleet, &s, time_scale, None)?;
@@ -373,10 +390,10 @@ async fn compare(args: &CompareArgs) -> Result<(), String> {
                 return Err("switchyard did not become ready for the capacity measurement".into());
             }
             let concurrency = s.capacity.concurrency_per_worker * n_workers;
-            let shapes = s.workload.shapes(s.capacity.requests.max(concurrency * 4), s.seed ^ 0xcafe, 0, trace.as_deref());
+            let shapes =
+                s.workload.shapes(s.capacity.requests.max(concurrency * 4), s.seed ^ 0xcafe, 0, trace.as_deref());
             let results = run_closed_loop(&client, &shapes, concurrency).await;
-            let mut ends: Vec<f64> =
-                results.iter().filter(|r| r.error.is_none()).map(|r| r.sent_at + r.e2e).collect();
+            let mut ends: Vec<f64> = results.iter().filter(|r| r.error.is_none()).map(|r| r.sent_at + r.e2e).collect();
             ends.sort_by(f64::total_cmp);
             if ends.len() < 4 {
                 return Err(format!("capacity run failed: {:?}", results.iter().find_map(|r| r.error.clone())));

@@ -11,7 +11,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard::load::{InFlightGuard, Usage};
+use switchyard::load::{InFlightGuard, ReportedLoad, Usage};
 use switchyard::policies::{build, PolicyConfig, RoutingError, RoutingPolicy};
 use switchyard::request::{RequestView, RoutingText};
 use switchyard::workers::{Worker, WorkerRole};
@@ -76,6 +76,8 @@ pub struct DesReport {
     pub shed: usize,
     /// Virtual seconds simulated.
     pub virtual_secs: f64,
+    /// The first replica's policy state at the end (`/debug/policy`'s content).
+    pub policy_state: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -98,7 +100,14 @@ enum Event {
     StepDone(usize),
     Recheck,
     Slowdown(usize, u64),
+    Poll,
 }
+
+/// How often simulated routers read the workers' own load reports (as `--load-check-interval`).
+const POLL_INTERVAL: f64 = 1.0;
+
+/// One router replica: its policy and its own view of the workers.
+type Replica = (Arc<dyn RoutingPolicy>, Vec<Arc<Worker>>);
 
 struct Open {
     guard: Option<InFlightGuard>,
@@ -111,7 +120,7 @@ pub struct Simulation {
     engines: Vec<Engine>,
     busy: Vec<bool>,
     pending: Vec<Vec<EngineEvent>>,
-    replicas: Vec<(Arc<dyn RoutingPolicy>, Vec<Arc<Worker>>)>,
+    replicas: Vec<Replica>,
     base: Instant,
     heap: BinaryHeap<Reverse<(Time, u64, Event)>>,
     seq: u64,
@@ -203,19 +212,45 @@ impl Simulation {
             }
         }
         self.results = vec![RequestResult::default(); self.specs.len()];
+        self.push(0.0, Event::Poll);
         let mut now = 0.0;
         while let Some(Reverse((Time(t), _, event))) = self.heap.pop() {
-            now = t;
             match event {
                 Event::Arrival(i) => self.arrive(i, t),
                 Event::StepDone(w) => self.step_done(w, t),
                 Event::Recheck => self.retry_held(t),
                 Event::Slowdown(w, bits) => self.engines[w].set_slowdown(f64::from_bits(bits)),
+                Event::Poll => {
+                    self.poll(t);
+                    if !self.heap.is_empty() {
+                        self.push(t + POLL_INTERVAL, Event::Poll);
+                    }
+                    continue;
+                }
             }
+            now = t;
         }
         self.report.virtual_secs = now;
+        self.report.policy_state = self.replicas[0].0.debug_state();
         self.report.results = std::mem::take(&mut self.results);
         self.report
+    }
+
+    /// Every replica's view of every worker's own report, as the load poller would set it.
+    fn poll(&mut self, t: f64) {
+        let at = self.at(t);
+        for (w, engine) in self.engines.iter().enumerate() {
+            let stats = engine.stats();
+            let report = ReportedLoad {
+                kv_usage: engine.token_usage(),
+                queued: stats.waiting as u64,
+                running: stats.running as u64,
+                at,
+            };
+            for (_, workers) in &self.replicas {
+                workers[w].load().set_reported(report);
+            }
+        }
     }
 
     fn view(&self, i: usize) -> RequestView {
@@ -404,4 +439,17 @@ pub fn capacity(workers: &[SimWorker], shapes: Vec<RequestSpec>, concurrency: us
     let half = ends.len() / 2;
     let span = (ends[ends.len() - 1] - ends[half]).max(1e-9);
     (ends.len() - 1 - half) as f64 / span
+}
+
+/// Outstanding requests per worker tried by [`best_capacity`].
+pub const CAPACITY_LADDER: [usize; 5] = [16, 32, 64, 128, 256];
+
+/// The fleet's capacity: the best closed-loop throughput under least in-flight routing over
+/// [`CAPACITY_LADDER`] outstanding requests per worker (more is not always better: a slow,
+/// small-KV worker given an equal share thrashes its cache). Returns (req/s, per-worker concurrency).
+pub fn best_capacity(workers: &[SimWorker], shapes: &[RequestSpec], seed: u64) -> (f64, usize) {
+    CAPACITY_LADDER
+        .iter()
+        .map(|&c| (capacity(workers, shapes.to_vec(), c * workers.len(), seed), c))
+        .fold((0.0, 0), |best, x| if x.0 > best.0 { x } else { best })
 }

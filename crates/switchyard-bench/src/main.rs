@@ -58,11 +58,13 @@ fn run_des(a: &DesArgs) -> Result<(), String> {
     let fleet = SimWorker::from_scenario(&s, None);
     let workers = SimWorker::from_scenario(&s, a.workers);
     let trace = s.workload.trace().map_err(|e| e.to_string())?;
-    let concurrency = s.capacity.concurrency_per_worker * fleet.len();
-    let shapes = s.workload.shapes(s.capacity.requests.max(concurrency * 4), s.seed ^ 0xcafe, 0, trace.as_deref());
-    let per_fleet = des::capacity(&fleet, shapes, concurrency, s.seed);
+    let shapes = s.workload.shapes(s.capacity.requests, s.seed ^ 0xcafe, 0, trace.as_deref());
+    let (per_fleet, per_worker) = des::best_capacity(&fleet, &shapes, s.seed);
     let capacity = per_fleet * workers.len() as f64 / fleet.len() as f64;
-    eprintln!("capacity: {capacity:.2} req/s ({} workers; {per_fleet:.2} for the scenario's fleet)", workers.len());
+    eprintln!(
+        "capacity: {capacity:.2} req/s ({} workers; {per_fleet:.2} for the scenario's fleet, best at {per_worker} outstanding per worker)",
+        workers.len()
+    );
     let loads = a.load.map_or(s.loads.clone(), |l| vec![l]);
     let mut out = Vec::new();
     for load in loads {
@@ -80,6 +82,13 @@ fn run_des(a: &DesArgs) -> Result<(), String> {
             summary.ttft_p99_ms, summary.tpot_p50_ms, summary.tpot_p99_ms, summary.cache_hit_rate, summary.errors,
             report.shed, p50, p99, wall
         );
+        if std::env::var_os("SWITCHYARD_DES_DEBUG").is_some() {
+            eprintln!("{}", serde_json::to_string_pretty(&report.policy_state).unwrap_or_default());
+        }
+        if workers.len() <= 16 {
+            let share: Vec<String> = summary.worker_share.iter().map(|s| format!("{s:.2}")).collect();
+            println!("  worker share: {}", share.join(" "));
+        }
         let mut summary = serde_json::to_value(&summary).map_err(|e| e.to_string())?;
         summary["worker_share"] = serde_json::Value::Null;
         out.push(serde_json::json!({"scenario": s.name, "policy": a.policy, "load": load, "workers": workers.len(),

@@ -67,7 +67,10 @@ mod tests {
         else {
             panic!("mu")
         };
-        assert_eq!((c.objective, c.estimator, c.slo_ttft), (Objective::Latency, EstimatorKind::Difference, Duration::from_millis(200)));
+        assert_eq!(
+            (c.objective, c.estimator, c.slo_ttft),
+            (Objective::Latency, EstimatorKind::Difference, Duration::from_millis(200))
+        );
         assert!(parse("nope", &slo, 1.0, 1).is_err());
         assert!(parse("round_robin/x", &slo, 1.0, 1).is_err());
         assert_eq!(flags("marginal_utility/shed"), ["--policy", "marginal_utility", "--mu-overload", "shed"]);

@@ -61,9 +61,7 @@ pub fn headlines(results: &Results) -> (f64, String, Vec<Headline>) {
         .filter(|(_, runs)| runs.first().is_some_and(|r| is_peer(r)))
         .max_by(|a, b| peak(&a.1).total_cmp(&peak(&b.1)))
         .or_else(|| {
-            all.iter()
-                .filter(|(l, _)| !l.contains("marginal_utility"))
-                .max_by(|a, b| peak(&a.1).total_cmp(&peak(&b.1)))
+            all.iter().filter(|(l, _)| !l.contains("marginal_utility")).max_by(|a, b| peak(&a.1).total_cmp(&peak(&b.1)))
         });
     let (l_star, reference_label) = match reference {
         Some((label, runs)) => {
@@ -79,7 +77,8 @@ pub fn headlines(results: &Results) -> (f64, String, Vec<Headline>) {
                 .iter()
                 .min_by(|a, b| (a.load - l_star).abs().total_cmp(&(b.load - l_star).abs()))
                 .map_or(0.0, |r| r.goodput_rps);
-            let max_load = |ok: &dyn Fn(&Run) -> bool| runs.iter().filter(|r| ok(r)).map(|r| r.load).fold(0.0, f64::max);
+            let max_load =
+                |ok: &dyn Fn(&Run) -> bool| runs.iter().filter(|r| ok(r)).map(|r| r.load).fold(0.0, f64::max);
             Headline {
                 label: label.clone(),
                 goodput_at_l_star: at,
@@ -182,7 +181,8 @@ pub fn svg(results: &Results) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{total_w}" height="{h}" font-family="sans-serif" font-size="11">"#
     );
     let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let panels: [(&str, f64, Box<dyn Fn(&Run) -> f64>); 2] = [
+    type Metric<'a> = Box<dyn Fn(&Run) -> f64 + 'a>;
+    let panels: [(&str, f64, Metric); 2] = [
         ("goodput (req/s)", gmax, Box::new(|r: &Run| r.goodput_rps)),
         ("p99 TTFT (ms, capped at 3× SLO)", tmax, Box::new(|r: &Run| r.ttft_p99_ms.min(tmax))),
     ];
@@ -190,12 +190,33 @@ pub fn svg(results: &Results) -> String {
         let ox = pi as f64 * w;
         let sx = |x: f64| ox + pad + (x - x0) / (x1 - x0) * (w - 2.0 * pad);
         let sy = |y: f64| h - pad + -(y / ymax) * (h - 2.0 * pad);
-        let _ = writeln!(out, r#"<text x="{}" y="20" text-anchor="middle" font-size="13">{} — {}</text>"#, ox + w / 2.0, results.scenario, title);
-        let _ = writeln!(out, r##"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#444"/>"##, sx(x0), sy(0.0), sx(x1), sy(0.0));
-        let _ = writeln!(out, r##"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#444"/>"##, sx(x0), sy(0.0), sx(x0), sy(*ymax));
+        let _ = writeln!(
+            out,
+            r#"<text x="{}" y="20" text-anchor="middle" font-size="13">{} — {}</text>"#,
+            ox + w / 2.0,
+            results.scenario,
+            title
+        );
+        let _ = writeln!(
+            out,
+            r##"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#444"/>"##,
+            sx(x0),
+            sy(0.0),
+            sx(x1),
+            sy(0.0)
+        );
+        let _ = writeln!(
+            out,
+            r##"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#444"/>"##,
+            sx(x0),
+            sy(0.0),
+            sx(x0),
+            sy(*ymax)
+        );
         for k in 0..=4 {
             let y = ymax * k as f64 / 4.0;
-            let _ = writeln!(out, r#"<text x="{}" y="{}" text-anchor="end">{:.1}</text>"#, sx(x0) - 4.0, sy(y) + 4.0, y);
+            let _ =
+                writeln!(out, r#"<text x="{}" y="{}" text-anchor="end">{:.1}</text>"#, sx(x0) - 4.0, sy(y) + 4.0, y);
         }
         let mut xs: Vec<f64> = loads.clone();
         xs.sort_by(f64::total_cmp);
@@ -203,25 +224,53 @@ pub fn svg(results: &Results) -> String {
         for x in xs {
             let _ = writeln!(out, r#"<text x="{}" y="{}" text-anchor="middle">{x:.2}</text>"#, sx(x), sy(0.0) + 14.0);
         }
-        let _ = writeln!(out, r#"<text x="{}" y="{}" text-anchor="middle">load (fraction of capacity)</text>"#, ox + w / 2.0, h - 12.0);
+        let _ = writeln!(
+            out,
+            r#"<text x="{}" y="{}" text-anchor="middle">load (fraction of capacity)</text>"#,
+            ox + w / 2.0,
+            h - 12.0
+        );
         if pi == 1 {
             let y = sy(results.slo_ttft_ms);
-            let _ = writeln!(out, r##"<line x1="{}" y1="{y}" x2="{}" y2="{y}" stroke="#d00" stroke-dasharray="4 3"/><text x="{}" y="{}" fill="#d00">SLO</text>"##, sx(x0), sx(x1), sx(x1) - 24.0, y - 4.0);
+            let _ = writeln!(
+                out,
+                r##"<line x1="{}" y1="{y}" x2="{}" y2="{y}" stroke="#d00" stroke-dasharray="4 3"/><text x="{}" y="{}" fill="#d00">SLO</text>"##,
+                sx(x0),
+                sx(x1),
+                sx(x1) - 24.0,
+                y - 4.0
+            );
         }
         for (si, (_, runs)) in all.iter().enumerate() {
             let color = COLORS[si % COLORS.len()];
             let dash = if runs.first().is_some_and(|r| is_peer(r)) { r#" stroke-dasharray="6 3""# } else { "" };
             let points: Vec<String> = runs.iter().map(|r| format!("{:.1},{:.1}", sx(r.load), sy(value(r)))).collect();
-            let _ = writeln!(out, r#"<polyline fill="none" stroke="{color}" stroke-width="1.8"{dash} points="{}"/>"#, points.join(" "));
+            let _ = writeln!(
+                out,
+                r#"<polyline fill="none" stroke="{color}" stroke-width="1.8"{dash} points="{}"/>"#,
+                points.join(" ")
+            );
             for r in runs {
-                let _ = writeln!(out, r#"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="{color}"/>"#, sx(r.load), sy(value(r)));
+                let _ = writeln!(
+                    out,
+                    r#"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="{color}"/>"#,
+                    sx(r.load),
+                    sy(value(r))
+                );
             }
         }
     }
     for (si, (label, _)) in all.iter().enumerate() {
         let y = 40.0 + si as f64 * 16.0;
         let color = COLORS[si % COLORS.len()];
-        let _ = writeln!(out, r#"<rect x="{}" y="{}" width="12" height="4" fill="{color}"/><text x="{}" y="{}">{label}</text>"#, 2.0 * w + 4.0, y - 4.0, 2.0 * w + 20.0, y);
+        let _ = writeln!(
+            out,
+            r#"<rect x="{}" y="{}" width="12" height="4" fill="{color}"/><text x="{}" y="{}">{label}</text>"#,
+            2.0 * w + 4.0,
+            y - 4.0,
+            2.0 * w + 20.0,
+            y
+        );
     }
     out.push_str("</svg>\n");
     out
@@ -271,8 +320,20 @@ mod tests {
         let v = serde_json::to_value(results()).unwrap();
         assert!(v["capacity_rps"].is_number());
         for key in [
-            "router", "policy", "scenario", "load", "goodput_rps", "throughput_rps", "output_tok_s", "ttft_p50_ms",
-            "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "e2e_p99_ms", "cache_hit_rate", "errors",
+            "router",
+            "policy",
+            "scenario",
+            "load",
+            "goodput_rps",
+            "throughput_rps",
+            "output_tok_s",
+            "ttft_p50_ms",
+            "ttft_p99_ms",
+            "tpot_p50_ms",
+            "tpot_p99_ms",
+            "e2e_p99_ms",
+            "cache_hit_rate",
+            "errors",
         ] {
             assert!(!v["runs"][0][key].is_null(), "missing {key}");
         }

@@ -70,11 +70,13 @@ pub struct Fault {
     pub to: f64,
 }
 
-/// How fleet capacity is measured: closed loop, least in-flight routing.
+/// How fleet capacity is measured: closed loop, least in-flight routing, in the
+/// discrete-event simulation over a ladder of concurrencies (see `des::best_capacity`), or
+/// live at `concurrency_per_worker` with `compare --live-capacity`.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Capacity {
-    /// Outstanding requests per worker.
+    /// Outstanding requests per worker in a live measurement.
     #[serde(default = "default_conc")]
     pub concurrency_per_worker: usize,
     /// Requests in the measurement.
@@ -83,10 +85,10 @@ pub struct Capacity {
 }
 
 fn default_conc() -> usize {
-    16
+    64
 }
 fn default_cap_requests() -> usize {
-    400
+    4000
 }
 
 impl Default for Capacity {
@@ -194,15 +196,15 @@ impl Scenario {
         if s.loads.is_empty() || s.loads.iter().any(|l| !(*l > 0.0 && l.is_finite())) {
             return Err(invalid("loads must be positive fractions of capacity".into()));
         }
-        if !(s.time_scale > 0.0) || s.requests == 0 {
+        if s.time_scale.is_nan() || s.time_scale <= 0.0 || s.requests == 0 {
             return Err(invalid("time_scale must be > 0 and requests ≥ 1".into()));
         }
         let traces = std::env::var("SWITCHYARD_TRACES").unwrap_or_else(|_| default_traces_dir());
         match &mut s.workload {
-            Workload::Mooncake { path, .. } | Workload::Azure { path, .. } | Workload::Sharegpt { path } => {
-                if std::path::Path::new(path).is_relative() && !std::path::Path::new(path).exists() {
-                    *path = format!("{traces}/{path}");
-                }
+            Workload::Mooncake { path, .. } | Workload::Azure { path, .. } | Workload::Sharegpt { path }
+                if std::path::Path::new(path).is_relative() && !std::path::Path::new(path).exists() =>
+            {
+                *path = format!("{traces}/{path}");
             }
             _ => {}
         }
@@ -281,7 +283,11 @@ mod tests {
     fn bad_scenarios_name_the_problem() {
         let e = Scenario::parse("x.toml", "loads=[1.0]\n[[fleet]]\nprofile=\"tpu\"\n[workload]\nkind=\"lognormal\"\nprompt_median=1\noutput_median=1\n").unwrap_err();
         assert!(e.to_string().contains("tpu"), "{e}");
-        let e = Scenario::parse("x.toml", "loads=[]\n[[fleet]]\nprofile=\"h100\"\n[workload]\nkind=\"lognormal\"\nprompt_median=1\noutput_median=1\n").unwrap_err();
+        let e = Scenario::parse(
+            "x.toml",
+            "loads=[]\n[[fleet]]\nprofile=\"h100\"\n[workload]\nkind=\"lognormal\"\nprompt_median=1\noutput_median=1\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("loads"), "{e}");
         let e = Scenario::parse("x.toml", "loads=[1.0]\nbogus=1\n").unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");

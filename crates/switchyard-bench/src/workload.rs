@@ -409,7 +409,13 @@ impl Workload {
                         output_tokens: lognormal(&mut rng, *output_median, *output_sigma).min(4096),
                         session: None,
                     },
-                    Workload::SharedPrefix { groups, prompts_per_group, system_tokens, question_tokens, output_tokens } => {
+                    Workload::SharedPrefix {
+                        groups,
+                        prompts_per_group,
+                        system_tokens,
+                        question_tokens,
+                        output_tokens,
+                    } => {
                         let group = rng.random_range(0..*groups);
                         let q = rng.random_range(0..*prompts_per_group);
                         RequestSpec {
@@ -435,10 +441,7 @@ impl Workload {
                         };
                         RequestSpec {
                             at: 0.0,
-                            prompt: PromptSpec::Blocks {
-                                ids,
-                                tokens: r.prompt_tokens.clamp(1, *max_prompt_tokens),
-                            },
+                            prompt: PromptSpec::Blocks { ids, tokens: r.prompt_tokens.clamp(1, *max_prompt_tokens) },
                             output_tokens: r.output_tokens.clamp(1, *max_output_tokens),
                             session: r.hash_ids.first().copied(),
                         }
@@ -505,7 +508,10 @@ mod tests {
         assert!((rate - 20.0).abs() < 0.6 && (c - 1.0).abs() < 0.05, "{rate} {c}");
         let (rate, c) = cv(&arrival_times(Arrival::Gamma { shape: 0.25 }, 20.0, 20_000, 2, None));
         assert!((rate - 20.0).abs() < 1.5 && (c - 2.0).abs() < 0.2, "{rate} {c}");
-        assert_eq!(arrival_times(Arrival::Poisson, 5.0, 10, 3, None), arrival_times(Arrival::Poisson, 5.0, 10, 3, None));
+        assert_eq!(
+            arrival_times(Arrival::Poisson, 5.0, 10, 3, None),
+            arrival_times(Arrival::Poisson, 5.0, 10, 3, None)
+        );
     }
 
     #[test]
@@ -521,7 +527,8 @@ mod tests {
         let sys = 2048 * BYTES_PER_TOKEN;
         for a in &reqs {
             for b in &reqs {
-                let (PromptSpec::Prefixed { group: ga, .. }, PromptSpec::Prefixed { group: gb, .. }) = (&a.prompt, &b.prompt)
+                let (PromptSpec::Prefixed { group: ga, .. }, PromptSpec::Prefixed { group: gb, .. }) =
+                    (&a.prompt, &b.prompt)
                 else {
                     panic!("prefixed")
                 };

@@ -102,9 +102,47 @@ impl<const N: usize> Rls<N> {
         Self { theta: prior, cov, prior_cov, tau_secs, last: None, samples: 0, residual_var: 0.0 }
     }
 
-    /// Current coefficients.
+    /// Keeps the covariance symmetric positive definite and bounded: no wind-up past the
+    /// prior (scaled down as a whole, which preserves definiteness, never clipped entry by
+    /// entry) and a small floor on the diagonal against round-off.
+    fn condition(&mut self) {
+        for i in 0..N {
+            for j in 0..i {
+                let m = 0.5 * (self.cov[i][j] + self.cov[j][i]);
+                self.cov[i][j] = m;
+                self.cov[j][i] = m;
+            }
+        }
+        let excess = (0..N).map(|i| self.cov[i][i] / self.prior_cov[i]).fold(0.0, f64::max);
+        if excess > 1.0 || !excess.is_finite() {
+            let reset = !excess.is_finite();
+            for i in 0..N {
+                for j in 0..N {
+                    self.cov[i][j] = if reset {
+                        if i == j {
+                            self.prior_cov[i]
+                        } else {
+                            0.0
+                        }
+                    } else {
+                        self.cov[i][j] / excess
+                    };
+                }
+            }
+        }
+        for i in 0..N {
+            let floor = self.prior_cov[i] * 1e-9;
+            if self.cov[i][i] < floor {
+                self.cov[i][i] = floor;
+            }
+        }
+    }
+
+    /// Current coefficients, projected to ≥ 0 (no cost falls with load). The projection is
+    /// applied on the way out only: clamping the recursion's own state makes it inconsistent
+    /// with its covariance, and it then diverges.
     pub fn theta(&self) -> [f64; N] {
-        self.theta
+        self.theta.map(|t| t.max(0.0))
     }
 
     /// Samples absorbed.
@@ -117,9 +155,9 @@ impl<const N: usize> Rls<N> {
         self.residual_var.sqrt()
     }
 
-    /// Prediction for features `x`.
+    /// Prediction for features `x` (with the projected coefficients).
     pub fn predict(&self, x: &[f64; N]) -> f64 {
-        dot(&self.theta, x)
+        dot(&self.theta(), x)
     }
 
     /// Absorbs one observation `y` at features `x`, taken at time `at` (seconds).
@@ -135,7 +173,7 @@ impl<const N: usize> Rls<N> {
         };
         self.last = Some(self.last.map_or(at, |l| l.max(at)));
         let prediction = self.predict(x);
-        let residual = y - prediction;
+        let residual = y - dot(&self.theta, x);
         // Huber in its ψ form: the residual is clipped at k·σ before it moves θ, so one
         // stalled stream has bounded influence however uncertain the fit is. σ is kept
         // between 2 % and 25 % of the prediction (no scale yet in the warm-up: 50 %), so a burst
@@ -161,12 +199,8 @@ impl<const N: usize> Rls<N> {
             for j in 0..N {
                 self.cov[i][j] = (self.cov[i][j] - px[i] * px[j] / denom) / lambda;
             }
-            // No wind-up: covariance never exceeds the prior's.
-            self.cov[i][i] = self.cov[i][i].clamp(1e-12, self.prior_cov[i]);
         }
-        for t in &mut self.theta {
-            *t = t.max(0.0);
-        }
+        self.condition();
         self.residual_var =
             if self.samples == 0 { clipped * clipped } else { 0.95 * self.residual_var + 0.05 * clipped * clipped };
         self.samples += 1;
@@ -198,6 +232,9 @@ pub struct Prediction {
     prefill: [f64; 4],
     /// Difference estimator: TPOT (ms) by decoding batch and TTFT (ms) by in-flight count.
     tables: Option<Tables>,
+    /// Recent mean residuals (observed − predicted, ms) of TTFT and TPOT: a fast level
+    /// correction for where the linear model is wrong (an engine queueing for batch slots).
+    bias: [f64; 2],
 }
 
 impl Prediction {
@@ -205,7 +242,7 @@ impl Prediction {
     pub fn tpot_ms(&self, b: f64, k: f64, p: f64) -> f64 {
         match &self.tables {
             Some((tpot, _)) => interpolate(tpot, b),
-            None => dot(&self.decode, &[1.0, b, k / 1e3, p / 1e3]),
+            None => dot(&self.decode, &[1.0, b, k / 1e3, p / 1e3]) + self.bias[1],
         }
     }
 
@@ -213,7 +250,7 @@ impl Prediction {
     pub fn ttft_ms(&self, u: f64, queued: f64, b: f64) -> f64 {
         match &self.tables {
             Some((_, ttft)) => interpolate(ttft, b),
-            None => dot(&self.prefill, &[1.0, u / 1e3, queued / 1e3, b]),
+            None => dot(&self.prefill, &[1.0, u / 1e3, queued / 1e3, b]) + self.bias[0],
         }
     }
 
@@ -310,6 +347,8 @@ struct WorkerFit {
     prefill_rate: f64,
     /// (predicted, observed) TTFT and TPOT in ms for the last few requests.
     recent: Vec<[f64; 4]>,
+    /// EWMA of TTFT and TPOT residuals (ms).
+    bias: [f64; 2],
 }
 
 /// The fleet's models: one fit per worker plus a pooled fit.
@@ -347,6 +386,8 @@ pub struct WorkerReport {
 }
 
 const RECENT: usize = 8;
+/// Weight of the newest residual in the level correction.
+const BIAS_ALPHA: f64 = 0.2;
 
 impl FleetModel {
     /// Empty models; `tau_secs` is the forgetting time constant.
@@ -373,6 +414,7 @@ impl FleetModel {
             cache_hit: 0.0,
             prefill_rate: 0.0,
             recent: Vec::new(),
+            bias: [0.0; 2],
         })
     }
 
@@ -420,6 +462,12 @@ impl FleetModel {
             fit.recent.remove(0);
         }
         fit.recent.push(record);
+        for (k, (pred, obs)) in [(record[0], record[1]), (record[2], record[3])].into_iter().enumerate() {
+            if pred.is_finite() && obs.is_finite() {
+                // `pred` includes the current bias; the residual is the bare model's.
+                fit.bias[k] += BIAS_ALPHA * ((obs - pred + fit.bias[k]) - fit.bias[k]);
+            }
+        }
     }
 
     /// Predictions for `worker` (pooled until it has enough samples of its own).
@@ -437,7 +485,8 @@ impl FleetModel {
             (EstimatorKind::Difference, Some(f)) => f.tables.clone(),
             _ => None,
         };
-        Prediction { decode, prefill, tables }
+        let bias = fit.map_or([0.0; 2], |f| f.bias);
+        Prediction { decode, prefill, tables, bias }
     }
 
     /// Which estimator is in use.
@@ -602,14 +651,15 @@ mod tests {
         for (x, y, t) in sim_samples(400, 1.0, 7, 0.0) {
             m.observe(1, &sample(x, y, t));
         }
-        // Worker 2 is twice as slow; with 10 samples it still predicts from the pool.
+        // Worker 2 is twice as slow; with 10 samples its coefficients are still the pool's
+        // (its level correction already moves its predictions toward what it shows).
         let slow = sim_samples(400, 0.5, 8, 20.0);
         for (x, y, t) in &slow[..10] {
             m.observe(2, &sample(*x, *y, *t));
         }
         let x = [1.0, 32.0, 32.0, 0.0];
-        let (p1, p2) = (m.predict(1).tpot_ms(32.0, 32e3, 0.0), m.predict(2).tpot_ms(32.0, 32e3, 0.0));
-        assert!((p2 / p1) < 1.3, "pooled: {p1} {p2}");
+        let r2 = m.report().into_iter().find(|r| r.worker == 2).unwrap();
+        assert!(r2.pooled && r2.decode_theta == m.pooled_decode.theta(), "{r2:?}");
         for (x, y, t) in &slow[10..] {
             m.observe(2, &sample(*x, *y, *t));
         }

@@ -1,0 +1,87 @@
+//! End to end in the discrete-event simulation (the simulator's model, the router's own
+//! policy objects and guards), fixed seeds: orderings between policies, not timings.
+
+use switchyard_bench::des::{self, SimWorker};
+use switchyard_bench::metrics::Summary;
+use switchyard_bench::policy_spec;
+use switchyard_bench::scenario::Scenario;
+
+fn scenario(name: &str) -> Scenario {
+    let path = format!("{}/../../bench/scenarios/{name}.toml", env!("CARGO_MANIFEST_DIR"));
+    Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// (summary, shed) of `policy` at `load` × the scenario's measured capacity.
+fn run(s: &Scenario, policy: &str, load: f64, requests: usize) -> (Summary, usize) {
+    let fleet = SimWorker::from_scenario(s, None);
+    let shapes = s.workload.shapes(s.capacity.requests, s.seed ^ 0xcafe, 0, None);
+    let (capacity, _) = des::best_capacity(&fleet, &shapes, s.seed);
+    let specs = s.workload.requests(s.arrival, load * capacity, requests, s.seed, 0, None);
+    let config = policy_spec::parse(policy, &s.slo, 1.0, s.seed).expect("policy");
+    let report = des::run_open(&fleet, &config, 1, s.seed, specs, s.fault.as_ref());
+    assert_eq!(report.results.len(), requests, "every request accounted for");
+    assert!(report.results.iter().all(|r| r.error.is_some() || r.ttft.is_some()), "none lost");
+    (Summary::of(&report.results, &s.slo, fleet.len()), report.shed)
+}
+
+#[test]
+fn tight_tpot_slo_on_mixed_hardware_marginal_utility_beats_least_load() {
+    let s = scenario("tight-tpot");
+    let (lb, _) = run(&s, "load_based", 1.0, 4000);
+    let (mu, _) = run(&s, "marginal_utility", 1.0, 4000);
+    assert!(mu.goodput_rps > 1.1 * lb.goodput_rps, "mu {} vs load_based {}", mu.goodput_rps, lb.goodput_rps);
+    assert!(mu.tpot_p99_ms < lb.tpot_p99_ms, "tpot p99 mu {} lb {}", mu.tpot_p99_ms, lb.tpot_p99_ms);
+}
+
+#[test]
+fn homogeneous_fleet_goodput_within_noise_of_least_load() {
+    let s = scenario("homogeneous");
+    let (lb, _) = run(&s, "load_based", 1.0, 4000);
+    let (mu, _) = run(&s, "marginal_utility", 1.0, 4000);
+    let ratio = mu.goodput_rps / lb.goodput_rps;
+    assert!((0.95..1.1).contains(&ratio), "mu/load_based goodput {ratio}");
+}
+
+#[test]
+fn overload_with_shed_keeps_goodput_above_best_effort_routing() {
+    let s = scenario("overload");
+    let (lb, _) = run(&s, "load_based", 1.5, 4000);
+    let (best_effort, shed_none) = run(&s, "marginal_utility", 1.5, 4000);
+    let (shed, n_shed) = run(&s, "marginal_utility/shed", 1.5, 4000);
+    assert_eq!(shed_none, 0);
+    assert!(n_shed > 0 && shed.errors == n_shed, "shed requests are answered, counted: {n_shed} / {}", shed.errors);
+    assert!(
+        shed.goodput_rps > lb.goodput_rps && shed.goodput_rps > best_effort.goodput_rps,
+        "shed {} vs load_based {} vs best-effort {}",
+        shed.goodput_rps,
+        lb.goodput_rps,
+        best_effort.goodput_rps
+    );
+    assert!(shed.ttft_p99_ms < lb.ttft_p99_ms);
+}
+
+#[test]
+fn slow_tier_marginal_utility_protects_running_requests_tpot() {
+    let s = scenario("slow-tier");
+    let (lb, _) = run(&s, "load_based", 1.0, 4000);
+    let (mu, _) = run(&s, "marginal_utility", 1.0, 4000);
+    assert!(mu.tpot_p99_ms < 0.8 * lb.tpot_p99_ms, "tpot p99 mu {} lb {}", mu.tpot_p99_ms, lb.tpot_p99_ms);
+    assert!(mu.ttft_p99_ms < s.slo.ttft_ms && mu.goodput_rps >= 0.97 * lb.goodput_rps);
+}
+
+#[test]
+fn large_fleets_simulate_with_sampled_candidates() {
+    let s = scenario("homogeneous");
+    let fleet = SimWorker::from_scenario(&s, Some(1000));
+    let specs = s.workload.requests(s.arrival, 10_000.0, 5000, 3, 0, None);
+    let mut config = policy_spec::parse("marginal_utility", &s.slo, 1.0, 3).expect("policy");
+    if let switchyard::policies::PolicyConfig::MarginalUtility(c) = &mut config {
+        c.candidates = 8;
+    }
+    let report = des::run_open(&fleet, &config, 4, 3, specs, None);
+    let summary = Summary::of(&report.results, &s.slo, fleet.len());
+    assert_eq!((summary.requests, summary.errors), (5000, 0));
+    let used = summary.worker_share.iter().filter(|&&x| x > 0.0).count();
+    assert!(used > 900, "spread over the fleet: {used} workers used");
+    assert_eq!(report.decision_ns.len(), 5000);
+}
