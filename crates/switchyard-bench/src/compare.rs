@@ -342,7 +342,29 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    runtime.block_on(compare(args))
+    // Interrupted runs stop their fleet and routers: dropping the comparison drops them.
+    runtime.block_on(async {
+        tokio::select! {
+            r = compare(args) => r,
+            _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+            _ = terminated() => Err("terminated".into()),
+        }
+    })
+}
+
+#[cfg(unix)]
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+#[cfg(not(unix))]
+async fn terminated() {
+    std::future::pending::<()>().await
 }
 
 async fn compare(args: &CompareArgs) -> Result<(), String> {

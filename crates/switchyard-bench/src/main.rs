@@ -3,11 +3,11 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use switchyard_bench::compare::{self, CompareArgs};
+use switchyard_bench::compare::{self, CompareArgs, Results, Run};
 use switchyard_bench::des::{self, SimWorker};
-use switchyard_bench::metrics::Summary;
-use switchyard_bench::policy_spec;
+use switchyard_bench::metrics::{percentile, Summary};
 use switchyard_bench::scenario::Scenario;
+use switchyard_bench::{policy_spec, report};
 
 #[derive(Debug, Parser)]
 #[command(name = "switchyard-bench", version, about = "Routing-quality benchmarks for Switchyard and its peers")]
@@ -29,22 +29,23 @@ struct DesArgs {
     /// Scenario file.
     #[arg(long)]
     scenario: String,
-    /// Policy: a switchyard policy name, optionally `/objective/estimator/overload`.
-    #[arg(long, default_value = "marginal_utility")]
-    policy: String,
+    /// Policies, comma separated: a switchyard policy name, optionally
+    /// `/objective/estimator/overload` (e.g. `marginal_utility/latency`).
+    #[arg(long, value_delimiter = ',', default_value = "marginal_utility")]
+    policy: Vec<String>,
     /// Workers (the scenario's fleet repeated); default: the scenario's fleet.
     #[arg(long)]
     workers: Option<usize>,
-    /// Requests.
-    #[arg(long, default_value_t = 100_000)]
+    /// Requests per load level.
+    #[arg(long, default_value_t = 20_000)]
     requests: usize,
-    /// Load as a fraction of capacity (default: the scenario's loads, each).
-    #[arg(long)]
-    load: Option<f64>,
+    /// Load levels as fractions of capacity, comma separated (default: the scenario's).
+    #[arg(long, value_delimiter = ',')]
+    load: Vec<f64>,
     /// Router replicas, each seeing 1/R of the traffic with its own view.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
-    /// Write the summaries as JSON here.
+    /// Directory for results.json, results.md and <scenario>.svg (same format as `compare`).
     #[arg(long)]
     out: Option<String>,
 }
@@ -54,7 +55,6 @@ fn run_des(a: &DesArgs) -> Result<(), String> {
     if s.is_pd() {
         return Err("the discrete-event simulation runs regular (non-PD) fleets only".into());
     }
-    let policy = policy_spec::parse(&a.policy, &s.slo, 1.0, s.seed)?;
     let fleet = SimWorker::from_scenario(&s, None);
     let workers = SimWorker::from_scenario(&s, a.workers);
     let trace = s.workload.trace().map_err(|e| e.to_string())?;
@@ -65,39 +65,55 @@ fn run_des(a: &DesArgs) -> Result<(), String> {
         "capacity: {capacity:.2} req/s ({} workers; {per_fleet:.2} for the scenario's fleet, best at {per_worker} outstanding per worker)",
         workers.len()
     );
-    let loads = a.load.map_or(s.loads.clone(), |l| vec![l]);
-    let mut out = Vec::new();
-    for load in loads {
-        let specs = s.workload.requests(s.arrival, load * capacity, a.requests, s.seed, 0, trace.as_deref());
-        let started = std::time::Instant::now();
-        let report = des::run_open(&workers, &policy, a.replicas, s.seed, specs, s.fault.as_ref());
-        let wall = started.elapsed().as_secs_f64();
-        let summary = Summary::of(&report.results, &s.slo, workers.len());
-        let mut ns = report.decision_ns.clone();
-        let (p50, p99) =
-            (switchyard_bench::metrics::percentile(&mut ns, 0.5), switchyard_bench::metrics::percentile(&mut ns, 0.99));
-        println!(
-            "{} {} load {load:.2}: goodput {:.2} req/s, throughput {:.2} req/s, {:.0} tok/s, TTFT p50/p99 {:.0}/{:.0} ms, TPOT p50/p99 {:.1}/{:.1} ms, hit {:.2}, errors {}, shed {}, decision p50/p99 {:.0}/{:.0} ns, {:.1} s wall",
-            s.name, a.policy, summary.goodput_rps, summary.throughput_rps, summary.output_tok_s, summary.ttft_p50_ms,
-            summary.ttft_p99_ms, summary.tpot_p50_ms, summary.tpot_p99_ms, summary.cache_hit_rate, summary.errors,
-            report.shed, p50, p99, wall
-        );
-        if std::env::var_os("SWITCHYARD_DES_DEBUG").is_some() {
-            eprintln!("{}", serde_json::to_string_pretty(&report.policy_state).unwrap_or_default());
+    let loads = if a.load.is_empty() { s.loads.clone() } else { a.load.clone() };
+    let mut results = Results {
+        capacity_rps: capacity,
+        scenario: s.name.clone(),
+        slo_ttft_ms: s.slo.ttft_ms,
+        slo_tpot_ms: s.slo.tpot_ms,
+        skipped: Vec::new(),
+        runs: Vec::new(),
+    };
+    for spec in &a.policy {
+        let policy = policy_spec::parse(spec, &s.slo, 1.0, s.seed)?;
+        for &load in &loads {
+            let specs = s.workload.requests(s.arrival, load * capacity, a.requests, s.seed, 0, trace.as_deref());
+            let started = std::time::Instant::now();
+            let report = des::run_open(&workers, &policy, a.replicas, s.seed, specs, s.fault.as_ref());
+            let wall = started.elapsed().as_secs_f64();
+            let summary = Summary::of(&report.results, &s.slo, workers.len());
+            let mut ns = report.decision_ns.clone();
+            let (p50, p99) = (percentile(&mut ns, 0.5), percentile(&mut ns, 0.99));
+            println!(
+                "{} {spec} load {load:.2}: goodput {:.2} req/s, throughput {:.2} req/s, {:.0} tok/s, TTFT p50/p99 {:.0}/{:.0} ms, TPOT p50/p99 {:.1}/{:.1} ms, hit {:.2}, errors {}, shed {}, decision p50/p99 {:.0}/{:.0} ns, {:.1} s wall",
+                s.name, summary.goodput_rps, summary.throughput_rps, summary.output_tok_s, summary.ttft_p50_ms,
+                summary.ttft_p99_ms, summary.tpot_p50_ms, summary.tpot_p99_ms, summary.cache_hit_rate, summary.errors,
+                report.shed, p50, p99, wall
+            );
+            if std::env::var_os("SWITCHYARD_DES_DEBUG").is_some() {
+                eprintln!("{}", serde_json::to_string_pretty(&report.policy_state).unwrap_or_default());
+            }
+            if workers.len() <= 16 {
+                let share: Vec<String> = summary.worker_share.iter().map(|s| format!("{s:.2}")).collect();
+                println!("  worker share: {}", share.join(" "));
+            }
+            let mut run = Run::new("switchyard", spec, &s.name, load, &summary);
+            if workers.len() > 16 {
+                run.worker_share.clear();
+            }
+            results.runs.push(run);
         }
-        if workers.len() <= 16 {
-            let share: Vec<String> = summary.worker_share.iter().map(|s| format!("{s:.2}")).collect();
-            println!("  worker share: {}", share.join(" "));
-        }
-        let mut summary = serde_json::to_value(&summary).map_err(|e| e.to_string())?;
-        summary["worker_share"] = serde_json::Value::Null;
-        out.push(serde_json::json!({"scenario": s.name, "policy": a.policy, "load": load, "workers": workers.len(),
-            "replicas": a.replicas, "capacity_rps": capacity, "decision_ns_p50": p50, "decision_ns_p99": p99,
-            "shed": report.shed, "summary": summary}));
     }
-    if let Some(path) = &a.out {
-        std::fs::write(path, serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?)
-            .map_err(|e| format!("cannot write {path}: {e}"))?;
+    if let Some(dir) = &a.out {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
+        let write = |name: &str, text: String| {
+            std::fs::write(format!("{dir}/{name}"), text).map_err(|e| format!("cannot write {dir}/{name}: {e}"))
+        };
+        write("results.json", serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?)?;
+        let md = report::markdown(&results, &a.scenario).replace("switchyard-bench compare", "switchyard-bench des");
+        write("results.md", md.clone())?;
+        write(&format!("{}.svg", s.name), report::svg(&results))?;
+        println!("{md}");
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use switchyard::policies::{MarginalUtilityConfig, Objective, Overload, PolicyCon
 
 use crate::metrics::Slo;
 
-/// Parses `name[/objective][/estimator][/overload]` into a policy config with `slo` (in the
+/// Parses `name[/objective][/estimator][/overload][/dN]` (`dN`: score N sampled workers) into a policy config with `slo` (in the
 /// time units the policy will observe) and `seed`.
 pub fn parse(spec: &str, slo: &Slo, time_scale: f64, seed: u64) -> Result<PolicyConfig, String> {
     let mut parts = spec.split('/');
@@ -30,6 +30,8 @@ pub fn parse(spec: &str, slo: &Slo, time_scale: f64, seed: u64) -> Result<Policy
                 c.estimator = e;
             } else if let Ok(o) = Overload::from_str(p, true) {
                 c.overload = o;
+            } else if let Some(d) = p.strip_prefix('d').and_then(|d| d.parse().ok()) {
+                c.candidates = d;
             } else {
                 return Err(format!("unknown marginal_utility setting '{p}' in '{spec}'"));
             }
@@ -51,6 +53,8 @@ pub fn flags(spec: &str) -> Vec<String> {
             out.extend(["--mu-estimator".to_owned(), p.to_owned()]);
         } else if Overload::from_str(p, true).is_ok() {
             out.extend(["--mu-overload".to_owned(), p.to_owned()]);
+        } else if let Some(d) = p.strip_prefix('d').filter(|d| d.parse::<usize>().is_ok()) {
+            out.extend(["--mu-candidates".to_owned(), d.to_owned()]);
         }
     }
     out
@@ -74,5 +78,10 @@ mod tests {
         assert!(parse("nope", &slo, 1.0, 1).is_err());
         assert!(parse("round_robin/x", &slo, 1.0, 1).is_err());
         assert_eq!(flags("marginal_utility/shed"), ["--policy", "marginal_utility", "--mu-overload", "shed"]);
+        let PolicyConfig::MarginalUtility(c) = parse("marginal_utility/d16", &slo, 1.0, 1).unwrap() else {
+            panic!("mu")
+        };
+        assert_eq!(c.candidates, 16);
+        assert_eq!(flags("marginal_utility/d8")[2..], ["--mu-candidates", "8"]);
     }
 }

@@ -89,8 +89,31 @@ fn positive(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `switchyard-sim des ...`: the discrete-event fleet simulation drives the router's own
+/// policies, so it lives in `switchyard-bench` (which depends on both crates; this crate can't
+/// depend on the router, which embeds the simulator for `--sim-workers`). Forward to it.
+fn forward_des(rest: Vec<std::ffi::OsString>) -> ! {
+    let bench = std::env::current_exe().map(|e| e.with_file_name("switchyard-bench"));
+    match bench {
+        Ok(path) if path.exists() => {
+            let status = std::process::Command::new(&path).arg("des").args(rest).status();
+            std::process::exit(status.ok().and_then(|s| s.code()).unwrap_or(1));
+        }
+        _ => {
+            eprintln!(
+                "error: `des` needs switchyard-bench next to switchyard-sim: cargo build --release -p switchyard-bench"
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "des") {
+        forward_des(argv.split_off(2));
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| "info".into()))

@@ -98,6 +98,27 @@ fn bench_selection(quick: bool) {
     }
 }
 
+fn bench_rls(quick: bool) {
+    use switchyard::load::estimator::Rls;
+    println!("\n## marginal_utility estimator (ns per RLS update, 4 features, best of 5)");
+    let mut rng = StdRng::seed_from_u64(3);
+    let samples: Vec<([f64; 4], f64)> = (0..4096)
+        .map(|_| {
+            let b: f64 = rng.random_range(1.0..128.0);
+            let x = [1.0, b, b * rng.random_range(0.2..2.0), rng.random_range(0.0..4.0)];
+            (x, 5.75 + 0.006 * x[1] + 0.054 * x[2] + 0.3 * x[3])
+        })
+        .collect();
+    let mut rls = Rls::new([8.0, 0.02, 0.08, 0.3], [24.0, 0.06, 0.24, 0.9], 120.0);
+    let iters = if quick { 20_000 } else { 200_000 };
+    let ns = ns_per_op(5, iters, |i| {
+        let (x, y) = &samples[i % samples.len()];
+        rls.update(x, *y, i as f64 * 1e-3);
+    });
+    println!("rls update {ns:>10.0}");
+    black_box(rls.theta());
+}
+
 fn bench_tree(quick: bool) {
     println!("\n## radix tree (text keys; 64 system prompts × multi-turn histories, 16 workers, bound 2^26)");
     println!(
@@ -167,6 +188,7 @@ fn bench_contention(quick: bool) {
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     bench_selection(quick);
+    bench_rls(quick);
     bench_tree(quick);
     bench_contention(quick);
 }

@@ -1,0 +1,83 @@
+//! marginal_utility through the real router and simulated workers over HTTP: it learns from
+//! proxied streams (visible in `/debug/policy`), and `shed` answers 503 with Retry-After.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{get, post, router};
+use serde_json::{json, Value};
+use switchyard::config::RouterConfig;
+use switchyard::policies::{MarginalUtilityConfig, Overload, PolicyConfig};
+use switchyard_sim::server::{spawn_worker, WorkerConfig};
+
+async fn sim_workers(n: usize) -> Vec<switchyard_sim::server::WorkerHandle> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let config = WorkerConfig { port: 0, time_scale: 20.0, seed: i as u64, ..WorkerConfig::default() };
+        out.push(spawn_worker(config).await.expect("sim worker"));
+    }
+    out
+}
+
+fn mu(config: MarginalUtilityConfig, urls: Vec<String>) -> RouterConfig {
+    RouterConfig {
+        worker_urls: urls,
+        policy: PolicyConfig::MarginalUtility(MarginalUtilityConfig { seed: Some(1), ..config }),
+        ..common::config(vec![], switchyard::policies::PolicyKind::MarginalUtility)
+    }
+}
+
+fn completion(i: usize) -> Value {
+    json!({"model": "m", "prompt": format!("question {i} {}", "words ".repeat(100)), "max_tokens": 16,
+           "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learns_from_proxied_streams_and_explains_itself() {
+    let workers = sim_workers(2).await;
+    let r = router(mu(MarginalUtilityConfig::default(), workers.iter().map(|w| w.url()).collect())).await;
+    let url = format!("{}/v1/completions", r.url());
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let url = url.clone();
+        sends.spawn(async move { post(&url, &completion(i)).await });
+    }
+    while let Some(answer) = sends.join_next().await {
+        let answer = answer.expect("request task");
+        assert_eq!(answer.status, 200);
+        assert!(String::from_utf8_lossy(&answer.body).contains("[DONE]"));
+    }
+    let state = get(&format!("{}/debug/policy", r.url())).await.json();
+    assert_eq!(state["policy"], "marginal_utility");
+    assert_eq!(state["decisions"].as_u64(), Some(40), "{state}");
+    let reports = state["workers"].as_array().expect("workers");
+    let samples: u64 = reports.iter().map(|w| w["samples"][1].as_u64().unwrap_or(0)).sum();
+    assert_eq!(samples, 40, "every streamed request became a prefill sample: {state}");
+    for w in reports {
+        assert!(w["url"].as_str().is_some_and(|u| u.starts_with("http://127.0.0.1:")), "{w}");
+        assert_eq!(w["prefill_phi"].as_array().map(Vec::len), Some(4));
+        let recent = w["recent"].as_array().expect("recent");
+        assert!(recent.iter().any(|r| r[1].as_f64().is_some_and(|ttft| ttft > 0.0)), "observed TTFTs: {w}");
+    }
+    let metrics = get(&format!("{}/metrics", r.url())).await;
+    assert!(String::from_utf8_lossy(&metrics.body).contains("switchyard_mu_decisions_total 40"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shed_answers_503_with_retry_after_and_queue_serves_best_effort() {
+    let workers = sim_workers(1).await;
+    let urls: Vec<String> = workers.iter().map(|w| w.url()).collect();
+    // A 1 ms TTFT SLO nobody can meet: `shed` refuses at once, clearly; `queue` still serves.
+    let impossible = MarginalUtilityConfig { slo_ttft: Duration::from_millis(1), ..Default::default() };
+    let shed = router(mu(MarginalUtilityConfig { overload: Overload::Shed, ..impossible.clone() }, urls.clone())).await;
+    let answer = post(&format!("{}/v1/completions", shed.url()), &completion(1)).await;
+    assert_eq!(answer.status, 503);
+    assert!(answer.headers.get("retry-after").is_some());
+    assert_eq!(answer.json()["error"]["type"], "overloaded", "{}", answer.json());
+    let metrics = get(&format!("{}/metrics", shed.url())).await;
+    assert!(String::from_utf8_lossy(&metrics.body).contains("switchyard_mu_shed_total 1"));
+    let queue = router(mu(MarginalUtilityConfig { overload: Overload::Queue, ..impossible }, urls)).await;
+    let answer = post(&format!("{}/v1/completions", queue.url()), &completion(2)).await;
+    assert_eq!(answer.status, 200);
+}
