@@ -102,6 +102,20 @@ pub struct Run {
     pub worker_share: Vec<f64>,
 }
 
+impl Results {
+    /// No runs yet, for scenario `s` at `capacity`.
+    pub fn new(s: &Scenario, capacity: f64) -> Self {
+        Self {
+            capacity_rps: capacity,
+            scenario: s.name.clone(),
+            slo_ttft_ms: s.slo.ttft_ms,
+            slo_tpot_ms: s.slo.tpot_ms,
+            skipped: Vec::new(),
+            runs: Vec::new(),
+        }
+    }
+}
+
 impl Run {
     /// The run's row from a summary.
     pub fn new(router: &str, policy: &str, scenario: &str, load: f64, s: &Summary) -> Self {
@@ -391,9 +405,7 @@ async fn compare(args: &CompareArgs) -> Result<(), String> {
     let capacity = match args.capacity {
         Some(c) => c,
         None if !args.live_capacity && !s.is_pd() => {
-            let fleet = crate::des::SimWorker::from_scenario(&s, None);
-            let shapes = s.workload.shapes(s.capacity.requests, s.seed ^ 0xcafe, 0, trace.as_deref());
-            let (c, per_worker) = crate::des::best_capacity(&fleet, &shapes, s.seed);
+            let (c, per_worker) = crate::des::scenario_capacity(&s, trace.as_deref());
             eprintln!("capacity from the discrete-event simulation: best closed loop at {per_worker} per worker");
             c
         }
@@ -415,25 +427,13 @@ async fn compare(args: &CompareArgs) -> Result<(), String> {
             let shapes =
                 s.workload.shapes(s.capacity.requests.max(concurrency * 4), s.seed ^ 0xcafe, 0, trace.as_deref());
             let results = run_closed_loop(&client, &shapes, concurrency).await;
-            let mut ends: Vec<f64> = results.iter().filter(|r| r.error.is_none()).map(|r| r.sent_at + r.e2e).collect();
-            ends.sort_by(f64::total_cmp);
-            if ends.len() < 4 {
-                return Err(format!("capacity run failed: {:?}", results.iter().find_map(|r| r.error.clone())));
-            }
-            let half = ends.len() / 2;
-            (ends.len() - 1 - half) as f64 / (ends[ends.len() - 1] - ends[half]).max(1e-9)
+            crate::metrics::steady_rate(&results)
+                .ok_or_else(|| format!("capacity run failed: {:?}", results.iter().find_map(|r| r.error.clone())))?
         }
     };
     eprintln!("capacity: {capacity:.2} req/s (simulated time); time scale {time_scale}");
 
-    let mut results = Results {
-        capacity_rps: capacity,
-        scenario: s.name.clone(),
-        slo_ttft_ms: s.slo.ttft_ms,
-        slo_tpot_ms: s.slo.tpot_ms,
-        skipped: Vec::new(),
-        runs: Vec::new(),
-    };
+    let mut results = Results::new(&s, capacity);
     for spec in &routers {
         let (router, policy) = spec.split_once(':').unwrap_or((spec.as_str(), "round_robin"));
         let fleet = start_fleet(&s, time_scale, &dir)?;
@@ -470,10 +470,7 @@ async fn compare(args: &CompareArgs) -> Result<(), String> {
             let specs =
                 s.workload.requests(s.arrival, load * capacity, s.requests, s.seed, li * s.requests, trace.as_deref());
             let before = finished_per_worker(&client, &fleet).await;
-            let fault = s.fault.map(|f| {
-                let at = |x: f64| specs[((x * specs.len() as f64) as usize).min(specs.len() - 1)].at / time_scale;
-                (f, at(f.from), at(f.to))
-            });
+            let fault = s.fault.map(|f| (f, f.at(&specs, f.from) / time_scale, f.at(&specs, f.to) / time_scale));
             let fault_task = fault.and_then(|(f, from, to)| {
                 let url = fleet.workers.get(f.worker)?.0.clone();
                 let client = client.clone();
@@ -504,11 +501,7 @@ async fn compare(args: &CompareArgs) -> Result<(), String> {
             results.runs.push(run);
         }
     }
-    let json = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("results.json"), json).map_err(|e| e.to_string())?;
-    let md = report::markdown(&results, &args.scenario);
-    std::fs::write(dir.join("results.md"), &md).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join(format!("{}.svg", s.name)), report::svg(&results)).map_err(|e| e.to_string())?;
+    let md = report::write(&dir, &results, &format!("switchyard-bench compare --scenario {}", args.scenario))?;
     println!("{md}");
     eprintln!("wrote {}/results.json, results.md, {}.svg", dir.display(), s.name);
     Ok(())

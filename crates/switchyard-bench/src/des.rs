@@ -177,9 +177,8 @@ impl Simulation {
     /// Slows `fault.worker` between the arrivals at fractions `from` and `to` of the run.
     pub fn with_fault(mut self, fault: &Fault, specs: &[RequestSpec]) -> Self {
         if fault.worker < self.engines.len() && !specs.is_empty() {
-            let at = |f: f64| specs[((f * specs.len() as f64) as usize).min(specs.len() - 1)].at;
-            self.push(at(fault.from), Event::Slowdown(fault.worker, fault.slowdown.to_bits()));
-            self.push(at(fault.to), Event::Slowdown(fault.worker, 1.0f64.to_bits()));
+            self.push(fault.at(specs, fault.from), Event::Slowdown(fault.worker, fault.slowdown.to_bits()));
+            self.push(fault.at(specs, fault.to), Event::Slowdown(fault.worker, 1.0f64.to_bits()));
         }
         self
     }
@@ -430,15 +429,13 @@ pub fn run_open(
 pub fn capacity(workers: &[SimWorker], shapes: Vec<RequestSpec>, concurrency: usize, seed: u64) -> f64 {
     let policy = PolicyConfig::new(switchyard::policies::PolicyKind::LoadBased, Some(seed));
     let report = Simulation::new(workers, &policy, 1, seed).run(Source::Closed { shapes, concurrency });
-    // Skip the ramp: rate over the second half of completions.
-    let mut ends: Vec<f64> = report.results.iter().filter(|r| r.error.is_none()).map(|r| r.sent_at + r.e2e).collect();
-    ends.sort_by(f64::total_cmp);
-    if ends.len() < 4 {
-        return 0.0;
-    }
-    let half = ends.len() / 2;
-    let span = (ends[ends.len() - 1] - ends[half]).max(1e-9);
-    (ends.len() - 1 - half) as f64 / span
+    crate::metrics::steady_rate(&report.results).unwrap_or(0.0)
+}
+
+/// The scenario fleet's capacity ([`best_capacity`]) over the scenario's capacity shapes.
+pub fn scenario_capacity(s: &Scenario, trace: Option<&[crate::workload::TraceRecord]>) -> (f64, usize) {
+    let shapes = s.workload.shapes(s.capacity.requests, s.seed ^ 0xcafe, 0, trace);
+    best_capacity(&SimWorker::from_scenario(s, None), &shapes, s.seed)
 }
 
 /// Outstanding requests per worker tried by [`best_capacity`].

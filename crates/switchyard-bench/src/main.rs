@@ -55,25 +55,17 @@ fn run_des(a: &DesArgs) -> Result<(), String> {
     if s.is_pd() {
         return Err("the discrete-event simulation runs regular (non-PD) fleets only".into());
     }
-    let fleet = SimWorker::from_scenario(&s, None);
+    let fleet_size = s.workers().len();
     let workers = SimWorker::from_scenario(&s, a.workers);
     let trace = s.workload.trace().map_err(|e| e.to_string())?;
-    let shapes = s.workload.shapes(s.capacity.requests, s.seed ^ 0xcafe, 0, trace.as_deref());
-    let (per_fleet, per_worker) = des::best_capacity(&fleet, &shapes, s.seed);
-    let capacity = per_fleet * workers.len() as f64 / fleet.len() as f64;
+    let (per_fleet, per_worker) = des::scenario_capacity(&s, trace.as_deref());
+    let capacity = per_fleet * workers.len() as f64 / fleet_size as f64;
     eprintln!(
         "capacity: {capacity:.2} req/s ({} workers; {per_fleet:.2} for the scenario's fleet, best at {per_worker} outstanding per worker)",
         workers.len()
     );
     let loads = if a.load.is_empty() { s.loads.clone() } else { a.load.clone() };
-    let mut results = Results {
-        capacity_rps: capacity,
-        scenario: s.name.clone(),
-        slo_ttft_ms: s.slo.ttft_ms,
-        slo_tpot_ms: s.slo.tpot_ms,
-        skipped: Vec::new(),
-        runs: Vec::new(),
-    };
+    let mut results = Results::new(&s, capacity);
     for spec in &a.policy {
         let policy = policy_spec::parse(spec, &s.slo, 1.0, s.seed)?;
         for &load in &loads {
@@ -105,14 +97,11 @@ fn run_des(a: &DesArgs) -> Result<(), String> {
         }
     }
     if let Some(dir) = &a.out {
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
-        let write = |name: &str, text: String| {
-            std::fs::write(format!("{dir}/{name}"), text).map_err(|e| format!("cannot write {dir}/{name}: {e}"))
-        };
-        write("results.json", serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?)?;
-        let md = report::markdown(&results, &a.scenario).replace("switchyard-bench compare", "switchyard-bench des");
-        write("results.md", md.clone())?;
-        write(&format!("{}.svg", s.name), report::svg(&results))?;
+        let md = report::write(
+            std::path::Path::new(dir),
+            &results,
+            &format!("switchyard-bench des --scenario {}", a.scenario),
+        )?;
         println!("{md}");
     }
     Ok(())

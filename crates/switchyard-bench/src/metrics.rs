@@ -124,6 +124,18 @@ pub fn percentile(v: &mut [f64], q: f64) -> f64 {
     v[rank - 1]
 }
 
+/// Steady-state completion rate of a closed-loop run: completions per second over the
+/// second half of them (the first half is the ramp). `None` with fewer than 4 successes.
+pub fn steady_rate(results: &[RequestResult]) -> Option<f64> {
+    let mut ends: Vec<f64> = results.iter().filter(|r| r.error.is_none()).map(|r| r.sent_at + r.e2e).collect();
+    if ends.len() < 4 {
+        return None;
+    }
+    ends.sort_by(f64::total_cmp);
+    let half = ends.len() / 2;
+    Some((ends.len() - 1 - half) as f64 / (ends[ends.len() - 1] - ends[half]).max(1e-9))
+}
+
 impl Summary {
     /// Aggregates `results` (per-worker shares over `workers` workers).
     pub fn of(results: &[RequestResult], slo: &Slo, workers: usize) -> Summary {

@@ -92,8 +92,22 @@ pub fn headlines(results: &Results) -> (f64, String, Vec<Headline>) {
     (l_star, reference_label, rows)
 }
 
-/// The markdown report.
-pub fn markdown(results: &Results, scenario_path: &str) -> String {
+/// Writes `results.json`, `results.md` and `<scenario>.svg` under `dir`; returns the markdown.
+pub fn write(dir: &std::path::Path, results: &Results, command: &str) -> Result<String, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let put = |name: String, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    };
+    put("results.json".into(), &serde_json::to_string_pretty(results).map_err(|e| e.to_string())?)?;
+    let md = markdown(results, command);
+    put("results.md".into(), &md)?;
+    put(format!("{}.svg", results.scenario), &svg(results))?;
+    Ok(md)
+}
+
+/// The markdown report; `command` is the command line that produced it.
+pub fn markdown(results: &Results, command: &str) -> String {
     let (l_star, reference, rows) = headlines(results);
     let best_peer = |f: &dyn Fn(&Headline) -> f64| {
         rows.iter().filter(|h| !h.label.starts_with("switchyard:")).map(f).fold(0.0, f64::max)
@@ -104,7 +118,7 @@ pub fn markdown(results: &Results, scenario_path: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "### {} — capacity {:.2} req/s, SLO TTFT ≤ {} ms, TPOT ≤ {} ms\n\n`switchyard-bench compare --scenario {scenario_path}`; L* = {l_star:.2} (peak of {reference}). Ratios are against the best peer router.\n",
+        "### {} — capacity {:.2} req/s, SLO TTFT ≤ {} ms, TPOT ≤ {} ms\n\n`{command}`; L* = {l_star:.2} (peak of {reference}). Ratios are against the best peer router.\n",
         results.scenario,
         results.capacity_rps,
         results.slo_ttft_ms,
@@ -309,7 +323,7 @@ mod tests {
         let mu = &rows[0];
         assert_eq!((mu.goodput_at_l_star, mu.peak_goodput, mu.max_load_p99_ttft), (9.0, 9.8, 1.0));
         assert_eq!(rows[1].max_load_p99_ttft, 0.9);
-        let md = markdown(&results(), "s.toml");
+        let md = markdown(&results(), "switchyard-bench compare --scenario s.toml");
         assert!(md.contains("| switchyard:marginal_utility | 9.00 | 1.06× | 9.80 | 1.15× |"), "{md}");
         let svg = svg(&results());
         assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 4, "{svg}");

@@ -70,6 +70,13 @@ pub struct Fault {
     pub to: f64,
 }
 
+impl Fault {
+    /// Arrival time (simulated seconds) at `fraction` of `specs`.
+    pub fn at(&self, specs: &[crate::workload::RequestSpec], fraction: f64) -> f64 {
+        specs.get(((fraction * specs.len() as f64) as usize).min(specs.len().saturating_sub(1))).map_or(0.0, |r| r.at)
+    }
+}
+
 /// How fleet capacity is measured: closed loop, least in-flight routing, in the
 /// discrete-event simulation over a ladder of concurrencies (see `des::best_capacity`), or
 /// live at `concurrency_per_worker` with `compare --live-capacity`.

@@ -489,11 +489,6 @@ impl FleetModel {
         Prediction { decode, prefill, tables, bias }
     }
 
-    /// Which estimator is in use.
-    pub fn kind(&self) -> EstimatorKind {
-        self.kind
-    }
-
     /// Expected completion tokens of a request on `worker` (EWMA).
     pub fn expected_output(&self, worker: u32) -> f64 {
         self.workers.get(&worker).map_or(self.output_tokens, |f| f.output_tokens)
@@ -507,11 +502,6 @@ impl FleetModel {
     /// Recent prefill admission rate on `worker`, tokens/s.
     pub fn prefill_rate(&self, worker: u32) -> f64 {
         self.workers.get(&worker).map_or(0.0, |f| f.prefill_rate)
-    }
-
-    /// Forgets a worker (it left the fleet).
-    pub fn remove(&mut self, worker: u32) {
-        self.workers.remove(&worker);
     }
 
     /// Per-worker state for `/debug/policy`.

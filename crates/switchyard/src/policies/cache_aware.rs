@@ -17,11 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::load_based::least_loaded;
-use super::radix_tree::{PrefixMatch, SharedTree};
+use super::radix_tree::PrefixIndex;
 use super::rng::PolicyRng;
 use super::{RoutingError, RoutingPolicy};
 use crate::metrics::{Histogram, RATIO_BUCKETS};
-use crate::request::{RequestView, RoutingText};
+use crate::request::RequestView;
 use crate::workers::Worker;
 
 /// Settings of [`CacheAware`] (sglang-router's names and defaults).
@@ -58,8 +58,7 @@ impl Default for CacheAwareConfig {
 #[derive(Debug)]
 pub struct CacheAware {
     config: CacheAwareConfig,
-    text: SharedTree<u8>,
-    tokens: SharedTree<u32>,
+    trees: PrefixIndex,
     rng: PolicyRng,
     match_ratio: Histogram,
 }
@@ -79,8 +78,7 @@ impl CacheAware {
     /// A policy with `config`.
     pub fn new(config: &CacheAwareConfig) -> Self {
         Self {
-            text: SharedTree::new(config.max_tree_size),
-            tokens: SharedTree::new(config.max_tree_size),
+            trees: PrefixIndex::new(config.max_tree_size),
             rng: PolicyRng::new(config.seed),
             match_ratio: Histogram::new(&RATIO_BUCKETS),
             config: config.clone(),
@@ -89,23 +87,7 @@ impl CacheAware {
 
     /// Total size of the text tree (characters × workers holding them).
     pub fn text_tree_size(&self) -> usize {
-        self.text.with(|t| t.total_size())
-    }
-
-    fn matches(&self, text: &RoutingText) -> Option<PrefixMatch> {
-        match text {
-            RoutingText::Text(s) => Some(self.text.match_prefix(s.as_bytes())),
-            RoutingText::Tokens(t) => Some(self.tokens.match_prefix(t)),
-            RoutingText::None => None,
-        }
-    }
-
-    fn record(&self, text: &RoutingText, worker: &Worker) {
-        match text {
-            RoutingText::Text(s) => self.text.insert(s.as_bytes(), worker.id()),
-            RoutingText::Tokens(t) => self.tokens.insert(t, worker.id()),
-            RoutingText::None => {}
-        }
+        self.trees.sizes().0
     }
 
     /// Chooses a worker and says why.
@@ -126,7 +108,7 @@ impl CacheAware {
         let decision = if imbalanced {
             (least()?, CacheDecision::Imbalanced)
         } else {
-            match self.matches(&request.text) {
+            match self.trees.matches(&request.text) {
                 Some(m) if m.key_size > 0 => {
                     let best = workers.iter().map(|w| m.of(w.id())).max().unwrap_or(0);
                     self.match_ratio.observe(best as f64 / m.key_size as f64);
@@ -144,7 +126,7 @@ impl CacheAware {
                 _ => (least()?, CacheDecision::Miss),
             }
         };
-        self.record(&request.text, &workers[decision.0]);
+        self.trees.record(&request.text, workers[decision.0].id());
         Ok(decision)
     }
 }
@@ -169,21 +151,19 @@ impl RoutingPolicy for CacheAware {
         let _ = writeln!(out, "# HELP switchyard_cache_match_ratio cache_aware: best prefix match ratio per decision.");
         let _ = writeln!(out, "# TYPE switchyard_cache_match_ratio histogram");
         self.match_ratio.render(out, "switchyard_cache_match_ratio", "");
-        let (text, tokens) = (self.text.with(|t| t.total_size()), self.tokens.with(|t| t.total_size()));
+        let (text, tokens) = self.trees.sizes();
         let _ =
             writeln!(out, "# HELP switchyard_cache_tree_size cache_aware: stored characters (or tokens) × workers.");
         let _ = writeln!(out, "# TYPE switchyard_cache_tree_size gauge");
         let _ = writeln!(out, "switchyard_cache_tree_size{{keys=\"text\"}} {text}\nswitchyard_cache_tree_size{{keys=\"tokens\"}} {tokens}");
-        let bytes = self.text.with(|t| t.memory_bytes()) + self.tokens.with(|t| t.memory_bytes());
+        let bytes = self.trees.memory_bytes();
         let _ = writeln!(out, "# HELP switchyard_cache_tree_bytes cache_aware: approximate tree memory.");
         let _ = writeln!(out, "# TYPE switchyard_cache_tree_bytes gauge\nswitchyard_cache_tree_bytes {bytes}");
     }
 
     /// Trims each tree to 90 % of its bound, so inserts rarely evict on the request path.
     fn maintain(&self) {
-        let low_water = self.config.max_tree_size / 10 * 9;
-        self.text.with(|t| t.trim(low_water));
-        self.tokens.with(|t| t.trim(low_water));
+        self.trees.trim();
     }
 }
 
@@ -191,6 +171,7 @@ impl RoutingPolicy for CacheAware {
 mod tests {
     use super::*;
     use crate::policies::test_support::{load, workers};
+    use crate::request::RoutingText;
 
     fn chat(system: &str, user: &str) -> RequestView {
         RequestView { text: RoutingText::Text(format!("system: {system}\nuser: {user}\n")), ..RequestView::default() }

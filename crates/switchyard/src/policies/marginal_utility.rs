@@ -26,7 +26,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::radix_tree::{PrefixMatch, SharedTree};
+use super::radix_tree::{PrefixIndex, PrefixMatch};
 use super::rng::PolicyRng;
 use super::{RoutingError, RoutingPolicy};
 use crate::load::estimator::{EstimatorKind, FleetModel, Prediction, Sample, WorkerReport};
@@ -165,8 +165,7 @@ struct Counters {
 pub struct MarginalUtility {
     config: MarginalUtilityConfig,
     model: RwLock<FleetModel>,
-    text: SharedTree<u8>,
-    tokens: SharedTree<u32>,
+    trees: PrefixIndex,
     rng: PolicyRng,
     epoch: Instant,
     counters: Counters,
@@ -177,8 +176,7 @@ impl MarginalUtility {
     pub fn new(config: &MarginalUtilityConfig) -> Self {
         Self {
             model: RwLock::new(FleetModel::new(config.estimator, config.tau.as_secs_f64())),
-            text: SharedTree::new(config.max_tree_size),
-            tokens: SharedTree::new(config.max_tree_size),
+            trees: PrefixIndex::new(config.max_tree_size),
             rng: PolicyRng::new(config.seed),
             epoch: Instant::now(),
             counters: Counters::default(),
@@ -191,14 +189,6 @@ impl MarginalUtility {
         &self.config
     }
 
-    fn matches(&self, text: &RoutingText) -> Option<PrefixMatch> {
-        match text {
-            RoutingText::Text(s) => Some(self.text.match_prefix(s.as_bytes())),
-            RoutingText::Tokens(t) => Some(self.tokens.match_prefix(t)),
-            RoutingText::None => None,
-        }
-    }
-
     /// Matched prompt tokens of `worker` (text matches are in bytes).
     fn matched_tokens(m: &Option<PrefixMatch>, text: &RoutingText, worker: &Worker) -> f64 {
         let Some(m) = m else { return 0.0 };
@@ -206,14 +196,6 @@ impl MarginalUtility {
         match text {
             RoutingText::Text(_) => n / CHARS_PER_TOKEN as f64,
             _ => n,
-        }
-    }
-
-    fn record(&self, text: &RoutingText, worker: &Worker) {
-        match text {
-            RoutingText::Text(s) => self.text.insert(s.as_bytes(), worker.id()),
-            RoutingText::Tokens(t) => self.tokens.insert(t, worker.id()),
-            RoutingText::None => {}
         }
     }
 
@@ -231,7 +213,7 @@ impl MarginalUtility {
         } else {
             (0..workers.len()).collect()
         };
-        let matches = self.matches(&request.text);
+        let matches = self.trees.matches(&request.text);
         let prompt = f64::from(request.prompt_tokens());
         let model = self.model.read().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
@@ -411,7 +393,7 @@ impl RoutingPolicy for MarginalUtility {
             "marginal_utility decision"
         );
         request.uncached_hint.set(chosen.uncached.round() as u32);
-        self.record(&request.text, worker);
+        self.trees.record(&request.text, worker.id());
         Ok(chosen.index)
     }
 
@@ -449,7 +431,7 @@ impl RoutingPolicy for MarginalUtility {
         let d = *d_refs[self.best_by(&d_refs, |c| c.own_ms - c.ttft_ms + c.externality_ms).unwrap_or(0)];
         self.counters.decisions.fetch_add(1, Ordering::Relaxed);
         request.uncached_hint.set(p.uncached.round() as u32);
-        self.record(&request.text, &prefill[p.index]);
+        self.trees.record(&request.text, prefill[p.index].id());
         Ok((p.index, d.index))
     }
 
@@ -462,9 +444,7 @@ impl RoutingPolicy for MarginalUtility {
     }
 
     fn maintain(&self) {
-        let low_water = self.config.max_tree_size / 10 * 9;
-        self.text.with(|t| t.trim(low_water));
-        self.tokens.with(|t| t.trim(low_water));
+        self.trees.trim();
     }
 
     fn render_metrics(&self, out: &mut String) {

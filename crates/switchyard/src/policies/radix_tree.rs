@@ -548,6 +548,60 @@ impl<U: Unit> SharedTree<U> {
     }
 }
 
+/// The prefix trees a cache-affinity policy keeps: one for text (bytes) and one for token-id
+/// requests, each bounded by `max_size`, keyed by what the request carries.
+#[derive(Debug)]
+pub struct PrefixIndex {
+    text: SharedTree<u8>,
+    tokens: SharedTree<u32>,
+    max_size: usize,
+}
+
+impl PrefixIndex {
+    /// Empty trees, each bounded by `max_size`.
+    pub fn new(max_size: usize) -> Self {
+        Self { text: SharedTree::new(max_size), tokens: SharedTree::new(max_size), max_size }
+    }
+
+    /// Per-worker matches of `key` (`None` when the request has nothing to match on).
+    pub fn matches(&self, key: &crate::request::RoutingText) -> Option<PrefixMatch> {
+        use crate::request::RoutingText;
+        match key {
+            RoutingText::Text(s) => Some(self.text.match_prefix(s.as_bytes())),
+            RoutingText::Tokens(t) => Some(self.tokens.match_prefix(t)),
+            RoutingText::None => None,
+        }
+    }
+
+    /// Records `key` as cached on `tenant`.
+    pub fn record(&self, key: &crate::request::RoutingText, tenant: TenantId) {
+        use crate::request::RoutingText;
+        match key {
+            RoutingText::Text(s) => self.text.insert(s.as_bytes(), tenant),
+            RoutingText::Tokens(t) => self.tokens.insert(t, tenant),
+            RoutingText::None => {}
+        }
+    }
+
+    /// Trims both trees to 90 % of their bound (the background sweep), so inserts rarely
+    /// evict on the request path.
+    pub fn trim(&self) {
+        let low_water = self.max_size / 10 * 9;
+        self.text.with(|t| t.trim(low_water));
+        self.tokens.with(|t| t.trim(low_water));
+    }
+
+    /// Stored sizes (characters or tokens × workers) of the text and token trees.
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.text.with(|t| t.total_size()), self.tokens.with(|t| t.total_size()))
+    }
+
+    /// Approximate memory of both trees, bytes.
+    pub fn memory_bytes(&self) -> usize {
+        self.text.with(|t| t.memory_bytes()) + self.tokens.with(|t| t.memory_bytes())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
