@@ -81,3 +81,22 @@ async fn shed_answers_503_with_retry_after_and_queue_serves_best_effort() {
     let answer = post(&format!("{}/v1/completions", queue.url()), &completion(2)).await;
     assert_eq!(answer.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_worker_and_bad_bodies_through_marginal_utility() {
+    let workers = sim_workers(1).await;
+    // A port nobody listens on: the policy may pick it; the router must retry elsewhere.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", l.local_addr().expect("addr"))
+    };
+    let r = router(mu(MarginalUtilityConfig::default(), vec![dead, workers[0].url()])).await;
+    let url = format!("{}/v1/completions", r.url());
+    for i in 0..10 {
+        let answer = post(&url, &completion(i)).await;
+        assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    }
+    let bad = common::send("POST", &url, &[("content-type", "application/json")], "{oops").await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.json()["error"]["message"].as_str().is_some_and(|m| m.contains("JSON")));
+}
