@@ -274,6 +274,7 @@ impl Simulation {
     fn route(&mut self, i: usize, mut view: RequestView, t: f64) -> bool {
         let replica = i % self.replicas.len();
         view.waited = Duration::from_secs_f64((t - self.results[i].sent_at).max(0.0));
+        view.now = Some(self.at(t));
         let (policy, workers) = &self.replicas[replica];
         let started = std::time::Instant::now();
         let choice = policy.select_single(workers, &view);
@@ -371,8 +372,9 @@ impl Simulation {
                     let Some((i, open)) = self.open.get_mut(&(w, id)) else { continue };
                     let i = *i;
                     if index == 0 {
-                        if let Some(g) = open.guard.as_mut() {
-                            g.mark_first_byte_at(self.base + Duration::from_secs_f64(t));
+                        let now = self.base + Duration::from_secs_f64(t);
+                        if let Some(first) = open.guard.as_mut().and_then(|g| g.first_token_at(now)) {
+                            self.replicas[open.replica].0.on_first_token(&first);
                         }
                         self.results[i].ttft = Some(t - self.results[i].sent_at);
                     } else if self.record_itl {

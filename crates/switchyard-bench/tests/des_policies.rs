@@ -30,7 +30,10 @@ fn tight_tpot_slo_on_mixed_hardware_marginal_utility_beats_least_load() {
     let (lb, _) = run(&s, "load_based", 1.0, 4000);
     let (mu, _) = run(&s, "marginal_utility", 1.0, 4000);
     assert!(mu.goodput_rps > 1.1 * lb.goodput_rps, "mu {} vs load_based {}", mu.goodput_rps, lb.goodput_rps);
-    assert!(mu.tpot_p99_ms < lb.tpot_p99_ms, "tpot p99 mu {} lb {}", mu.tpot_p99_ms, lb.tpot_p99_ms);
+    // More of its requests meet the tight TPOT SLO: the p90 is lower (its p99 need not be —
+    // the share past the SLO is smaller, not necessarily its worst percent).
+    assert!(mu.tpot_p90_ms < lb.tpot_p90_ms, "tpot p90 mu {} lb {}", mu.tpot_p90_ms, lb.tpot_p90_ms);
+    assert!(mu.slo_attainment > lb.slo_attainment, "in SLO mu {} lb {}", mu.slo_attainment, lb.slo_attainment);
 }
 
 #[test]
@@ -67,6 +70,21 @@ fn slow_tier_marginal_utility_protects_running_requests_tpot() {
     let (mu, _) = run(&s, "marginal_utility", 1.0, 4000);
     assert!(mu.tpot_p99_ms < 0.8 * lb.tpot_p99_ms, "tpot p99 mu {} lb {}", mu.tpot_p99_ms, lb.tpot_p99_ms);
     assert!(mu.ttft_p99_ms < s.slo.ttft_ms && mu.goodput_rps >= 0.97 * lb.goodput_rps);
+}
+
+#[test]
+fn slow_tier_near_its_knee_marginal_utility_keeps_p99_ttft_under_slo_where_least_load_does_not() {
+    let s = scenario("slow-tier");
+    let (lb, _) = run(&s, "load_based", 1.8, 4000);
+    let (mu, _) = run(&s, "marginal_utility", 1.8, 4000);
+    assert!(
+        lb.ttft_p99_ms > s.slo.ttft_ms && mu.ttft_p99_ms < s.slo.ttft_ms,
+        "p99 TTFT mu {} ms, load_based {} ms, SLO {} ms",
+        mu.ttft_p99_ms,
+        lb.ttft_p99_ms,
+        s.slo.ttft_ms
+    );
+    assert!(mu.goodput_rps > lb.goodput_rps, "goodput mu {} lb {}", mu.goodput_rps, lb.goodput_rps);
 }
 
 #[test]

@@ -55,6 +55,8 @@ pub struct RequestView {
     pub waited: Duration,
     /// Set by a policy that estimates the chosen worker's uncached prompt tokens.
     pub uncached_hint: UncachedHint,
+    /// The time of the decision when it is not the wall clock's (a simulation's virtual time).
+    pub now: Option<tokio::time::Instant>,
 }
 
 impl RequestView {
@@ -245,6 +247,7 @@ impl RequestView {
             model: f.model.map(Cow::into_owned),
             waited: Duration::ZERO,
             uncached_hint: UncachedHint::default(),
+            now: None,
         })
     }
 }

@@ -57,7 +57,7 @@ async fn learns_from_proxied_streams_and_explains_itself() {
     for w in reports {
         assert!(w["url"].as_str().is_some_and(|u| u.starts_with("http://127.0.0.1:")), "{w}");
         assert_eq!(w["prefill_phi"].as_array().map(Vec::len), Some(4));
-        let recent = w["recent"].as_array().expect("recent");
+        let recent = w["recent_ttft"].as_array().expect("recent_ttft");
         assert!(recent.iter().any(|r| r[1].as_f64().is_some_and(|ttft| ttft > 0.0)), "observed TTFTs: {w}");
     }
     let metrics = get(&format!("{}/metrics", r.url())).await;

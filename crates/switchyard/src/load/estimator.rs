@@ -20,7 +20,9 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::RequestOutcome;
+use std::time::Duration;
+
+use super::{FirstTokenOutcome, RequestOutcome};
 
 /// Samples a worker needs before its own fit replaces the fleet's pooled one.
 pub const MIN_OWN_SAMPLES: u64 = 50;
@@ -56,11 +58,10 @@ impl Sample {
         let cached =
             o.usage.cached_tokens.unwrap_or(o.dispatch.prompt_tokens.saturating_sub(o.dispatch.uncached_tokens));
         let uncached = prompt.saturating_sub(cached);
-        let ttft_ms = ttft.as_secs_f64() * 1e3;
-        let prefill = Some((
-            [1.0, uncached as f64 / 1e3, o.queued_prefill_ahead as f64 / 1e3, o.in_flight_at_dispatch as f64],
-            ttft_ms,
-        ));
+        // A whole (non-streamed) answer's first byte is its last: its "TTFT" includes the decode.
+        let whole_answer = o.window.is_none() && o.usage.completion_tokens.is_some_and(|n| n > 1);
+        let prefill =
+            (!whole_answer).then(|| prefill_features(uncached, o.queued_prefill_ahead, o.in_flight_at_dispatch, ttft));
         let decode = match (o.usage.completion_tokens, o.window) {
             (Some(n), Some(w)) if n >= MIN_DECODE_TOKENS => {
                 let tpot_ms = (o.latency.saturating_sub(ttft)).as_secs_f64() * 1e3 / f64::from(n - 1);
@@ -76,6 +77,23 @@ impl Sample {
             cache_hit: (prompt > 0).then(|| f64::from(cached.min(prompt)) / f64::from(prompt)),
         })
     }
+
+    /// The prefill sample of a streamed request, at its first token, with the policy's own
+    /// estimate of its uncached tokens (the worker's count comes only at the end).
+    pub fn from_first_token(f: &FirstTokenOutcome, at: f64) -> Sample {
+        let uncached = f.dispatch.uncached_tokens.min(f.dispatch.prompt_tokens);
+        Sample {
+            at,
+            decode: None,
+            prefill: Some(prefill_features(uncached, f.queued_prefill_ahead, f.in_flight_at_dispatch, f.ttft)),
+            output_tokens: None,
+            cache_hit: None,
+        }
+    }
+}
+
+fn prefill_features(uncached: u32, queued_ahead: u64, in_flight: u64, ttft: Duration) -> ([f64; 4], f64) {
+    ([1.0, f64::from(uncached) / 1e3, queued_ahead as f64 / 1e3, in_flight as f64], ttft.as_secs_f64() * 1e3)
 }
 
 /// Recursive least squares over `N` features with exponential forgetting in time.
@@ -346,7 +364,7 @@ struct WorkerFit {
     cache_hit: f64,
     prefill_rate: f64,
     /// (predicted, observed) TTFT and TPOT in ms for the last few requests.
-    recent: Vec<[f64; 4]>,
+    recent: [Vec<[f64; 2]>; 2],
     /// EWMA of TTFT and TPOT residuals (ms).
     bias: [f64; 2],
 }
@@ -381,8 +399,10 @@ pub struct WorkerReport {
     pub mean_output_tokens: f64,
     /// Share of prompt tokens served from cache, EWMA.
     pub cache_hit_rate: f64,
-    /// Last few requests: `[predicted TTFT, observed TTFT, predicted TPOT, observed TPOT]` in ms.
-    pub recent: Vec<[f64; 4]>,
+    /// Last few requests' `[predicted, observed]` TTFT in ms (observed at their first token).
+    pub recent_ttft: Vec<[f64; 2]>,
+    /// Last few requests' `[predicted, observed]` TPOT in ms (observed at their end).
+    pub recent_tpot: Vec<[f64; 2]>,
 }
 
 const RECENT: usize = 8;
@@ -413,7 +433,7 @@ impl FleetModel {
             output_tokens: out,
             cache_hit: 0.0,
             prefill_rate: 0.0,
-            recent: Vec::new(),
+            recent: [Vec::new(), Vec::new()],
             bias: [0.0; 2],
         })
     }
@@ -438,17 +458,15 @@ impl FleetModel {
         if let Some(h) = s.cache_hit {
             fit.cache_hit += 0.1 * (h - fit.cache_hit);
         }
-        let mut record = [f64::NAN; 4];
+        let mut observed = [None, None];
+        if let Some((x, y)) = s.prefill {
+            fit.prefill.update(&x, y, s.at);
+            observed[0] = Some([before.ttft_ms(x[1] * 1e3, x[2] * 1e3, x[3]), y]);
+        }
         if let Some((x, y)) = s.decode {
             fit.decode.update(&x, y, s.at);
             fit.prefill_rate += 0.2 * (x[3] * 1e3 - fit.prefill_rate);
-            record[2] = before.tpot_ms(x[1], x[2] * 1e3, x[3] * 1e3);
-            record[3] = y;
-        }
-        if let Some((x, y)) = s.prefill {
-            fit.prefill.update(&x, y, s.at);
-            record[0] = before.ttft_ms(x[1] * 1e3, x[2] * 1e3, x[3]);
-            record[1] = y;
+            observed[1] = Some([before.tpot_ms(x[1], x[2] * 1e3, x[3] * 1e3), y]);
         }
         if kind == EstimatorKind::Difference {
             fit.difference.observe(s);
@@ -458,15 +476,32 @@ impl FleetModel {
             let ttft = DifferenceModel::dense(&fit.difference.ttft, |b| dot(&prefill, &[1.0, 0.0, 0.0, b as f64]));
             fit.tables = Some((Arc::new(tpot), Arc::new(ttft)));
         }
-        if fit.recent.len() == RECENT {
-            fit.recent.remove(0);
-        }
-        fit.recent.push(record);
-        for (k, (pred, obs)) in [(record[0], record[1]), (record[2], record[3])].into_iter().enumerate() {
-            if pred.is_finite() && obs.is_finite() {
-                // `pred` includes the current bias; the residual is the bare model's.
-                fit.bias[k] += BIAS_ALPHA * ((obs - pred + fit.bias[k]) - fit.bias[k]);
+        for (k, pair) in observed.into_iter().enumerate() {
+            let Some([pred, obs]) = pair.filter(|p| p.iter().all(|v| v.is_finite())) else { continue };
+            let recent = &mut fit.recent[k];
+            if recent.len() == RECENT {
+                recent.remove(0);
             }
+            recent.push([pred, obs]);
+            // `pred` includes the current bias; the residual is the bare model's.
+            fit.bias[k] += BIAS_ALPHA * ((obs - pred + fit.bias[k]) - fit.bias[k]);
+        }
+    }
+
+    /// A streamed request's TTFT, seen at its first token. A worker still predicted by the
+    /// pooled fit moves its level correction at once: otherwise a slow newcomer looks like
+    /// the fleet's average until its first requests *finish* — seconds of traffic later.
+    /// Fits (and warm workers' corrections) wait for the end, when the worker's own cached-token
+    /// count is known: fitting on the router's estimate taught holders' cache misses as slowness.
+    pub fn observe_first_token(&mut self, worker: u32, x: &[f64; 4], ttft_ms: f64) {
+        let before = self.predict(worker);
+        let fit = self.fit(worker);
+        if fit.prefill.samples() >= MIN_OWN_SAMPLES {
+            return;
+        }
+        let pred = before.ttft_ms(x[1] * 1e3, x[2] * 1e3, x[3]);
+        if pred.is_finite() && ttft_ms.is_finite() {
+            fit.bias[0] += BIAS_ALPHA * ((ttft_ms - pred + fit.bias[0]) - fit.bias[0]);
         }
     }
 
@@ -520,7 +555,8 @@ impl FleetModel {
                     residual_sd_ms: [f.decode.residual_sd(), f.prefill.residual_sd()],
                     mean_output_tokens: f.output_tokens,
                     cache_hit_rate: f.cache_hit,
-                    recent: f.recent.clone(),
+                    recent_ttft: f.recent[0].clone(),
+                    recent_tpot: f.recent[1].clone(),
                 }
             })
             .collect();
@@ -656,5 +692,36 @@ mod tests {
         let p2 = m.predict(2).tpot_ms(32.0, 32e3, 0.0);
         assert!((p2 / truth(&x, 0.5) - 1.0).abs() < 0.1, "own fit: {p2} vs {}", truth(&x, 0.5));
         assert_eq!(m.report().len(), 2);
+    }
+
+    #[test]
+    fn prefill_samples_come_from_first_tokens_and_never_from_a_whole_answer() {
+        use crate::load::{DispatchInfo, InFlightGuard, Usage};
+        use crate::workers::{Worker, WorkerRole};
+        use tokio::time::Instant;
+        let w = Arc::new(Worker::new("http://127.0.0.1:1".into(), WorkerRole::Regular));
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let info = DispatchInfo { prompt_tokens: 1000, uncached_tokens: 400 };
+        let usage = Usage { prompt_tokens: Some(1000), cached_tokens: Some(600), completion_tokens: Some(50) };
+        // Streamed: the first token gives an early prefill sample (the router's estimate of
+        // the uncached tokens); the end gives both, with the worker's own count.
+        let mut g = InFlightGuard::dispatch(w.clone(), info, at(0));
+        let first = g.first_token_at(at(120)).expect("first token");
+        let early = Sample::from_first_token(&first, 0.12);
+        assert_eq!(early.prefill, Some(([1.0, 0.4, 0.0, 0.0], 120.0)));
+        let end = Sample::from_outcome(&g.complete_at(true, usage, at(1100)), 1.1).expect("sample");
+        assert!(end.decode.is_some_and(|(_, tpot)| (tpot - 20.0).abs() < 1e-6));
+        assert_eq!(end.prefill.map(|(x, y)| (x[1], y)), Some((0.4, 120.0)));
+        // Whole answer: its first byte is its last; no TTFT to learn from.
+        let mut g = InFlightGuard::dispatch(w.clone(), info, at(0));
+        g.mark_first_byte_at(at(1100));
+        let whole = Sample::from_outcome(&g.complete_at(true, usage, at(1100)), 1.1).expect("sample");
+        assert!(whole.prefill.is_none() && whole.decode.is_none() && whole.output_tokens == Some(50));
+        // A PD prefill leg (whole answer, no token count): its answer time is its TTFT.
+        let mut g = InFlightGuard::dispatch(w, info, at(0));
+        g.mark_first_byte_at(at(90));
+        let leg = Sample::from_outcome(&g.complete_at(true, Usage::default(), at(90)), 0.09).expect("sample");
+        assert_eq!(leg.prefill.map(|(_, y)| y), Some(90.0));
     }
 }

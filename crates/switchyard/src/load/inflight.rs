@@ -40,7 +40,10 @@ pub struct ReportedLoad {
 /// tokens; `queued_prefill` (U) sums the uncached prompt tokens of requests still waiting for
 /// their first token. The integrals of B and K over time, and the cumulative uncached tokens
 /// admitted, let a finished request read its window's averages as two differences: O(1),
-/// exact, and no per-request history.
+/// exact, and no per-request history. `waiting` counts the requests before their first token
+/// and `waiting_age` sums their ages (grown by `waiting · dt`, less each one's age as it
+/// leaves): the live evidence of a worker that has stopped answering, long before any
+/// request on it finishes.
 #[derive(Debug, Default, Clone, Copy)]
 struct Integrals {
     last: Option<Instant>,
@@ -50,6 +53,8 @@ struct Integrals {
     int_decoding: f64,
     int_context: f64,
     admitted_prefill: u64,
+    waiting: u64,
+    waiting_age: f64,
 }
 
 impl Integrals {
@@ -58,10 +63,17 @@ impl Integrals {
             let dt = now.saturating_duration_since(last).as_secs_f64();
             self.int_decoding += self.decoding as f64 * dt;
             self.int_context += self.context as f64 * dt;
+            self.waiting_age += self.waiting as f64 * dt;
         }
         if self.last.is_none_or(|l| now > l) {
             self.last = Some(now);
         }
+    }
+
+    /// A request that has waited `age` got its first token or left.
+    fn stop_waiting(&mut self, age: Duration) {
+        self.waiting = self.waiting.saturating_sub(1);
+        self.waiting_age = if self.waiting == 0 { 0.0 } else { (self.waiting_age - age.as_secs_f64()).max(0.0) };
     }
 }
 
@@ -76,6 +88,10 @@ pub struct LoadSnapshot {
     pub context_tokens: u64,
     /// Uncached prompt tokens of requests still before their first token.
     pub queued_prefill_tokens: u64,
+    /// Requests still before their first token.
+    pub waiting: u64,
+    /// Mean time those have waited so far (zero when none).
+    pub mean_wait: Duration,
 }
 
 impl WorkerLoad {
@@ -99,14 +115,23 @@ impl WorkerLoad {
         self.failed.load(Ordering::Relaxed)
     }
 
-    /// The router's view of the worker's batch, context and queued prefill.
+    /// The router's view of the worker's batch, context and queued prefill, now.
     pub fn snapshot(&self) -> LoadSnapshot {
+        self.snapshot_at(Instant::now())
+    }
+
+    /// [`WorkerLoad::snapshot`] at `now` (a simulation passes virtual time).
+    pub fn snapshot_at(&self, now: Instant) -> LoadSnapshot {
         let w = *self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let since = w.last.map_or(0.0, |l| now.saturating_duration_since(l).as_secs_f64());
+        let mean_wait = if w.waiting == 0 { 0.0 } else { w.waiting_age / w.waiting as f64 + since };
         LoadSnapshot {
             in_flight: self.in_flight() as u64,
             decoding: w.decoding,
             context_tokens: w.context,
             queued_prefill_tokens: w.queued_prefill,
+            waiting: w.waiting,
+            mean_wait: Duration::from_secs_f64(mean_wait),
         }
     }
 
@@ -172,6 +197,25 @@ pub struct RequestOutcome {
     pub window: Option<DecodeWindow>,
 }
 
+/// What the router observed when a streamed request's first token arrived, for
+/// `on_first_token`: its time to first token is known long before the request finishes,
+/// and a policy that learns from it corrects a slow worker within one TTFT.
+#[derive(Debug, Clone)]
+pub struct FirstTokenOutcome {
+    /// The worker serving it.
+    pub worker: Arc<Worker>,
+    /// Time from dispatch to the first token.
+    pub ttft: Duration,
+    /// When the first token arrived (virtual time in a simulation).
+    pub at: Instant,
+    /// What was known at dispatch.
+    pub dispatch: DispatchInfo,
+    /// Requests in flight on the worker when this one was sent (itself excluded).
+    pub in_flight_at_dispatch: u64,
+    /// Uncached prompt tokens queued ahead of it at dispatch, U.
+    pub queued_prefill_ahead: u64,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct FirstToken {
     at: Instant,
@@ -206,6 +250,7 @@ impl InFlightGuard {
         let queued_prefill_ahead = load.with_window(now, |w| {
             let ahead = w.queued_prefill;
             w.queued_prefill += u64::from(info.uncached_tokens);
+            w.waiting += 1;
             ahead
         });
         Self {
@@ -237,7 +282,9 @@ impl InFlightGuard {
             return;
         }
         let (prompt, uncached) = (u64::from(self.info.prompt_tokens), u64::from(self.info.uncached_tokens));
+        let age = now.saturating_duration_since(self.dispatched_at);
         let first = self.worker.load().with_window(now, |w| {
+            w.stop_waiting(age);
             w.queued_prefill = w.queued_prefill.saturating_sub(uncached);
             w.admitted_prefill += uncached;
             w.decoding += 1;
@@ -250,6 +297,23 @@ impl InFlightGuard {
             }
         });
         self.first_token = Some(first);
+    }
+
+    /// Records a streamed request's first token at `now` and returns what was observed, once
+    /// (`None` if the first byte was already marked): for the policy's `on_first_token`.
+    pub fn first_token_at(&mut self, now: Instant) -> Option<FirstTokenOutcome> {
+        if self.first_token.is_some() {
+            return None;
+        }
+        self.mark_first_byte_at(now);
+        Some(FirstTokenOutcome {
+            worker: self.worker.clone(),
+            ttft: now.saturating_duration_since(self.dispatched_at),
+            at: now,
+            dispatch: self.info,
+            in_flight_at_dispatch: self.in_flight_at_dispatch,
+            queued_prefill_ahead: self.queued_prefill_ahead,
+        })
     }
 
     /// Ends the request as succeeded or failed (worker-side failure: it also feeds the
@@ -297,12 +361,14 @@ impl InFlightGuard {
         }
         let (prompt, uncached) = (u64::from(self.info.prompt_tokens), u64::from(self.info.uncached_tokens));
         let decoding = self.first_token.is_some();
+        let age = now.saturating_duration_since(self.dispatched_at);
         self.worker.load().with_window(now, |w| {
             if decoding {
                 w.decoding = w.decoding.saturating_sub(1);
                 w.context = w.context.saturating_sub(prompt);
             } else {
                 w.queued_prefill = w.queued_prefill.saturating_sub(uncached);
+                w.stop_waiting(age);
             }
         });
         let was = self.worker.load().in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -337,5 +403,24 @@ mod tests {
             (w.load().in_flight(), w.load().succeeded(), w.load().failed(), w.load().dispatched()),
             (0, 1, 1, 3)
         );
+    }
+
+    #[test]
+    fn waiting_requests_and_their_mean_wait_follow_first_tokens_and_releases() {
+        let w = Arc::new(Worker::new("http://127.0.0.1:1".into(), WorkerRole::Regular));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut a = InFlightGuard::dispatch(w.clone(), DispatchInfo::default(), at(0));
+        let b = InFlightGuard::dispatch(w.clone(), DispatchInfo::default(), at(2));
+        let s = w.load().snapshot_at(at(4));
+        assert_eq!((s.waiting, s.mean_wait), (2, Duration::from_secs(3)), "ages 4 s and 2 s");
+        let first = a.first_token_at(at(5)).expect("first token reported once");
+        assert_eq!(first.ttft, Duration::from_secs(5));
+        assert!(a.first_token_at(at(6)).is_none());
+        let s = w.load().snapshot_at(at(6));
+        assert_eq!((s.waiting, s.decoding, s.mean_wait), (1, 1, Duration::from_secs(4)), "only b waits, for 4 s");
+        drop(b);
+        assert_eq!(w.load().snapshot_at(at(9)).mean_wait, Duration::ZERO);
+        assert_eq!(a.complete_at(true, Usage::default(), at(10)).time_to_first_byte, Some(Duration::from_secs(5)));
     }
 }

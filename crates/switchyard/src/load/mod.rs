@@ -15,7 +15,10 @@ mod usage;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-pub use inflight::{DecodeWindow, DispatchInfo, InFlightGuard, LoadSnapshot, ReportedLoad, RequestOutcome, WorkerLoad};
+pub use inflight::{
+    DecodeWindow, DispatchInfo, FirstTokenOutcome, InFlightGuard, LoadSnapshot, ReportedLoad, RequestOutcome,
+    WorkerLoad,
+};
 pub use usage::Usage;
 
 /// Tokens per character when a prompt arrives as text: the usual ~4 characters per token

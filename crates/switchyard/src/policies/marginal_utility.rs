@@ -3,9 +3,11 @@
 //! among the workers where it still meets its latency SLOs.
 //!
 //! What is *measured* lives in [`crate::load`]: the in-flight guards keep each worker's
-//! decoding batch B, context K and queued prefill U, and the [`FleetModel`] learns from every
-//! finished request a linear TPOT model (in B̄, K̄, P̄) and TTFT model (in uncached tokens u,
-//! U, B) per worker. This file only *chooses*, from those predictions (`policies.md`):
+//! decoding batch, context, queued prefill U and the requests still waiting for their first
+//! token, and the [`FleetModel`] learns from every finished request a linear TPOT model (in
+//! B̄, K̄, P̄) and TTFT model (in uncached tokens u, U, B) per worker; a newcomer's first tokens
+//! correct its level at once. This file only *chooses*, from those predictions (`policies.md`);
+//! B and K below count the waiting requests too, since they join the batch first:
 //!
 //! - own cost `TTFT_w(u_w) + ô·T_w(B+1, K+p)`; externality `B·[ΔT·min(ô, r̄) + φ1·u_w]`;
 //!   marginal throughput `G_w = (B+1)/T(B+1) − B/T(B)`.
@@ -13,9 +15,11 @@
 //!   time after admission ≤ margin·SLO, then least marginal cost. A worker holding the
 //!   request's prefix is judged against the full SLO, *with* the saved prefill, so the guard
 //!   never breaks cache affinity while the holder can still serve in time; a cold worker's
-//!   cost includes the prefill it must do and the cached prefixes it would evict.
+//!   cost includes the prefill it must do and the cached prefixes it would evict. Guards where
+//!   the smooth model is wrong: reported KV > 90 % or a non-empty engine queue, and requests
+//!   there waiting for their first token long enough to miss the (margin) TTFT SLO.
 //! - `latency`: least marginal cost over all; `throughput`: greatest `G_w`.
-//! - No feasible worker: `best-effort` (least predicted TTFT), or hold in the router
+//! - No feasible worker: `best-effort` (least marginal cost), or hold in the router
 //!   (`queue`, `shed`) — the policy answers [`RoutingError::Saturated`] and the router waits
 //!   for capacity, then dispatches the last moment the SLO can still be met, or sheds.
 
@@ -30,7 +34,7 @@ use super::radix_tree::{PrefixIndex, PrefixMatch};
 use super::rng::PolicyRng;
 use super::{RoutingError, RoutingPolicy};
 use crate::load::estimator::{EstimatorKind, FleetModel, Prediction, Sample, WorkerReport};
-use crate::load::{RequestOutcome, CHARS_PER_TOKEN};
+use crate::load::{FirstTokenOutcome, LoadSnapshot, ReportedLoad, RequestOutcome, CHARS_PER_TOKEN};
 use crate::request::{RequestView, RoutingText};
 use crate::workers::Worker;
 
@@ -52,7 +56,7 @@ pub enum Objective {
 #[serde(rename_all = "kebab-case")]
 #[value(rename_all = "kebab-case")]
 pub enum Overload {
-    /// Send to the worker with the least predicted TTFT.
+    /// Send to the worker with the least marginal cost (prefill and eviction included).
     #[default]
     BestEffort,
     /// Hold in the router until a worker is feasible; best effort once the TTFT budget is spent.
@@ -115,6 +119,26 @@ impl Default for MarginalUtilityConfig {
     }
 }
 
+/// What the policy knows about one worker at a decision.
+struct WorkerState {
+    load: LoadSnapshot,
+    pred: Prediction,
+    hit_rate: f64,
+    prefill_rate: f64,
+    /// Its own last report, if fresh enough.
+    report: Option<ReportedLoad>,
+}
+
+/// The request's terms on one worker (tokens, ms).
+#[derive(Clone, Copy)]
+struct Ask {
+    prompt: f64,
+    matched: f64,
+    out: f64,
+    /// Time the router has already held it.
+    waited_ms: f64,
+}
+
 /// A worker holds the request's prefix when it has cached at least this share of the prompt.
 const HOLDER_SHARE: f64 = 0.3;
 
@@ -125,8 +149,10 @@ pub struct Candidate {
     pub index: usize,
     /// Uncached prompt tokens on this worker.
     pub uncached: f64,
-    /// Predicted TTFT (ms).
+    /// Predicted TTFT (ms), from the model.
     pub ttft_ms: f64,
+    /// Twice the mean wait of the requests there still before their first token (ms).
+    pub waiting_ms: f64,
     /// Predicted step time after admission (ms).
     pub tpot_after_ms: f64,
     /// Own cost: TTFT + ô·step time (ms).
@@ -144,6 +170,11 @@ pub struct Candidate {
 }
 
 impl Candidate {
+    /// TTFT to expect: the model's, or what the requests waiting there are on course for.
+    pub fn expected_ttft_ms(&self) -> f64 {
+        self.ttft_ms.max(self.waiting_ms)
+    }
+
     /// Own cost plus externality plus eviction.
     pub fn cost(&self) -> f64 {
         self.own_ms + self.externality_ms + self.eviction_ms
@@ -216,42 +247,47 @@ impl MarginalUtility {
         let matches = self.trees.matches(&request.text);
         let prompt = f64::from(request.prompt_tokens());
         let model = self.model.read().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
+        let now = request.now.unwrap_or_else(Instant::now);
+        let waited_ms = request.waited.as_secs_f64() * 1e3;
         indices
             .into_iter()
             .map(|index| {
                 let w = &workers[index];
                 let matched = Self::matched_tokens(&matches, &request.text, w).min(prompt);
-                let pred = model.predict(w.id());
                 let out = model.expected_output(w.id());
                 let out = request.max_tokens.map_or(out, |m| out.min(f64::from(m))).max(1.0);
-                let hit_rate = model.cache_hit_rate(w.id());
-                let prefill_rate = model.prefill_rate(w.id());
-                let report =
-                    w.load().reported().filter(|r| now.saturating_duration_since(r.at) <= self.config.report_max_age);
-                self.candidate(index, w, &pred, prompt, matched, out, hit_rate, prefill_rate, report)
+                let state = WorkerState {
+                    load: w.load().snapshot_at(now),
+                    pred: model.predict(w.id()),
+                    hit_rate: model.cache_hit_rate(w.id()),
+                    prefill_rate: model.prefill_rate(w.id()),
+                    report: w
+                        .load()
+                        .reported()
+                        .filter(|r| now.saturating_duration_since(r.at) <= self.config.report_max_age),
+                };
+                self.candidate(index, &state, &Ask { prompt, matched, out, waited_ms })
             })
             .collect()
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn candidate(
-        &self,
-        index: usize,
-        w: &Worker,
-        pred: &Prediction,
-        prompt: f64,
-        matched: f64,
-        out: f64,
-        hit_rate: f64,
-        prefill_rate: f64,
-        report: Option<crate::load::ReportedLoad>,
-    ) -> Candidate {
-        let s = w.load().snapshot();
-        let (b, k) = (s.decoding as f64, s.context_tokens as f64);
+    fn candidate(&self, index: usize, w: &WorkerState, ask: &Ask) -> Candidate {
+        let (s, pred, prefill_rate) = (&w.load, &w.pred, w.prefill_rate);
+        let Ask { prompt, matched, out, waited_ms } = *ask;
+        // The batch the newcomer will decode in: the requests decoding there now and those
+        // still before their first token, which join it first. Counting only the decoding ones
+        // made a worker with a long prefill queue look idle — the cheapest place for more, a
+        // feedback loop that grew its queue (TTFT) until the batch caught up.
+        let (b, k) = ((s.decoding + s.waiting) as f64, (s.context_tokens + s.queued_prefill_tokens) as f64);
         let uncached = (prompt - matched).max(0.0);
         let t_now = pred.tpot_ms(b, k, prefill_rate).max(1e-3);
         let ttft = pred.ttft_ms(uncached, s.queued_prefill_tokens as f64, s.in_flight as f64).max(0.0);
+        // The requests already waiting there for their first token are on course for about
+        // twice their mean wait so far, and a newcomer queues behind them: live evidence that
+        // catches, within one TTFT, a worker the model still thinks fast (nothing finishes there
+        // to correct it until much later). A guard, not a cost: as a cost it made the choice
+        // chase the noise of momentary queues on a fleet that is merely busy.
+        let waiting = 2e3 * s.mean_wait.as_secs_f64();
         let t_after = pred.tpot_ms(b + 1.0, k + prompt, prefill_rate).max(t_now);
         let phi1 = pred.prefill_ms_per_token();
         let remaining = out / 2.0;
@@ -261,21 +297,30 @@ impl MarginalUtility {
         // so caching this prompt evicts about as many tokens of other prefixes. Their future
         // hits are lost in proportion to how often that cache hits, and each lost hit is a
         // prefill again — paid by its own request and by the batch running beside it.
-        let eviction = if holder { 0.0 } else { phi1 * uncached * hit_rate * (1.0 + b) };
+        let eviction = if holder { 0.0 } else { phi1 * uncached * w.hit_rate * (1.0 + b) };
         let gain = (b + 1.0) / t_after - b / t_now;
         let (slo_ttft, slo_tpot) = (self.config.slo_ttft.as_secs_f64() * 1e3, self.config.slo_tpot.as_secs_f64() * 1e3);
-        // Guards from the worker's own (polled) report, where the smooth model is wrong: a
-        // nearly full KV cache or a non-empty engine queue. They never override affinity.
-        let guarded = report.is_some_and(|r| r.kv_usage > self.config.kv_guard || r.queued > 0);
+        // A request the router has held (queue, shed) has spent part of its TTFT budget already.
+        let slo_ttft = slo_ttft - waited_ms;
+        // Guards where the smooth model is wrong: a nearly full KV cache or a non-empty engine
+        // queue (the worker's own polled report), and requests waiting there too long for their
+        // first token (the router's live view, which the report, a poll old, cannot be). They
+        // never override affinity.
+        let guarded = w.report.is_some_and(|r| r.kv_usage > self.config.kv_guard || r.queued > 0);
         let feasible = if holder {
+            // Judged by the model only, with the saved prefill: the requests waiting at a busy
+            // holder are the same group's, and spilling them on their wait broke affinity.
             ttft <= slo_ttft && t_after <= slo_tpot
         } else {
-            !guarded && ttft <= self.config.slo_margin * slo_ttft && t_after <= self.config.slo_margin * slo_tpot
+            !guarded
+                && ttft.max(waiting) <= self.config.slo_margin * slo_ttft
+                && t_after <= self.config.slo_margin * slo_tpot
         };
         Candidate {
             index,
             uncached,
             ttft_ms: ttft,
+            waiting_ms: waiting,
             tpot_after_ms: t_after,
             own_ms: ttft + out * t_after,
             externality_ms: externality,
@@ -321,26 +366,33 @@ impl MarginalUtility {
                     return Ok(pick(&feasible, &Candidate::cost));
                 }
                 self.counters.infeasible.fetch_add(1, Ordering::Relaxed);
-                let fastest = *all[self.best_by(&all, |c| c.ttft_ms).unwrap_or(0)];
+                // Best effort is the least marginal cost, not the least TTFT: a cost counts the
+                // prefill a cold worker must do and the cache it would evict, so an overloaded
+                // fleet keeps its affinity instead of thrashing every cache into deeper overload.
+                let best = *all[self.best_by(&all, Candidate::cost).unwrap_or(0)];
+                if self.config.overload == Overload::BestEffort {
+                    return Ok(best);
+                }
+                let fastest = *all[self.best_by(&all, Candidate::expected_ttft_ms).unwrap_or(0)];
                 let slo_ttft = self.config.slo_ttft.as_secs_f64() * 1e3;
                 // TTFT budget left if sent to the fastest worker now.
-                let slack = slo_ttft - request.waited.as_secs_f64() * 1e3 - fastest.ttft_ms;
+                let slack = slo_ttft - request.waited.as_secs_f64() * 1e3 - fastest.expected_ttft_ms();
                 let last_chance = 0.05 * slo_ttft;
                 match self.config.overload {
-                    Overload::BestEffort => Ok(fastest),
                     _ if slack > last_chance => {
                         self.counters.held.fetch_add(1, Ordering::Relaxed);
                         Err(RoutingError::Saturated {
                             recheck: Duration::from_secs_f64(((slack - last_chance) / 1e3).min(last_chance / 1e3)),
                         })
                     }
+                    // The last moment the SLO can still be met: where it is met soonest.
                     _ if slack >= 0.0 => Ok(fastest),
-                    Overload::Queue => Ok(fastest),
+                    Overload::Queue | Overload::BestEffort => Ok(best),
                     Overload::Shed => {
                         self.counters.shed.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(
                             waited_ms = request.waited.as_millis() as u64,
-                            predicted_ttft_ms = fastest.ttft_ms,
+                            predicted_ttft_ms = fastest.expected_ttft_ms(),
                             "marginal_utility: shedding a request that can no longer meet its TTFT SLO"
                         );
                         Err(RoutingError::Shed { retry_after: self.config.slo_ttft })
@@ -422,7 +474,8 @@ impl RoutingPolicy for MarginalUtility {
             }
         };
         let p_scored = self.score(prefill, request);
-        let p_set = feasible_or_all(&p_scored, &|c| c.ttft_ms <= if c.holder { 1.0 } else { margin } * slo_ttft);
+        let p_set =
+            feasible_or_all(&p_scored, &|c| c.expected_ttft_ms() <= if c.holder { 1.0 } else { margin } * slo_ttft);
         let p_refs: Vec<&Candidate> = p_set.iter().collect();
         let p = *p_refs[self.best_by(&p_refs, |c| c.ttft_ms + c.externality_ms + c.eviction_ms).unwrap_or(0)];
         let d_scored = self.score(decode, request);
@@ -437,6 +490,12 @@ impl RoutingPolicy for MarginalUtility {
 
     fn on_request_complete(&self, outcome: &RequestOutcome) {
         self.observe(outcome, outcome.finished_at);
+    }
+
+    fn on_first_token(&self, first: &FirstTokenOutcome) {
+        if let Some((x, ttft)) = Sample::from_first_token(first, 0.0).prefill {
+            self.model.write().unwrap_or_else(|p| p.into_inner()).observe_first_token(first.worker.id(), &x, ttft);
+        }
     }
 
     fn maintenance_interval(&self) -> Option<Duration> {
@@ -613,6 +672,61 @@ mod tests {
             "{scored:?}"
         );
         drop(busy);
+    }
+
+    #[test]
+    fn a_worker_whose_first_tokens_stop_coming_loses_new_work_before_anything_finishes_there() {
+        let ws = workers(2);
+        let p = policy(MarginalUtilityConfig::default());
+        for w in &ws {
+            train(&p, w.id(), 1.0);
+        }
+        // Worker 0 takes requests and answers none of them: its model still says it is fast,
+        // but what waits there has waited for 1.5 s, so a newcomer would miss half the SLO.
+        let t0 = Instant::now();
+        let stuck: Vec<InFlightGuard> =
+            (0..3).map(|_| InFlightGuard::dispatch(ws[0].clone(), Default::default(), t0)).collect();
+        let view = RequestView { now: Some(t0 + Duration::from_millis(1500)), ..request("hello") };
+        let scored = p.score(&ws, &view);
+        assert!(!scored[0].feasible && scored[0].waiting_ms >= 3000.0 && scored[0].ttft_ms < 1000.0, "{scored:?}");
+        assert!((0..20).all(|_| p.select_single(&ws, &view) == Ok(1)));
+        drop(stuck);
+    }
+
+    #[test]
+    fn first_tokens_correct_a_slow_newcomer_before_its_requests_finish() {
+        let ws = workers(2);
+        let p = policy(MarginalUtilityConfig::default());
+        // Worker 1 is known; worker 0 is new, predicted by the pooled fit: as fast as worker 1.
+        train(&p, ws[1].id(), 1.0);
+        let before = p.score(&ws, &request("hello"));
+        assert!((before[0].ttft_ms - before[1].ttft_ms).abs() < 0.2 * before[1].ttft_ms, "{before:?}");
+        // Its first tokens come 600 ms after dispatch, each on an empty worker; none finishes.
+        let t0 = Instant::now();
+        let mut running = Vec::new();
+        for i in 0..20u64 {
+            let sent = t0 + Duration::from_secs(i);
+            let mut g = InFlightGuard::dispatch(ws[0].clone(), Default::default(), sent);
+            p.on_first_token(&g.first_token_at(sent + Duration::from_millis(600)).expect("first token"));
+            running.push(g);
+        }
+        drop(running); // abandoned, not finished: no samples, and the worker is idle again
+        let after = p.score(&ws, &request("hello"));
+        assert!(after[0].ttft_ms > 400.0 && after[0].ttft_ms > 5.0 * before[0].ttft_ms, "{before:?} → {after:?}");
+        assert_eq!(p.report().iter().map(|r| r.samples[1]).sum::<u64>(), 200, "the fits wait for the end");
+    }
+
+    #[test]
+    fn a_held_request_has_spent_part_of_its_ttft_budget() {
+        let ws = workers(1);
+        let p = policy(MarginalUtilityConfig { overload: Overload::Queue, ..Default::default() });
+        train(&p, ws[0].id(), 1.0);
+        let mut view = request("hello");
+        let fresh = p.score(&ws, &view)[0];
+        assert!(fresh.feasible && fresh.ttft_ms > 10.0, "{fresh:?}");
+        // Held for all but a few ms of its 2 s SLO: the same worker can no longer serve it in time.
+        view.waited = Duration::from_millis(2000) - Duration::from_secs_f64(fresh.ttft_ms / 2e3);
+        assert!(!p.score(&ws, &view)[0].feasible);
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub use power_of_two::{PowerOfTwo, PowerOfTwoConfig};
 pub use random::{Random, RandomConfig};
 pub use round_robin::{RoundRobin, RoundRobinConfig};
 
-use crate::load::RequestOutcome;
+use crate::load::{FirstTokenOutcome, RequestOutcome};
 use crate::request::RequestView;
 use crate::workers::Worker;
 
@@ -76,6 +76,10 @@ pub trait RoutingPolicy: Send + Sync + fmt::Debug {
 
     /// What the router observed about a finished request. Stateless policies ignore it.
     fn on_request_complete(&self, _outcome: &RequestOutcome) {}
+
+    /// What the router observed when a streamed request's first token arrived (before it
+    /// finishes, so a policy can learn a worker's TTFT without waiting for the whole answer).
+    fn on_first_token(&self, _first: &FirstTokenOutcome) {}
 
     /// How often [`RoutingPolicy::maintain`] should run, for policies with state to tidy.
     fn maintenance_interval(&self) -> Option<Duration> {

@@ -122,8 +122,8 @@ impl Body for ObservedBody {
                     let mut usage = self.usage;
                     usage.scan(d);
                     self.usage = usage;
-                    if let Some(g) = self.guard.as_mut() {
-                        g.mark_first_byte();
+                    if let Some(first) = self.guard.as_mut().and_then(|g| g.first_token_at(Instant::now())) {
+                        self.observer.policy.on_first_token(&first);
                     }
                 }
                 if self.inner.is_end_stream() {
