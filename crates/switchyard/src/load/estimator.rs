@@ -17,10 +17,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
-
-use std::time::Duration;
 
 use super::{FirstTokenOutcome, RequestOutcome};
 
@@ -369,6 +368,16 @@ struct WorkerFit {
     bias: [f64; 2],
 }
 
+impl WorkerFit {
+    /// Moves the level correction of TTFT (`k` = 0) or TPOT (1) by one observation against
+    /// a prediction that already includes it: the residual is the bare model's.
+    fn correct_level(&mut self, k: usize, pred: f64, obs: f64) {
+        if pred.is_finite() && obs.is_finite() {
+            self.bias[k] += BIAS_ALPHA * ((obs - pred + self.bias[k]) - self.bias[k]);
+        }
+    }
+}
+
 /// The fleet's models: one fit per worker plus a pooled fit.
 #[derive(Debug)]
 pub struct FleetModel {
@@ -483,9 +492,13 @@ impl FleetModel {
                 recent.remove(0);
             }
             recent.push([pred, obs]);
-            // `pred` includes the current bias; the residual is the bare model's.
-            fit.bias[k] += BIAS_ALPHA * ((obs - pred + fit.bias[k]) - fit.bias[k]);
+            fit.correct_level(k, pred, obs);
         }
+    }
+
+    /// Whether `worker`'s TTFT is still predicted by the pooled fit.
+    pub fn prefill_pooled(&self, worker: u32) -> bool {
+        self.workers.get(&worker).is_none_or(|f| f.prefill.samples() < MIN_OWN_SAMPLES)
     }
 
     /// A streamed request's TTFT, seen at its first token. A worker still predicted by the
@@ -493,16 +506,10 @@ impl FleetModel {
     /// the fleet's average until its first requests *finish* — seconds of traffic later.
     /// Fits (and warm workers' corrections) wait for the end, when the worker's own cached-token
     /// count is known: fitting on the router's estimate taught holders' cache misses as slowness.
-    pub fn observe_first_token(&mut self, worker: u32, x: &[f64; 4], ttft_ms: f64) {
-        let before = self.predict(worker);
-        let fit = self.fit(worker);
-        if fit.prefill.samples() >= MIN_OWN_SAMPLES {
-            return;
-        }
-        let pred = before.ttft_ms(x[1] * 1e3, x[2] * 1e3, x[3]);
-        if pred.is_finite() && ttft_ms.is_finite() {
-            fit.bias[0] += BIAS_ALPHA * ((ttft_ms - pred + fit.bias[0]) - fit.bias[0]);
-        }
+    pub fn observe_first_token(&mut self, worker: u32, s: &Sample) {
+        let Some((x, ttft_ms)) = s.prefill.filter(|_| self.prefill_pooled(worker)) else { return };
+        let pred = self.predict(worker).ttft_ms(x[1] * 1e3, x[2] * 1e3, x[3]);
+        self.fit(worker).correct_level(0, pred, ttft_ms);
     }
 
     /// Predictions for `worker` (pooled until it has enough samples of its own).

@@ -115,12 +115,8 @@ impl WorkerLoad {
         self.failed.load(Ordering::Relaxed)
     }
 
-    /// The router's view of the worker's batch, context and queued prefill, now.
-    pub fn snapshot(&self) -> LoadSnapshot {
-        self.snapshot_at(Instant::now())
-    }
-
-    /// [`WorkerLoad::snapshot`] at `now` (a simulation passes virtual time).
+    /// The router's view of the worker's batch, context, queued prefill and waiting requests
+    /// at `now` (the wall clock, or a simulation's virtual time).
     pub fn snapshot_at(&self, now: Instant) -> LoadSnapshot {
         let w = *self.window.lock().unwrap_or_else(|p| p.into_inner());
         let since = w.last.map_or(0.0, |l| now.saturating_duration_since(l).as_secs_f64());

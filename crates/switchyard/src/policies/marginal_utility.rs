@@ -500,9 +500,15 @@ impl RoutingPolicy for MarginalUtility {
     }
 
     fn on_first_token(&self, first: &FirstTokenOutcome) {
-        if let Some((x, ttft)) = Sample::from_first_token(first, 0.0).prefill {
-            self.model.write().unwrap_or_else(|p| p.into_inner()).observe_first_token(first.worker.id(), &x, ttft);
+        let worker = first.worker.id();
+        // Every streamed request passes here; only a worker still on the pooled fit learns
+        // from it, so the common case costs a read lock, not a write.
+        if !self.model.read().unwrap_or_else(|p| p.into_inner()).prefill_pooled(worker) {
+            return;
         }
+        let t = first.at.saturating_duration_since(self.epoch).as_secs_f64();
+        let sample = Sample::from_first_token(first, t);
+        self.model.write().unwrap_or_else(|p| p.into_inner()).observe_first_token(worker, &sample);
     }
 
     fn maintenance_interval(&self) -> Option<Duration> {
@@ -584,6 +590,15 @@ mod tests {
         MarginalUtility::new(&MarginalUtilityConfig { seed: Some(11), epsilon: 0.0, ..config })
     }
 
+    /// `n` workers and a policy trained on each as an h100-like engine.
+    fn trained(n: usize, config: MarginalUtilityConfig) -> (Vec<Arc<Worker>>, MarginalUtility) {
+        let (ws, p) = (workers(n), policy(config));
+        for w in &ws {
+            train(&p, w.id(), 1.0);
+        }
+        (ws, p)
+    }
+
     /// Selects and dispatches like the router does (guard at selection), first token at once.
     fn dispatch(p: &MarginalUtility, ws: &[Arc<Worker>], view: &RequestView) -> (usize, InFlightGuard) {
         let i = p.select_single(ws, view).unwrap();
@@ -611,10 +626,7 @@ mod tests {
 
     #[test]
     fn a_prefix_stays_with_its_holder_until_the_holder_would_miss_the_ttft_slo() {
-        let ws = workers(2);
-        let p = policy(MarginalUtilityConfig { slo_ttft: Duration::from_millis(400), ..Default::default() });
-        train(&p, ws[0].id(), 1.0);
-        train(&p, ws[1].id(), 1.0);
+        let (ws, p) = trained(2, MarginalUtilityConfig { slo_ttft: Duration::from_millis(400), ..Default::default() });
         // Both workers busy with other work (their caches hot: hit rate 0.5 from training).
         let background: Vec<InFlightGuard> = ws
             .iter()
@@ -655,11 +667,7 @@ mod tests {
 
     #[test]
     fn a_cold_worker_with_a_full_hot_cache_pays_for_the_eviction() {
-        let ws = workers(3);
-        let p = policy(MarginalUtilityConfig::default());
-        for w in &ws {
-            train(&p, w.id(), 1.0);
-        }
+        let (ws, p) = trained(3, MarginalUtilityConfig::default());
         // Worker 1's cache hits often (training gave every worker 0.5); worker 0's never does.
         for i in 0..60 {
             p.observe_sample(
@@ -684,11 +692,7 @@ mod tests {
 
     #[test]
     fn a_worker_whose_first_tokens_stop_coming_loses_new_work_before_anything_finishes_there() {
-        let ws = workers(2);
-        let p = policy(MarginalUtilityConfig::default());
-        for w in &ws {
-            train(&p, w.id(), 1.0);
-        }
+        let (ws, p) = trained(2, MarginalUtilityConfig::default());
         // Worker 0 takes requests and answers none of them: its model still says it is fast,
         // but what waits there has waited for 1.5 s, so a newcomer would miss half the SLO.
         let t0 = Instant::now();
@@ -750,11 +754,8 @@ mod tests {
 
     #[test]
     fn concurrent_selections_do_not_herd() {
-        let ws = Arc::new(workers(4));
-        let p = Arc::new(policy(MarginalUtilityConfig::default()));
-        for w in ws.iter() {
-            train(&p, w.id(), 1.0);
-        }
+        let (ws, p) = trained(4, MarginalUtilityConfig::default());
+        let (ws, p) = (Arc::new(ws), Arc::new(p));
         let counts: Vec<usize> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..8)
                 .map(|t| {
