@@ -1,5 +1,6 @@
 //! marginal_utility through the real router and simulated workers over HTTP: it learns from
-//! proxied streams (visible in `/debug/policy`), and `shed` answers 503 with Retry-After.
+//! proxied streams (visible in `/debug/policy`), `shed` answers 503 with Retry-After, and dead,
+//! hung or cut workers and bad bodies still get every request a clear answer.
 
 mod common;
 
@@ -9,7 +10,7 @@ use common::{get, post, router};
 use serde_json::{json, Value};
 use switchyard::config::RouterConfig;
 use switchyard::policies::{MarginalUtilityConfig, Overload, PolicyConfig};
-use switchyard_sim::server::{spawn_worker, WorkerConfig};
+use switchyard_sim::server::{spawn_worker, Faults, WorkerConfig};
 
 async fn sim_workers(n: usize) -> Vec<switchyard_sim::server::WorkerHandle> {
     let mut out = Vec::new();
@@ -99,4 +100,46 @@ async fn dead_worker_and_bad_bodies_through_marginal_utility() {
     let bad = common::send("POST", &url, &[("content-type", "application/json")], "{oops").await;
     assert_eq!(bad.status, 400);
     assert!(bad.json()["error"]["message"].as_str().is_some_and(|m| m.contains("JSON")));
+}
+
+/// The streamed path this policy learns from, under a worker that hangs and one that cuts its
+/// streams after the first tokens: every request gets a complete answer or a clear error, the
+/// in-flight state (waiting requests included) returns to zero, and failed requests never
+/// become samples — only the successful ones do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_and_cut_streams_through_marginal_utility() {
+    let workers = sim_workers(3).await;
+    workers[0].set_faults(Faults { hang: true, ..Faults::default() }).expect("faults");
+    workers[1].set_faults(Faults { die_after_tokens: Some(3), ..Faults::default() }).expect("faults");
+    let mut cfg = mu(MarginalUtilityConfig::default(), workers.iter().map(|w| w.url()).collect());
+    cfg.request_timeout = Duration::from_millis(800);
+    let r = router(cfg).await;
+    let url = format!("{}/v1/completions", r.url());
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..24 {
+        let url = url.clone();
+        sends.spawn(async move { post(&url, &completion(i)).await });
+    }
+    let (mut ok, mut errors) = (0u64, 0u64);
+    while let Some(answer) = sends.join_next().await {
+        let answer = answer.expect("request task");
+        let text = String::from_utf8_lossy(&answer.body).to_string();
+        if answer.status == 200 && text.ends_with("data: [DONE]\n\n") && !text.contains("\"error\"") {
+            ok += 1;
+        } else if (answer.status != 200 && serde_json::from_str::<Value>(&text).is_ok()) || text.contains("\"error\"") {
+            errors += 1;
+        } else {
+            panic!("unclear answer: {} {text:?}", answer.status);
+        }
+    }
+    assert_eq!(ok + errors, 24);
+    assert!(ok > 0 && errors > 0, "the healthy worker serves and the faulty ones were tried: {ok} / {errors}");
+    common::eventually(Duration::from_secs(5), "in-flight back to 0", || async {
+        common::total_in_flight(&r.url()).await == 0
+    })
+    .await;
+    let state = get(&format!("{}/debug/policy", r.url())).await.json();
+    let samples: u64 =
+        state["workers"].as_array().expect("workers").iter().map(|w| w["samples"][1].as_u64().unwrap_or(0)).sum();
+    assert_eq!(samples, ok, "only successful requests are learnt from: {state}");
 }
