@@ -11,9 +11,10 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard::load::{InFlightGuard, ReportedLoad, Usage};
-use switchyard::policies::{build, PolicyConfig, RoutingError, RoutingPolicy};
+use switchyard::load::{Ending, FirstTokenOutcome, GuardObserver, InFlightGuard, ReportedLoad, RequestOutcome, Usage};
+use switchyard::policies::{build, PolicyConfig, Report, RoutingError, RoutingPolicy};
 use switchyard::request::{RequestView, RoutingText};
+use switchyard::routers::hold::{Asked, Hold, HoldQueue};
 use switchyard::workers::{Worker, WorkerRole};
 use switchyard_sim::model::tokenizer::tokenize;
 use switchyard_sim::model::{Engine, EngineEvent, Profile, RequestId, SimRequest};
@@ -106,12 +107,30 @@ enum Event {
 /// How often simulated routers read the workers' own load reports (as `--load-check-interval`).
 const POLL_INTERVAL: f64 = 1.0;
 
-/// One router replica: its policy and its own view of the workers.
-type Replica = (Arc<dyn RoutingPolicy>, Vec<Arc<Worker>>);
+/// One router replica: its policy, its own view of the workers, the observer its guards
+/// report to (the policy, as the live router's pool observer does), and its hold queue.
+struct Replica {
+    policy: Arc<dyn RoutingPolicy>,
+    workers: Vec<Arc<Worker>>,
+    observer: Arc<dyn GuardObserver>,
+    hold: Arc<HoldQueue>,
+}
+
+/// A replica's guards report to its policy.
+#[derive(Debug)]
+struct PolicyObserver(Arc<dyn RoutingPolicy>);
+
+impl GuardObserver for PolicyObserver {
+    fn on_first_token(&self, first: &FirstTokenOutcome) {
+        self.0.on_first_token(first);
+    }
+    fn on_end(&self, outcome: &RequestOutcome) {
+        self.0.on_request_complete(outcome);
+    }
+}
 
 struct Open {
     guard: Option<InFlightGuard>,
-    replica: usize,
     last_token: f64,
 }
 
@@ -127,7 +146,7 @@ pub struct Simulation {
     specs: Vec<RequestSpec>,
     results: Vec<RequestResult>,
     open: HashMap<(usize, RequestId), (usize, Open)>,
-    held: VecDeque<(usize, RequestView)>,
+    held: VecDeque<(usize, RequestView, Hold)>,
     report: DesReport,
     record_itl: bool,
     closed: Option<usize>,
@@ -139,10 +158,12 @@ impl Simulation {
     pub fn new(workers: &[SimWorker], policy: &PolicyConfig, replicas: usize, seed: u64) -> Self {
         let replicas = (0..replicas.max(1))
             .map(|r| {
-                let ws = (0..workers.len())
+                let workers = (0..workers.len())
                     .map(|i| Arc::new(Worker::new(format!("http://sim-{r}-{i}:1"), WorkerRole::Regular)))
                     .collect();
-                (build(policy), ws)
+                let policy = build(policy);
+                let observer: Arc<dyn GuardObserver> = Arc::new(PolicyObserver(policy.clone()));
+                Replica { policy, workers, observer, hold: Arc::new(HoldQueue::default()) }
             })
             .collect();
         Self {
@@ -230,7 +251,7 @@ impl Simulation {
             now = t;
         }
         self.report.virtual_secs = now;
-        self.report.policy_state = self.replicas[0].0.debug_state();
+        self.replicas[0].policy.report(Report::Debug(&mut self.report.policy_state));
         self.report.results = std::mem::take(&mut self.results);
         self.report
     }
@@ -246,8 +267,8 @@ impl Simulation {
                 running: stats.running as u64,
                 at,
             };
-            for (_, workers) in &self.replicas {
-                workers[w].load().set_reported(report);
+            for replica in &self.replicas {
+                replica.workers[w].load().set_reported(report);
             }
         }
     }
@@ -267,54 +288,60 @@ impl Simulation {
         self.results[i].sent_at = t;
         self.results[i].prompt_tokens = self.specs[i].prompt.tokens();
         let view = self.view(i);
-        self.route(i, view, t);
+        let hold = self.replicas[i % self.replicas.len()].hold.hold(self.at(t));
+        self.route(i, view, hold, t);
     }
 
-    /// Asks the request's replica for a worker; returns false if it must keep waiting.
-    fn route(&mut self, i: usize, mut view: RequestView, t: f64) -> bool {
+    /// Asks the request's replica for a worker (the router's own holding protocol); returns
+    /// false if it must keep waiting.
+    fn route(&mut self, i: usize, mut view: RequestView, mut hold: Hold, t: f64) -> bool {
         let replica = i % self.replicas.len();
-        view.waited = Duration::from_secs_f64((t - self.results[i].sent_at).max(0.0));
-        view.now = Some(self.at(t));
-        let (policy, workers) = &self.replicas[replica];
+        let now = self.at(t);
+        view.now = Some(now);
+        let Replica { policy, workers, observer, .. } = &self.replicas[replica];
         let started = std::time::Instant::now();
-        let choice = policy.select_single(workers, &view);
+        let asked = hold.ask(&mut view, now, &mut |v| policy.select_single(workers, v));
         self.report.decision_ns.push(started.elapsed().as_nanos() as f64);
-        match choice {
-            Ok(w) => {
-                let guard = InFlightGuard::dispatch(workers[w].clone(), view.dispatch_info(), self.at(t));
-                let text = match &view.text {
-                    RoutingText::Text(s) => s.as_str(),
-                    _ => "",
-                };
-                let req = SimRequest { prompt: tokenize(text), output_tokens: self.specs[i].output_tokens.max(1) };
-                self.results[i].worker = Some(w);
-                match self.engines[w].submit(req) {
-                    Ok(id) => {
-                        self.open.insert((w, id), (i, Open { guard: Some(guard), replica, last_token: t }));
-                        self.kick(w, t);
-                    }
-                    Err(e) => {
-                        policy.on_request_complete(&guard.complete_at(false, Usage::default(), self.at(t)));
-                        self.fail(i, t, format!("400 {e}"));
-                    }
-                }
-                true
+        let selection = match asked {
+            Asked::Wait(recheck) => {
+                self.held.push_back((i, view, hold));
+                self.push(t + recheck.as_secs_f64(), Event::Recheck);
+                return false;
             }
-            Err(RoutingError::Saturated { recheck }) => {
-                self.held.push_back((i, view));
-                self.push(t + recheck.as_secs_f64().max(1e-4), Event::Recheck);
-                false
-            }
-            Err(RoutingError::Shed { .. }) => {
+            Asked::Decided(Ok(selection)) => selection,
+            Asked::Decided(Err(RoutingError::Shed { .. })) => {
                 self.report.shed += 1;
                 self.fail(i, t, "503 shed".into());
-                true
+                return true;
+            }
+            Asked::Decided(Err(e)) => {
+                self.fail(i, t, format!("503 {e}"));
+                return true;
+            }
+        };
+        let w = selection.index;
+        let info = view.dispatch_info(&selection, "/v1/completions");
+        let Some(guard) = InFlightGuard::claim(workers[w].clone(), info, now, observer.clone()) else {
+            self.fail(i, t, "503 circuit open".into());
+            return true;
+        };
+        let text = match &view.text {
+            RoutingText::Text(s) => s.as_str(),
+            _ => "",
+        };
+        let req = SimRequest { prompt: tokenize(text), output_tokens: self.specs[i].output_tokens.max(1) };
+        self.results[i].worker = Some(w);
+        match self.engines[w].submit(req) {
+            Ok(id) => {
+                self.open.insert((w, id), (i, Open { guard: Some(guard), last_token: t }));
+                self.kick(w, t);
             }
             Err(e) => {
-                self.fail(i, t, format!("503 {e}"));
-                true
+                guard.finish_at(Ending::Failed, Usage::default(), now);
+                self.fail(i, t, format!("400 {e}"));
             }
         }
+        true
     }
 
     fn fail(&mut self, i: usize, t: f64, error: String) {
@@ -335,8 +362,8 @@ impl Simulation {
 
     fn retry_held(&mut self, t: f64) {
         let mut waiting = std::mem::take(&mut self.held);
-        while let Some((i, view)) = waiting.pop_front() {
-            if !self.route(i, view, t) {
+        while let Some((i, view, hold)) = waiting.pop_front() {
+            if !self.route(i, view, hold, t) {
                 // Still saturated: the rest stay queued behind it, in order.
                 let last = self.held.pop_back();
                 self.held.extend(last);
@@ -373,8 +400,8 @@ impl Simulation {
                     let i = *i;
                     if index == 0 {
                         let now = self.base + Duration::from_secs_f64(t);
-                        if let Some(first) = open.guard.as_mut().and_then(|g| g.first_token_at(now)) {
-                            self.replicas[open.replica].0.on_first_token(&first);
+                        if let Some(g) = open.guard.as_mut() {
+                            g.first_token_at(now);
                         }
                         self.results[i].ttft = Some(t - self.results[i].sent_at);
                     } else if self.record_itl {
@@ -392,8 +419,7 @@ impl Simulation {
                                 completion_tokens: Some(r.output_tokens),
                             };
                             if let Some(g) = open.guard.take() {
-                                let outcome = g.complete_at(true, usage, self.base + Duration::from_secs_f64(t));
-                                self.replicas[open.replica].0.on_request_complete(&outcome);
+                                g.finish_at(Ending::Succeeded, usage, self.base + Duration::from_secs_f64(t));
                             }
                             freed = true;
                             self.finished(t);

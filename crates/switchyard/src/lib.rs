@@ -5,6 +5,7 @@
 //! [`load`] observes it. See `shared/design/architecture.md` for the map.
 
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
 pub mod health;

@@ -4,7 +4,9 @@
 use std::process::ExitCode;
 
 use switchyard::config::{parse_args, Args, ParseOutcome};
-use switchyard::{demo, server};
+#[cfg(feature = "demo")]
+use switchyard::demo;
+use switchyard::server;
 
 fn main() -> ExitCode {
     let args = match parse_args(std::env::args_os()) {
@@ -61,41 +63,16 @@ fn init_logging(args: &Args) -> Option<tracing_appender::non_blocking::WorkerGua
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    #[cfg_attr(not(feature = "demo"), allow(unused_mut))]
     let mut config = args.to_config().map_err(|e| e.to_string())?;
-    let fleet = match args.sim_workers {
-        Some(n) => demo::start_fleet(n.into(), &args.sim_profile, args.sim_time_scale, 0).await?,
-        None => Vec::new(),
-    };
-    config.worker_urls.extend(fleet.iter().map(|w| w.url()));
-    let (sim_prefill, sim_decode) = match (args.sim_prefill, args.sim_decode) {
-        (None, None) => (Vec::new(), Vec::new()),
-        (p, d) => {
-            demo::start_pd_fleet(p.unwrap_or(1).into(), d.unwrap_or(1).into(), &args.sim_profile, args.sim_time_scale)
-                .await?
-        }
-    };
-    if let Some(pd) = config.pd.as_mut() {
-        pd.prefill.extend(sim_prefill.iter().map(|w| (w.url(), w.bootstrap_port())));
-        pd.decode.extend(sim_decode.iter().map(|w| w.url()));
-    }
+    #[cfg(feature = "demo")]
+    let fleet = demo::DemoFleet::start(&args, &mut config).await?;
     let router = server::start(config).await.map_err(|e| format!("cannot listen: {e}"))?;
     let url = router.url();
     let policy = router.state().router.policy().name();
     println!("switchyard listening on {url} ({} workers, policy {policy})", router.state().registry.all().len());
-    if !fleet.is_empty() || !sim_prefill.is_empty() {
-        println!("simulated workers ({}):", args.sim_profile);
-        for w in fleet.iter().chain(&sim_prefill).chain(&sim_decode) {
-            let role = match w.config().role {
-                switchyard_sim::server::Role::Plain => "",
-                switchyard_sim::server::Role::Prefill => " (prefill)",
-                switchyard_sim::server::Role::Decode => " (decode)",
-            };
-            println!("  {}{role}", w.url());
-        }
-        println!(
-            "try:\n  curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"default\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}],\"max_tokens\":32}}'"
-        );
-    }
+    #[cfg(feature = "demo")]
+    fleet.print(&url, &args.sim_profile);
     wait_for_signal().await;
     tracing::info!("shutting down");
     router.shutdown().await.map_err(|e| e.to_string())

@@ -125,6 +125,28 @@ impl Metrics {
             .observe(duration.as_secs_f64());
     }
 
+    /// One attempt ended (its guard reported): timings by worker for streams, and the
+    /// request count when the attempt's answer was the client's — with the status the client
+    /// saw: 499 when it went away, 502 when a relayed answer broke.
+    pub fn attempt_ended(&self, o: &crate::load::RequestOutcome) {
+        let worker = o.worker.url();
+        if o.streamed {
+            let tpot = o
+                .time_to_first_byte
+                .zip(o.usage.completion_tokens.filter(|n| *n >= 2))
+                .map(|(ttft, n)| o.latency.saturating_sub(ttft) / (n - 1));
+            self.token_timing(worker, o.time_to_first_byte, tpot.filter(|t| *t > Duration::ZERO));
+        }
+        if let Some(status) = o.relayed {
+            let status = match o.ending {
+                crate::load::Ending::Abandoned => 499,
+                crate::load::Ending::Failed if status < 400 => 502,
+                _ => status,
+            };
+            self.request(o.dispatch.route, status, worker, o.latency);
+        }
+    }
+
     /// Time to first token (first body byte) and mean time per output token of a stream.
     pub fn token_timing(&self, worker: &str, ttft: Option<Duration>, tpot: Option<Duration>) {
         if let Some(t) = ttft {

@@ -4,7 +4,6 @@
 //! and forwarded to the worker byte for byte.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -53,8 +52,6 @@ pub struct RequestView {
     pub model: Option<String>,
     /// How long the router has held the request waiting for capacity (overload queueing).
     pub waited: Duration,
-    /// Set by a policy that estimates the chosen worker's uncached prompt tokens.
-    pub uncached_hint: UncachedHint,
     /// The time of the decision when it is not the wall clock's (a simulation's virtual time).
     pub now: Option<tokio::time::Instant>,
 }
@@ -70,54 +67,19 @@ impl RequestView {
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 
-    /// What the router knows about the request's size when it dispatches it: the policy's
-    /// uncached estimate for the chosen worker if it gave one, else the whole prompt.
-    pub fn dispatch_info(&self) -> crate::load::DispatchInfo {
+    /// What the router knows about the request's size when it dispatches it to `route` on the
+    /// worker `selection` chose: the policy's uncached estimate if it gave one, else the whole
+    /// prompt.
+    pub fn dispatch_info(
+        &self,
+        selection: &crate::policies::Selection,
+        route: &'static str,
+    ) -> crate::load::DispatchInfo {
         let prompt_tokens = self.prompt_tokens();
-        let uncached_tokens = self.uncached_hint.get().map_or(prompt_tokens, |u| u.min(prompt_tokens));
-        crate::load::DispatchInfo { prompt_tokens, uncached_tokens }
+        let uncached_tokens = selection.uncached_tokens.map_or(prompt_tokens, |u| u.min(prompt_tokens));
+        crate::load::DispatchInfo { prompt_tokens, uncached_tokens, route }
     }
 }
-
-/// A per-request slot a policy writes during selection (the view is otherwise read-only to
-/// policies): its estimate of the chosen worker's uncached prompt tokens, which the
-/// router's in-flight guard then counts as queued prefill on that worker.
-#[derive(Debug)]
-pub struct UncachedHint(AtomicU32);
-
-impl UncachedHint {
-    const NONE: u32 = u32::MAX;
-
-    /// Records the estimate.
-    pub fn set(&self, tokens: u32) {
-        self.0.store(tokens.min(Self::NONE - 1), Ordering::Relaxed);
-    }
-
-    /// The estimate, if a policy gave one.
-    pub fn get(&self) -> Option<u32> {
-        Some(self.0.load(Ordering::Relaxed)).filter(|&v| v != Self::NONE)
-    }
-}
-
-impl Default for UncachedHint {
-    fn default() -> Self {
-        Self(AtomicU32::new(Self::NONE))
-    }
-}
-
-impl Clone for UncachedHint {
-    fn clone(&self) -> Self {
-        Self(AtomicU32::new(self.0.load(Ordering::Relaxed)))
-    }
-}
-
-impl PartialEq for UncachedHint {
-    fn eq(&self, other: &Self) -> bool {
-        self.get() == other.get()
-    }
-}
-
-impl Eq for UncachedHint {}
 
 /// A body that cannot be routed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -246,7 +208,6 @@ impl RequestView {
             stream: f.stream.unwrap_or(false),
             model: f.model.map(Cow::into_owned),
             waited: Duration::ZERO,
-            uncached_hint: UncachedHint::default(),
             now: None,
         })
     }

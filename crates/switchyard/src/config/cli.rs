@@ -291,6 +291,30 @@ impl Args {
         }))
     }
 
+    /// The simulated-fleet flags: a known profile, and a build that has the simulator.
+    #[cfg(feature = "demo")]
+    fn check_demo(&self) -> Result<(), ConfigError> {
+        use switchyard_sim::model::Profile;
+        if Profile::by_name(&self.sim_profile).is_none() {
+            return Err(ConfigError::Range {
+                flag: "sim-profile",
+                reason: format!("'{}' is not a known profile ({})", self.sim_profile, Profile::NAMES.join(", ")),
+            });
+        }
+        Ok(())
+    }
+
+    #[cfg(not(feature = "demo"))]
+    fn check_demo(&self) -> Result<(), ConfigError> {
+        if self.sim_workers.is_some() || self.sim_prefill.is_some() || self.sim_decode.is_some() {
+            return Err(ConfigError::Range {
+                flag: "sim-workers",
+                reason: "needs the simulator, which this build leaves out (build with the `demo` feature)".into(),
+            });
+        }
+        Ok(())
+    }
+
     fn policy_config(&self) -> PolicyConfig {
         self.policy_config_for(self.policy)
     }
@@ -330,16 +354,7 @@ impl Args {
         if !self.health_check_endpoint.starts_with('/') {
             return Err(ConfigError::Range { flag: "health-check-endpoint", reason: "must start with '/'".into() });
         }
-        if switchyard_sim::model::Profile::by_name(&self.sim_profile).is_none() {
-            return Err(ConfigError::Range {
-                flag: "sim-profile",
-                reason: format!(
-                    "'{}' is not a known profile ({})",
-                    self.sim_profile,
-                    switchyard_sim::model::Profile::NAMES.join(", ")
-                ),
-            });
-        }
+        self.check_demo()?;
         if self.max_payload_size == 0 {
             return Err(ConfigError::Range { flag: "max-payload-size", reason: "must be at least 1 byte".into() });
         }

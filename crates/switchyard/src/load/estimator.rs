@@ -49,7 +49,7 @@ impl Sample {
     /// Builds a sample from what the router observed; `None` for failures and answers
     /// without a first-token time.
     pub fn from_outcome(o: &RequestOutcome, at: f64) -> Option<Sample> {
-        if !o.success {
+        if !o.success() {
             return None;
         }
         let ttft = o.time_to_first_byte?;
@@ -496,6 +496,11 @@ impl FleetModel {
         }
     }
 
+    /// Drops everything kept about `worker` (it left the fleet).
+    pub fn forget(&mut self, worker: u32) {
+        self.workers.remove(&worker);
+    }
+
     /// Whether `worker`'s TTFT is still predicted by the pooled fit.
     pub fn prefill_pooled(&self, worker: u32) -> bool {
         self.workers.get(&worker).is_none_or(|f| f.prefill.samples() < MIN_OWN_SAMPLES)
@@ -703,13 +708,13 @@ mod tests {
 
     #[test]
     fn prefill_samples_come_from_first_tokens_and_never_from_a_whole_answer() {
-        use crate::load::{DispatchInfo, InFlightGuard, Usage};
+        use crate::load::{DispatchInfo, Ending, InFlightGuard, Usage};
         use crate::workers::{Worker, WorkerRole};
         use tokio::time::Instant;
         let w = Arc::new(Worker::new("http://127.0.0.1:1".into(), WorkerRole::Regular));
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let info = DispatchInfo { prompt_tokens: 1000, uncached_tokens: 400 };
+        let info = DispatchInfo { prompt_tokens: 1000, uncached_tokens: 400, route: "" };
         let usage = Usage { prompt_tokens: Some(1000), cached_tokens: Some(600), completion_tokens: Some(50) };
         // Streamed: the first token gives an early prefill sample (the router's estimate of
         // the uncached tokens); the end gives both, with the worker's own count.
@@ -717,18 +722,19 @@ mod tests {
         let first = g.first_token_at(at(120)).expect("first token");
         let early = Sample::from_first_token(&first, 0.12);
         assert_eq!(early.prefill, Some(([1.0, 0.4, 0.0, 0.0], 120.0)));
-        let end = Sample::from_outcome(&g.complete_at(true, usage, at(1100)), 1.1).expect("sample");
+        let end = Sample::from_outcome(&g.finish_at(Ending::Succeeded, usage, at(1100)), 1.1).expect("sample");
         assert!(end.decode.is_some_and(|(_, tpot)| (tpot - 20.0).abs() < 1e-6));
         assert_eq!(end.prefill.map(|(x, y)| (x[1], y)), Some((0.4, 120.0)));
         // Whole answer: its first byte is its last; no TTFT to learn from.
         let mut g = InFlightGuard::dispatch(w.clone(), info, at(0));
         g.mark_first_byte_at(at(1100));
-        let whole = Sample::from_outcome(&g.complete_at(true, usage, at(1100)), 1.1).expect("sample");
+        let whole = Sample::from_outcome(&g.finish_at(Ending::Succeeded, usage, at(1100)), 1.1).expect("sample");
         assert!(whole.prefill.is_none() && whole.decode.is_none() && whole.output_tokens == Some(50));
         // A PD prefill leg (whole answer, no token count): its answer time is its TTFT.
         let mut g = InFlightGuard::dispatch(w, info, at(0));
         g.mark_first_byte_at(at(90));
-        let leg = Sample::from_outcome(&g.complete_at(true, Usage::default(), at(90)), 0.09).expect("sample");
+        let leg =
+            Sample::from_outcome(&g.finish_at(Ending::Succeeded, Usage::default(), at(90)), 0.09).expect("sample");
         assert_eq!(leg.prefill.map(|(_, y)| y), Some(90.0));
     }
 }

@@ -1,6 +1,7 @@
 //! In-flight request counting with drop guards, after tower's `load::completion`, plus the
 //! per-worker running integrals that give each finished request its load window.
 
+use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::usage::Usage;
-use crate::workers::Worker;
+use crate::workers::{Claim, Worker};
 
 /// Per-worker load counters, updated by guards and read by policies.
 #[derive(Debug, Default)]
@@ -155,6 +156,43 @@ pub struct DispatchInfo {
     pub prompt_tokens: u32,
     /// Of those, the tokens the policy expects the worker to have to compute (not cached).
     pub uncached_tokens: u32,
+    /// The route it was sent to (`/v1/chat/completions`, ...), for metrics.
+    pub route: &'static str,
+}
+
+/// How a request on a worker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Answered in full without a worker-side error.
+    Succeeded,
+    /// A worker-side failure: an error status, a transport error, a cut, garbled or stalled
+    /// answer. Counts against the worker's circuit breaker.
+    Failed,
+    /// Ended without a verdict on the worker: the client went away, or the router cancelled
+    /// the leg because its other leg failed. Counts neither way; a breaker probe is returned.
+    Abandoned,
+}
+
+impl Ending {
+    /// `Succeeded` or `Failed`.
+    pub fn from_success(success: bool) -> Self {
+        if success {
+            Ending::Succeeded
+        } else {
+            Ending::Failed
+        }
+    }
+}
+
+/// Hears how the requests it is registered on go: at the first token of a stream, and
+/// exactly once at the end, whatever the ending (tower's `TrackCompletion`: the handle
+/// reports, nobody completes by hand). The router registers one observer per pool — the
+/// policy, the metrics and the held-request wake-ups behind it.
+pub trait GuardObserver: Send + Sync + fmt::Debug {
+    /// A streamed request's first token arrived.
+    fn on_first_token(&self, _first: &FirstTokenOutcome) {}
+    /// The request ended (called once per guard).
+    fn on_end(&self, outcome: &RequestOutcome);
 }
 
 /// Averages over a request's decode window (first token → end) on its worker.
@@ -173,8 +211,12 @@ pub struct DecodeWindow {
 pub struct RequestOutcome {
     /// The worker that served it.
     pub worker: Arc<Worker>,
-    /// Whether it completed without error.
-    pub success: bool,
+    /// How it ended.
+    pub ending: Ending,
+    /// The status relayed to the client, when this attempt's answer was the client's.
+    pub relayed: Option<u16>,
+    /// Whether its first token was seen in a stream (else the first byte was the whole answer).
+    pub streamed: bool,
     /// Time from dispatch to the first response body byte, if any arrived.
     pub time_to_first_byte: Option<Duration>,
     /// Time from dispatch to the end of the response.
@@ -212,16 +254,27 @@ pub struct FirstTokenOutcome {
     pub queued_prefill_ahead: u64,
 }
 
+impl RequestOutcome {
+    /// Whether it completed without a worker-side error.
+    pub fn success(&self) -> bool {
+        self.ending == Ending::Succeeded
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct FirstToken {
     at: Instant,
+    streamed: bool,
     int_decoding: f64,
     int_context: f64,
     admitted_prefill: u64,
 }
 
-/// Counts one request as in flight on a worker for as long as the guard lives.
-#[derive(Debug)]
+/// Counts one request as in flight on a worker for as long as the guard lives, and reports
+/// its end exactly once: [`InFlightGuard::finish`] on a verdict, or on drop as
+/// [`Ending::Abandoned`] (the client went away, a leg was cancelled). The end feeds the
+/// worker's counters and running integrals, its circuit breaker (the claim taken at dispatch)
+/// and the registered [`GuardObserver`].
 pub struct InFlightGuard {
     worker: Arc<Worker>,
     dispatched_at: Instant,
@@ -229,7 +282,21 @@ pub struct InFlightGuard {
     in_flight_at_dispatch: u64,
     queued_prefill_ahead: u64,
     first_token: Option<FirstToken>,
-    released: bool,
+    claim: Option<Claim>,
+    observer: Option<Arc<dyn GuardObserver>>,
+    relayed: Option<u16>,
+    ended: bool,
+}
+
+impl fmt::Debug for InFlightGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InFlightGuard")
+            .field("worker", &self.worker.url())
+            .field("info", &self.info)
+            .field("claim", &self.claim)
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
 }
 
 impl InFlightGuard {
@@ -238,7 +305,8 @@ impl InFlightGuard {
         Self::dispatch(worker, DispatchInfo::default(), Instant::now())
     }
 
-    /// Marks a request as dispatched to `worker` at `now` (a simulation passes virtual time).
+    /// Marks a request as dispatched to `worker` at `now` (a simulation passes virtual time),
+    /// without a breaker claim or an observer (tests, what-if scoring).
     pub fn dispatch(worker: Arc<Worker>, info: DispatchInfo, now: Instant) -> Self {
         let load = worker.load();
         let in_flight_at_dispatch = load.in_flight.fetch_add(1, Ordering::Relaxed) as u64;
@@ -256,8 +324,27 @@ impl InFlightGuard {
             in_flight_at_dispatch,
             queued_prefill_ahead,
             first_token: None,
-            released: false,
+            claim: None,
+            observer: None,
+            relayed: None,
+            ended: false,
         }
+    }
+
+    /// Claims `worker`'s circuit breaker and, if it lets the request through, dispatches it at
+    /// `now` with `observer` registered. `None` when the breaker refuses (open, or another
+    /// probe is out): nothing is counted then.
+    pub fn claim(
+        worker: Arc<Worker>,
+        info: DispatchInfo,
+        now: Instant,
+        observer: Arc<dyn GuardObserver>,
+    ) -> Option<Self> {
+        let claim = worker.breaker().try_claim()?;
+        let mut guard = Self::dispatch(worker, info, now);
+        guard.claim = Some(claim);
+        guard.observer = Some(observer);
+        Some(guard)
     }
 
     /// The worker this request is counted on.
@@ -265,17 +352,29 @@ impl InFlightGuard {
         &self.worker
     }
 
-    /// Records the arrival of the first response byte (time to first token for streams).
+    /// When it was dispatched.
+    pub fn dispatched_at(&self) -> Instant {
+        self.dispatched_at
+    }
+
+    /// Marks this attempt's answer as the one relayed to the client, with `status`.
+    pub fn relay(&mut self, status: u16) {
+        self.relayed = Some(status);
+    }
+
+    /// Records the arrival of a whole (non-streamed) answer's first byte.
     pub fn mark_first_byte(&mut self) {
-        if self.first_token.is_none() {
-            self.mark_first_byte_at(Instant::now());
-        }
+        self.mark_first_byte_at(Instant::now());
     }
 
     /// [`InFlightGuard::mark_first_byte`] at a given time.
     pub fn mark_first_byte_at(&mut self, now: Instant) {
+        self.mark_first(now, false);
+    }
+
+    fn mark_first(&mut self, now: Instant, streamed: bool) -> bool {
         if self.first_token.is_some() {
-            return;
+            return false;
         }
         let (prompt, uncached) = (u64::from(self.info.prompt_tokens), u64::from(self.info.uncached_tokens));
         let age = now.saturating_duration_since(self.dispatched_at);
@@ -287,95 +386,109 @@ impl InFlightGuard {
             w.context += prompt;
             FirstToken {
                 at: now,
+                streamed,
                 int_decoding: w.int_decoding,
                 int_context: w.int_context,
                 admitted_prefill: w.admitted_prefill,
             }
         });
         self.first_token = Some(first);
+        true
     }
 
-    /// Records a streamed request's first token at `now` and returns what was observed, once
-    /// (`None` if the first byte was already marked): for the policy's `on_first_token`.
+    /// Records a streamed request's first token at `now`, tells the observer, and returns
+    /// what was observed, once (`None` if the first byte was already marked).
     pub fn first_token_at(&mut self, now: Instant) -> Option<FirstTokenOutcome> {
-        if self.first_token.is_some() {
+        if !self.mark_first(now, true) {
             return None;
         }
-        self.mark_first_byte_at(now);
-        Some(FirstTokenOutcome {
+        let first = FirstTokenOutcome {
             worker: self.worker.clone(),
             ttft: now.saturating_duration_since(self.dispatched_at),
             at: now,
             dispatch: self.info,
             in_flight_at_dispatch: self.in_flight_at_dispatch,
             queued_prefill_ahead: self.queued_prefill_ahead,
-        })
+        };
+        if let Some(o) = &self.observer {
+            o.on_first_token(&first);
+        }
+        Some(first)
     }
 
-    /// Ends the request as succeeded or failed (worker-side failure: it also feeds the
-    /// worker's circuit breaker) and returns what was observed. A guard dropped without
-    /// `complete` (client went away) counts as neither.
-    pub fn complete(self, success: bool) -> RequestOutcome {
-        self.complete_at(success, Usage::default(), Instant::now())
+    /// Ends the request now with `ending` and the token counts seen in the answer.
+    pub fn finish(self, ending: Ending, usage: Usage) -> RequestOutcome {
+        self.finish_at(ending, usage, Instant::now())
     }
 
-    /// [`InFlightGuard::complete`] with the token counts seen in the answer, at `now`.
-    pub fn complete_at(mut self, success: bool, usage: Usage, now: Instant) -> RequestOutcome {
-        self.worker.breaker().record(success);
+    /// [`InFlightGuard::finish`] at `now`.
+    pub fn finish_at(mut self, ending: Ending, usage: Usage, now: Instant) -> RequestOutcome {
+        self.end(ending, usage, now)
+    }
+
+    /// The one place a request ends: breaker, counters, integrals, observer.
+    fn end(&mut self, ending: Ending, usage: Usage, now: Instant) -> RequestOutcome {
+        self.ended = true;
+        match (self.claim.take(), ending) {
+            (Some(c), Ending::Abandoned) => self.worker.breaker().release(c),
+            (Some(c), e) => self.worker.breaker().record(c, e == Ending::Succeeded),
+            (None, _) => {}
+        }
         let load = self.worker.load();
-        let counter = if success { &load.succeeded } else { &load.failed };
-        counter.fetch_add(1, Ordering::Relaxed);
+        match ending {
+            Ending::Succeeded => load.succeeded.fetch_add(1, Ordering::Relaxed),
+            Ending::Failed => load.failed.fetch_add(1, Ordering::Relaxed),
+            Ending::Abandoned => 0,
+        };
         let first = self.first_token;
-        let window = load.with_window(now, |w| {
-            let f = first?;
-            let dt = now.saturating_duration_since(f.at).as_secs_f64();
-            (dt > 0.0).then(|| DecodeWindow {
-                mean_batch: (w.int_decoding - f.int_decoding) / dt,
-                mean_context: (w.int_context - f.int_context) / dt,
-                prefill_rate: (w.admitted_prefill - f.admitted_prefill) as f64 / dt,
-            })
-        });
-        self.release(now);
-        RequestOutcome {
-            worker: self.worker.clone(),
-            success,
-            time_to_first_byte: first.map(|f| f.at.saturating_duration_since(self.dispatched_at)),
-            latency: now.saturating_duration_since(self.dispatched_at),
-            finished_at: now,
-            dispatch: self.info,
-            in_flight_at_dispatch: self.in_flight_at_dispatch,
-            queued_prefill_ahead: self.queued_prefill_ahead,
-            usage,
-            window,
-        }
-    }
-
-    /// Takes the request out of the worker's running state (once).
-    fn release(&mut self, now: Instant) {
-        if std::mem::replace(&mut self.released, true) {
-            return;
-        }
         let (prompt, uncached) = (u64::from(self.info.prompt_tokens), u64::from(self.info.uncached_tokens));
-        let decoding = self.first_token.is_some();
         let age = now.saturating_duration_since(self.dispatched_at);
-        self.worker.load().with_window(now, |w| {
-            if decoding {
+        let window = load.with_window(now, |w| {
+            let window = first.and_then(|f| {
+                let dt = now.saturating_duration_since(f.at).as_secs_f64();
+                (dt > 0.0).then(|| DecodeWindow {
+                    mean_batch: (w.int_decoding - f.int_decoding) / dt,
+                    mean_context: (w.int_context - f.int_context) / dt,
+                    prefill_rate: (w.admitted_prefill - f.admitted_prefill) as f64 / dt,
+                })
+            });
+            if first.is_some() {
                 w.decoding = w.decoding.saturating_sub(1);
                 w.context = w.context.saturating_sub(prompt);
             } else {
                 w.queued_prefill = w.queued_prefill.saturating_sub(uncached);
                 w.stop_waiting(age);
             }
+            window
         });
-        let was = self.worker.load().in_flight.fetch_sub(1, Ordering::Relaxed);
+        let was = load.in_flight.fetch_sub(1, Ordering::Relaxed);
         debug_assert!(was > 0);
-        super::capacity_freed();
+        let outcome = RequestOutcome {
+            worker: self.worker.clone(),
+            ending,
+            relayed: self.relayed,
+            streamed: first.is_some_and(|f| f.streamed),
+            time_to_first_byte: first.map(|f| f.at.saturating_duration_since(self.dispatched_at)),
+            latency: age,
+            finished_at: now,
+            dispatch: self.info,
+            in_flight_at_dispatch: self.in_flight_at_dispatch,
+            queued_prefill_ahead: self.queued_prefill_ahead,
+            usage,
+            window,
+        };
+        if let Some(o) = &self.observer {
+            o.on_end(&outcome);
+        }
+        outcome
     }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.release(Instant::now());
+        if !self.ended {
+            self.end(Ending::Abandoned, Usage::default(), Instant::now());
+        }
     }
 }
 
@@ -391,9 +504,9 @@ mod tests {
         let b = InFlightGuard::new(w.clone());
         let c = InFlightGuard::new(w.clone());
         assert_eq!(w.load().in_flight(), 3);
-        assert!(!b.complete(false).success);
+        assert!(!b.finish(Ending::Failed, Usage::default()).success());
         assert_eq!((w.load().in_flight(), w.load().failed()), (2, 1));
-        assert!(a.complete(true).success);
+        assert!(a.finish(Ending::Succeeded, Usage::default()).success());
         drop(c); // abandoned: released, counted neither way
         assert_eq!(
             (w.load().in_flight(), w.load().succeeded(), w.load().failed(), w.load().dispatched()),
@@ -417,6 +530,52 @@ mod tests {
         assert_eq!((s.waiting, s.decoding, s.mean_wait), (1, 1, Duration::from_secs(4)), "only b waits, for 4 s");
         drop(b);
         assert_eq!(w.load().snapshot_at(at(9)).mean_wait, Duration::ZERO);
-        assert_eq!(a.complete_at(true, Usage::default(), at(10)).time_to_first_byte, Some(Duration::from_secs(5)));
+        assert_eq!(
+            a.finish_at(Ending::Succeeded, Usage::default(), at(10)).time_to_first_byte,
+            Some(Duration::from_secs(5))
+        );
+    }
+
+    /// Counts what an observer hears.
+    #[derive(Debug, Default)]
+    struct Heard(Mutex<Vec<(Ending, Option<u16>, bool)>>, AtomicUsize);
+
+    impl GuardObserver for Heard {
+        fn on_first_token(&self, _first: &FirstTokenOutcome) {
+            self.1.fetch_add(1, Ordering::Relaxed);
+        }
+        fn on_end(&self, o: &RequestOutcome) {
+            self.0.lock().unwrap().push((o.ending, o.relayed, o.streamed));
+        }
+    }
+
+    #[test]
+    fn a_claimed_guard_reports_once_to_its_observer_and_its_breaker() {
+        use crate::config::CircuitBreakerConfig;
+        let w = Arc::new(Worker::with_breaker(
+            "http://127.0.0.1:1".into(),
+            WorkerRole::Regular,
+            CircuitBreakerConfig { failure_threshold: 1, success_threshold: 1, timeout: Duration::ZERO },
+        ));
+        let heard = Arc::new(Heard::default());
+        let now = Instant::now();
+        let mut a = InFlightGuard::claim(w.clone(), DispatchInfo::default(), now, heard.clone()).unwrap();
+        a.relay(200);
+        assert!(a.first_token_at(now).is_some() && a.first_token_at(now).is_none());
+        let _ = a.finish(Ending::Failed, Usage::default());
+        assert_eq!(w.breaker().state().name(), "half_open", "the failure opened it (zero timeout)");
+        // The half-open probe is abandoned: dropped unfinished, it gives its permit back.
+        let probe = InFlightGuard::claim(w.clone(), DispatchInfo::default(), now, heard.clone()).unwrap();
+        assert!(InFlightGuard::claim(w.clone(), DispatchInfo::default(), now, heard.clone()).is_none());
+        drop(probe);
+        let probe = InFlightGuard::claim(w.clone(), DispatchInfo::default(), now, heard.clone()).expect("permit back");
+        let _ = probe.finish(Ending::Succeeded, Usage::default());
+        assert_eq!(w.breaker().state().name(), "closed");
+        assert_eq!(
+            *heard.0.lock().unwrap(),
+            vec![(Ending::Failed, Some(200), true), (Ending::Abandoned, None, false), (Ending::Succeeded, None, false)]
+        );
+        assert_eq!(heard.1.load(Ordering::Relaxed), 1);
+        assert_eq!(w.load().in_flight(), 0);
     }
 }

@@ -19,10 +19,10 @@ use std::time::Duration;
 use super::load_based::least_loaded;
 use super::radix_tree::PrefixIndex;
 use super::rng::PolicyRng;
-use super::{RoutingError, RoutingPolicy};
+use super::{Report, RoutingError, RoutingPolicy, Selection};
 use crate::metrics::{Histogram, RATIO_BUCKETS};
 use crate::request::RequestView;
-use crate::workers::Worker;
+use crate::workers::{Membership, Worker};
 
 /// Settings of [`CacheAware`] (sglang-router's names and defaults).
 #[derive(Debug, Clone, PartialEq)]
@@ -126,7 +126,7 @@ impl CacheAware {
                 _ => (least()?, CacheDecision::Miss),
             }
         };
-        self.trees.record(&request.text, workers[decision.0].id());
+        self.trees.record(&request.text, &workers[decision.0]);
         Ok(decision)
     }
 }
@@ -136,18 +136,25 @@ impl RoutingPolicy for CacheAware {
         "cache_aware"
     }
 
-    fn select_single(&self, workers: &[Arc<Worker>], request: &RequestView) -> Result<usize, RoutingError> {
+    fn select_single(&self, workers: &[Arc<Worker>], request: &RequestView) -> Result<Selection, RoutingError> {
         let (index, why) = self.decide(workers, request)?;
         tracing::trace!(worker = workers[index].url(), decision = ?why, "cache_aware");
-        Ok(index)
+        Ok(Selection::of(index))
+    }
+
+    fn on_membership(&self, change: &Membership<'_>) {
+        if let Membership::Removed(w) = change {
+            self.trees.forget(w.id());
+        }
     }
 
     fn maintenance_interval(&self) -> Option<Duration> {
         Some(self.config.eviction_interval)
     }
 
-    fn render_metrics(&self, out: &mut String) {
+    fn report(&self, to: Report<'_>) {
         use std::fmt::Write;
+        let Report::Metrics(out) = to else { return };
         let _ = writeln!(out, "# HELP switchyard_cache_match_ratio cache_aware: best prefix match ratio per decision.");
         let _ = writeln!(out, "# TYPE switchyard_cache_match_ratio histogram");
         self.match_ratio.render(out, "switchyard_cache_match_ratio", "");

@@ -8,9 +8,9 @@
 use std::sync::{Arc, Mutex};
 
 use super::rng::PolicyRng;
-use super::{RoutingError, RoutingPolicy};
+use super::{RoutingError, RoutingPolicy, Selection};
 use crate::request::{RequestView, RoutingText};
-use crate::workers::Worker;
+use crate::workers::{Membership, Worker};
 
 /// Settings of [`ConsistentHash`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,12 +83,12 @@ impl RoutingPolicy for ConsistentHash {
         "consistent_hash"
     }
 
-    fn select_single(&self, workers: &[Arc<Worker>], request: &RequestView) -> Result<usize, RoutingError> {
+    fn select_single(&self, workers: &[Arc<Worker>], request: &RequestView) -> Result<Selection, RoutingError> {
         if workers.is_empty() {
             return Err(RoutingError::NoHealthyWorkers);
         }
         let Some(h) = Self::key_hash(request) else {
-            return Ok(self.rng.index(workers.len()));
+            return Ok(Selection::of(self.rng.index(workers.len())));
         };
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         if ring.members.len() != workers.len() || ring.members.iter().zip(workers).any(|(id, w)| *id != w.id()) {
@@ -103,7 +103,18 @@ impl RoutingPolicy for ConsistentHash {
         }
         let at = ring.points.partition_point(|(p, _)| *p < h) % ring.points.len();
         let owner = ring.points[at].1;
-        Ok(workers.iter().position(|w| w.id() == owner).unwrap_or(0))
+        Ok(Selection::of(workers.iter().position(|w| w.id() == owner).unwrap_or(0)))
+    }
+
+    /// The ring is rebuilt from the candidates whenever they change; a removal drops it now
+    /// rather than at the next request, so nothing is kept about a worker that left.
+    fn on_membership(&self, change: &Membership<'_>) {
+        if let Membership::Removed(w) = change {
+            let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+            if ring.members.contains(&w.id()) {
+                *ring = Ring::default();
+            }
+        }
     }
 }
 
@@ -123,8 +134,8 @@ mod tests {
         let mut counts = [0usize; 4];
         for i in 0..4000 {
             let k = format!("session-{i}");
-            let w = p.select_single(&ws, &keyed(&k)).unwrap();
-            assert_eq!(w, p.select_single(&ws, &keyed(&k)).unwrap());
+            let w = p.select_single(&ws, &keyed(&k)).unwrap().index;
+            assert_eq!(w, p.select_single(&ws, &keyed(&k)).unwrap().index);
             counts[w] += 1;
         }
         // 160 virtual nodes keep each share within ±25% of fair.
@@ -136,14 +147,15 @@ mod tests {
         let ws = workers(5);
         let p = ConsistentHash::new(&ConsistentHashConfig::default());
         let keys: Vec<String> = (0..5000).map(|i| format!("user-{i}")).collect();
-        let before: Vec<u32> = keys.iter().map(|k| ws[p.select_single(&ws[..4], &keyed(k)).unwrap()].id()).collect();
-        let after: Vec<u32> = keys.iter().map(|k| ws[p.select_single(&ws, &keyed(k)).unwrap()].id()).collect();
+        let pick = |pool: &[Arc<Worker>], k: &str| pool[p.select_single(pool, &keyed(k)).unwrap().index].id();
+        let before: Vec<u32> = keys.iter().map(|k| pick(&ws[..4], k)).collect();
+        let after: Vec<u32> = keys.iter().map(|k| pick(&ws, k)).collect();
         let moved: Vec<usize> = (0..keys.len()).filter(|&i| before[i] != after[i]).collect();
         let fraction = moved.len() as f64 / keys.len() as f64;
         assert!((0.12..=0.28).contains(&fraction), "moved {fraction:.3}, expected ≈ 1/5");
         assert!(moved.iter().all(|&i| after[i] == ws[4].id()), "keys may only move to the new worker");
         // And leaving moves back exactly those keys.
-        let again: Vec<u32> = keys.iter().map(|k| ws[p.select_single(&ws[..4], &keyed(k)).unwrap()].id()).collect();
+        let again: Vec<u32> = keys.iter().map(|k| pick(&ws[..4], k)).collect();
         assert_eq!(again, before);
     }
 

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use super::rng::PolicyRng;
-use super::{RoutingError, RoutingPolicy};
+use super::{RoutingError, RoutingPolicy, Selection};
 use crate::request::RequestView;
 use crate::workers::Worker;
 
@@ -70,8 +70,10 @@ impl RoutingPolicy for LoadBased {
         "load_based"
     }
 
-    fn select_single(&self, workers: &[Arc<Worker>], _request: &RequestView) -> Result<usize, RoutingError> {
-        least_loaded(workers, &self.rng, |w| w.load().in_flight()).ok_or(RoutingError::NoHealthyWorkers)
+    fn select_single(&self, workers: &[Arc<Worker>], _request: &RequestView) -> Result<Selection, RoutingError> {
+        least_loaded(workers, &self.rng, |w| w.load().in_flight())
+            .map(Selection::of)
+            .ok_or(RoutingError::NoHealthyWorkers)
     }
 }
 
@@ -87,7 +89,7 @@ mod tests {
         let _b = load(&ws[2], 1);
         let p = LoadBased::new(&LoadBasedConfig { seed: Some(1) });
         for _ in 0..20 {
-            assert_eq!(p.select_single(&ws, &RequestView::default()).unwrap(), 1);
+            assert_eq!(p.select_single(&ws, &RequestView::default()).unwrap().index, 1);
         }
     }
 
@@ -99,7 +101,7 @@ mod tests {
         let p = LoadBased::new(&LoadBasedConfig { seed: Some(9) });
         let mut counts = [0usize; 4];
         for _ in 0..64 {
-            counts[p.select_single(&ws, &RequestView::default()).unwrap()] += 1;
+            counts[p.select_single(&ws, &RequestView::default()).unwrap().index] += 1;
         }
         assert!(counts.iter().all(|&c| (4..=32).contains(&c)), "{counts:?}");
     }

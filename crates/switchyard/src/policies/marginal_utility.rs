@@ -32,11 +32,11 @@ use tokio::time::Instant;
 
 use super::radix_tree::{PrefixIndex, PrefixMatch};
 use super::rng::PolicyRng;
-use super::{RoutingError, RoutingPolicy};
+use super::{Report, RoutingError, RoutingPolicy, Selection};
 use crate::load::estimator::{EstimatorKind, FleetModel, Prediction, Sample, WorkerReport};
 use crate::load::{FirstTokenOutcome, LoadSnapshot, ReportedLoad, RequestOutcome, CHARS_PER_TOKEN};
 use crate::request::{RequestView, RoutingText};
-use crate::workers::Worker;
+use crate::workers::{Membership, Worker};
 
 /// What the policy optimises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
@@ -183,6 +183,11 @@ impl Candidate {
     /// Own cost plus externality plus eviction.
     pub fn cost(&self) -> f64 {
         self.own_ms + self.externality_ms + self.eviction_ms
+    }
+
+    /// The decision as the router takes it: this worker, with the uncached tokens expected.
+    pub fn selection(&self) -> Selection {
+        Selection { index: self.index, uncached_tokens: Some(self.uncached.round() as u32) }
     }
 }
 
@@ -377,40 +382,55 @@ impl MarginalUtility {
                 // 0.87 → 0.70 on shared-prefix-large); the whole marginal cost instead let the
                 // decode terms pile prefill queues onto fast workers near the knee.
                 let best = *all[self.best_by(&all, Candidate::best_effort_ms).unwrap_or(0)];
-                if self.config.overload == Overload::BestEffort {
-                    return Ok(best);
-                }
-                let fastest = *all[self.best_by(&all, Candidate::expected_ttft_ms).unwrap_or(0)];
-                let slo_ttft = self.config.slo_ttft.as_secs_f64() * 1e3;
-                // TTFT budget left if sent to the fastest worker now.
-                let slack = slo_ttft - request.waited.as_secs_f64() * 1e3 - fastest.expected_ttft_ms();
-                let last_chance = 0.05 * slo_ttft;
-                match self.config.overload {
-                    _ if slack > last_chance => {
-                        self.counters.held.fetch_add(1, Ordering::Relaxed);
-                        Err(RoutingError::Saturated {
-                            recheck: Duration::from_secs_f64(((slack - last_chance) / 1e3).min(last_chance / 1e3)),
-                        })
-                    }
-                    // The last moment the SLO can still be met: where it is met soonest.
-                    _ if slack >= 0.0 => Ok(fastest),
-                    Overload::Queue | Overload::BestEffort => Ok(best),
-                    Overload::Shed => {
-                        self.counters.shed.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(
-                            waited_ms = request.waited.as_millis() as u64,
-                            predicted_ttft_ms = fastest.expected_ttft_ms(),
-                            "marginal_utility: shedding a request that can no longer meet its TTFT SLO"
-                        );
-                        Err(RoutingError::Shed { retry_after: self.config.slo_ttft })
-                    }
-                }
+                self.overloaded(&all, best, request)
             }
         }
     }
 
-    /// Feeds one observed request into the models, at `at` on the policy's clock.
+    /// No candidate is feasible: `best` under best effort, else hold the request (the router
+    /// asks again), dispatch it at the last moment its TTFT SLO can be met, or shed it.
+    fn overloaded(
+        &self,
+        all: &[&Candidate],
+        best: Candidate,
+        request: &RequestView,
+    ) -> Result<Candidate, RoutingError> {
+        if self.config.overload == Overload::BestEffort {
+            return Ok(best);
+        }
+        let fastest = *all[self.best_by(all, Candidate::expected_ttft_ms).unwrap_or(0)];
+        let slo_ttft = self.config.slo_ttft.as_secs_f64() * 1e3;
+        // TTFT budget left if sent to the fastest worker now.
+        let slack = slo_ttft - request.waited.as_secs_f64() * 1e3 - fastest.expected_ttft_ms();
+        let last_chance = 0.05 * slo_ttft;
+        match self.config.overload {
+            _ if slack > last_chance => {
+                self.counters.held.fetch_add(1, Ordering::Relaxed);
+                Err(RoutingError::Saturated {
+                    recheck: Duration::from_secs_f64(((slack - last_chance) / 1e3).min(last_chance / 1e3)),
+                })
+            }
+            // The last moment the SLO can still be met: where it is met soonest.
+            _ if slack >= 0.0 => Ok(fastest),
+            Overload::Queue | Overload::BestEffort => Ok(best),
+            Overload::Shed => {
+                self.counters.shed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    waited_ms = request.waited.as_millis() as u64,
+                    predicted_ttft_ms = fastest.expected_ttft_ms(),
+                    "marginal_utility: shedding a request that can no longer meet its TTFT SLO"
+                );
+                Err(RoutingError::Shed { retry_after: self.config.slo_ttft })
+            }
+        }
+    }
+
+    /// Feeds one observed request into the models, at `at` on the policy's clock. Requests
+    /// that finish on a worker already removed teach nothing (its state is gone for good).
     pub fn observe(&self, outcome: &RequestOutcome, at: Instant) {
+        if outcome.worker.is_retired() {
+            return;
+        }
         let t = at.saturating_duration_since(self.epoch).as_secs_f64();
         if let Some(sample) = Sample::from_outcome(outcome, t) {
             self.model.write().unwrap_or_else(|p| p.into_inner()).observe(outcome.worker.id(), &sample);
@@ -438,7 +458,7 @@ impl RoutingPolicy for MarginalUtility {
         "marginal_utility"
     }
 
-    fn select_single(&self, workers: &[Arc<Worker>], request: &RequestView) -> Result<usize, RoutingError> {
+    fn select_single(&self, workers: &[Arc<Worker>], request: &RequestView) -> Result<Selection, RoutingError> {
         if workers.is_empty() {
             return Err(RoutingError::NoHealthyWorkers);
         }
@@ -451,48 +471,46 @@ impl RoutingPolicy for MarginalUtility {
             candidates = ?scored,
             "marginal_utility decision"
         );
-        request.uncached_hint.set(chosen.uncached.round() as u32);
-        self.trees.record(&request.text, worker.id());
-        Ok(chosen.index)
+        self.trees.record(&request.text, worker);
+        Ok(chosen.selection())
     }
 
     /// PD: the prefill pool is scored by the prefill model (TTFT with the queued prefill and
     /// the prefill workers' cache), the decode pool by the decode model (step time after
     /// admission and the delay imposed on running decodes); independently, since the KV
-    /// transfer cost between specific pairs is not known. No holding in PD mode: when no
-    /// worker is feasible the choice is best effort.
+    /// transfer cost between specific pairs is not known. When no prefill worker can meet the
+    /// TTFT SLO, `--mu-overload` applies as in regular mode (hold, then dispatch or shed).
     fn select_pair(
         &self,
         prefill: &[Arc<Worker>],
         decode: &[Arc<Worker>],
         request: &RequestView,
-    ) -> Result<(usize, usize), RoutingError> {
+    ) -> Result<(Selection, Selection), RoutingError> {
         if prefill.is_empty() || decode.is_empty() {
             return Err(RoutingError::NoHealthyWorkers);
         }
         let margin = self.config.slo_margin;
         let (slo_ttft, slo_tpot) = (self.config.slo_ttft.as_secs_f64() * 1e3, self.config.slo_tpot.as_secs_f64() * 1e3);
-        let feasible_or_all = |scored: &[Candidate], ok: &dyn Fn(&Candidate) -> bool| -> Vec<Candidate> {
-            let feasible: Vec<Candidate> = scored.iter().filter(|c| ok(c)).copied().collect();
-            if feasible.is_empty() {
-                scored.to_vec()
-            } else {
-                feasible
-            }
-        };
         let p_scored = self.score(prefill, request);
-        let p_set =
-            feasible_or_all(&p_scored, &|c| c.expected_ttft_ms() <= if c.holder { 1.0 } else { margin } * slo_ttft);
-        let p_refs: Vec<&Candidate> = p_set.iter().collect();
-        let p = *p_refs[self.best_by(&p_refs, |c| c.ttft_ms + c.externality_ms + c.eviction_ms).unwrap_or(0)];
+        let budget = slo_ttft - request.waited.as_secs_f64() * 1e3;
+        let prefill_cost = |c: &Candidate| c.ttft_ms + c.externality_ms + c.eviction_ms;
+        let p_feasible: Vec<&Candidate> =
+            p_scored.iter().filter(|c| c.expected_ttft_ms() <= if c.holder { 1.0 } else { margin } * budget).collect();
+        let p = if p_feasible.is_empty() {
+            self.counters.infeasible.fetch_add(1, Ordering::Relaxed);
+            let all: Vec<&Candidate> = p_scored.iter().collect();
+            let best = *all[self.best_by(&all, prefill_cost).unwrap_or(0)];
+            self.overloaded(&all, best, request)?
+        } else {
+            *p_feasible[self.best_by(&p_feasible, prefill_cost).unwrap_or(0)]
+        };
         let d_scored = self.score(decode, request);
-        let d_set = feasible_or_all(&d_scored, &|c| c.tpot_after_ms <= margin * slo_tpot);
-        let d_refs: Vec<&Candidate> = d_set.iter().collect();
+        let d_feasible: Vec<&Candidate> = d_scored.iter().filter(|c| c.tpot_after_ms <= margin * slo_tpot).collect();
+        let d_refs: Vec<&Candidate> = if d_feasible.is_empty() { d_scored.iter().collect() } else { d_feasible };
         let d = *d_refs[self.best_by(&d_refs, |c| c.own_ms - c.ttft_ms + c.externality_ms).unwrap_or(0)];
         self.counters.decisions.fetch_add(1, Ordering::Relaxed);
-        request.uncached_hint.set(p.uncached.round() as u32);
-        self.trees.record(&request.text, prefill[p.index].id());
-        Ok((p.index, d.index))
+        self.trees.record(&request.text, &prefill[p.index]);
+        Ok((p.selection(), Selection::of(d.index)))
     }
 
     fn on_request_complete(&self, outcome: &RequestOutcome) {
@@ -500,6 +518,9 @@ impl RoutingPolicy for MarginalUtility {
     }
 
     fn on_first_token(&self, first: &FirstTokenOutcome) {
+        if first.worker.is_retired() {
+            return;
+        }
         let worker = first.worker.id();
         // Every streamed request passes here; only a worker still on the pooled fit learns
         // from it, so the common case costs a read lock, not a write.
@@ -511,6 +532,17 @@ impl RoutingPolicy for MarginalUtility {
         self.model.write().unwrap_or_else(|p| p.into_inner()).observe_first_token(worker, &sample);
     }
 
+    fn on_membership(&self, change: &Membership<'_>) {
+        if let Membership::Removed(w) = change {
+            self.trees.forget(w.id());
+            self.model.write().unwrap_or_else(|p| p.into_inner()).forget(w.id());
+        }
+    }
+
+    fn reads_reported_load(&self) -> bool {
+        true
+    }
+
     fn maintenance_interval(&self) -> Option<Duration> {
         Some(Duration::from_secs(120))
     }
@@ -519,6 +551,15 @@ impl RoutingPolicy for MarginalUtility {
         self.trees.trim();
     }
 
+    fn report(&self, to: Report<'_>) {
+        match to {
+            Report::Metrics(out) => self.render_metrics(out),
+            Report::Debug(out) => *out = Some(self.debug_state()),
+        }
+    }
+}
+
+impl MarginalUtility {
     fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write;
         let c = &self.counters;
@@ -535,9 +576,9 @@ impl RoutingPolicy for MarginalUtility {
         }
     }
 
-    fn debug_state(&self) -> Option<serde_json::Value> {
+    fn debug_state(&self) -> serde_json::Value {
         let c = &self.counters;
-        Some(serde_json::json!({
+        serde_json::json!({
             "policy": "marginal_utility",
             "objective": self.config.objective,
             "estimator": self.config.estimator,
@@ -551,7 +592,7 @@ impl RoutingPolicy for MarginalUtility {
             "shed": c.shed.load(Ordering::Relaxed),
             "explored": c.explored.load(Ordering::Relaxed),
             "workers": self.report(),
-        }))
+        })
     }
 }
 
@@ -601,8 +642,9 @@ mod tests {
 
     /// Selects and dispatches like the router does (guard at selection), first token at once.
     fn dispatch(p: &MarginalUtility, ws: &[Arc<Worker>], view: &RequestView) -> (usize, InFlightGuard) {
-        let i = p.select_single(ws, view).unwrap();
-        let mut g = InFlightGuard::dispatch(ws[i].clone(), view.dispatch_info(), Instant::now());
+        let sel = p.select_single(ws, view).unwrap();
+        let i = sel.index;
+        let mut g = InFlightGuard::dispatch(ws[i].clone(), view.dispatch_info(&sel, ""), Instant::now());
         g.mark_first_byte();
         (i, g)
     }
@@ -661,7 +703,7 @@ mod tests {
         let _flood: Vec<InFlightGuard> = (0..200).map(|_| InFlightGuard::new(ws[holder].clone())).collect();
         let view = request(&format!("{system} last"));
         assert!(!p.score(&ws, &view)[holder].feasible);
-        assert_eq!(p.select_single(&ws, &view).unwrap(), cold);
+        assert_eq!(p.select_single(&ws, &view).unwrap().index, cold);
         drop(background);
     }
 
@@ -701,7 +743,7 @@ mod tests {
         let view = RequestView { now: Some(t0 + Duration::from_millis(1500)), ..request("hello") };
         let scored = p.score(&ws, &view);
         assert!(!scored[0].feasible && scored[0].waiting_ms >= 3000.0 && scored[0].ttft_ms < 1000.0, "{scored:?}");
-        assert!((0..20).all(|_| p.select_single(&ws, &view) == Ok(1)));
+        assert!((0..20).all(|_| p.select_single(&ws, &view).unwrap().index == 1));
         drop(stuck);
     }
 
@@ -747,7 +789,8 @@ mod tests {
         let p = MarginalUtility::new(&MarginalUtilityConfig { seed: Some(3), epsilon: 0.01, ..Default::default() });
         train(&p, ws[0].id(), 4.0);
         train(&p, ws[1].id(), 1.0);
-        let picks: Vec<usize> = (0..3000).map(|_| p.select_single(&ws, &RequestView::default()).unwrap()).collect();
+        let picks: Vec<usize> =
+            (0..3000).map(|_| p.select_single(&ws, &RequestView::default()).unwrap().index).collect();
         let slow = picks.iter().filter(|&&i| i == 1).count();
         assert!(slow > 0 && slow < 60, "slow worker picked {slow} times of 3000");
     }
@@ -783,7 +826,7 @@ mod tests {
         let _busy: Vec<_> = (0..20).map(|_| InFlightGuard::new(ws[0].clone())).collect();
         let mut view = request(&"q".repeat(400));
         // Predicted TTFT with 20 in flight is far above 50 % of the SLO: held, then shed.
-        assert_eq!(best.select_single(&ws, &view), Ok(0));
+        assert_eq!(best.select_single(&ws, &view).map(|s| s.index), Ok(0));
         let first = shed.select_single(&ws, &view);
         assert!(matches!(first, Err(RoutingError::Saturated { .. }) | Err(RoutingError::Shed { .. })), "{first:?}");
         view.waited = slo;

@@ -32,7 +32,34 @@ pub use round_robin::{RoundRobin, RoundRobinConfig};
 
 use crate::load::{FirstTokenOutcome, RequestOutcome};
 use crate::request::RequestView;
-use crate::workers::Worker;
+use crate::workers::{Membership, Worker};
+
+/// What a policy decided for one pool: the candidate's index, and what it expects the
+/// request to cost there that the router should count while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Selection {
+    /// Index into the candidate list.
+    pub index: usize,
+    /// Prompt tokens the policy expects the worker to compute (not served from its prefix
+    /// cache); `None` = the policy has no estimate (the whole prompt counts).
+    pub uncached_tokens: Option<u32>,
+}
+
+impl Selection {
+    /// The candidate at `index`, with no cache estimate.
+    pub fn of(index: usize) -> Self {
+        Self { index, uncached_tokens: None }
+    }
+}
+
+/// Where a policy reports on itself (one method for both, so a policy keeps them together).
+#[derive(Debug)]
+pub enum Report<'a> {
+    /// Append the policy's Prometheus families to a scrape.
+    Metrics(&'a mut String),
+    /// Set the learnt state `GET /debug/policy` shows.
+    Debug(&'a mut Option<serde_json::Value>),
+}
 
 /// Why no worker could be chosen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,26 +87,36 @@ pub trait RoutingPolicy: Send + Sync + fmt::Debug {
     /// The policy's name as given on the command line.
     fn name(&self) -> &'static str;
 
-    /// Picks one of `workers` (all healthy) for `request`; returns its index.
-    fn select_single(&self, workers: &[Arc<Worker>], request: &RequestView) -> Result<usize, RoutingError>;
+    /// Picks one of `workers` (all may serve) for `request`.
+    fn select_single(&self, workers: &[Arc<Worker>], request: &RequestView) -> Result<Selection, RoutingError>;
 
-    /// Picks a prefill worker and a decode worker; returns their indices. By default two
-    /// independent single selections; a policy that can score pairs jointly overrides it.
+    /// Picks a prefill worker and a decode worker. By default two independent single
+    /// selections; a policy that can score pairs jointly overrides it.
     fn select_pair(
         &self,
         prefill: &[Arc<Worker>],
         decode: &[Arc<Worker>],
         request: &RequestView,
-    ) -> Result<(usize, usize), RoutingError> {
+    ) -> Result<(Selection, Selection), RoutingError> {
         Ok((self.select_single(prefill, request)?, self.select_single(decode, request)?))
     }
 
-    /// What the router observed about a finished request. Stateless policies ignore it.
+    /// What the router observed about a finished request (every ending, abandoned included;
+    /// see [`RequestOutcome::ending`]). Stateless policies ignore it.
     fn on_request_complete(&self, _outcome: &RequestOutcome) {}
 
     /// What the router observed when a streamed request's first token arrived (before it
     /// finishes, so a policy can learn a worker's TTFT without waiting for the whole answer).
     fn on_first_token(&self, _first: &FirstTokenOutcome) {}
+
+    /// A worker joined or left. A policy that keeps per-worker state frees it on removal
+    /// (a worker that comes back is a new worker with a new id, and starts cold).
+    fn on_membership(&self, _change: &Membership<'_>) {}
+
+    /// Whether the policy reads workers' own load reports (only then does the router poll them).
+    fn reads_reported_load(&self) -> bool {
+        false
+    }
 
     /// How often [`RoutingPolicy::maintain`] should run, for policies with state to tidy.
     fn maintenance_interval(&self) -> Option<Duration> {
@@ -90,14 +127,9 @@ pub trait RoutingPolicy: Send + Sync + fmt::Debug {
     /// (or a simulation's virtual clock) calls it, so the policy never owns a thread.
     fn maintain(&self) {}
 
-    /// Appends the policy's own Prometheus families (e.g. cache_aware's match ratio and tree
-    /// size) to a scrape.
-    fn render_metrics(&self, _out: &mut String) {}
-
-    /// The policy's learnt state as JSON for `GET /debug/policy`; stateless policies have none.
-    fn debug_state(&self) -> Option<serde_json::Value> {
-        None
-    }
+    /// Reports on the policy: its Prometheus families, or its learnt state as JSON for
+    /// `GET /debug/policy`. Stateless policies report nothing.
+    fn report(&self, _to: Report<'_>) {}
 }
 
 /// Policy names accepted by `--policy`.
@@ -119,6 +151,19 @@ pub enum PolicyKind {
     ConsistentHash,
     /// Least marginal cost on learnt per-worker performance models, within latency SLOs.
     MarginalUtility,
+}
+
+impl PolicyKind {
+    /// Every policy.
+    pub const ALL: [PolicyKind; 7] = [
+        PolicyKind::Random,
+        PolicyKind::RoundRobin,
+        PolicyKind::PowerOfTwo,
+        PolicyKind::LoadBased,
+        PolicyKind::CacheAware,
+        PolicyKind::ConsistentHash,
+        PolicyKind::MarginalUtility,
+    ];
 }
 
 /// A policy with its settings.
@@ -204,23 +249,17 @@ mod tests {
     #[test]
     fn every_policy_rejects_an_empty_list_and_picks_in_range() {
         let ws = test_support::workers(3);
-        for kind in [
-            PolicyKind::Random,
-            PolicyKind::RoundRobin,
-            PolicyKind::PowerOfTwo,
-            PolicyKind::LoadBased,
-            PolicyKind::MarginalUtility,
-        ] {
+        for kind in PolicyKind::ALL {
             let p = build(&PolicyConfig::new(kind, Some(1)));
             let req = RequestView::default();
             assert_eq!(p.select_single(&[], &req), Err(RoutingError::NoHealthyWorkers), "{}", p.name());
             assert_eq!(p.select_pair(&ws, &[], &req), Err(RoutingError::NoHealthyWorkers));
             for _ in 0..50 {
-                assert!(p.select_single(&ws, &req).unwrap() < 3);
+                assert!(p.select_single(&ws, &req).unwrap().index < 3);
                 let (a, b) = p.select_pair(&ws[..1], &ws, &req).unwrap();
-                assert!(a == 0 && b < 3);
+                assert!(a.index == 0 && b.index < 3);
             }
-            assert!(p.select_single(&ws[..1], &req) == Ok(0));
+            assert!(p.select_single(&ws[..1], &req).unwrap().index == 0);
         }
     }
 }

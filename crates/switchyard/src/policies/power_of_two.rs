@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::rng::PolicyRng;
-use super::{RoutingError, RoutingPolicy};
+use super::{RoutingError, RoutingPolicy, Selection};
 use crate::request::RequestView;
 use crate::workers::Worker;
 
@@ -33,17 +33,17 @@ impl RoutingPolicy for PowerOfTwo {
         "power_of_two"
     }
 
-    fn select_single(&self, workers: &[Arc<Worker>], _request: &RequestView) -> Result<usize, RoutingError> {
+    fn select_single(&self, workers: &[Arc<Worker>], _request: &RequestView) -> Result<Selection, RoutingError> {
         match workers.len() {
             0 => Err(RoutingError::NoHealthyWorkers),
-            1 => Ok(0),
+            1 => Ok(Selection::of(0)),
             n => {
                 let a = self.rng.index(n);
                 let mut b = self.rng.index(n - 1);
                 if b >= a {
                     b += 1;
                 }
-                Ok(if workers[b].load().in_flight() < workers[a].load().in_flight() { b } else { a })
+                Ok(Selection::of(if workers[b].load().in_flight() < workers[a].load().in_flight() { b } else { a }))
             }
         }
     }
@@ -60,12 +60,12 @@ mod tests {
         let _busy = load(&ws[0], 5);
         let p = PowerOfTwo::new(&PowerOfTwoConfig { seed: Some(3) });
         for _ in 0..100 {
-            assert_eq!(p.select_single(&ws, &RequestView::default()).unwrap(), 1);
+            assert_eq!(p.select_single(&ws, &RequestView::default()).unwrap().index, 1);
         }
         let ws = workers(8);
         let mut seen = [false; 8];
         for _ in 0..500 {
-            seen[p.select_single(&ws, &RequestView::default()).unwrap()] = true;
+            seen[p.select_single(&ws, &RequestView::default()).unwrap().index] = true;
         }
         assert!(seen.iter().all(|s| *s), "{seen:?}");
     }

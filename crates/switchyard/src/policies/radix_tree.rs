@@ -573,14 +573,30 @@ impl PrefixIndex {
         }
     }
 
-    /// Records `key` as cached on `tenant`.
-    pub fn record(&self, key: &crate::request::RoutingText, tenant: TenantId) {
+    /// Records `key` as cached on `worker`. A worker removed meanwhile (the choice was made
+    /// on an older snapshot) is forgotten again at once: the registry retires a worker before
+    /// announcing its removal, so either this check or the announcement cleans up.
+    pub fn record(&self, key: &crate::request::RoutingText, worker: &crate::workers::Worker) {
         use crate::request::RoutingText;
         match key {
-            RoutingText::Text(s) => self.text.insert(s.as_bytes(), tenant),
-            RoutingText::Tokens(t) => self.tokens.insert(t, tenant),
-            RoutingText::None => {}
+            RoutingText::Text(s) => self.text.insert(s.as_bytes(), worker.id()),
+            RoutingText::Tokens(t) => self.tokens.insert(t, worker.id()),
+            RoutingText::None => return,
         }
+        if worker.is_retired() {
+            self.forget(worker.id());
+        }
+    }
+
+    /// Forgets everything recorded for `tenant` (a worker that left the fleet).
+    pub fn forget(&self, tenant: TenantId) {
+        self.text.with(|t| t.remove_tenant(tenant));
+        self.tokens.with(|t| t.remove_tenant(tenant));
+    }
+
+    /// Size held by `tenant` in both trees (tests: nothing is kept for a removed worker).
+    pub fn tenant_size(&self, tenant: TenantId) -> usize {
+        self.text.with(|t| t.tenant_size(tenant)) + self.tokens.with(|t| t.tenant_size(tenant))
     }
 
     /// Trims both trees to 90 % of their bound (the background sweep), so inserts rarely

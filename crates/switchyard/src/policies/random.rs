@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::rng::PolicyRng;
-use super::{RoutingError, RoutingPolicy};
+use super::{RoutingError, RoutingPolicy, Selection};
 use crate::request::RequestView;
 use crate::workers::Worker;
 
@@ -32,11 +32,11 @@ impl RoutingPolicy for Random {
         "random"
     }
 
-    fn select_single(&self, workers: &[Arc<Worker>], _request: &RequestView) -> Result<usize, RoutingError> {
+    fn select_single(&self, workers: &[Arc<Worker>], _request: &RequestView) -> Result<Selection, RoutingError> {
         if workers.is_empty() {
             return Err(RoutingError::NoHealthyWorkers);
         }
-        Ok(self.rng.index(workers.len()))
+        Ok(Selection::of(self.rng.index(workers.len())))
     }
 }
 
@@ -52,7 +52,7 @@ mod tests {
         let mut counts = [0usize; 4];
         let n = 40_000;
         for _ in 0..n {
-            counts[p.select_single(&ws, &RequestView::default()).unwrap()] += 1;
+            counts[p.select_single(&ws, &RequestView::default()).unwrap().index] += 1;
         }
         // Each count ~ Binomial(n, 1/4): σ ≈ 87; allow 5σ.
         for c in counts {

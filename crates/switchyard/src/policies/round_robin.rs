@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::{RoutingError, RoutingPolicy};
+use super::{RoutingError, RoutingPolicy, Selection};
 use crate::request::RequestView;
 use crate::workers::Worker;
 
@@ -33,11 +33,11 @@ impl RoutingPolicy for RoundRobin {
         "round_robin"
     }
 
-    fn select_single(&self, workers: &[Arc<Worker>], _request: &RequestView) -> Result<usize, RoutingError> {
+    fn select_single(&self, workers: &[Arc<Worker>], _request: &RequestView) -> Result<Selection, RoutingError> {
         if workers.is_empty() {
             return Err(RoutingError::NoHealthyWorkers);
         }
-        Ok(self.next.fetch_add(1, Ordering::Relaxed) % workers.len())
+        Ok(Selection::of(self.next.fetch_add(1, Ordering::Relaxed) % workers.len()))
     }
 
     fn select_pair(
@@ -45,13 +45,13 @@ impl RoutingPolicy for RoundRobin {
         prefill: &[Arc<Worker>],
         decode: &[Arc<Worker>],
         _request: &RequestView,
-    ) -> Result<(usize, usize), RoutingError> {
+    ) -> Result<(Selection, Selection), RoutingError> {
         if prefill.is_empty() || decode.is_empty() {
             return Err(RoutingError::NoHealthyWorkers);
         }
         let p = self.next_prefill.fetch_add(1, Ordering::Relaxed) % prefill.len();
         let d = self.next_decode.fetch_add(1, Ordering::Relaxed) % decode.len();
-        Ok((p, d))
+        Ok((Selection::of(p), Selection::of(d)))
     }
 }
 
@@ -64,10 +64,12 @@ mod tests {
     fn exact_rotation() {
         let ws = workers(3);
         let p = RoundRobin::default();
-        let picks: Vec<_> = (0..7).map(|_| p.select_single(&ws, &RequestView::default()).unwrap()).collect();
+        let picks: Vec<_> = (0..7).map(|_| p.select_single(&ws, &RequestView::default()).unwrap().index).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2, 0]);
-        let pairs: Vec<_> =
-            (0..4).map(|_| p.select_pair(&ws[..2], &ws[..2], &RequestView::default()).unwrap()).collect();
+        let pairs: Vec<_> = (0..4)
+            .map(|_| p.select_pair(&ws[..2], &ws[..2], &RequestView::default()).unwrap())
+            .map(|(a, b)| (a.index, b.index))
+            .collect();
         assert_eq!(pairs, vec![(0, 0), (1, 1), (0, 0), (1, 1)], "each pool rotates on its own");
     }
 }

@@ -1,95 +1,75 @@
 //! The body of a streamed (SSE) response relayed to the client, observed on the way.
 //!
-//! It owns the request's [`InFlightGuard`], so the worker's in-flight count drops exactly
-//! when the stream ends — finished, failed, or dropped because the client went away (axum
-//! drops the body, which drops the upstream connection and so cancels the work there).
-//! The first data frame marks time to first token; SSE events are counted for time per
-//! output token. If the worker breaks the stream, the client gets a final
-//! `data: {"error": ...}` event instead of a silent truncation.
+//! It owns the request's [`InFlightGuard`] and nothing else: the guard reports the end —
+//! finished, failed, or dropped because the client went away (axum drops the body, which
+//! drops the upstream connection and so cancels the work there) — to whoever registered on
+//! it. The first data frame marks time to first token; SSE events are counted as output
+//! tokens when the stream carries no usage. If the worker breaks the stream, the client gets
+//! a final `data: {"error": ...}` event instead of a silent truncation.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
+use axum::http::{header, HeaderValue, Response};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-
 use tokio::time::Instant;
 
-use crate::load::{InFlightGuard, Usage};
-use crate::metrics::Metrics;
-use crate::policies::RoutingPolicy;
+use super::client::forward_headers;
+use crate::load::{Ending, InFlightGuard, Usage};
 
-/// Where a stream's observations go.
-#[derive(Debug, Clone)]
-pub struct StreamObserver {
-    /// Told about the finished request.
-    pub policy: Arc<dyn RoutingPolicy>,
-    /// Request, TTFT and TPOT metrics.
-    pub metrics: Arc<Metrics>,
-    /// Route label.
-    pub route: &'static str,
+/// Whether a worker's answer is an SSE stream.
+pub fn is_event_stream(resp: &hyper::Response<Incoming>) -> bool {
+    resp.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+/// A complete worker answer as the client's response.
+pub fn buffered(parts: hyper::http::response::Parts, body: Bytes) -> Response<axum::body::Body> {
+    let mut out = Response::new(axum::body::Body::from(body));
+    *out.status_mut() = parts.status;
+    forward_headers(&parts.headers, out.headers_mut());
+    out
+}
+
+/// Turns a worker's SSE response into the client's, its guard inside the body.
+pub fn relay_stream(resp: hyper::Response<Incoming>, mut guard: InFlightGuard) -> Response<axum::body::Body> {
+    let (parts, incoming) = resp.into_parts();
+    guard.relay(parts.status.as_u16());
+    let failed_status = super::is_worker_failure(parts.status);
+    let body = ObservedBody { inner: incoming, guard: Some(guard), failed_status, events: 0, usage: Usage::default() };
+    let mut out = Response::new(axum::body::Body::new(body));
+    *out.status_mut() = parts.status;
+    forward_headers(&parts.headers, out.headers_mut());
+    // Ask intermediaries (nginx in front of us) not to buffer the stream.
+    out.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
+    out
 }
 
 /// A worker's SSE response body with its guard.
 pub struct ObservedBody {
     inner: Incoming,
+    /// Present until the stream ends; dropped unfinished (client gone) it reports abandoned.
     guard: Option<InFlightGuard>,
-    observer: StreamObserver,
-    status: u16,
     /// Whether the worker answered with a worker-failure status.
-    error_status: bool,
+    failed_status: bool,
     /// SSE `data:` events seen (≈ output tokens for token-per-event engines).
     events: u32,
     /// Token counts from `usage` / `meta_info` in the events.
     usage: Usage,
-    done: bool,
 }
 
 impl ObservedBody {
-    /// Wraps `inner`, a stream answered with `status`.
-    pub fn new(
-        inner: Incoming,
-        guard: InFlightGuard,
-        observer: StreamObserver,
-        status: u16,
-        error_status: bool,
-    ) -> Self {
-        Self {
-            inner,
-            guard: Some(guard),
-            observer,
-            status,
-            error_status,
-            events: 0,
-            usage: Usage::default(),
-            done: false,
-        }
-    }
-
-    fn finish(&mut self, success: bool) {
+    fn finish(&mut self, ending: Ending) {
         if let Some(guard) = self.guard.take() {
             if self.usage.completion_tokens.is_none() {
                 // No usage in the stream: one event per token, less `[DONE]`.
                 self.usage.completion_tokens = Some(self.events.saturating_sub(1));
             }
-            let outcome = guard.complete_at(success, self.usage, Instant::now());
-            let o = &self.observer;
-            o.metrics.request(o.route, self.status, outcome.worker.url(), outcome.latency);
-            // Events beyond the first, over the time after it; `[DONE]` and a usage event
-            // are included, a small bias toward shorter TPOT on short streams.
-            let tpot = outcome
-                .time_to_first_byte
-                .filter(|_| self.events > 2)
-                .map(|ttft| (outcome.latency.saturating_sub(ttft)) / (self.events - 1).max(1));
-            o.metrics.token_timing(
-                outcome.worker.url(),
-                outcome.time_to_first_byte,
-                tpot.filter(|t| *t > Duration::ZERO),
-            );
-            o.policy.on_request_complete(&outcome);
+            guard.finish(ending, self.usage);
         }
     }
 }
@@ -111,7 +91,7 @@ impl Body for ObservedBody {
     type Error = hyper::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if self.done {
+        if self.guard.is_none() {
             return Poll::Ready(None);
         }
         match Pin::new(&mut self.inner).poll_frame(cx) {
@@ -119,39 +99,33 @@ impl Body for ObservedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref().filter(|d| !d.is_empty()) {
                     self.events += count_events(d);
-                    let mut usage = self.usage;
-                    usage.scan(d);
-                    self.usage = usage;
-                    if let Some(first) = self.guard.as_mut().and_then(|g| g.first_token_at(Instant::now())) {
-                        self.observer.policy.on_first_token(&first);
+                    self.usage.scan(d);
+                    if let Some(g) = self.guard.as_mut() {
+                        g.first_token_at(Instant::now());
                     }
                 }
                 if self.inner.is_end_stream() {
-                    self.done = true;
-                    let success = !self.error_status;
-                    self.finish(success);
+                    let ending = Ending::from_success(!self.failed_status);
+                    self.finish(ending);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
-                self.done = true;
-                let success = !self.error_status;
-                self.finish(success);
+                let ending = Ending::from_success(!self.failed_status);
+                self.finish(ending);
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
-                self.done = true;
                 let worker = self.guard.as_ref().map(|g| g.worker().url().to_owned()).unwrap_or_default();
                 tracing::warn!(%worker, error = %e, "worker broke the stream");
-                self.status = 502;
-                self.finish(false);
+                self.finish(Ending::Failed);
                 Poll::Ready(Some(Ok(Frame::data(stream_error_event(&worker, &e.to_string())))))
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done
+        self.guard.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {

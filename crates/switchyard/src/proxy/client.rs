@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -44,6 +44,16 @@ pub enum SendError {
     /// The target URL could not be formed.
     #[error("invalid upstream URL: {0}")]
     Url(String),
+}
+
+/// Statuses that mean "this worker can't serve it now; another may" (and count against
+/// the worker's circuit breaker): 5xx, 408, 429, and anything outside the valid range. Other
+/// 4xx are the client's and pass through untouched.
+pub fn is_worker_failure(status: StatusCode) -> bool {
+    status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || !(100..600).contains(&status.as_u16())
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and those the client recomputes.

@@ -1,8 +1,7 @@
-//! Prefill/decode mode: a policy picks a (prefill, decode) pair through `select_pair`, the
-//! request is rewritten for the engines' KV-transfer protocol, and neither leg may hang the
-//! other.
+//! Prefill/decode mode's attempt: a (prefill, decode) pair, the request rewritten for the
+//! engines' KV-transfer protocol, and neither leg may hang the other.
 //!
-//! - **SGLang style**: `bootstrap_host`/`bootstrap_port`/`bootstrap_room` are injected and the
+//! - **SGLang style**: `bootstrap_host`/`bootstrap_port`/`bootstrap_room` are added and the
 //!   request goes to both legs at once; the decode leg's answer is returned (prompt logprobs
 //!   from the prefill leg merged in when `return_logprob` is set). If either leg fails before
 //!   the decode leg has answered, the other is cancelled at once (the anchor router waits out
@@ -10,91 +9,24 @@
 //! - **vLLM style**: prefill with `max_tokens = 1`, `stream = false` and
 //!   `kv_transfer_params.do_remote_decode`, then decode with the `kv_transfer_params` the
 //!   prefill worker returned.
+//!
+//! Each attempt's body is written from the client's body by editing its top-level fields
+//! ([`Members`]), never by cloning a parsed tree of it.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Response};
 use bytes::Bytes;
 use serde_json::{json, Value};
-use tokio::time::Instant;
 
-use super::regular::{buffered, is_event_stream, is_worker_failure, is_worker_failure_code, relay_stream, RoutedTo};
-use crate::config::{PdStyle, RetryConfig};
+use super::attempt::{Attempt, Dispatcher, Failure};
+use super::body_edit::Members;
+use crate::config::PdStyle;
 use crate::error::ApiError;
-use crate::load::{DispatchInfo, InFlightGuard};
-use crate::metrics::Metrics;
-use crate::policies::RoutingPolicy;
-use crate::proxy::{SendError, StreamObserver, Upstream};
-use crate::request::RequestView;
-use crate::workers::{Worker, WorkerRegistry, WorkerRole};
-
-/// How the pair is chosen: one policy scoring pairs, or one policy per pool.
-#[derive(Debug, Clone)]
-pub enum PairPolicy {
-    /// `--policy` for both pools, through `select_pair`.
-    Joint(Arc<dyn RoutingPolicy>),
-    /// `--prefill-policy` / `--decode-policy`.
-    PerPool {
-        /// Prefill pool.
-        prefill: Arc<dyn RoutingPolicy>,
-        /// Decode pool.
-        decode: Arc<dyn RoutingPolicy>,
-    },
-}
-
-impl PairPolicy {
-    fn select(&self, p: &[Arc<Worker>], d: &[Arc<Worker>], view: &RequestView) -> Option<(usize, usize)> {
-        match self {
-            PairPolicy::Joint(policy) => policy.select_pair(p, d, view).ok(),
-            PairPolicy::PerPool { prefill, decode } => {
-                Some((prefill.select_single(p, view).ok()?, decode.select_single(d, view).ok()?))
-            }
-        }
-    }
-
-    /// The policy reported as the router's (the prefill pool's when split).
-    pub fn primary(&self) -> &Arc<dyn RoutingPolicy> {
-        match self {
-            PairPolicy::Joint(p) => p,
-            PairPolicy::PerPool { prefill, .. } => prefill,
-        }
-    }
-
-    fn decode_policy(&self) -> &Arc<dyn RoutingPolicy> {
-        match self {
-            PairPolicy::Joint(p) => p,
-            PairPolicy::PerPool { decode, .. } => decode,
-        }
-    }
-}
-
-/// Routes requests to prefill/decode pairs.
-#[derive(Debug, Clone)]
-pub struct PdRouter {
-    registry: Arc<WorkerRegistry>,
-    policy: PairPolicy,
-    upstream: Upstream,
-    retry: RetryConfig,
-    metrics: Arc<Metrics>,
-    style: PdStyle,
-    prefill_timeout: Duration,
-}
-
-/// Why a leg failed (for retry bookkeeping).
-enum LegFailure {
-    Prefill(Arc<Worker>, ApiError),
-    Decode(Arc<Worker>, ApiError),
-    /// The decode leg failed while the prefill leg had not answered: either may be at fault
-    /// (a hung prefill makes the decode worker time out waiting for its KV), so the retry
-    /// avoids both.
-    Both(Arc<Worker>, Arc<Worker>, ApiError),
-}
-
-fn is_role(w: &Worker, prefill: bool) -> bool {
-    matches!((w.role(), prefill), (WorkerRole::Prefill { .. }, true) | (WorkerRole::Decode, false))
-}
+use crate::load::{Ending, InFlightGuard, Usage};
+use crate::proxy::{buffered, is_event_stream, is_worker_failure, relay_stream, SendError, Upstream};
+use crate::workers::{Worker, WorkerRole};
 
 fn host_of(url: &str) -> String {
     let rest = url.split("://").nth(1).unwrap_or(url);
@@ -105,220 +37,139 @@ fn host_of(url: &str) -> String {
 }
 
 /// Size of a batched SGLang request (`text` or `input_ids` as a list of prompts), if batched.
-fn batch_size(body: &Value) -> Option<usize> {
-    match body.get("text") {
-        Some(Value::Array(a)) => return Some(a.len()),
-        Some(_) => return None,
-        None => {}
+fn batch_size(body: &Members<'_>) -> Option<usize> {
+    if body.get("text").is_some() {
+        return body.array_len("text");
     }
-    match body.get("input_ids") {
-        Some(Value::Array(a)) if a.first().is_some_and(Value::is_array) => Some(a.len()),
-        _ => None,
+    if body.is_nested_array("input_ids") {
+        return body.array_len("input_ids");
     }
+    None
 }
 
 fn unreachable(w: &Worker, e: impl std::fmt::Display) -> ApiError {
     ApiError::WorkerUnreachable { worker: w.url().to_owned(), reason: e.to_string() }
 }
 
-impl PdRouter {
-    /// A PD router over the registry's prefill and decode workers.
-    pub fn new(
-        registry: Arc<WorkerRegistry>,
-        policy: PairPolicy,
-        upstream: Upstream,
-        retry: RetryConfig,
-        metrics: Arc<Metrics>,
-        style: PdStyle,
-        prefill_timeout: Duration,
-    ) -> Self {
-        Self { registry, policy, upstream, retry, metrics, style, prefill_timeout }
+fn timed_out(w: &Worker, limit: Duration) -> ApiError {
+    ApiError::Timeout { worker: w.url().to_owned(), secs: limit.as_secs_f64() }
+}
+
+/// Runs one attempt on the pair whose guards are `[prefill, decode]`.
+pub(super) async fn run(
+    router: &Dispatcher,
+    guards: Vec<InFlightGuard>,
+    a: &Attempt<'_>,
+    style: PdStyle,
+    prefill_timeout: Duration,
+) -> Result<Response<Body>, Failure> {
+    let Ok([prefill, decode]) = <[InFlightGuard; 2]>::try_from(guards) else {
+        return Err(Failure::fatal(ApiError::NoHealthyWorkers));
+    };
+    let members = Members::parse(a.body).map_err(|e| Failure::fatal(ApiError::BadRequest(e)))?;
+    let legs = Legs { router, a, members, prefill_timeout };
+    match style {
+        PdStyle::Sglang => legs.sglang(prefill, decode).await,
+        PdStyle::Vllm => legs.vllm(prefill, decode).await,
+    }
+}
+
+struct Legs<'a> {
+    router: &'a Dispatcher,
+    a: &'a Attempt<'a>,
+    members: Members<'a>,
+    prefill_timeout: Duration,
+}
+
+impl Legs<'_> {
+    fn upstream(&self) -> &Upstream {
+        &self.router.0.upstream
     }
 
-    /// The pair policy.
-    pub fn policy(&self) -> &PairPolicy {
-        &self.policy
-    }
-
-    fn pool(&self, prefill: bool, tried: &[Arc<Worker>]) -> Vec<Arc<Worker>> {
-        self.registry
-            .healthy()
-            .iter()
-            .filter(|w| is_role(w, prefill) && w.breaker().allows() && !tried.iter().any(|t| Arc::ptr_eq(t, w)))
-            .cloned()
-            .collect()
-    }
-
-    /// Routes one request through a prefill/decode pair, retrying on a new pair while
-    /// nothing has reached the client.
-    pub async fn route(
-        &self,
-        route: &'static str,
-        headers: &HeaderMap,
-        body: Bytes,
-    ) -> Result<Response<Body>, ApiError> {
-        let view = super::parse_view(headers, &body)?;
-        let json: Value = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let (mut tried_p, mut tried_d) = (Vec::new(), Vec::new());
-        let mut last_error = ApiError::NoHealthyWorkers;
-        for attempt in 0..self.retry.max_attempts.max(1) {
-            if attempt > 0 {
-                self.metrics.retry();
-                tokio::time::sleep(self.retry.backoff(attempt as u32, rand::random())).await;
-            }
-            let (pp, dp) = (self.pool(true, &tried_p), self.pool(false, &tried_d));
-            let Some((pi, di)) = self.policy.select(&pp, &dp, &view) else { break };
-            let (p, d) = (pp[pi].clone(), dp[di].clone());
-            tracing::debug!(prefill = p.url(), decode = d.url(), attempt, "pd routing decision");
-            let result = match self.style {
-                PdStyle::Sglang => self.sglang(route, headers, &json, &p, &d, view.dispatch_info()).await,
-                PdStyle::Vllm => self.vllm(route, headers, &json, &p, &d, view.dispatch_info()).await,
-            };
-            match result {
-                Ok(resp) => return Ok(resp),
-                Err(LegFailure::Prefill(w, e)) => {
-                    tracing::warn!(worker = w.url(), error = %e, "prefill leg failed; decode leg cancelled");
-                    last_error = e;
-                    tried_p.push(w);
-                }
-                Err(LegFailure::Decode(w, e)) => {
-                    tracing::warn!(worker = w.url(), error = %e, "decode leg failed; prefill leg cancelled");
-                    last_error = e;
-                    tried_d.push(w);
-                }
-                Err(LegFailure::Both(pw, dw, e)) => {
-                    tracing::warn!(prefill = pw.url(), decode = dw.url(), error = %e, "decode leg failed before the prefill leg answered; both cancelled");
-                    last_error = e;
-                    tried_p.push(pw);
-                    tried_d.push(dw);
-                }
-            }
-        }
-        Err(last_error)
-    }
-
-    /// Sends `body` to a prefill `worker` and reads the whole answer, within the prefill timeout.
-    async fn whole(
-        &self,
-        worker: &Worker,
-        route: &str,
-        headers: &HeaderMap,
-        body: Bytes,
-    ) -> Result<(u16, Bytes), ApiError> {
-        let limit = self.prefill_timeout.min(self.upstream.timeout);
-        let timed_out = || ApiError::Timeout { worker: worker.url().to_owned(), secs: limit.as_secs_f64() };
-        tokio::time::timeout(limit, self.whole_unbounded(worker, route, headers, body))
-            .await
-            .map_err(|_| timed_out())?
-    }
-
-    async fn whole_unbounded(
-        &self,
-        worker: &Worker,
-        route: &str,
-        headers: &HeaderMap,
-        body: Bytes,
-    ) -> Result<(u16, Bytes), ApiError> {
-        let resp = self.upstream.send(Method::POST, worker.url(), route, headers, body).await.map_err(|e| match e {
-            SendError::Timeout => {
-                ApiError::Timeout { worker: worker.url().to_owned(), secs: self.upstream.timeout.as_secs_f64() }
-            }
-            e => unreachable(worker, e),
-        })?;
-        let status = resp.status().as_u16();
-        let bytes = self.upstream.read_whole(resp.into_body()).await.map_err(|e| match e {
-            SendError::Timeout => {
-                ApiError::Timeout { worker: worker.url().to_owned(), secs: self.upstream.timeout.as_secs_f64() }
-            }
-            e => unreachable(worker, format!("the response body broke: {e}")),
-        })?;
-        Ok((status, bytes))
-    }
-
-    async fn sglang(
-        &self,
-        route: &'static str,
-        headers: &HeaderMap,
-        json: &Value,
-        p: &Arc<Worker>,
-        d: &Arc<Worker>,
-        info: DispatchInfo,
-    ) -> Result<Response<Body>, LegFailure> {
+    async fn sglang(&self, prefill: InFlightGuard, decode: InFlightGuard) -> Result<Response<Body>, Failure> {
+        let (p, d) = (prefill.worker().clone(), decode.worker().clone());
         let bootstrap_port = match p.role() {
             WorkerRole::Prefill { bootstrap_port } => bootstrap_port,
             _ => None,
         };
-        let mut body = json.clone();
         let room = || rand::random::<u64>() >> 1;
-        match batch_size(json) {
-            Some(n) => {
-                body["bootstrap_host"] = json!(vec![host_of(p.url()); n]);
-                body["bootstrap_port"] = json!(vec![bootstrap_port; n]);
-                body["bootstrap_room"] = json!((0..n).map(|_| room()).collect::<Vec<_>>());
-            }
-            None => {
-                body["bootstrap_host"] = json!(host_of(p.url()));
-                body["bootstrap_port"] = json!(bootstrap_port);
-                body["bootstrap_room"] = json!(room());
-            }
-        }
-        let bytes = Bytes::from(body.to_string());
-        let want_logprobs = json.get("return_logprob").and_then(Value::as_bool).unwrap_or(false);
-        let stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let fields = match batch_size(&self.members) {
+            Some(n) => [
+                json!(vec![host_of(p.url()); n]),
+                json!(vec![bootstrap_port; n]),
+                json!((0..n).map(|_| room()).collect::<Vec<_>>()),
+            ],
+            None => [json!(host_of(p.url())), json!(bootstrap_port), json!(room())],
+        };
+        let [host, port, room] = fields.map(|v| v.to_string());
+        let bytes =
+            self.members.rewrite(&[("bootstrap_host", host), ("bootstrap_port", port), ("bootstrap_room", room)], &[]);
+        let want_logprobs = self.members.get("return_logprob").is_some_and(|v| v.trim() == "true");
 
-        // Prefill leg: its own task, so it can be cancelled (aborted) or left to finish.
-        let prefill_guard = InFlightGuard::dispatch(p.clone(), info, Instant::now());
-        let prefill = {
-            let (this, p, headers, bytes) = (self.clone(), p.clone(), headers.clone(), bytes.clone());
+        // Prefill leg: its own task, so it can be cancelled (aborted: its guard then ends as
+        // abandoned) or left to finish on its own.
+        let prefill_task = {
+            let (upstream, headers, route) = (self.upstream().clone(), self.a.headers.clone(), self.a.route);
+            let (limit, bytes) = (self.prefill_timeout.min(upstream.timeout), bytes.clone());
             tokio::spawn(async move {
-                let answer = this.whole(&p, route, &headers, bytes).await;
-                let ok = matches!(&answer, Ok((s, _)) if !is_worker_failure_code(*s));
+                let mut guard = prefill;
+                let worker = guard.worker().clone();
+                let answer = whole(&upstream, &worker, route, &headers, bytes, limit).await;
                 // The prefill leg's whole answer is its first token.
-                let mut prefill_guard = prefill_guard;
-                prefill_guard.mark_first_byte();
-                let outcome = prefill_guard.complete(ok);
-                this.policy.primary().on_request_complete(&outcome);
+                guard.mark_first_byte();
+                let ok = matches!(&answer, Ok((s, _)) if !super::is_worker_failure_code(*s));
+                let usage = answer.as_ref().map(|(_, b)| usage_of(b)).unwrap_or_default();
+                guard.finish(Ending::from_success(ok), usage);
                 answer
             })
         };
-        let mut prefill = AbortOnDrop { handle: prefill, detached: false };
-        let decode_guard = InFlightGuard::dispatch(d.clone(), info, Instant::now());
-        let decode = self.upstream.send(Method::POST, d.url(), route, headers, bytes);
-        tokio::pin!(decode);
+        let mut prefill_task = AbortOnDrop { handle: prefill_task, detached: false };
+        let sent = self.upstream().send(Method::POST, d.url(), self.a.route, self.a.headers, bytes);
+        tokio::pin!(sent);
         let mut prefill_answer: Option<Bytes> = None;
+        let mut decode = Some(decode);
         let decode_resp = loop {
             tokio::select! {
-                joined = &mut prefill.handle, if prefill_answer.is_none() => {
-                    match joined {
-                        Ok(Ok((status, b))) if !is_worker_failure_code(status) => prefill_answer = Some(b),
-                        Ok(Ok((status, _))) => return Err(LegFailure::Prefill(p.clone(), ApiError::WorkerFailed { worker: p.url().to_owned(), status })),
-                        Ok(Err(e)) => return Err(LegFailure::Prefill(p.clone(), e)),
-                        Err(e) => return Err(LegFailure::Prefill(p.clone(), unreachable(p, e))),
-                    }
+                joined = &mut prefill_task.handle, if prefill_answer.is_none() => {
+                    let error = match joined {
+                        Ok(Ok((status, b))) if !super::is_worker_failure_code(status) => {
+                            prefill_answer = Some(b);
+                            continue;
+                        }
+                        Ok(Ok((status, _))) => ApiError::WorkerFailed { worker: p.url().to_owned(), status },
+                        Ok(Err(e)) => e,
+                        Err(e) => unreachable(&p, e),
+                    };
+                    // The decode leg is cancelled: dropped, its guard ends as abandoned.
+                    return Err(Failure::retry(error, vec![p.clone()]));
                 }
-                sent = &mut decode => {
+                sent = &mut sent => {
                     let error = match sent {
                         Ok(resp) if !is_worker_failure(resp.status()) => break resp,
                         Ok(resp) => ApiError::WorkerFailed { worker: d.url().to_owned(), status: resp.status().as_u16() },
-                        Err(SendError::Timeout) => ApiError::Timeout { worker: d.url().to_owned(), secs: self.upstream.timeout.as_secs_f64() },
-                        Err(e) => unreachable(d, e),
+                        Err(SendError::Timeout) => timed_out(&d, self.upstream().timeout),
+                        Err(e) => unreachable(&d, e),
                     };
-                    decode_guard.complete(false);
-                    return Err(if prefill_answer.is_none() {
-                        LegFailure::Both(p.clone(), d.clone(), error)
-                    } else {
-                        LegFailure::Decode(d.clone(), error)
-                    });
+                    if let Some(g) = decode.take() {
+                        g.finish(Ending::Failed, Usage::default());
+                    }
+                    // A hung prefill makes the decode worker time out waiting for its KV: until
+                    // the prefill leg has answered, either may be at fault.
+                    let blame = if prefill_answer.is_none() { vec![p.clone(), d.clone()] } else { vec![d.clone()] };
+                    return Err(Failure::retry(error, blame));
                 }
             }
         };
-        if stream && is_event_stream(&decode_resp) {
-            // Prompt logprobs come from the prefill leg (already done: the decode worker only
+        let Some(mut decode) = decode.take() else {
+            return Err(Failure::fatal(ApiError::NoHealthyWorkers));
+        };
+        if self.a.view.stream && is_event_stream(&decode_resp) {
+            // Prompt logprobs come from the prefill leg (done by now: the decode worker only
             // answers once the KV is there); otherwise it finishes on its own.
             let inject = if want_logprobs {
                 let answer = match prefill_answer.take() {
                     Some(b) => Some(b),
-                    None => match (&mut prefill.handle).await {
+                    None => match (&mut prefill_task.handle).await {
                         Ok(Ok((_, b))) => Some(b),
                         _ => None,
                     },
@@ -327,130 +178,141 @@ impl PdRouter {
             } else {
                 None
             };
-            prefill.detach();
-            let observer =
-                StreamObserver { policy: self.policy.decode_policy().clone(), metrics: self.metrics.clone(), route };
-            let mut out = relay_stream(decode_resp, decode_guard, observer);
-            out.extensions_mut().insert(RoutedTo(d.clone()));
+            prefill_task.detach();
+            let mut out = relay_stream(decode_resp, decode);
             if let Some(logprobs) = inject {
                 let (parts, body) = out.into_parts();
                 out = Response::from_parts(parts, Body::new(InjectLogprobs::new(body, logprobs)));
             }
             return Ok(out);
         }
+        let status = decode_resp.status();
         let (parts, incoming) = decode_resp.into_parts();
-        let decode_bytes = match self.upstream.read_whole(incoming).await {
+        let decode_bytes = match self.upstream().read_whole(incoming).await {
             Ok(b) => b,
-            Err(_) => {
-                decode_guard.complete(false);
-                return Err(LegFailure::Decode(d.clone(), unreachable(d, "the response body broke")));
+            Err(e) => {
+                decode.finish(Ending::Failed, Usage::default());
+                return Err(Failure::retry(unreachable(&d, format!("the response body broke: {e}")), vec![d.clone()]));
             }
         };
-        let decode_outcome = decode_guard.complete(true);
-        self.policy.decode_policy().on_request_complete(&decode_outcome);
+        decode.mark_first_byte();
+        decode.relay(status.as_u16());
+        decode.finish(Ending::Succeeded, usage_of(&decode_bytes));
         let mut body = decode_bytes;
         if want_logprobs {
             let prefill_bytes = match prefill_answer {
                 Some(b) => b,
-                None => match (&mut prefill.handle).await {
+                None => match (&mut prefill_task.handle).await {
                     Ok(Ok((_, b))) => b,
-                    _ => return Err(LegFailure::Prefill(p.clone(), unreachable(p, "no prefill answer for logprobs"))),
+                    _ => return Err(Failure::fatal(unreachable(&p, "no prefill answer for logprobs"))),
                 },
             };
             body = merge_input_logprobs(&prefill_bytes, body);
         } else {
-            prefill.detach();
+            prefill_task.detach();
         }
-        let mut out = buffered(parts, body);
-        out.extensions_mut().insert(RoutedTo(d.clone()));
-        Ok(out)
+        Ok(buffered(parts, body))
     }
 
-    async fn vllm(
-        &self,
-        route: &'static str,
-        headers: &HeaderMap,
-        json: &Value,
-        p: &Arc<Worker>,
-        d: &Arc<Worker>,
-        info: DispatchInfo,
-    ) -> Result<Response<Body>, LegFailure> {
-        let mut prefill_body = json.clone();
-        prefill_body["max_tokens"] = json!(1);
-        if prefill_body.get("max_completion_tokens").is_some() {
-            prefill_body["max_completion_tokens"] = json!(1);
+    async fn vllm(&self, mut prefill: InFlightGuard, decode: InFlightGuard) -> Result<Response<Body>, Failure> {
+        let (p, d) = (prefill.worker().clone(), decode.worker().clone());
+        let mut set = vec![
+            ("max_tokens", "1".to_owned()),
+            ("stream", "false".to_owned()),
+            (
+                "kv_transfer_params",
+                r#"{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null}"#.to_owned(),
+            ),
+        ];
+        if self.members.get("max_completion_tokens").is_some() {
+            set.push(("max_completion_tokens", "1".to_owned()));
         }
-        prefill_body["stream"] = json!(false);
-        if let Some(o) = prefill_body.as_object_mut() {
-            o.remove("stream_options");
-        }
-        prefill_body["kv_transfer_params"] = json!({
-            "do_remote_decode": true, "do_remote_prefill": false,
-            "remote_engine_id": null, "remote_block_ids": null, "remote_host": null, "remote_port": null,
-        });
-        let mut guard = InFlightGuard::dispatch(p.clone(), info, Instant::now());
-        let answer = self.whole(p, route, headers, Bytes::from(prefill_body.to_string())).await;
+        let prefill_body = self.members.rewrite(&set, &["stream_options"]);
+        let limit = self.prefill_timeout.min(self.upstream().timeout);
+        let answer = whole(self.upstream(), &p, self.a.route, self.a.headers, prefill_body, limit).await;
         let params = match answer {
-            Ok((status, b)) if !is_worker_failure_code(status) => {
-                guard.mark_first_byte();
-                self.policy.primary().on_request_complete(&guard.complete(true));
+            Ok((status, b)) if !super::is_worker_failure_code(status) => {
+                prefill.mark_first_byte();
+                prefill.finish(Ending::Succeeded, usage_of(&b));
                 serde_json::from_slice::<Value>(&b)
                     .ok()
                     .and_then(|v| v.get("kv_transfer_params").cloned())
                     .unwrap_or(Value::Null)
             }
             Ok((status, _)) => {
-                guard.complete(false);
-                return Err(LegFailure::Prefill(
-                    p.clone(),
-                    ApiError::WorkerFailed { worker: p.url().to_owned(), status },
-                ));
+                prefill.finish(Ending::Failed, Usage::default());
+                return Err(Failure::retry(ApiError::WorkerFailed { worker: p.url().to_owned(), status }, vec![p]));
             }
             Err(e) => {
-                guard.complete(false);
-                return Err(LegFailure::Prefill(p.clone(), e));
+                prefill.finish(Ending::Failed, Usage::default());
+                return Err(Failure::retry(e, vec![p]));
             }
         };
-        let mut decode_body = json.clone();
-        decode_body["kv_transfer_params"] = params;
-        let guard = InFlightGuard::dispatch(d.clone(), info, Instant::now());
-        match self.upstream.send(Method::POST, d.url(), route, headers, Bytes::from(decode_body.to_string())).await {
+        let decode_body = self.members.rewrite(&[("kv_transfer_params", params.to_string())], &[]);
+        let mut decode = decode;
+        match self.upstream().send(Method::POST, d.url(), self.a.route, self.a.headers, decode_body).await {
             Ok(resp) if is_worker_failure(resp.status()) => {
                 let status = resp.status().as_u16();
-                guard.complete(false);
-                Err(LegFailure::Decode(d.clone(), ApiError::WorkerFailed { worker: d.url().to_owned(), status }))
+                decode.finish(Ending::Failed, Usage::default());
+                Err(Failure::retry(ApiError::WorkerFailed { worker: d.url().to_owned(), status }, vec![d]))
             }
-            Ok(resp) if is_event_stream(&resp) => {
-                let observer = StreamObserver {
-                    policy: self.policy.decode_policy().clone(),
-                    metrics: self.metrics.clone(),
-                    route,
-                };
-                let mut out = relay_stream(resp, guard, observer);
-                out.extensions_mut().insert(RoutedTo(d.clone()));
-                Ok(out)
-            }
+            Ok(resp) if is_event_stream(&resp) => Ok(relay_stream(resp, decode)),
             Ok(resp) => {
+                let status = resp.status();
                 let (parts, incoming) = resp.into_parts();
-                match self.upstream.read_whole(incoming).await {
+                match self.upstream().read_whole(incoming).await {
                     Ok(b) => {
-                        self.policy.decode_policy().on_request_complete(&guard.complete(true));
-                        let mut out = buffered(parts, b);
-                        out.extensions_mut().insert(RoutedTo(d.clone()));
-                        Ok(out)
+                        decode.mark_first_byte();
+                        decode.relay(status.as_u16());
+                        decode.finish(Ending::Succeeded, usage_of(&b));
+                        Ok(buffered(parts, b))
                     }
-                    Err(_) => {
-                        guard.complete(false);
-                        Err(LegFailure::Decode(d.clone(), unreachable(d, "the response body broke")))
+                    Err(e) => {
+                        decode.finish(Ending::Failed, Usage::default());
+                        Err(Failure::retry(unreachable(&d, format!("the response body broke: {e}")), vec![d]))
                     }
                 }
             }
+            Err(SendError::Timeout) => {
+                decode.finish(Ending::Failed, Usage::default());
+                Err(Failure::fatal(timed_out(&d, self.upstream().timeout)))
+            }
             Err(e) => {
-                guard.complete(false);
-                Err(LegFailure::Decode(d.clone(), unreachable(d, e)))
+                decode.finish(Ending::Failed, Usage::default());
+                Err(Failure::retry(unreachable(&d, e), vec![d]))
             }
         }
     }
+}
+
+fn usage_of(body: &[u8]) -> Usage {
+    let mut usage = Usage::default();
+    usage.scan(body);
+    usage
+}
+
+/// Sends `body` to a prefill `worker` and reads the whole answer, within `limit`.
+async fn whole(
+    upstream: &Upstream,
+    worker: &Worker,
+    route: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+    limit: Duration,
+) -> Result<(u16, Bytes), ApiError> {
+    let call = async {
+        let resp = upstream.send(Method::POST, worker.url(), route, headers, body).await.map_err(|e| match e {
+            SendError::Timeout => timed_out(worker, upstream.timeout),
+            e => unreachable(worker, e),
+        })?;
+        let status = resp.status().as_u16();
+        let bytes = upstream.read_whole(resp.into_body()).await.map_err(|e| match e {
+            SendError::Timeout => timed_out(worker, upstream.timeout),
+            e => unreachable(worker, format!("the response body broke: {e}")),
+        })?;
+        Ok((status, bytes))
+    };
+    tokio::time::timeout(limit, call).await.map_err(|_| timed_out(worker, limit))?
 }
 
 /// `meta_info.input_token_logprobs` from a prefill answer: a JSON body, or the first SSE
@@ -480,21 +342,38 @@ fn merge_input_logprobs(prefill: &[u8], decode: Bytes) -> Bytes {
 }
 
 /// A stream whose first SSE event gets `meta_info.input_token_logprobs` (from the prefill
-/// leg); the rest passes through untouched.
+/// leg); the rest passes through untouched. The first event is looked for in at most
+/// [`MAX_FIRST_EVENT`] bytes, scanning each byte once: a worker that never ends an event
+/// gets its stream passed through unchanged instead of growing a buffer.
 struct InjectLogprobs {
     inner: Body,
     logprobs: Option<Value>,
     pending: Vec<u8>,
+    /// Bytes of `pending` already searched for the event's end.
+    scanned: usize,
 }
+
+/// Longest first event the injector buffers.
+const MAX_FIRST_EVENT: usize = 1 << 20;
 
 impl InjectLogprobs {
     fn new(inner: Body, logprobs: Value) -> Self {
-        Self { inner, logprobs: Some(logprobs), pending: Vec::new() }
+        Self { inner, logprobs: Some(logprobs), pending: Vec::new(), scanned: 0 }
     }
 
-    /// Rewrites the first complete event in `pending`; returns the bytes ready to send.
+    /// Rewrites the first complete event in `pending`; returns the bytes ready to send, or
+    /// everything pending unchanged once the first event is too long to wait for.
     fn rewrite_first(&mut self) -> Option<Bytes> {
-        let end = self.pending.windows(2).position(|w| w == b"\n\n")? + 2;
+        let from = self.scanned.saturating_sub(1);
+        let Some(at) = self.pending[from..].windows(2).position(|w| w == b"\n\n") else {
+            self.scanned = self.pending.len();
+            if self.pending.len() > MAX_FIRST_EVENT {
+                self.logprobs = None;
+                return Some(Bytes::from(std::mem::take(&mut self.pending)));
+            }
+            return None;
+        };
+        let end = from + at + 2;
         let event: Vec<u8> = self.pending.drain(..end).collect();
         let logprobs = self.logprobs.take().unwrap_or(Value::Null);
         let rewritten = std::str::from_utf8(&event)
@@ -575,9 +454,11 @@ mod tests {
     fn hosts_batches_and_logprob_merge() {
         assert_eq!(host_of("http://10.0.0.1:8000"), "10.0.0.1");
         assert_eq!(host_of("http://[::1]:8000"), "::1");
-        assert_eq!(batch_size(&json!({"text": ["a", "b"]})), Some(2));
-        assert_eq!(batch_size(&json!({"text": "a"})), None);
-        assert_eq!(batch_size(&json!({"input_ids": [[1], [2], [3]]})), Some(3));
+        let batch = |body: &[u8]| batch_size(&Members::parse(body).unwrap());
+        assert_eq!(batch(br#"{"text": ["a", "b"]}"#), Some(2));
+        assert_eq!(batch(br#"{"text": "a"}"#), None);
+        assert_eq!(batch(br#"{"input_ids": [[1], [2], [3]]}"#), Some(3));
+        assert_eq!(batch(br#"{"input_ids": [1, 2, 3]}"#), None);
         let merged = merge_input_logprobs(
             br#"{"meta_info":{"input_token_logprobs":[[-0.1,5,null]]}}"#,
             Bytes::from_static(br#"{"text":"x","meta_info":{"input_token_logprobs":null}}"#),
@@ -619,5 +500,15 @@ mod tests {
         ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
             std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
         }
+    }
+
+    #[tokio::test]
+    async fn an_event_that_never_ends_is_passed_through_not_buffered() {
+        let chunk = Bytes::from(vec![b'x'; 64 << 10]);
+        let chunks: std::collections::VecDeque<Bytes> = std::iter::repeat_n(chunk, 32).collect();
+        let injected = InjectLogprobs::new(Body::new(Chunks(chunks)), json!([1]));
+        let all = http_body_util::BodyExt::collect(injected).await.unwrap().to_bytes();
+        assert_eq!(all.len(), 32 * (64 << 10), "every byte passed on, unchanged");
+        assert!(all.iter().all(|b| *b == b'x'));
     }
 }

@@ -170,7 +170,9 @@ pub(super) async fn flush_cache(State(state): State<AppState>) -> Response {
 /// worker's fitted coefficients, sample counts, residual σ and recent predictions against
 /// observations — with worker ids resolved to URLs.
 pub(super) async fn debug_policy(State(state): State<AppState>) -> Response {
-    let Some(mut v) = state.router.policy().debug_state() else {
+    let mut state_json = None;
+    state.router.policy().report(crate::policies::Report::Debug(&mut state_json));
+    let Some(mut v) = state_json else {
         return Json(json!({"policy": state.router.policy().name(), "state": null})).into_response();
     };
     let workers = state.registry.all();

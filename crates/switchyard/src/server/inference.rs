@@ -9,7 +9,6 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::AppState;
 use crate::error::ApiError;
-use crate::routers::{Observed, RoutedTo};
 
 /// Reads a request body up to `limit` bytes; larger bodies get 413 without being read whole.
 pub(super) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
@@ -28,13 +27,11 @@ pub(super) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> 
 async fn route(state: &AppState, path: &'static str, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let started = tokio::time::Instant::now();
     let answer = admit_and_route(state, path, headers, body).await;
-    // Streams record themselves when they end; everything else is recorded here.
-    let (status, worker) = match &answer {
-        Ok(r) if r.extensions().get::<Observed>().is_some() => return answer,
-        Ok(r) => (r.status().as_u16(), r.extensions().get::<RoutedTo>().map(|w| w.0.url().to_owned())),
-        Err(e) => (e.status().as_u16(), None),
-    };
-    state.metrics.request(path, status, worker.as_deref().unwrap_or("none"), started.elapsed());
+    // A worker's answer is counted by its in-flight guard when it ends (with the status the
+    // client saw); the router's own errors are counted here.
+    if let Err(e) = &answer {
+        state.metrics.request(path, e.status().as_u16(), "none", started.elapsed());
+    }
     answer
 }
 

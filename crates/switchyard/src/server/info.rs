@@ -147,6 +147,8 @@ pub(super) async fn loads(State(state): State<AppState>) -> Json<Value> {
 /// `GET /metrics`: Prometheus text exposition.
 pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     let mut text = state.metrics.render(&state.registry);
-    state.router.policy().render_metrics(&mut text);
+    for policy in state.router.policies().distinct() {
+        policy.report(crate::policies::Report::Metrics(&mut text));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

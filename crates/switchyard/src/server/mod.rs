@@ -24,7 +24,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::policies;
 use crate::proxy::{client, Upstream};
-use crate::routers::{Dispatch, PairPolicy, PdRouter, RegularRouter};
+use crate::routers::{Dispatcher, PolicySet};
 use crate::workers::{Worker, WorkerRegistry, WorkerRole};
 
 pub use admission::Admission;
@@ -50,7 +50,7 @@ pub struct Shared {
     /// Worker membership.
     pub registry: Arc<WorkerRegistry>,
     /// Inference dispatch.
-    pub router: Dispatch,
+    pub router: Dispatcher,
     /// Client for info/admin calls to workers (short timeout).
     pub control: Upstream,
     /// Client for health probes (own pool).
@@ -79,30 +79,24 @@ impl Shared {
         let policy = policies::build(&config.policy);
         let metrics = Arc::new(Metrics::new(policy.name()));
         let router = match &config.pd {
-            None => Dispatch::Regular(RegularRouter::new(
-                registry.clone(),
-                policy,
-                inference,
-                config.retry.clone(),
-                metrics.clone(),
-            )),
+            None => Dispatcher::regular(registry.clone(), policy, inference, config.retry.clone(), metrics.clone()),
             Some(pd) => {
-                let pair = match (&pd.prefill_policy, &pd.decode_policy) {
-                    (None, None) => PairPolicy::Joint(policy),
-                    (p, d) => PairPolicy::PerPool {
+                let policies = match (&pd.prefill_policy, &pd.decode_policy) {
+                    (None, None) => PolicySet::Joint(policy),
+                    (p, d) => PolicySet::PerPool {
                         prefill: p.as_ref().map_or_else(|| policy.clone(), policies::build),
                         decode: d.as_ref().map_or_else(|| policy.clone(), policies::build),
                     },
                 };
-                Dispatch::Pd(PdRouter::new(
+                Dispatcher::pd(
                     registry.clone(),
-                    pair,
+                    policies,
+                    pd.style,
+                    pd.prefill_timeout,
                     inference,
                     config.retry.clone(),
                     metrics.clone(),
-                    pd.style,
-                    pd.prefill_timeout,
-                ))
+                )
             }
         };
         let admission = config.admission.clone().map(|a| Arc::new(admission::Admission::new(a)));
@@ -131,18 +125,6 @@ impl Shared {
             worker.set_model_id(model);
         }
         worker
-    }
-}
-
-/// Whether a configured policy reads workers' own load reports (only those pay for polling).
-fn uses_reported_load(router: &Dispatch) -> bool {
-    let reads = |p: &std::sync::Arc<dyn crate::policies::RoutingPolicy>| p.name() == "marginal_utility";
-    match router {
-        Dispatch::Regular(r) => reads(r.policy()),
-        Dispatch::Pd(pd) => match pd.policy() {
-            PairPolicy::Joint(p) => reads(p),
-            PairPolicy::PerPool { prefill, decode } => reads(prefill) || reads(decode),
-        },
     }
 }
 
@@ -261,7 +243,9 @@ pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
         state.config.remove_unhealthy_workers,
         shutdown_rx.clone(),
     ));
-    if let Some(interval) = state.config.load_check_interval.filter(|_| uses_reported_load(&state.router)) {
+    let policies = state.router.policies().distinct();
+    let reads_reported_load = policies.iter().any(|p| p.reads_reported_load());
+    if let Some(interval) = state.config.load_check_interval.filter(|_| reads_reported_load) {
         tokio::spawn(crate::health::load_poller::run(
             state.registry.clone(),
             state.probes.clone(),
@@ -269,15 +253,8 @@ pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
             shutdown_rx.clone(),
         ));
     }
-    match &state.router {
-        Dispatch::Pd(pd) => match pd.policy() {
-            PairPolicy::Joint(p) => spawn_maintenance(p.clone(), shutdown_rx.clone()),
-            PairPolicy::PerPool { prefill, decode } => {
-                spawn_maintenance(prefill.clone(), shutdown_rx.clone());
-                spawn_maintenance(decode.clone(), shutdown_rx.clone());
-            }
-        },
-        Dispatch::Regular(r) => spawn_maintenance(r.policy().clone(), shutdown_rx.clone()),
+    for policy in policies {
+        spawn_maintenance(policy, shutdown_rx.clone());
     }
     let app = app(state.clone());
     if let Some(port) = state.config.prometheus_port {

@@ -74,7 +74,8 @@ impl CircuitBreaker {
         *s
     }
 
-    /// Whether a request may be sent now.
+    /// Whether a request may be sent now (a hint for filtering candidates: the claim in
+    /// [`CircuitBreaker::try_claim`] decides).
     pub fn allows(&self) -> bool {
         if !self.tripped.load(Ordering::Relaxed) {
             return true;
@@ -82,22 +83,31 @@ impl CircuitBreaker {
         matches!(self.state(), BreakerState::Closed { .. } | BreakerState::HalfOpen { probing: false, .. })
     }
 
-    /// Claims the request slot when the worker is chosen; false if a probe already holds it.
-    pub fn on_dispatch(&self) -> bool {
+    /// Claims the right to send one request: always while closed; the single probe permit
+    /// while half-open; never while open or while another probe is out. The claim is owned by
+    /// the request's in-flight guard, which reports its end — [`CircuitBreaker::record`] on a
+    /// verdict, [`CircuitBreaker::release`] when the request is abandoned — so no ending can
+    /// leave the breaker waiting for a probe that will never report (linkerd's probation
+    /// permit).
+    pub fn try_claim(&self) -> Option<Claim> {
+        if !self.tripped.load(Ordering::Relaxed) {
+            return Some(Claim { probe: false });
+        }
         let _ = self.state();
         let mut s = self.lock();
         match *s {
-            BreakerState::Closed { .. } => true,
+            BreakerState::Closed { .. } => Some(Claim { probe: false }),
             BreakerState::HalfOpen { probing: false, successes } => {
                 *s = BreakerState::HalfOpen { probing: true, successes };
-                true
+                Some(Claim { probe: true })
             }
-            _ => false,
+            _ => None,
         }
     }
 
-    /// Records how a request to the worker ended.
-    pub fn record(&self, success: bool) {
+    /// Records how a request sent under `claim` ended. In half-open state only the probe's
+    /// verdict counts: requests sent before the circuit opened say nothing about recovery.
+    pub fn record(&self, claim: Claim, success: bool) {
         let mut s = self.lock();
         *s = match (*s, success) {
             (BreakerState::Closed { .. }, true) => BreakerState::Closed { failures: 0 },
@@ -106,6 +116,7 @@ impl CircuitBreaker {
                 BreakerState::Open { until: Instant::now() + self.config.timeout }
             }
             (BreakerState::Closed { failures }, false) => BreakerState::Closed { failures: failures + 1 },
+            (half @ BreakerState::HalfOpen { .. }, _) if !claim.probe => half,
             (BreakerState::HalfOpen { successes, .. }, true) if successes + 1 >= self.config.success_threshold => {
                 tracing::info!("circuit closed");
                 BreakerState::Closed { failures: 0 }
@@ -119,6 +130,40 @@ impl CircuitBreaker {
             (open @ BreakerState::Open { .. }, _) => open,
         };
         self.tripped.store(!matches!(*s, BreakerState::Closed { .. }), Ordering::Relaxed);
+    }
+
+    /// Gives back a claim whose request ended without a verdict on the worker (the client
+    /// went away, the router cancelled the leg): a probe permit returns, so the next request
+    /// probes instead of the breaker waiting forever.
+    pub fn release(&self, claim: Claim) {
+        if !claim.probe {
+            return;
+        }
+        let mut s = self.lock();
+        if let BreakerState::HalfOpen { probing: true, successes } = *s {
+            *s = BreakerState::HalfOpen { probing: false, successes };
+        }
+    }
+
+    /// Opens the circuit at once (tests, operators): as if the failure threshold was reached.
+    pub fn trip(&self) {
+        let mut s = self.lock();
+        *s = BreakerState::Open { until: Instant::now() + self.config.timeout };
+        self.tripped.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The right to send one request through a breaker, held by the request's in-flight guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a claim must be recorded or released"]
+pub struct Claim {
+    probe: bool,
+}
+
+impl Claim {
+    /// Whether this claim holds the half-open probe permit.
+    pub fn is_probe(&self) -> bool {
+        self.probe
     }
 }
 
@@ -139,24 +184,28 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn opens_probes_once_and_closes() {
         let b = breaker();
-        b.record(false);
-        b.record(false);
-        b.record(true); // a success resets the count
-        b.record(false);
-        b.record(false);
+        let c = Claim { probe: false };
+        b.record(c, false);
+        b.record(c, false);
+        b.record(c, true); // a success resets the count
+        b.record(c, false);
+        b.record(c, false);
         assert!(b.allows());
-        b.record(false);
+        b.record(c, false);
         assert_eq!(b.state().name(), "open");
         assert!(!b.allows());
         tokio::time::advance(Duration::from_secs(59)).await;
         assert!(!b.allows());
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(b.allows());
-        assert!(b.on_dispatch(), "the probe");
-        assert!(!b.allows() && !b.on_dispatch(), "only one probe at a time");
-        b.record(true);
-        assert!(b.on_dispatch());
-        b.record(true);
+        let probe = b.try_claim().expect("the probe");
+        assert!(probe.is_probe());
+        assert!(!b.allows() && b.try_claim().is_none(), "only one probe at a time");
+        b.record(c, true);
+        assert!(b.try_claim().is_none(), "a request sent before the circuit opened is no probe");
+        b.record(probe, true);
+        let probe = b.try_claim().expect("the second probe");
+        b.record(probe, true);
         assert_eq!(b.state(), BreakerState::Closed { failures: 0 });
     }
 
@@ -164,13 +213,27 @@ mod tests {
     async fn a_failed_probe_reopens() {
         let b = breaker();
         for _ in 0..3 {
-            b.record(false);
+            b.record(Claim { probe: false }, false);
         }
         tokio::time::advance(Duration::from_secs(60)).await;
-        assert!(b.on_dispatch());
-        b.record(false);
+        let probe = b.try_claim().unwrap();
+        b.record(probe, false);
         assert_eq!(b.state().name(), "open");
         tokio::time::advance(Duration::from_secs(30)).await;
         assert!(!b.allows(), "the timeout restarts");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_probe_gives_its_permit_back() {
+        let b = breaker();
+        b.trip();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let probe = b.try_claim().unwrap();
+        assert!(b.try_claim().is_none());
+        b.release(probe);
+        assert!(b.allows(), "the next request may probe");
+        let probe = b.try_claim().expect("a new probe");
+        b.record(probe, true);
+        assert_eq!(b.state().name(), "half_open");
     }
 }

@@ -4,6 +4,6 @@ mod circuit_breaker;
 mod registry;
 mod worker;
 
-pub use circuit_breaker::{BreakerState, CircuitBreaker};
-pub use registry::{RegistryError, WorkerRegistry};
+pub use circuit_breaker::{BreakerState, CircuitBreaker, Claim};
+pub use registry::{Membership, MembershipListener, RegistryError, WorkerRegistry};
 pub use worker::{Worker, WorkerRole};

@@ -1,5 +1,11 @@
 //! Worker membership as immutable snapshots swapped atomically: the request path reads a
 //! snapshot with one atomic load and never takes a lock (after pingora-load-balancing).
+//!
+//! Membership is an event: every change is announced, in order, to the listeners (the
+//! policies), so per-worker state dies with the worker (linkerd's pool). A removed worker is
+//! marked retired *before* it is announced, so state recorded concurrently for it (a request
+//! finishing there, a policy recording a choice made on an older snapshot) can check the mark
+//! and drop itself: whichever runs second cleans up.
 
 use std::sync::{Arc, Mutex};
 
@@ -16,21 +22,61 @@ pub enum RegistryError {
     /// The URL is not registered.
     #[error("worker {0} is not registered")]
     NotFound(String),
+    /// The registry holds as many workers as it may (`--max-workers`).
+    #[error("the router already has {0} workers (--max-workers)")]
+    Full(usize),
 }
 
+/// A change of membership, as listeners see it.
+#[derive(Debug, Clone, Copy)]
+pub enum Membership<'a> {
+    /// A worker joined.
+    Added(&'a Arc<Worker>),
+    /// A worker left: forget what is kept about it.
+    Removed(&'a Arc<Worker>),
+}
+
+/// Something told about every membership change (a policy, an index).
+pub type MembershipListener = Arc<dyn Fn(&Membership<'_>) + Send + Sync>;
+
 /// All workers, and the healthy ones, as two snapshots.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct WorkerRegistry {
     all: ArcSwap<Vec<Arc<Worker>>>,
     healthy: ArcSwap<Vec<Arc<Worker>>>,
-    /// Serialises writers; readers never touch it.
+    /// Serialises writers (and so the order of announcements); readers never touch it.
     write: Mutex<()>,
+    listeners: Mutex<Vec<MembershipListener>>,
+    max_workers: Option<usize>,
+}
+
+impl std::fmt::Debug for WorkerRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerRegistry").field("workers", &self.all.load().len()).finish_non_exhaustive()
+    }
 }
 
 impl WorkerRegistry {
-    /// An empty registry.
+    /// An empty registry without a bound on its size.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty registry holding at most `max` workers.
+    pub fn bounded(max: usize) -> Self {
+        Self { max_workers: Some(max), ..Self::default() }
+    }
+
+    /// Announces every later change to `listener`.
+    pub fn subscribe(&self, listener: MembershipListener) {
+        self.listeners.lock().unwrap_or_else(|p| p.into_inner()).push(listener);
+    }
+
+    fn announce(&self, change: Membership<'_>) {
+        let listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for l in &listeners {
+            l(&change);
+        }
     }
 
     /// Every registered worker.
@@ -55,10 +101,14 @@ impl WorkerRegistry {
         if current.iter().any(|w| w.url() == worker.url()) {
             return Err(RegistryError::AlreadyExists(worker.url().to_owned()));
         }
+        if let Some(max) = self.max_workers.filter(|m| current.len() >= *m) {
+            return Err(RegistryError::Full(max));
+        }
         let mut next = Vec::with_capacity(current.len() + 1);
         next.extend(current.iter().cloned());
-        next.push(worker);
+        next.push(worker.clone());
         self.publish(next);
+        self.announce(Membership::Added(&worker));
         Ok(())
     }
 
@@ -69,7 +119,9 @@ impl WorkerRegistry {
         let pos = current.iter().position(|w| w.url() == url).ok_or_else(|| RegistryError::NotFound(url.to_owned()))?;
         let mut next: Vec<_> = current.iter().cloned().collect();
         let removed = next.remove(pos);
+        removed.retire();
         self.publish(next);
+        self.announce(Membership::Removed(&removed));
         Ok(removed)
     }
 
@@ -113,5 +165,27 @@ mod tests {
         r.remove("http://127.0.0.1:2").unwrap();
         assert_eq!((r.all().len(), r.healthy().len()), (1, 1));
         assert!(r.remove("http://127.0.0.1:2").is_err());
+    }
+
+    #[test]
+    fn changes_are_announced_in_order_and_removed_workers_are_retired_first() {
+        let r = WorkerRegistry::bounded(2);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        r.subscribe(Arc::new(move |c: &Membership<'_>| {
+            let entry = match c {
+                Membership::Added(w) => format!("+{}", w.url()),
+                Membership::Removed(w) => format!("-{} retired={}", w.url(), w.is_retired()),
+            };
+            log.lock().unwrap().push(entry);
+        }));
+        r.add(worker(1)).unwrap();
+        r.add(worker(2)).unwrap();
+        assert_eq!(r.add(worker(3)), Err(RegistryError::Full(2)));
+        r.remove("http://127.0.0.1:1").unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec!["+http://127.0.0.1:1", "+http://127.0.0.1:2", "-http://127.0.0.1:1 retired=true"]
+        );
     }
 }

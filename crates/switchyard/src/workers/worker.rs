@@ -33,6 +33,9 @@ pub struct Worker {
     url: String,
     role: WorkerRole,
     healthy: AtomicBool,
+    /// Set once the worker is removed from the registry: state still keyed on it (requests
+    /// finishing there, a policy's concurrent record) is dropped instead of kept.
+    retired: AtomicBool,
     load: WorkerLoad,
     breaker: CircuitBreaker,
     model_id: RwLock<Option<String>>,
@@ -52,6 +55,7 @@ impl Worker {
             url,
             role,
             healthy: AtomicBool::new(true),
+            retired: AtomicBool::new(false),
             load: WorkerLoad::default(),
             breaker: CircuitBreaker::new(breaker),
             model_id: RwLock::new(None),
@@ -80,6 +84,15 @@ impl Worker {
 
     pub(crate) fn set_healthy_flag(&self, healthy: bool) -> bool {
         self.healthy.swap(healthy, Ordering::Relaxed) != healthy
+    }
+
+    /// Whether the worker has left the registry (its in-flight requests may still finish).
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
     }
 
     /// The circuit breaker.

@@ -1,0 +1,228 @@
+//! Holding requests in the router while a policy says every worker is saturated
+//! (`--mu-overload queue|shed`), instead of piling them into the engines' queues.
+//!
+//! The protocol is one piece of code shared by the live router and the discrete-event
+//! simulation: a [`Hold`] asks the policy (through the caller's `select`) with the time the
+//! request has waited so far, and either gets a decision or is told how long it may wait
+//! before asking again. How the wait happens is the caller's: the router awaits the queue's
+//! wake-up (any in-flight request of this router ending) or the recheck time; the simulation
+//! schedules a recheck event and retries held requests when one of its requests finishes.
+//!
+//! Everything belongs to one [`HoldQueue`] per router instance: two routers in one process
+//! never share held counts or wake-ups.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::policies::RoutingError;
+use crate::request::RequestView;
+
+/// Requests held at once by default; past this, a request gets the policy's final answer
+/// (best effort or shed) at once instead of waiting.
+pub const DEFAULT_MAX_HELD: usize = 4096;
+
+/// The wait a policy's recheck hint is clamped to: at least a millisecond (no busy loop), at
+/// most a second (a missed wake-up costs little).
+const RECHECK: (Duration, Duration) = (Duration::from_millis(1), Duration::from_secs(1));
+
+/// One router's held requests: their count (bounded) and the wake-up when capacity frees.
+#[derive(Debug)]
+pub struct HoldQueue {
+    held: AtomicUsize,
+    max_held: usize,
+    freed: Notify,
+}
+
+impl Default for HoldQueue {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_HELD)
+    }
+}
+
+impl HoldQueue {
+    /// A queue holding at most `max_held` requests at once.
+    pub fn new(max_held: usize) -> Self {
+        Self { held: AtomicUsize::new(0), max_held, freed: Notify::new() }
+    }
+
+    /// Requests held now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Wakes the held requests: an in-flight request of this router ended.
+    pub fn capacity_freed(&self) {
+        if self.held() > 0 {
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// A new request's ticket, arriving at `since`.
+    pub fn hold(self: &Arc<Self>, since: Instant) -> Hold {
+        Hold { queue: self.clone(), since, holding: false }
+    }
+
+    /// Asks `select` until it decides, waiting for capacity in between (the live router).
+    /// The wake-up is armed before each ask, so a release between the ask and the wait is
+    /// never missed.
+    pub async fn select<T>(
+        self: &Arc<Self>,
+        view: &mut RequestView,
+        mut select: impl FnMut(&RequestView) -> Result<T, RoutingError>,
+    ) -> Result<T, RoutingError> {
+        let mut hold = self.hold(Instant::now());
+        loop {
+            let notified = self.freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match hold.ask(view, Instant::now(), &mut select) {
+                Asked::Decided(result) => return result,
+                Asked::Wait(recheck) => {
+                    let _ = tokio::time::timeout(recheck, notified).await;
+                }
+            }
+        }
+    }
+}
+
+/// What one ask gave.
+#[derive(Debug)]
+pub enum Asked<T> {
+    /// The policy decided (a choice, a shed, or no worker at all).
+    Decided(Result<T, RoutingError>),
+    /// Saturated: ask again after this long, or sooner when capacity frees.
+    Wait(Duration),
+}
+
+/// One request's place in the hold: counted while it waits, uncounted when dropped.
+#[derive(Debug)]
+pub struct Hold {
+    queue: Arc<HoldQueue>,
+    since: Instant,
+    holding: bool,
+}
+
+impl Hold {
+    /// Asks the policy once at `now`, with `view.waited` set to the time held so far.
+    pub fn ask<T>(
+        &mut self,
+        view: &mut RequestView,
+        now: Instant,
+        select: &mut impl FnMut(&RequestView) -> Result<T, RoutingError>,
+    ) -> Asked<T> {
+        view.waited = now.saturating_duration_since(self.since);
+        let answer = match select(view) {
+            Err(RoutingError::Saturated { recheck }) => {
+                if !self.holding {
+                    self.holding = true;
+                    if self.queue.held.fetch_add(1, Ordering::Relaxed) >= self.queue.max_held {
+                        // Full: make the policy decide now, as if the budget were spent.
+                        view.waited = Duration::from_secs(3600);
+                        match select(view) {
+                            Err(RoutingError::Saturated { .. }) => {}
+                            decided => return self.done(view, decided),
+                        }
+                    }
+                }
+                return Asked::Wait(recheck.clamp(RECHECK.0, RECHECK.1));
+            }
+            decided => decided,
+        };
+        self.done(view, answer)
+    }
+
+    fn done<T>(&mut self, view: &mut RequestView, answer: Result<T, RoutingError>) -> Asked<T> {
+        self.release();
+        view.waited = Duration::ZERO;
+        Asked::Decided(answer)
+    }
+
+    fn release(&mut self) {
+        if std::mem::replace(&mut self.holding, false) {
+            self.queue.held.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn held_until_capacity_frees_then_decided_and_uncounted() {
+        let queue = Arc::new(HoldQueue::new(8));
+        let free = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = {
+            let (queue, free) = (queue.clone(), free.clone());
+            tokio::spawn(async move {
+                let mut view = RequestView::default();
+                queue
+                    .select(&mut view, |v| {
+                        if free.load(Ordering::SeqCst) {
+                            Ok(v.waited)
+                        } else {
+                            Err(RoutingError::Saturated { recheck: Duration::from_secs(30) })
+                        }
+                    })
+                    .await
+            })
+        };
+        while queue.held() == 0 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::advance(Duration::from_millis(300)).await;
+        free.store(true, Ordering::SeqCst);
+        queue.capacity_freed();
+        let waited = task.await.unwrap().unwrap();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(1),
+            "woken, not rechecked: {waited:?}"
+        );
+        assert_eq!(queue.held(), 0);
+    }
+
+    #[test]
+    fn a_full_queue_asks_for_the_final_answer_at_once() {
+        let queue = Arc::new(HoldQueue::new(1));
+        let now = Instant::now();
+        let saturated_until_desperate = |v: &RequestView| {
+            if v.waited >= Duration::from_secs(3600) {
+                Err(RoutingError::Shed { retry_after: Duration::from_secs(1) })
+            } else {
+                Err::<(), _>(RoutingError::Saturated { recheck: Duration::from_millis(5) })
+            }
+        };
+        let mut first = queue.hold(now);
+        let mut view = RequestView::default();
+        assert!(matches!(first.ask(&mut view, now, &mut { saturated_until_desperate }), Asked::Wait(_)));
+        let mut second = queue.hold(now);
+        assert!(matches!(
+            second.ask(&mut view, now, &mut { saturated_until_desperate }),
+            Asked::Decided(Err(RoutingError::Shed { .. }))
+        ));
+        assert_eq!(queue.held(), 1, "the second was never held");
+        drop(first);
+        assert_eq!(queue.held(), 0);
+    }
+
+    #[test]
+    fn two_queues_share_nothing() {
+        let (a, b) = (Arc::new(HoldQueue::new(4)), Arc::new(HoldQueue::new(4)));
+        let mut view = RequestView::default();
+        let mut h = a.hold(Instant::now());
+        let _ = h.ask(&mut view, Instant::now(), &mut |_| {
+            Err::<(), _>(RoutingError::Saturated { recheck: Duration::from_millis(1) })
+        });
+        assert_eq!((a.held(), b.held()), (1, 0));
+    }
+}
