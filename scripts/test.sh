@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
+# The router builds without the simulator (the demo feature) too.
+cargo check -p switchyard --no-default-features --quiet
 cargo test --workspace
 
 if ! .venv/bin/python -c "import openai" 2>/dev/null; then

@@ -154,7 +154,25 @@ impl RoutingPolicy for CacheAware {
 
     fn report(&self, to: Report<'_>) {
         use std::fmt::Write;
-        let Report::Metrics(out) = to else { return };
+        let out = match to {
+            Report::Metrics(out) => out,
+            Report::Debug(out) => {
+                let workers: Vec<_> = self
+                    .trees
+                    .tenant_sizes()
+                    .into_iter()
+                    .map(|(worker, size)| serde_json::json!({"worker": worker, "tree_size": size}))
+                    .collect();
+                let (text, tokens) = self.trees.sizes();
+                *out = Some(serde_json::json!({
+                    "policy": "cache_aware",
+                    "tree_size": {"text": text, "tokens": tokens},
+                    "tree_bytes": self.trees.memory_bytes(),
+                    "workers": workers,
+                }));
+                return;
+            }
+        };
         let _ = writeln!(out, "# HELP switchyard_cache_match_ratio cache_aware: best prefix match ratio per decision.");
         let _ = writeln!(out, "# TYPE switchyard_cache_match_ratio histogram");
         self.match_ratio.render(out, "switchyard_cache_match_ratio", "");

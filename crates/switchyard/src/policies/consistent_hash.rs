@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::rng::PolicyRng;
-use super::{RoutingError, RoutingPolicy, Selection};
+use super::{Report, RoutingError, RoutingPolicy, Selection};
 use crate::request::{RequestView, RoutingText};
 use crate::workers::{Membership, Worker};
 
@@ -104,6 +104,16 @@ impl RoutingPolicy for ConsistentHash {
         let at = ring.points.partition_point(|(p, _)| *p < h) % ring.points.len();
         let owner = ring.points[at].1;
         Ok(Selection::of(workers.iter().position(|w| w.id() == owner).unwrap_or(0)))
+    }
+
+    fn report(&self, to: Report<'_>) {
+        if let Report::Debug(out) = to {
+            let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+            let workers: Vec<_> = ring.members.iter().map(|id| serde_json::json!({"worker": id})).collect();
+            *out = Some(
+                serde_json::json!({"policy": "consistent_hash", "virtual_nodes": self.virtual_nodes, "workers": workers}),
+            );
+        }
     }
 
     /// The ring is rebuilt from the candidates whenever they change; a removal drops it now

@@ -238,6 +238,11 @@ impl<U: Unit> RadixTree<U> {
         self.per_tenant.get(&tenant).copied().unwrap_or(0)
     }
 
+    /// Every tenant with something stored, and its size.
+    pub fn tenant_sizes(&self) -> Vec<(TenantId, usize)> {
+        self.per_tenant.iter().map(|(t, s)| (*t, *s)).collect()
+    }
+
     /// The bound.
     pub fn max_size(&self) -> usize {
         self.max_size
@@ -594,9 +599,19 @@ impl PrefixIndex {
         self.tokens.with(|t| t.remove_tenant(tenant));
     }
 
-    /// Size held by `tenant` in both trees (tests: nothing is kept for a removed worker).
-    pub fn tenant_size(&self, tenant: TenantId) -> usize {
-        self.text.with(|t| t.tenant_size(tenant)) + self.tokens.with(|t| t.tenant_size(tenant))
+    /// Every tenant with something stored in either tree, and its total size, by tenant.
+    pub fn tenant_sizes(&self) -> Vec<(TenantId, usize)> {
+        let mut all = self.text.with(|t| t.tenant_sizes());
+        all.extend(self.tokens.with(|t| t.tenant_sizes()));
+        all.sort_unstable();
+        let mut merged: Vec<(TenantId, usize)> = Vec::with_capacity(all.len());
+        for (t, s) in all {
+            match merged.last_mut() {
+                Some(last) if last.0 == t => last.1 += s,
+                _ => merged.push((t, s)),
+            }
+        }
+        merged
     }
 
     /// Trims both trees to 90 % of their bound (the background sweep), so inserts rarely
