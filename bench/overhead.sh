@@ -6,6 +6,8 @@
 #   shared system prompts; the nginx proxy is re-measured on the same varied load).
 # wrk, 64 connections, 2 threads, $DURATION seconds each, loopback only.
 # SOAK=60 adds a 60 s varied-prompt cache_aware run sampling switchyard's RSS.
+# BASELINE=/path/to/an/older/switchyard runs that build too, right after this one (before/after
+# comparisons of a change in one run).
 # Prints requests/s, p50, p99, non-2xx and the proxy's RSS; ratios are against nginx proxy.
 #
 # Needs: nginx, wrk (apt-get install -y nginx wrk), a release build (built here).
@@ -82,9 +84,9 @@ run() { # name url pid
   printf '%-28s %12s %10s %10s %8s %8s %10s\n' "$1" "$rps" "$(ms "$p50")" "$(ms "$p99")" "$non2xx" "$(rss_mb "${3:-}")" "$ratio"
 }
 
-start_switchyard() { # policy
+start_switchyard() { # policy [binary]
   SY=$(free_port)
-  ./target/release/switchyard --port "$SY" --worker-urls "http://127.0.0.1:$W1" "http://127.0.0.1:$W2" --policy "$1" --log-level warn > "$WORK/switchyard.log" 2>&1 & SY_PID=$!; PIDS+=($SY_PID)
+  "${2:-./target/release/switchyard}" --port "$SY" --worker-urls "http://127.0.0.1:$W1" "http://127.0.0.1:$W2" --policy "$1" --log-level warn > "$WORK/switchyard.log" 2>&1 & SY_PID=$!; PIDS+=($SY_PID)
   wait_port "$SY"
 }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
@@ -109,6 +111,13 @@ run "nginx proxy" "http://127.0.0.1:$NP"
 start_switchyard round_robin
 run "switchyard round_robin" "http://127.0.0.1:$SY" "$SY_PID"
 stop "$SY_PID"
+baseline() { # policy
+  [ -n "${BASELINE:-}" ] || return 0
+  start_switchyard "$1" "$BASELINE"
+  run "baseline $1" "http://127.0.0.1:$SY" "$SY_PID"
+  stop "$SY_PID"
+}
+baseline round_robin
 peers round_robin ""
 
 echo "# cache_aware, varied prompts (64 shared system prompts, every request new)"
@@ -123,4 +132,5 @@ if [ -n "${SOAK:-}" ]; then
   echo "switchyard RSS: ${before} MB before the soak, $(rss_mb "$SY_PID") MB after"
 fi
 stop "$SY_PID"
+baseline cache_aware
 peers cache_aware " (varied)"

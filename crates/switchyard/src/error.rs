@@ -63,6 +63,32 @@ pub enum ApiError {
     /// Missing or wrong bearer token.
     #[error("missing or invalid API key (Authorization: Bearer ...)")]
     Unauthorized,
+    /// The client did not send its body in time.
+    #[error("the request body did not arrive within {secs:.1} s (--body-read-timeout-secs)")]
+    BodyTimeout {
+        /// The timeout.
+        secs: f64,
+    },
+    /// The request as a whole took too long.
+    #[error("the request did not complete within {secs:.1} s (--request-total-timeout-secs)")]
+    TotalTimeout {
+        /// The timeout.
+        secs: f64,
+    },
+    /// The request came back to this router (a worker URL that points at the router itself).
+    #[error("request loop: this router forwarded the request to itself (a worker URL points back at the router)")]
+    Loop,
+    /// The operation is not allowed in this configuration.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The method is not served on this path.
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed {
+        /// The method.
+        method: String,
+        /// The path.
+        path: String,
+    },
     /// A worker did not answer in time.
     #[error("worker {worker} did not answer within {secs:.3} s (--request-timeout-secs)")]
     Timeout {
@@ -83,7 +109,11 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NoHealthyWorkers | ApiError::Shed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::WorkerUnreachable { .. } | ApiError::WorkerFailed { .. } => StatusCode::BAD_GATEWAY,
-            ApiError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Timeout { .. } | ApiError::TotalTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Loop => StatusCode::LOOP_DETECTED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::QueueTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -98,7 +128,10 @@ impl ApiError {
             ApiError::NoHealthyWorkers => "service_unavailable",
             ApiError::Shed { .. } => "overloaded",
             ApiError::WorkerUnreachable { .. } | ApiError::WorkerFailed { .. } => "bad_gateway",
-            ApiError::Timeout { .. } => "timeout",
+            ApiError::Timeout { .. } | ApiError::TotalTimeout { .. } | ApiError::BodyTimeout { .. } => "timeout",
+            ApiError::Loop => "loop_detected",
+            ApiError::Forbidden(_) => "permission_error",
+            ApiError::MethodNotAllowed { .. } => "invalid_request_error",
             ApiError::QueueFull { .. } => "rate_limit_error",
             ApiError::QueueTimeout { .. } => "timeout",
             ApiError::Unauthorized => "authentication_error",
@@ -145,6 +178,10 @@ mod tests {
             (ApiError::Shed { retry_after_secs: 2 }, 503),
             (ApiError::WorkerUnreachable { worker: "w".into(), reason: "r".into() }, 502),
             (ApiError::Timeout { worker: "w".into(), secs: 1.0 }, 504),
+            (ApiError::BodyTimeout { secs: 1.0 }, 408),
+            (ApiError::Loop, 508),
+            (ApiError::Forbidden("x".into()), 403),
+            (ApiError::MethodNotAllowed { method: "PUT".into(), path: "/x".into() }, 405),
         ];
         for (e, s) in cases {
             assert_eq!(e.status().as_u16(), s);

@@ -159,6 +159,16 @@ impl Metrics {
         }
     }
 
+    /// Drops every series of a worker that left the fleet (labels stay bounded under churn).
+    pub fn forget_worker(&self, worker: &str) {
+        for by_worker in self.requests.lock().unwrap_or_else(|p| p.into_inner()).values_mut() {
+            by_worker.remove(worker);
+        }
+        self.requests.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, by_worker| !by_worker.is_empty());
+        self.ttft.lock().unwrap_or_else(|p| p.into_inner()).remove(worker);
+        self.tpot.lock().unwrap_or_else(|p| p.into_inner()).remove(worker);
+    }
+
     /// One retry (a further attempt on another worker).
     pub fn retry(&self) {
         self.retries.fetch_add(1, Ordering::Relaxed);

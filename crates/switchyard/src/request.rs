@@ -7,7 +7,6 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use serde::Deserialize;
-use serde_json::Value;
 
 /// What a prefix-aware policy matches on.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -40,8 +39,10 @@ impl RoutingText {
 /// The request as policies see it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestView {
-    /// Routing text.
+    /// Routing text (at most [`MAX_ROUTING_BYTES`] or [`MAX_ROUTING_TOKENS`] of the prompt).
     pub text: RoutingText,
+    /// The prompt's whole length (bytes of text, or tokens) when `text` holds only its start.
+    pub full_len: Option<usize>,
     /// Session affinity key: `x-session-id` / `x-user-id` header, or the body's `user`.
     pub routing_key: Option<String>,
     /// Output token limit (`max_tokens`, `max_completion_tokens`, `sampling_params.max_new_tokens`).
@@ -60,8 +61,8 @@ impl RequestView {
     /// Prompt tokens: the token ids' count, or the text's bytes / [`crate::load::CHARS_PER_TOKEN`].
     pub fn prompt_tokens(&self) -> u32 {
         let n = match &self.text {
-            RoutingText::Text(s) => s.len().div_ceil(crate::load::CHARS_PER_TOKEN),
-            RoutingText::Tokens(t) => t.len(),
+            RoutingText::Text(s) => self.full_len.unwrap_or(s.len()).div_ceil(crate::load::CHARS_PER_TOKEN),
+            RoutingText::Tokens(t) => self.full_len.unwrap_or(t.len()),
             RoutingText::None => 0,
         };
         u32::try_from(n).unwrap_or(u32::MAX)
@@ -92,10 +93,196 @@ pub enum ParseError {
     NotAnObject,
 }
 
+/// Routing text kept per request at most: a longer prompt is routed on its first MiB (prefix
+/// groups diverge long before that), while its token count still covers the whole prompt.
+/// Bounds the router's memory per request whatever the body holds.
+pub const MAX_ROUTING_BYTES: usize = 1 << 20;
+/// Token ids kept per request at most, likewise.
+pub const MAX_ROUTING_TOKENS: usize = 1 << 18;
+
 #[derive(Deserialize)]
 struct SamplingParams {
     #[serde(default)]
     max_new_tokens: Option<u32>,
+}
+
+/// Appends `s` to `out` without passing `cap` bytes (cut at a character boundary).
+fn push_capped(out: &mut String, s: &str, cap: usize) {
+    let room = cap.saturating_sub(out.len());
+    if s.len() <= room {
+        out.push_str(s);
+    } else {
+        let mut end = room;
+        while end > 0 && !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.push_str(&s[..end]);
+    }
+}
+
+/// A prompt-like field (`prompt`, `text`, `input`, `query`, `input_ids`) as routing needs it,
+/// read without building a JSON tree: a string, a list of strings (joined by newlines), or a
+/// list of token ids, each kept up to the routing caps and measured whole. Anything else (a
+/// batch of token lists, numbers out of range) routes on nothing.
+#[derive(Debug, Default)]
+struct Prompt {
+    text: Option<String>,
+    tokens: Option<Vec<u32>>,
+    /// Bytes of text, or token ids, in the whole field.
+    len: usize,
+}
+
+impl<'de> Deserialize<'de> for Prompt {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Prompt;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a prompt")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Prompt, E> {
+                let mut text = String::new();
+                push_capped(&mut text, v, MAX_ROUTING_BYTES);
+                Ok(Prompt { text: Some(text), tokens: None, len: v.len() })
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Prompt, A::Error> {
+                let mut p = Prompt::default();
+                let mut usable = true;
+                while let Some(e) = seq.next_element::<Element>()? {
+                    match e {
+                        Element::Text(t, n) if p.tokens.is_none() && usable => {
+                            let text = p.text.get_or_insert_with(String::new);
+                            if p.len > 0 {
+                                push_capped(text, "\n", MAX_ROUTING_BYTES);
+                                p.len += 1;
+                            }
+                            push_capped(text, &t, MAX_ROUTING_BYTES);
+                            p.len += n;
+                        }
+                        Element::Token(t) if p.text.is_none() && usable => {
+                            let tokens = p.tokens.get_or_insert_with(Vec::new);
+                            if tokens.len() < MAX_ROUTING_TOKENS {
+                                tokens.push(t);
+                            }
+                            p.len += 1;
+                        }
+                        _ => usable = false,
+                    }
+                }
+                Ok(if usable { p } else { Prompt::default() })
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Prompt, E> {
+                Ok(Prompt::default())
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Prompt, E> {
+                Ok(Prompt::default())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Prompt, E> {
+                Ok(Prompt::default())
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Prompt, E> {
+                Ok(Prompt::default())
+            }
+            fn visit_unit<E>(self) -> Result<Prompt, E> {
+                Ok(Prompt::default())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Prompt, A::Error> {
+                while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Prompt::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One element of a prompt list: a string (capped, with its length), a token id, or other.
+enum Element {
+    Text(String, usize),
+    Token(u32),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Element {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Element;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a prompt element")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Element, E> {
+                let mut text = String::new();
+                push_capped(&mut text, v, MAX_ROUTING_BYTES);
+                Ok(Element::Text(text, v.len()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Element, E> {
+                Ok(u32::try_from(v).map_or(Element::Other, Element::Token))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Element, E> {
+                Ok(Element::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Element, E> {
+                Ok(Element::Other)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Element, E> {
+                Ok(Element::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Element, E> {
+                Ok(Element::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Element, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Element::Other)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Element, A::Error> {
+                while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Element::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A chat message's content as routing text: a string, or the `text` of each part (images and
+/// other parts are skipped unread), capped.
+#[derive(Default)]
+struct Content(String, usize);
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Part<'a> {
+            #[serde(default, borrow)]
+            text: Option<Cow<'a, str>>,
+        }
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Content;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("message content")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Content, E> {
+                let mut c = Content::default();
+                push_capped(&mut c.0, v, MAX_ROUTING_BYTES);
+                c.1 = v.len();
+                Ok(c)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Content, A::Error> {
+                let mut c = Content::default();
+                while let Some(part) = seq.next_element::<Option<Part<'de>>>()? {
+                    if let Some(t) = part.and_then(|p| p.text) {
+                        push_capped(&mut c.0, &t, MAX_ROUTING_BYTES);
+                        c.1 += t.len();
+                    }
+                }
+                Ok(c)
+            }
+            fn visit_unit<E>(self) -> Result<Content, E> {
+                Ok(Content::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Deserialize)]
@@ -103,25 +290,54 @@ struct Message<'a> {
     #[serde(default, borrow)]
     role: Option<Cow<'a, str>>,
     #[serde(default)]
-    content: Option<Value>,
+    content: Option<Content>,
+}
+
+/// Chat messages joined in order as `role: content` lines, capped, and their whole length.
+#[derive(Default)]
+struct Messages(String, usize);
+
+impl<'de> Deserialize<'de> for Messages {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Messages;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of messages")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Messages, A::Error> {
+                let mut m = Messages::default();
+                while let Some(msg) = seq.next_element::<Message<'de>>()? {
+                    let role = msg.role.as_deref().unwrap_or("");
+                    let content = msg.content.unwrap_or_default();
+                    for piece in [role, ": ", &content.0, "\n"] {
+                        push_capped(&mut m.0, piece, MAX_ROUTING_BYTES);
+                    }
+                    m.1 += role.len() + 3 + content.1;
+                }
+                Ok(m)
+            }
+        }
+        d.deserialize_seq(V)
+    }
 }
 
 #[derive(Deserialize)]
 struct Fields<'a> {
     #[serde(default, borrow)]
     model: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    messages: Option<Vec<Message<'a>>>,
     #[serde(default)]
-    prompt: Option<Value>,
+    messages: Option<Messages>,
     #[serde(default)]
-    text: Option<Value>,
+    prompt: Option<Prompt>,
     #[serde(default)]
-    input: Option<Value>,
+    text: Option<Prompt>,
     #[serde(default)]
-    query: Option<Value>,
+    input: Option<Prompt>,
     #[serde(default)]
-    input_ids: Option<Value>,
+    query: Option<Prompt>,
+    #[serde(default)]
+    input_ids: Option<Prompt>,
     #[serde(default, borrow)]
     user: Option<Cow<'a, str>>,
     #[serde(default)]
@@ -134,42 +350,10 @@ struct Fields<'a> {
     stream: Option<bool>,
 }
 
-fn token_ids(v: &Value) -> Option<Vec<u32>> {
-    let arr = v.as_array()?;
-    if arr.is_empty() {
-        return None;
-    }
-    arr.iter().map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok())).collect()
-}
-
-fn text_of(v: &Value) -> Option<RoutingText> {
-    match v {
-        Value::String(s) => Some(RoutingText::Text(s.clone())),
-        Value::Array(a) if a.first().is_some_and(Value::is_string) => {
-            Some(RoutingText::Text(a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("\n")))
-        }
-        Value::Array(_) => token_ids(v).map(RoutingText::Tokens),
-        _ => None,
-    }
-}
-
-fn push_content(out: &mut String, content: &Value) {
-    match content {
-        Value::String(s) => out.push_str(s),
-        Value::Array(parts) => {
-            for p in parts {
-                if let Some(t) = p.get("text").and_then(Value::as_str) {
-                    out.push_str(t);
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
 impl RequestView {
     /// Parses a request body. `header_key` is the session key from the headers, if any
-    /// (it wins over the body's `user`).
+    /// (it wins over the body's `user`). Memory stays within the body plus the routing caps:
+    /// prompts are read as they stream by, never as a JSON tree.
     pub fn parse(body: &[u8], header_key: Option<&str>) -> Result<Self, ParseError> {
         // JSON is UTF-8 (RFC 8259); serde does not check strings in skipped fields, so check
         // here and never forward a body the worker would have to reject.
@@ -185,24 +369,29 @@ impl RequestView {
             };
         }
         let f: Fields<'_> = serde_json::from_slice(body).map_err(|e| ParseError::Json(e.to_string()))?;
-        let text = if let Some(messages) = &f.messages {
-            let mut s = String::new();
-            for m in messages {
-                s.push_str(m.role.as_deref().unwrap_or(""));
-                s.push_str(": ");
-                if let Some(c) = &m.content {
-                    push_content(&mut s, c);
-                }
-                s.push('\n');
-            }
-            RoutingText::Text(s)
-        } else if let Some(ids) = f.input_ids.as_ref().and_then(token_ids) {
-            RoutingText::Tokens(ids)
+        let (text, full_len) = if let Some(Messages(text, len)) = f.messages {
+            (RoutingText::Text(text), len)
         } else {
-            [&f.prompt, &f.text, &f.input, &f.query].into_iter().flatten().find_map(text_of).unwrap_or_default()
+            let ids = f.input_ids.filter(|p| p.tokens.is_some());
+            match ids.or_else(|| {
+                [f.prompt, f.text, f.input, f.query]
+                    .into_iter()
+                    .flatten()
+                    .find(|p| p.text.is_some() || p.tokens.is_some())
+            }) {
+                Some(Prompt { text: Some(t), len, .. }) => (RoutingText::Text(t), len),
+                Some(Prompt { tokens: Some(t), len, .. }) => (RoutingText::Tokens(t), len),
+                _ => (RoutingText::None, 0),
+            }
+        };
+        let kept = match &text {
+            RoutingText::Text(s) => s.len(),
+            RoutingText::Tokens(t) => t.len(),
+            RoutingText::None => 0,
         };
         Ok(Self {
             text,
+            full_len: (full_len > kept).then_some(full_len),
             routing_key: header_key.map(str::to_owned).or_else(|| f.user.map(Cow::into_owned)),
             max_tokens: f.max_completion_tokens.or(f.max_tokens).or(f.sampling_params.and_then(|s| s.max_new_tokens)),
             stream: f.stream.unwrap_or(false),
@@ -253,5 +442,37 @@ mod tests {
         assert!(matches!(RequestView::parse(b"", None), Err(ParseError::Json(_))));
         assert!(matches!(RequestView::parse(br#"{"max_tokens":"x"}"#, None), Err(ParseError::Json(_))));
         assert!(RequestView::parse(br#"{"messages":[{"role":"user","content":"hi"}],"extra":{"a":[1]}}"#, None).is_ok());
+    }
+
+    #[test]
+    fn long_prompts_are_routed_on_their_start_and_counted_whole() {
+        let long = "a".repeat(3 * MAX_ROUTING_BYTES);
+        let v = RequestView::parse(format!(r#"{{"prompt":"{long}"}}"#).as_bytes(), None).unwrap();
+        assert_eq!(v.text.len(), MAX_ROUTING_BYTES);
+        assert_eq!(v.prompt_tokens() as usize, 3 * MAX_ROUTING_BYTES / 4);
+        let ids: Vec<String> = (0..MAX_ROUTING_TOKENS + 10).map(|i| (i % 7).to_string()).collect();
+        let v = RequestView::parse(format!(r#"{{"input_ids":[{}]}}"#, ids.join(",")).as_bytes(), None).unwrap();
+        assert_eq!((v.text.len(), v.prompt_tokens() as usize), (MAX_ROUTING_TOKENS, MAX_ROUTING_TOKENS + 10));
+        // Multibyte text is cut at a character boundary.
+        let wide = "é".repeat(MAX_ROUTING_BYTES);
+        let v = RequestView::parse(format!(r#"{{"prompt":"{wide}"}}"#).as_bytes(), None).unwrap();
+        let RoutingText::Text(t) = &v.text else { panic!() };
+        assert!(t.len() <= MAX_ROUTING_BYTES && t.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn images_and_odd_fields_route_on_the_text_only() {
+        let v = RequestView::parse(
+            br#"{"messages":[{"content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}},{"type":"text","text":"what is it"}],"role":"user"}]}"#,
+            None,
+        )
+        .unwrap();
+        assert_eq!(v.text, RoutingText::Text("user: what is it\n".into()));
+        let v = RequestView::parse(br#"{"input_ids":[[1,2],[3]]}"#, None).unwrap();
+        assert_eq!(v.text, RoutingText::None, "a batch routes on nothing");
+        let v = RequestView::parse(br#"{"prompt":[1,99999999999]}"#, None).unwrap();
+        assert_eq!(v.text, RoutingText::None);
+        let v = RequestView::parse(br#"{"prompt":["a","b"],"input":{"x":1}}"#, None).unwrap();
+        assert_eq!(v.text, RoutingText::Text("a\nb".into()));
     }
 }

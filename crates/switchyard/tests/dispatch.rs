@@ -69,7 +69,7 @@ fn pd_dispatcher(prefill: &[&WorkerHandle], decode: &[&WorkerHandle], policy: Ar
     for d in decode {
         registry.add(Arc::new(Worker::new(d.url(), WorkerRole::Decode))).unwrap();
     }
-    let upstream = Upstream { client: client::new_client(Duration::from_secs(1), 8), timeout: Duration::from_secs(10) };
+    let upstream = Upstream::new(client::new_client(Duration::from_secs(1), 8), Duration::from_secs(10));
     Dispatcher::pd(
         registry,
         PolicySet::Joint(policy),

@@ -6,8 +6,8 @@ use std::time::Duration;
 use clap::Parser;
 
 use super::{
-    normalize_worker_url, AdmissionConfig, CircuitBreakerConfig, ConfigError, HealthConfig, PdConfig, PdStyle,
-    RetryConfig, RouterConfig,
+    normalize_worker_url, AdmissionConfig, Cidr, CircuitBreakerConfig, ConfigError, HealthConfig, ListenerConfig,
+    PdConfig, PdStyle, RetryConfig, RouterConfig,
 };
 use crate::load::estimator::EstimatorKind;
 use crate::policies::{CacheAwareConfig, MarginalUtilityConfig, Objective, Overload, PolicyConfig, PolicyKind};
@@ -86,7 +86,7 @@ pub struct Args {
     #[arg(long, default_value_t = 64)]
     pub balance_abs_threshold: usize,
     /// cache_aware: relative in-flight ratio that counts as imbalanced.
-    #[arg(long, default_value_t = 1.5, value_parser = positive_secs)]
+    #[arg(long, default_value_t = 1.5, value_parser = positive_number)]
     pub balance_rel_threshold: f64,
     /// cache_aware: seconds between background trims of the prefix tree.
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
@@ -105,10 +105,10 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = EstimatorKind::Regression)]
     pub mu_estimator: EstimatorKind,
     /// marginal_utility: time-to-first-token SLO, in milliseconds.
-    #[arg(long, default_value_t = 2000.0, value_parser = positive_secs)]
+    #[arg(long, default_value_t = 2000.0, value_parser = positive_ms)]
     pub slo_ttft_ms: f64,
     /// marginal_utility: time-per-output-token SLO, in milliseconds.
-    #[arg(long, default_value_t = 100.0, value_parser = positive_secs)]
+    #[arg(long, default_value_t = 100.0, value_parser = positive_ms)]
     pub slo_tpot_ms: f64,
     /// marginal_utility: share of the SLOs a worker without the request's prefix must stay under.
     #[arg(long, default_value_t = 0.5, value_parser = unit_interval)]
@@ -128,12 +128,37 @@ pub struct Args {
     /// marginal_utility: forgetting time constant of the estimators, in seconds.
     #[arg(long, default_value_t = 120.0, value_parser = positive_secs)]
     pub mu_tau_secs: f64,
-    /// Time allowed for a worker to answer (response headers), in seconds.
+    /// Time allowed for a worker to answer (response headers; a whole answer's body too), in seconds.
     #[arg(long, default_value_t = 1800.0, value_parser = positive_secs)]
     pub request_timeout_secs: f64,
-    /// Largest request body accepted, in bytes.
-    #[arg(long, default_value_t = 512 << 20)]
+    /// Longest gap between two chunks of a worker's stream before it counts as stalled
+    /// (the client gets an error event), in seconds.
+    #[arg(long, default_value_t = 300.0, value_parser = positive_secs)]
+    pub stream_idle_timeout_secs: f64,
+    /// Longest a request may take in all, from arrival to the end of its answer (streams
+    /// included), in seconds; unset = no limit beyond the others.
+    #[arg(long, value_parser = positive_secs)]
+    pub request_total_timeout_secs: Option<f64>,
+    /// Largest request body accepted, in bytes (sglang-router: 512 MiB; lower here because the
+    /// router holds a body while it routes it).
+    #[arg(long, default_value_t = 64 << 20)]
     pub max_payload_size: usize,
+    /// Time a client has to send a request's headers once it starts, in seconds.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_secs)]
+    pub header_read_timeout_secs: f64,
+    /// Time a client has to send a request's body once its headers arrived, in seconds.
+    #[arg(long, default_value_t = 60.0, value_parser = positive_secs)]
+    pub body_read_timeout_secs: f64,
+    /// An idle keep-alive client connection is closed after this many seconds (longer than
+    /// the 60 s proxies such as nginx keep upstream connections, so they close first).
+    #[arg(long, default_value_t = 75.0, value_parser = positive_secs)]
+    pub keep_alive_timeout_secs: f64,
+    /// Client connections open at once; more are answered 503 and closed.
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+    /// Workers registered at once; more are refused with a clear error.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_workers: u64,
     /// Log level (error, warn, info, debug, trace) or a tracing filter.
     #[arg(long, default_value = "info")]
     pub log_level: String,
@@ -156,13 +181,13 @@ pub struct Args {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub retry_max_retries: u32,
     /// Backoff before the first retry, in milliseconds.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=MAX_SECS as u64 * 1000))]
     pub retry_initial_backoff_ms: u64,
     /// Upper bound on one backoff, in milliseconds.
-    #[arg(long, default_value_t = 30_000)]
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(0..=MAX_SECS as u64 * 1000))]
     pub retry_max_backoff_ms: u64,
     /// Backoff growth per retry.
-    #[arg(long, default_value_t = 1.5, value_parser = positive_secs)]
+    #[arg(long, default_value_t = 1.5, value_parser = positive_number)]
     pub retry_backoff_multiplier: f64,
     /// Random ± fraction applied to each backoff.
     #[arg(long, default_value_t = 0.2, value_parser = unit_interval)]
@@ -188,14 +213,29 @@ pub struct Args {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 180.0, value_parser = non_negative_secs)]
     pub shutdown_grace_secs: f64,
-    /// Bearer token required on admin routes (worker management, flush_cache).
+    /// Bearer token required on admin routes (worker management, flush_cache, debug). Without
+    /// it, admin changes are only served on a loopback bind (or with
+    /// --allow-unauthenticated-admin).
     #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
     #[serde(serialize_with = "redact")]
     pub api_key: Option<String>,
-    /// Bearer token required on inference routes.
+    /// Bearer token required on inference routes; the client's key is for the router and is
+    /// not forwarded to workers.
     #[arg(long, env = "SWITCHYARD_INFERENCE_API_KEY", hide_env_values = true)]
     #[serde(serialize_with = "redact")]
     pub inference_api_key: Option<String>,
+    /// Bearer token the router sends to workers (every request and probe).
+    #[arg(long, env = "SWITCHYARD_WORKER_API_KEY", hide_env_values = true)]
+    #[serde(serialize_with = "redact")]
+    pub worker_api_key: Option<String>,
+    /// Serve admin changes without --api-key on a non-loopback bind (anyone who reaches the
+    /// port can then add workers and receive other users' prompts).
+    #[arg(long)]
+    pub allow_unauthenticated_admin: bool,
+    /// Worker addresses allowed (CIDRs, e.g. 10.0.0.0/8); unset = any address except
+    /// link-local and cloud metadata ones.
+    #[arg(long, num_args = 1.., value_name = "CIDR")]
+    pub worker_allow_cidr: Vec<String>,
     /// Seconds start-up waits for a first healthy worker (start-up never fails for it).
     #[arg(long, default_value_t = 0.0, value_parser = non_negative_secs)]
     pub worker_startup_timeout_secs: f64,
@@ -220,6 +260,10 @@ fn redact<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Er
     }
 }
 
+/// The longest duration any flag may hold: one year. Longer values can't be added to a clock
+/// reading without overflowing, and mean "never" anyway.
+pub const MAX_SECS: f64 = 365.0 * 24.0 * 3600.0;
+
 fn unit_interval(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
@@ -227,18 +271,35 @@ fn unit_interval(s: &str) -> Result<f64, String> {
     }
 }
 
-fn non_negative_secs(s: &str) -> Result<f64, String> {
+fn positive_number(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("expected a non-negative number of seconds, got '{s}'")),
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("expected a positive number, got '{s}'")),
     }
 }
 
-fn positive_secs(s: &str) -> Result<f64, String> {
+fn seconds(s: &str, scale: f64, allow_zero: bool) -> Result<f64, String> {
+    let unit = if scale == 1.0 { "seconds" } else { "milliseconds" };
+    let kind = if allow_zero { "non-negative" } else { "positive" };
     match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("expected a positive number of seconds, got '{s}'")),
+        Ok(v) if v.is_finite() && (v > 0.0 || (allow_zero && v == 0.0)) && v / scale <= MAX_SECS => Ok(v),
+        Ok(v) if v.is_finite() && v / scale > MAX_SECS => {
+            Err(format!("expected at most {} {unit} (one year), got '{s}'", MAX_SECS * scale))
+        }
+        _ => Err(format!("expected a {kind} number of {unit}, got '{s}'")),
     }
+}
+
+fn non_negative_secs(s: &str) -> Result<f64, String> {
+    seconds(s, 1.0, true)
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    seconds(s, 1.0, false)
+}
+
+fn positive_ms(s: &str) -> Result<f64, String> {
+    seconds(s, 1e3, false)
 }
 
 impl Args {
@@ -364,7 +425,15 @@ impl Args {
             worker_urls,
             policy: self.policy_config(),
             request_timeout: Duration::from_secs_f64(self.request_timeout_secs),
+            stream_idle_timeout: Duration::from_secs_f64(self.stream_idle_timeout_secs),
+            request_total_timeout: self.request_total_timeout_secs.map(Duration::from_secs_f64),
             max_payload_size: self.max_payload_size,
+            listener: ListenerConfig {
+                header_read_timeout: Duration::from_secs_f64(self.header_read_timeout_secs),
+                body_read_timeout: Duration::from_secs_f64(self.body_read_timeout_secs),
+                keep_alive_timeout: Duration::from_secs_f64(self.keep_alive_timeout_secs),
+                max_connections: self.max_connections as usize,
+            },
             health: HealthConfig {
                 interval: Duration::from_secs_f64(self.health_check_interval_secs),
                 timeout: Duration::from_secs_f64(self.health_check_timeout_secs),
@@ -392,14 +461,35 @@ impl Args {
             shutdown_grace: Duration::from_secs_f64(self.shutdown_grace_secs),
             load_check_interval: (self.load_check_interval > 0.0)
                 .then(|| Duration::from_secs_f64(self.load_check_interval)),
-            api_key: self.api_key.clone().filter(|k| !k.is_empty()),
-            inference_api_key: self.inference_api_key.clone().filter(|k| !k.is_empty()),
+            api_key: non_empty_key("api-key", &self.api_key)?,
+            inference_api_key: non_empty_key("inference-api-key", &self.inference_api_key)?,
+            worker_api_key: non_empty_key("worker-api-key", &self.worker_api_key)?,
+            allow_unauthenticated_admin: self.allow_unauthenticated_admin,
+            worker_allow: self
+                .worker_allow_cidr
+                .iter()
+                .map(|c| c.parse::<Cidr>().map_err(|reason| ConfigError::Range { flag: "worker-allow-cidr", reason }))
+                .collect::<Result<_, _>>()?,
+            max_workers: self.max_workers as usize,
             worker_startup_timeout: Duration::from_secs_f64(self.worker_startup_timeout_secs),
             remove_unhealthy_workers: self.remove_unhealthy_workers,
             pd: self.pd_config()?,
             prometheus_port: self.prometheus_port,
             prometheus_host: self.prometheus_host.clone(),
         })
+    }
+}
+
+/// A key given as an empty string would silently turn authentication off: refused.
+fn non_empty_key(flag: &'static str, key: &Option<String>) -> Result<Option<String>, ConfigError> {
+    match key {
+        Some(k) if k.trim().is_empty() => {
+            Err(ConfigError::Range { flag, reason: "must not be empty (leave it unset for no key)".into() })
+        }
+        Some(k) if k.chars().any(|c| c.is_control() || c == ' ') => {
+            Err(ConfigError::Range { flag, reason: "must not contain spaces or control characters".into() })
+        }
+        other => Ok(other.clone()),
     }
 }
 
@@ -471,7 +561,7 @@ mod tests {
         let c = a.to_config().unwrap();
         assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 30000));
         assert_eq!(c.request_timeout, Duration::from_secs(1800));
-        assert_eq!(c.max_payload_size, 512 * 1024 * 1024);
+        assert_eq!(c.max_payload_size, 64 * 1024 * 1024);
         assert_eq!((c.health.failure_threshold, c.health.success_threshold), (3, 2));
         assert_eq!(c.health.endpoint, "/health");
         let ParseOutcome::Run(a) = parse_args(["switchyard", "--policy", "cache_aware", "--max-tree-size", "1000"])
@@ -580,6 +670,19 @@ mod tests {
             vec!["switchyard", "--request-timeout-secs", "-1"],
             vec!["switchyard", "--no-such-flag"],
             vec!["switchyard", "--cache-threshold", "1.5"],
+            vec!["switchyard", "--request-timeout-secs", "1e20"],
+            vec!["switchyard", "--queue-timeout-secs", "1e300"],
+            vec!["switchyard", "--cb-timeout-duration-secs", "1e25"],
+            vec!["switchyard", "--slo-ttft-ms", "1e300"],
+            vec!["switchyard", "--retry-max-backoff-ms", "18446744073709551615"],
+            vec!["switchyard", "--shutdown-grace-secs", "inf"],
+            vec!["switchyard", "--mu-tau-secs", "NaN"],
+            vec!["switchyard", "--api-key", ""],
+            vec!["switchyard", "--inference-api-key", "  "],
+            vec!["switchyard", "--worker-api-key", "a b"],
+            vec!["switchyard", "--worker-allow-cidr", "10.0.0.0/33"],
+            vec!["switchyard", "--worker-urls", "http://0.0.0.0:8000"],
+            vec!["switchyard", "--max-connections", "0"],
         ] {
             match parse_args(argv.clone()) {
                 ParseOutcome::Fail(msg) => {

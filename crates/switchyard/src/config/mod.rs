@@ -1,10 +1,12 @@
 //! Typed configuration: the command line (sglang-router's flag names where they exist),
 //! validation, and the per-policy config types.
 
+mod address;
 mod cli;
 mod file;
 
-pub use cli::{parse_args, Args, ParseOutcome};
+pub use address::{canonical_host, worker_ip_allowed, Cidr};
+pub use cli::{parse_args, Args, ParseOutcome, MAX_SECS};
 
 use std::time::Duration;
 
@@ -48,10 +50,16 @@ pub struct RouterConfig {
     pub worker_urls: Vec<String>,
     /// The routing policy.
     pub policy: PolicyConfig,
-    /// Whole-request timeout (until the response headers arrive).
+    /// Time for a worker to answer: its response headers, and a whole answer's body.
     pub request_timeout: Duration,
+    /// Longest gap between two chunks of a worker's stream.
+    pub stream_idle_timeout: Duration,
+    /// Longest a request may take in all, streams included (`None` = no such limit).
+    pub request_total_timeout: Option<Duration>,
     /// Largest accepted request body, in bytes.
     pub max_payload_size: usize,
+    /// Client connections: timeouts and the connection cap.
+    pub listener: ListenerConfig,
     /// Health checking.
     pub health: HealthConfig,
     /// Retries of failed attempts (nothing sent to the client yet).
@@ -68,6 +76,14 @@ pub struct RouterConfig {
     pub api_key: Option<String>,
     /// Bearer token for inference routes (`None` = open).
     pub inference_api_key: Option<String>,
+    /// Bearer token sent to workers.
+    pub worker_api_key: Option<String>,
+    /// Serve admin changes without a key on a non-loopback bind.
+    pub allow_unauthenticated_admin: bool,
+    /// Networks workers may live in (empty = anywhere but link-local and metadata addresses).
+    pub worker_allow: Vec<Cidr>,
+    /// Workers registered at once.
+    pub max_workers: usize,
     /// How long start-up waits for a first healthy worker (it never fails because of it).
     pub worker_startup_timeout: Duration,
     /// Remove workers from the registry when the health checker marks them unhealthy.
@@ -78,6 +94,30 @@ pub struct RouterConfig {
     pub prometheus_port: Option<u16>,
     /// Address of the metrics listener.
     pub prometheus_host: String,
+}
+
+/// Limits on client connections.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    /// Time to send a request's headers, from its first byte.
+    pub header_read_timeout: Duration,
+    /// Time to send a request's body, once its headers arrived.
+    pub body_read_timeout: Duration,
+    /// Time an idle keep-alive connection stays open.
+    pub keep_alive_timeout: Duration,
+    /// Connections open at once.
+    pub max_connections: usize,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
+            keep_alive_timeout: Duration::from_secs(75),
+            max_connections: 8192,
+        }
+    }
 }
 
 /// Retry with exponential backoff and jitter (pingora/linkerd style: only before anything
@@ -181,7 +221,10 @@ impl Default for RouterConfig {
             worker_urls: Vec::new(),
             policy: PolicyConfig::default(),
             request_timeout: Duration::from_secs(1800),
-            max_payload_size: 512 << 20,
+            stream_idle_timeout: Duration::from_secs(300),
+            request_total_timeout: None,
+            max_payload_size: 64 << 20,
+            listener: ListenerConfig::default(),
             health: HealthConfig::default(),
             retry: RetryConfig::default(),
             circuit_breaker: CircuitBreakerConfig::default(),
@@ -190,6 +233,10 @@ impl Default for RouterConfig {
             load_check_interval: Some(Duration::from_secs(5)),
             api_key: None,
             inference_api_key: None,
+            worker_api_key: None,
+            allow_unauthenticated_admin: false,
+            worker_allow: Vec::new(),
+            max_workers: 4096,
             worker_startup_timeout: Duration::from_secs(0),
             remove_unhealthy_workers: false,
             pd: None,
@@ -220,8 +267,17 @@ pub enum ConfigError {
     },
 }
 
-/// Checks and normalises a worker URL: scheme http/https, a host, a port; no path.
-/// Returns it without a trailing slash.
+impl RouterConfig {
+    /// Whether admin changes are served without a key: on a loopback bind, or when the
+    /// operator asked for it. With `--api-key` they need the key either way.
+    pub fn admin_open_without_key(&self) -> bool {
+        self.allow_unauthenticated_admin
+            || canonical_host(&self.host).is_ok_and(|(_, ip)| ip.is_some_and(|ip| ip.is_loopback()))
+    }
+}
+
+/// Checks and normalises a worker URL: scheme http/https, a host, a port; no path; the host in
+/// its one canonical spelling (see [`canonical_host`]). Returns it without a trailing slash.
 pub fn normalize_worker_url(url: &str) -> Result<String, ConfigError> {
     let err = |reason: &str| ConfigError::WorkerUrl { url: url.to_owned(), reason: reason.to_owned() };
     let uri: hyper::Uri = url.parse().map_err(|_| err("not a URL"))?;
@@ -230,7 +286,11 @@ pub fn normalize_worker_url(url: &str) -> Result<String, ConfigError> {
         Some(_) => return Err(err("scheme must be http or https")),
         None => return Err(err("missing scheme (http:// or https://)")),
     }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(err("must not contain credentials"));
+    }
     let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(|| err("missing host"))?;
+    let (host, _) = canonical_host(host).map_err(|e| err(&e))?;
     if uri.path() != "/" && !uri.path().is_empty() {
         return Err(err("must not contain a path"));
     }
@@ -259,8 +319,19 @@ mod tests {
     #[test]
     fn worker_urls_are_validated_and_normalised() {
         assert_eq!(normalize_worker_url("http://127.0.0.1:8000/").unwrap(), "http://127.0.0.1:8000");
-        assert_eq!(normalize_worker_url("http://localhost").unwrap(), "http://localhost:80");
-        for bad in ["127.0.0.1:8000", "ftp://x:1", "http://x:1/v1", "http://", "not a url", "http://x:1?a=b"] {
+        assert_eq!(normalize_worker_url("http://localhost").unwrap(), "http://127.0.0.1:80");
+        assert_eq!(normalize_worker_url("http://127.1:8000").unwrap(), "http://127.0.0.1:8000");
+        assert_eq!(normalize_worker_url("HTTP://[::1]:80").unwrap(), "http://[::1]:80");
+        for bad in [
+            "127.0.0.1:8000",
+            "ftp://x:1",
+            "http://x:1/v1",
+            "http://",
+            "not a url",
+            "http://x:1?a=b",
+            "http://0.0.0.0:8000",
+            "http://user:pw@x:1",
+        ] {
             assert!(normalize_worker_url(bad).is_err(), "{bad} accepted");
         }
     }

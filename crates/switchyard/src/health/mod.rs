@@ -24,7 +24,15 @@ struct Streak {
 
 /// Probes `worker` once: healthy means a 2xx answer within the timeout.
 pub async fn probe(upstream: &Upstream, worker: &Worker, endpoint: &str) -> bool {
-    matches!(upstream.fetch(Method::GET, worker.url(), endpoint).await, Ok((status, _)) if (200..300).contains(&status))
+    probe_status(upstream, worker, endpoint).await.0
+}
+
+/// [`probe`], with the status the worker answered (if it answered).
+pub async fn probe_status(upstream: &Upstream, worker: &Worker, endpoint: &str) -> (bool, Option<u16>) {
+    match upstream.fetch(Method::GET, worker.url(), endpoint).await {
+        Ok((status, _)) => ((200..300).contains(&status), Some(status)),
+        Err(_) => (false, None),
+    }
 }
 
 /// Runs the checker until `shutdown` changes or its sender is dropped. With

@@ -7,6 +7,7 @@
 //! tokens when the stream carries no usage. If the worker breaks the stream, the client gets
 //! a final `data: {"error": ...}` event instead of a silent truncation.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -14,7 +15,9 @@ use axum::http::{header, HeaderValue, Response};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::time::Instant;
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
 
 use super::client::forward_headers;
 use crate::load::{Ending, InFlightGuard, Usage};
@@ -27,6 +30,17 @@ pub fn is_event_stream(resp: &hyper::Response<Incoming>) -> bool {
         .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
+/// Whether a whole answer with `status` is complete: a success must parse as JSON (a worker that
+/// closes a length-less answer early, or sends garbage, is a failure, not a 200 with a cut body).
+pub fn check_whole(status: axum::http::StatusCode, body: &[u8]) -> Result<(), String> {
+    if !status.is_success() {
+        return Ok(());
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(body)
+        .map(|_| ())
+        .map_err(|e| format!("the answer is not complete JSON ({e})"))
+}
+
 /// A complete worker answer as the client's response.
 pub fn buffered(parts: hyper::http::response::Parts, body: Bytes) -> Response<axum::body::Body> {
     let mut out = Response::new(axum::body::Body::from(body));
@@ -35,12 +49,35 @@ pub fn buffered(parts: hyper::http::response::Parts, body: Bytes) -> Response<ax
     out
 }
 
+/// How long a relayed stream may go quiet, and when it must be over.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// Longest gap between two chunks from the worker.
+    pub idle: Duration,
+    /// When the whole answer must have ended, if ever.
+    pub deadline: Option<Instant>,
+}
+
 /// Turns a worker's SSE response into the client's, its guard inside the body.
-pub fn relay_stream(resp: hyper::Response<Incoming>, mut guard: InFlightGuard) -> Response<axum::body::Body> {
+pub fn relay_stream(
+    resp: hyper::Response<Incoming>,
+    mut guard: InFlightGuard,
+    limits: StreamLimits,
+) -> Response<axum::body::Body> {
     let (parts, incoming) = resp.into_parts();
     guard.relay(parts.status.as_u16());
     let failed_status = super::is_worker_failure(parts.status);
-    let body = ObservedBody { inner: incoming, guard: Some(guard), failed_status, events: 0, usage: Usage::default() };
+    let first = Instant::now() + limits.idle;
+    let body = ObservedBody {
+        inner: incoming,
+        guard: Some(guard),
+        failed_status,
+        events: 0,
+        usage: Usage::default(),
+        tail: Vec::new(),
+        limits,
+        timer: Box::pin(tokio::time::sleep_until(limits.deadline.map_or(first, |d| d.min(first)))),
+    };
     let mut out = Response::new(axum::body::Body::new(body));
     *out.status_mut() = parts.status;
     forward_headers(&parts.headers, out.headers_mut());
@@ -60,9 +97,55 @@ pub struct ObservedBody {
     events: u32,
     /// Token counts from `usage` / `meta_info` in the events.
     usage: Usage,
+    /// The stream's last bytes, to see whether it ended with its terminal event.
+    tail: Vec<u8>,
+    limits: StreamLimits,
+    /// Fires when the worker has been quiet too long, or the request's time is up.
+    timer: Pin<Box<Sleep>>,
+}
+
+/// Bytes of a stream's end kept to find its terminal event.
+const TAIL: usize = 32;
+
+/// Whether a stream's last bytes are its terminal event (`data: [DONE]`, as OpenAI, vLLM and
+/// SGLang all end their streams).
+fn ends_with_done(tail: &[u8]) -> bool {
+    let end = tail.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1);
+    let tail = &tail[..end];
+    tail.ends_with(b"data: [DONE]") || tail.ends_with(b"data:[DONE]")
 }
 
 impl ObservedBody {
+    /// The worker broke the stream: the guard ends failed and the client gets a final error
+    /// event instead of a silent truncation.
+    fn fail(&mut self, reason: &str) -> Frame<Bytes> {
+        let worker = self.guard.as_ref().map(|g| g.worker().url().to_owned()).unwrap_or_default();
+        tracing::warn!(%worker, reason, "worker broke the stream");
+        self.finish(Ending::Failed);
+        Frame::data(stream_error_event(&worker, reason))
+    }
+
+    /// The last frame arrived with the end of the stream: pass it on, judged like an end.
+    fn end(&mut self, frame: Frame<Bytes>) -> Frame<Bytes> {
+        if self.failed_status || ends_with_done(&self.tail) {
+            let ending = Ending::from_success(!self.failed_status);
+            self.finish(ending);
+            return frame;
+        }
+        // Not terminated: the error event follows the data in the same frame.
+        let error = self.fail("the stream ended without its final `data: [DONE]` event");
+        match (frame.into_data(), error.into_data()) {
+            (Ok(data), Ok(err)) => {
+                let mut joined = Vec::with_capacity(data.len() + err.len());
+                joined.extend_from_slice(&data);
+                joined.extend_from_slice(&err);
+                Frame::data(Bytes::from(joined))
+            }
+            (Ok(data), Err(_)) => Frame::data(data),
+            (Err(other), _) => other,
+        }
+    }
+
     fn finish(&mut self, ending: Ending) {
         if let Some(guard) = self.guard.take() {
             if self.usage.completion_tokens.is_none() {
@@ -95,32 +178,46 @@ impl Body for ObservedBody {
             return Poll::Ready(None);
         }
         match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                if self.timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let reason = if self.limits.deadline.is_some_and(|d| Instant::now() >= d) {
+                    "the request's total time is up (--request-total-timeout-secs)".to_owned()
+                } else {
+                    format!("no data for {:.0} s (--stream-idle-timeout-secs)", self.limits.idle.as_secs_f64())
+                };
+                Poll::Ready(Some(Ok(self.fail(&reason))))
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref().filter(|d| !d.is_empty()) {
                     self.events += count_events(d);
                     self.usage.scan(d);
+                    let keep = TAIL.saturating_sub(d.len()).min(self.tail.len());
+                    let drop = self.tail.len() - keep;
+                    self.tail.drain(..drop);
+                    self.tail.extend_from_slice(&d[d.len().saturating_sub(TAIL)..]);
                     if let Some(g) = self.guard.as_mut() {
                         g.first_token_at(Instant::now());
                     }
+                    let idle = Instant::now() + self.limits.idle;
+                    let next = self.limits.deadline.map_or(idle, |d| d.min(idle));
+                    self.timer.as_mut().reset(next);
                 }
                 if self.inner.is_end_stream() {
-                    let ending = Ending::from_success(!self.failed_status);
-                    self.finish(ending);
+                    return Poll::Ready(Some(Ok(self.end(frame))));
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
-                let ending = Ending::from_success(!self.failed_status);
-                self.finish(ending);
-                Poll::Ready(None)
+                if self.failed_status || ends_with_done(&self.tail) {
+                    let ending = Ending::from_success(!self.failed_status);
+                    self.finish(ending);
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Some(Ok(self.fail("the stream ended without its final `data: [DONE]` event"))))
             }
-            Poll::Ready(Some(Err(e))) => {
-                let worker = self.guard.as_ref().map(|g| g.worker().url().to_owned()).unwrap_or_default();
-                tracing::warn!(%worker, error = %e, "worker broke the stream");
-                self.finish(Ending::Failed);
-                Poll::Ready(Some(Ok(Frame::data(stream_error_event(&worker, &e.to_string())))))
-            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Ok(self.fail(&e.to_string())))),
         }
     }
 
@@ -135,6 +232,14 @@ impl Body for ObservedBody {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_terminal_event_is_found_in_the_stream_tail() {
+        assert!(super::ends_with_done(b"data: {}\n\ndata: [DONE]\n\n"));
+        assert!(super::ends_with_done(b"data:[DONE]\r\n"));
+        assert!(!super::ends_with_done(b"data: {\"x\":1}\n\n"));
+        assert!(!super::ends_with_done(b""));
+    }
+
     #[test]
     fn counts_sse_events() {
         assert_eq!(super::count_events(b"data: {}\n\ndata: {}\n\ndata: [DONE]\n\n"), 3);

@@ -11,8 +11,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-/// Largest non-streamed answer read whole before relaying.
-pub const MAX_BUFFERED: usize = 256 << 20;
+/// Largest non-streamed answer read whole before relaying (a worker can't make the router
+/// hold more for one request).
+pub const MAX_BUFFERED: usize = 64 << 20;
+
+/// The header that marks the routers a request went through (loop detection).
+pub const HOP_HEADER: &str = "x-switchyard-hop";
 
 /// The client type used for every upstream call.
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -74,12 +78,39 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-/// Copies end-to-end headers from `from` into `to`.
+/// Copies end-to-end headers from `from` into `to`: not the hop-by-hop ones, nor any header
+/// the sender named in `Connection` (those are for one hop too, RFC 9110 §7.6.1).
 pub fn forward_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    let named: Vec<String> = from
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
     for (name, value) in from {
-        if !is_hop_by_hop(name) {
+        if !is_hop_by_hop(name) && !named.iter().any(|n| n == name.as_str()) {
             to.append(name.clone(), value.clone());
         }
+    }
+}
+
+/// How the router presents itself to workers.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// This router's id in the loop-detection header.
+    pub hop: String,
+    /// `Authorization` sent to workers (`--worker-api-key`).
+    pub worker_auth: Option<HeaderValue>,
+    /// Whether the client's `Authorization` stays with the router (it was the router's key).
+    pub keep_client_auth: bool,
+}
+
+impl Identity {
+    /// A fresh id, no worker key, the client's `Authorization` forwarded.
+    pub fn anonymous() -> Self {
+        Self { hop: format!("{:016x}", rand::random::<u64>()), worker_auth: None, keep_client_auth: false }
     }
 }
 
@@ -88,11 +119,18 @@ pub fn forward_headers(from: &HeaderMap, to: &mut HeaderMap) {
 pub struct Upstream {
     /// The pooled client.
     pub client: HttpClient,
-    /// Time allowed until the response headers arrive.
+    /// Time allowed until the response headers arrive (and, separately, to read a whole body).
     pub timeout: Duration,
+    /// How requests present the router to workers.
+    pub identity: std::sync::Arc<Identity>,
 }
 
 impl Upstream {
+    /// An upstream with `client` and `timeout` and an anonymous identity (tests, tools).
+    pub fn new(client: HttpClient, timeout: Duration) -> Self {
+        Self { client, timeout, identity: std::sync::Arc::new(Identity::anonymous()) }
+    }
+
     /// Sends `body` to `base_url` + `path` with the client's end-to-end `headers`.
     pub async fn send(
         &self,
@@ -108,6 +146,20 @@ impl Upstream {
             .body(Full::new(body))
             .map_err(|e| SendError::Url(e.to_string()))?;
         forward_headers(headers, req.headers_mut());
+        let id = &self.identity;
+        if id.keep_client_auth || id.worker_auth.is_some() {
+            req.headers_mut().remove(header::AUTHORIZATION);
+        }
+        if let Some(auth) = &id.worker_auth {
+            req.headers_mut().insert(header::AUTHORIZATION, auth.clone());
+        }
+        let hops = match headers.get(HOP_HEADER).and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {}", id.hop),
+            None => id.hop.clone(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&hops) {
+            req.headers_mut().insert(HOP_HEADER, v);
+        }
         if !req.headers().contains_key(header::CONTENT_TYPE) {
             req.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }

@@ -18,7 +18,7 @@ use crate::error::ApiError;
 use crate::load::InFlightGuard;
 use crate::metrics::Metrics;
 use crate::policies::{RoutingError, RoutingPolicy, Selection};
-use crate::proxy::Upstream;
+use crate::proxy::{StreamLimits, Upstream};
 use crate::request::RequestView;
 use crate::workers::{Worker, WorkerRegistry, WorkerRole};
 
@@ -108,6 +108,22 @@ pub(super) struct Inner {
     pub(super) metrics: Arc<Metrics>,
     hold: Arc<HoldQueue>,
     pub(super) mode: Mode,
+    limits: Limits,
+}
+
+/// Time limits of a dispatcher's requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest gap between two chunks of a relayed stream.
+    pub stream_idle: Duration,
+    /// Longest a request may take from dispatch to the end of its answer.
+    pub total: Option<Duration>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { stream_idle: Duration::from_secs(300), total: None }
+    }
 }
 
 /// What one attempt is given.
@@ -120,6 +136,8 @@ pub(super) struct Attempt<'a> {
     /// No attempt or worker is left after this one: a worker's own error answer is relayed
     /// rather than retried.
     pub last_chance: bool,
+    /// How long a relayed stream may go quiet, and when the request must be over.
+    pub stream: StreamLimits,
 }
 
 /// Why an attempt failed, and what a retry must avoid.
@@ -165,7 +183,16 @@ impl Dispatcher {
             })
         };
         let observers = [observer(0), observer(1)];
-        Self(Arc::new(Inner { registry, policies, observers, upstream, retry, metrics, hold, mode }))
+        let limits = Limits::default();
+        Self(Arc::new(Inner { registry, policies, observers, upstream, retry, metrics, hold, mode, limits }))
+    }
+
+    /// The same dispatcher with `limits` (only while it is not yet shared).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.limits = limits;
+        }
+        self
     }
 
     /// A regular-mode router.
@@ -215,6 +242,8 @@ impl Dispatcher {
         body: Bytes,
     ) -> Result<Response<Body>, ApiError> {
         let inner = &self.0;
+        let stream =
+            StreamLimits { idle: inner.limits.stream_idle, deadline: inner.limits.total.map(|t| Instant::now() + t) };
         let key = ROUTING_KEY_HEADERS.iter().find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()));
         let mut view = RequestView::parse(&body, key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let mut excluded: Vec<Arc<Worker>> = Vec::new();
@@ -244,7 +273,7 @@ impl Dispatcher {
                 "routing decision"
             );
             let last_chance = attempt + 1 == attempts || !inner.has_alternative(&legs, &excluded);
-            let a = Attempt { route, headers, body: &body, view: &view, last_chance };
+            let a = Attempt { route, headers, body: &body, view: &view, last_chance, stream };
             let result = match inner.mode {
                 Mode::Regular => regular::run(inner, guards, &a).await,
                 Mode::Pd { style, prefill_timeout } => pd::run(self, guards, &a, style, prefill_timeout).await,

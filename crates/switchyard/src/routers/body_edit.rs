@@ -44,17 +44,31 @@ impl<'a> Members<'a> {
         self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.get())
     }
 
-    /// Number of elements when `key` holds an array.
+    /// Number of elements when `key` holds an array (counted, not collected).
     pub fn array_len(&self, key: &str) -> Option<usize> {
+        struct Count;
+        impl<'de> Visitor<'de> for Count {
+            type Value = usize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an array")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+                let mut n = 0;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(n)
+            }
+        }
         let raw = self.get(key)?;
-        serde_json::from_str::<Vec<&RawValue>>(raw).ok().map(|v| v.len())
+        serde_json::Deserializer::from_str(raw).deserialize_seq(Count).ok()
     }
 
     /// Whether `key` holds an array whose first element is itself an array.
     pub fn is_nested_array(&self, key: &str) -> bool {
         self.get(key)
-            .and_then(|raw| serde_json::from_str::<Vec<&RawValue>>(raw).ok())
-            .is_some_and(|v| v.first().is_some_and(|e| e.get().trim_start().starts_with('[')))
+            .and_then(|raw| raw.trim_start().strip_prefix('['))
+            .is_some_and(|rest| rest.trim_start().starts_with('['))
     }
 
     /// The object rewritten: members named in `set` replaced (or added at the end) with the

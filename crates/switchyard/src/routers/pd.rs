@@ -25,7 +25,7 @@ use super::body_edit::Members;
 use crate::config::PdStyle;
 use crate::error::ApiError;
 use crate::load::{Ending, InFlightGuard, Usage};
-use crate::proxy::{buffered, is_event_stream, is_worker_failure, relay_stream, SendError, Upstream};
+use crate::proxy::{buffered, check_whole, is_event_stream, is_worker_failure, relay_stream, SendError, Upstream};
 use crate::workers::{Worker, WorkerRole};
 
 fn host_of(url: &str) -> String {
@@ -179,7 +179,7 @@ impl Legs<'_> {
                 None
             };
             prefill_task.detach();
-            let mut out = relay_stream(decode_resp, decode);
+            let mut out = relay_stream(decode_resp, decode, self.a.stream);
             if let Some(logprobs) = inject {
                 let (parts, body) = out.into_parts();
                 out = Response::from_parts(parts, Body::new(InjectLogprobs::new(body, logprobs)));
@@ -188,7 +188,8 @@ impl Legs<'_> {
         }
         let status = decode_resp.status();
         let (parts, incoming) = decode_resp.into_parts();
-        let decode_bytes = match self.upstream().read_whole(incoming).await {
+        let whole = self.upstream().read_whole(incoming).await.map_err(|e| e.to_string());
+        let decode_bytes = match whole.and_then(|b| check_whole(status, &b).map(|()| b)) {
             Ok(b) => b,
             Err(e) => {
                 decode.finish(Ending::Failed, Usage::default());
@@ -256,11 +257,12 @@ impl Legs<'_> {
                 decode.finish(Ending::Failed, Usage::default());
                 Err(Failure::retry(ApiError::WorkerFailed { worker: d.url().to_owned(), status }, vec![d]))
             }
-            Ok(resp) if is_event_stream(&resp) => Ok(relay_stream(resp, decode)),
+            Ok(resp) if is_event_stream(&resp) => Ok(relay_stream(resp, decode, self.a.stream)),
             Ok(resp) => {
                 let status = resp.status();
                 let (parts, incoming) = resp.into_parts();
-                match self.upstream().read_whole(incoming).await {
+                let whole = self.upstream().read_whole(incoming).await.map_err(|e| e.to_string());
+                match whole.and_then(|b| check_whole(status, &b).map(|()| b)) {
                     Ok(b) => {
                         decode.mark_first_byte();
                         decode.relay(status.as_u16());

@@ -6,7 +6,7 @@ use axum::http::{Method, Response};
 use super::attempt::{Attempt, Failure, Inner};
 use crate::error::ApiError;
 use crate::load::{Ending, InFlightGuard, Usage};
-use crate::proxy::{buffered, is_event_stream, is_worker_failure, relay_stream, SendError};
+use crate::proxy::{buffered, check_whole, is_event_stream, is_worker_failure, relay_stream, SendError};
 
 /// Sends the request to the guard's worker and relays its answer.
 ///
@@ -38,18 +38,23 @@ pub(super) async fn run(
         }
     };
     let status = resp.status();
-    if is_worker_failure(status) && !a.last_chance {
+    // A status outside 100–599 is never relayed: no client could read it.
+    let relayable = (100..600).contains(&status.as_u16());
+    if is_worker_failure(status) && (!a.last_chance || !relayable) {
         guard.finish(Ending::Failed, Usage::default());
         let error = ApiError::WorkerFailed { worker: worker.url().to_owned(), status: status.as_u16() };
         return Err(Failure::retry(error, vec![worker]));
     }
     if is_event_stream(&resp) {
-        return Ok(relay_stream(resp, guard));
+        return Ok(relay_stream(resp, guard, a.stream));
     }
     // A whole (non-streamed) answer is read before anything is sent, so a worker that breaks
     // it mid-body is one more failed attempt, not a broken response.
     let (parts, incoming) = resp.into_parts();
-    match upstream.read_whole(incoming).await {
+    match upstream.read_whole(incoming).await.and_then(|b| match check_whole(status, &b) {
+        Ok(()) => Ok(b),
+        Err(e) => Err(SendError::Transport(e)),
+    }) {
         Ok(collected) => {
             guard.mark_first_byte();
             guard.relay(status.as_u16());

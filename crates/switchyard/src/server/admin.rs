@@ -2,6 +2,7 @@
 //! `/remove_worker`, `/list_workers`, and `/flush_cache` fanned out to every worker.
 
 use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -45,7 +46,8 @@ fn describe(w: &Worker) -> Value {
     })
 }
 
-fn required_url(q: UrlQuery) -> Result<String, ApiError> {
+fn required_url(q: Result<Query<UrlQuery>, QueryRejection>) -> Result<String, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?;
     let url = q.url.ok_or_else(|| ApiError::BadRequest("missing query parameter 'url'".into()))?;
     normalize_worker_url(&url).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
@@ -100,7 +102,7 @@ pub(super) async fn add_worker(
 /// `DELETE /workers?url=...`.
 pub(super) async fn remove_worker_query(
     State(state): State<AppState>,
-    Query(q): Query<UrlQuery>,
+    q: Result<Query<UrlQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let url = required_url(q)?;
     remove(&state, &url)
@@ -109,8 +111,10 @@ pub(super) async fn remove_worker_query(
 /// `DELETE /workers/{url}` (the URL percent-encoded or not).
 pub(super) async fn remove_worker_path(
     State(state): State<AppState>,
-    Path(url): Path<String>,
+    url: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(url) =
+        url.map_err(|e| ApiError::BadRequest(format!("invalid worker URL in the path: {}", e.body_text())))?;
     // A raw "http://host:port" arrives with its "//" collapsed by some clients; restore it.
     let url = if url.contains("://") { url } else { url.replacen(":/", "://", 1) };
     remove(&state, &url)
@@ -119,7 +123,7 @@ pub(super) async fn remove_worker_path(
 /// `POST /add_worker?url=...` (sglang-router's legacy form).
 pub(super) async fn legacy_add_worker(
     State(state): State<AppState>,
-    Query(q): Query<UrlQuery>,
+    q: Result<Query<UrlQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let url = required_url(q)?;
     add(&state, &url, WorkerRole::Regular).await
@@ -128,7 +132,7 @@ pub(super) async fn legacy_add_worker(
 /// `POST /remove_worker?url=...` (legacy).
 pub(super) async fn legacy_remove_worker(
     State(state): State<AppState>,
-    Query(q): Query<UrlQuery>,
+    q: Result<Query<UrlQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let url = required_url(q)?;
     remove(&state, &url)

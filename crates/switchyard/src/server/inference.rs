@@ -1,32 +1,62 @@
-//! Inference endpoints: read the body once (bounded), then hand it to the router.
+//! Inference endpoints: read the body once (bounded in size and time), take an admission
+//! slot, then hand the request to the dispatcher.
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::Response;
-use bytes::Bytes;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 
 use super::AppState;
 use crate::error::ApiError;
 
 /// Reads a request body up to `limit` bytes; larger bodies get 413 without being read whole.
-pub(super) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+///
+/// Memory: with a declared length the buffer is allocated once at that size; without one the
+/// frames are kept as they come and joined at the end (at most twice the body, briefly).
+pub(super) async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge { limit }),
-        Err(e) => Err(ApiError::BadRequest(format!("failed to read the request body: {e}"))),
+    let mut frames: Vec<Bytes> = Vec::new();
+    let mut buf = declared.map(|n| BytesMut::with_capacity(n as usize));
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::BadRequest(format!("failed to read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        total += data.len();
+        if total > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        match buf.as_mut() {
+            Some(b) => b.extend_from_slice(&data),
+            None => frames.push(data),
+        }
     }
+    Ok(match buf {
+        Some(b) => b.freeze(),
+        None if frames.len() == 1 => frames.pop().unwrap_or_default(),
+        None => {
+            let mut joined = BytesMut::with_capacity(total);
+            for f in frames.drain(..) {
+                joined.extend_from_slice(&f);
+            }
+            joined.freeze()
+        }
+    })
 }
 
 async fn route(state: &AppState, path: &'static str, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let started = tokio::time::Instant::now();
-    let answer = admit_and_route(state, path, headers, body).await;
+    let answer = match state.config.request_total_timeout {
+        Some(limit) => tokio::time::timeout(limit, admit_and_route(state, path, headers, body))
+            .await
+            .unwrap_or(Err(ApiError::TotalTimeout { secs: limit.as_secs_f64() })),
+        None => admit_and_route(state, path, headers, body).await,
+    };
     // A worker's answer is counted by its in-flight guard when it ends (with the status the
     // client saw); the router's own errors are counted here.
     if let Err(e) = &answer {
@@ -41,6 +71,11 @@ async fn admit_and_route(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // The body first: a slow sender must not hold an admission slot while it trickles in.
+    let limit = state.config.listener.body_read_timeout;
+    let bytes = tokio::time::timeout(limit, read_body(&headers, body, state.config.max_payload_size))
+        .await
+        .map_err(|_| ApiError::BodyTimeout { secs: limit.as_secs_f64() })??;
     let permit = match &state.admission {
         Some(a) => {
             state.metrics.set_queue_depth(a.waiting() + 1);
@@ -50,7 +85,6 @@ async fn admit_and_route(
         }
         None => None,
     };
-    let bytes = read_body(&headers, body, state.config.max_payload_size).await?;
     let response = state.router.route(path, &headers, bytes).await?;
     Ok(match permit {
         Some(p) => super::admission::hold_until_done(response, p),

@@ -1,75 +1,125 @@
-//! The accepting side: TCP_NODELAY on every connection (small SSE chunks otherwise wait
-//! for the client's delayed ACK: +40 ms TTFT) and a gauge of open connections.
+//! The accepting side: one HTTP/1 connection task per client, with the limits a public
+//! listener needs and axum's `serve` does not set (it runs hyper without a timer).
+//!
+//! - **Header read timeout**: a client has `header_read_timeout` from the moment a request
+//!   could start (a new connection, or the first byte of the next request on a kept-alive
+//!   one) to send its headers; a half-sent request no longer holds a socket forever.
+//! - **Idle keep-alive timeout**: a connection with nothing in flight and no byte of a new
+//!   request closes after `keep_alive_timeout` (longer than the 60 s nginx keeps upstream
+//!   connections, so a proxy in front closes first and never writes into a closed socket).
+//! - **Connection cap**: past `max_connections` open connections a new client gets a 503 with
+//!   a JSON error and is closed, instead of exhausting file descriptors.
+//! - **Shutdown**: every connection is told at once; idle and half-open ones close
+//!   immediately, ones with a request in flight finish it (hyper's graceful shutdown).
+//!
+//! Body read timeouts are the handlers' (they own the body); TCP_NODELAY is set on every
+//! connection (small SSE chunks otherwise wait for the client's delayed ACK: +40 ms TTFT).
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{Request, Response};
+use axum::Router;
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, Sleep};
 
+use crate::config::ListenerConfig;
 use crate::metrics::Metrics;
 
-/// A listener whose connections are counted while open.
-pub struct CountingListener {
-    inner: TcpListener,
-    metrics: Arc<Metrics>,
+/// Where a connection stands, for its read deadline.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// Waiting for the first request, since accept: the header timeout applies.
+    Fresh(Instant),
+    /// Between requests since then: the keep-alive timeout applies.
+    Idle(Instant),
+    /// The next request's first byte came then: the header timeout applies.
+    Head(Instant),
+    /// A request is in flight (its body, its answer): the handlers' own timeouts apply.
+    Busy,
 }
 
-impl CountingListener {
-    /// Wraps a bound listener.
-    pub fn new(inner: TcpListener, metrics: Arc<Metrics>) -> Self {
-        Self { inner, metrics }
+/// One connection's phase, shared by its IO (reads) and its service (requests).
+#[derive(Debug)]
+struct ConnState(Mutex<Phase>);
+
+impl ConnState {
+    fn set(&self, phase: Phase) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = phase;
+    }
+    fn get(&self) -> Phase {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-impl axum::serve::Listener for CountingListener {
-    type Io = CountedStream;
-    type Addr = SocketAddr;
+/// The socket, with its read deadline and the open-connections gauge.
+struct TimedIo {
+    inner: TcpStream,
+    state: Arc<ConnState>,
+    config: Arc<ListenerConfig>,
+    deadline: Option<Pin<Box<Sleep>>>,
+    metrics: Arc<Metrics>,
+    open: Arc<AtomicUsize>,
+}
 
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.inner.accept().await {
-                Ok((stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
-                    self.metrics.connection(true);
-                    return (CountedStream { inner: stream, metrics: self.metrics.clone() }, addr);
+impl Drop for TimedIo {
+    fn drop(&mut self) {
+        self.metrics.connection(false);
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for TimedIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    if let Phase::Idle(_) = self.state.get() {
+                        self.state.set(Phase::Head(Instant::now()));
+                    }
                 }
-                // Out of file descriptors and the like: back off briefly, keep serving.
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let deadline = match self.state.get() {
+                    Phase::Busy => {
+                        self.deadline = None;
+                        return Poll::Pending;
+                    }
+                    Phase::Fresh(t) | Phase::Head(t) => t + self.config.header_read_timeout,
+                    Phase::Idle(t) => t + self.config.keep_alive_timeout,
+                };
+                let sleep = self.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if sleep.deadline() != deadline {
+                    sleep.as_mut().reset(deadline);
                 }
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "client read timeout")));
+                }
+                Poll::Pending
             }
         }
     }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
 }
 
-/// A client connection, counted until dropped.
-pub struct CountedStream {
-    inner: TcpStream,
-    metrics: Arc<Metrics>,
-}
-
-impl Drop for CountedStream {
-    fn drop(&mut self) {
-        self.metrics.connection(false);
-    }
-}
-
-impl AsyncRead for CountedStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for CountedStream {
+impl AsyncWrite for TimedIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
@@ -88,5 +138,159 @@ impl AsyncWrite for CountedStream {
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+/// Marks its connection busy while it lives (from a request's headers to the end of its answer).
+struct Busy(Arc<ConnState>);
+
+impl Busy {
+    fn start(state: Arc<ConnState>) -> Self {
+        state.set(Phase::Busy);
+        Self(state)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.set(Phase::Idle(Instant::now()));
+    }
+}
+
+/// An answer's body that keeps its connection busy until it ends.
+struct BusyBody {
+    inner: Body,
+    _busy: Busy,
+}
+
+impl http_body::Body for BusyBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The app as one connection's hyper service: the peer address as `ConnectInfo`, the
+/// connection busy while a request runs.
+struct ConnService {
+    app: Router,
+    peer: SocketAddr,
+    state: Arc<ConnState>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for ConnService {
+    type Response = Response<BusyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<BusyBody>, Infallible>> + Send>>;
+
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(ConnectInfo(self.peer));
+        let busy = Busy::start(self.state.clone());
+        let mut app = self.app.clone();
+        Box::pin(async move {
+            let resp = tower_service::Service::call(&mut app, req.map(Body::new)).await?;
+            Ok(resp.map(|inner| BusyBody { inner, _busy: busy }))
+        })
+    }
+}
+
+/// What a client past the connection cap reads before the router closes its connection.
+const TOO_MANY_CONNECTIONS: &str = concat!(
+    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n",
+    "connection: close\r\ncontent-length: 109\r\n\r\n",
+    r#"{"error":{"message":"too many open connections (--max-connections)","type":"service_unavailable","code":503}}"#
+);
+
+async fn refuse(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(TOO_MANY_CONNECTIONS.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// Serves `app` on `listener` until `stop` changes (or its sender is dropped), then shuts
+/// every connection down gracefully and returns once they have all ended.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    config: ListenerConfig,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<()>,
+) {
+    let config = Arc::new(config);
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut connections = JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                // Out of file descriptors and the like: back off briefly, keep serving.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        if open.load(Ordering::Relaxed) >= config.max_connections {
+            tracing::warn!(%peer, max = config.max_connections, "connection refused: too many open connections");
+            connections.spawn(refuse(stream));
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        open.fetch_add(1, Ordering::Relaxed);
+        metrics.connection(true);
+        let state = Arc::new(ConnState(Mutex::new(Phase::Fresh(Instant::now()))));
+        let io = TimedIo {
+            inner: stream,
+            state: state.clone(),
+            config: config.clone(),
+            deadline: None,
+            metrics: metrics.clone(),
+            open: open.clone(),
+        };
+        let service = ConnService { app: app.clone(), peer, state };
+        let mut stop = stop.clone();
+        connections.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(None)
+                .serve_connection(TokioIo::new(io), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refusal_is_a_complete_http_answer_with_a_json_body() {
+        let (head, body) = TOO_MANY_CONNECTIONS.split_once("\r\n\r\n").unwrap();
+        let length: usize =
+            head.lines().find_map(|l| l.strip_prefix("content-length: ")).and_then(|v| v.parse().ok()).unwrap();
+        assert_eq!(length, body.len());
+        let v: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+        assert_eq!(v["error"]["code"], 503);
     }
 }

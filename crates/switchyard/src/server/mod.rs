@@ -3,6 +3,7 @@
 mod admin;
 mod admission;
 mod auth;
+mod hops;
 mod inference;
 mod info;
 mod listener;
@@ -19,11 +20,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::RouterConfig;
+use crate::config::{ListenerConfig, RouterConfig};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::policies;
-use crate::proxy::{client, Upstream};
+use crate::proxy::{client, Identity, Upstream};
 use crate::routers::{Dispatcher, PolicySet};
 use crate::workers::{Worker, WorkerRegistry, WorkerRole};
 
@@ -70,14 +71,29 @@ impl AppState {
 
 impl Shared {
     fn new(config: RouterConfig) -> Self {
-        let registry = Arc::new(WorkerRegistry::new());
-        let inference =
-            Upstream { client: client::new_client(Duration::from_secs(5), 1024), timeout: config.request_timeout };
-        let control =
-            Upstream { client: client::new_client(Duration::from_secs(5), 8), timeout: Duration::from_secs(30) };
-        let probes = Upstream { client: client::new_client(config.health.timeout, 4), timeout: config.health.timeout };
+        let registry = Arc::new(WorkerRegistry::bounded(config.max_workers));
+        let identity = Arc::new(Identity {
+            hop: format!("{:016x}", rand::random::<u64>()),
+            worker_auth: config
+                .worker_api_key
+                .as_ref()
+                .and_then(|k| axum::http::HeaderValue::from_str(&format!("Bearer {k}")).ok()),
+            keep_client_auth: config.inference_api_key.is_some(),
+        });
+        let upstream = |client, timeout| Upstream { client, timeout, identity: identity.clone() };
+        let inference = upstream(client::new_client(Duration::from_secs(5), 1024), config.request_timeout);
+        let control = upstream(client::new_client(Duration::from_secs(5), 8), Duration::from_secs(30));
+        let probes = upstream(client::new_client(config.health.timeout, 4), config.health.timeout);
         let policy = policies::build(&config.policy);
         let metrics = Arc::new(Metrics::new(policy.name()));
+        {
+            let metrics = metrics.clone();
+            registry.subscribe(Arc::new(move |change| {
+                if let crate::workers::Membership::Removed(w) = change {
+                    metrics.forget_worker(w.url());
+                }
+            }));
+        }
         let router = match &config.pd {
             None => Dispatcher::regular(registry.clone(), policy, inference, config.retry.clone(), metrics.clone()),
             Some(pd) => {
@@ -99,24 +115,36 @@ impl Shared {
                 )
             }
         };
+        let router = router.with_limits(crate::routers::Limits {
+            stream_idle: config.stream_idle_timeout,
+            total: config.request_total_timeout,
+        });
         let admission = config.admission.clone().map(|a| Arc::new(admission::Admission::new(a)));
         Self { config: Arc::new(config), registry, router, control, probes, admission, metrics }
     }
 
-    /// Probes a worker once (health, then the model it serves) and registers it, healthy or not.
+    /// Checks a worker's address, probes it once (health, then the model it serves) and
+    /// registers it, healthy or not. `url` must be normalised ([`normalize_worker_url`]).
     pub async fn register_worker(&self, url: String, role: WorkerRole) -> Result<Arc<Worker>, ApiError> {
         if self.registry.get(&url).is_some() {
             return Err(ApiError::Conflict(format!("worker {url} is already registered")));
         }
-        let worker = self.probe_new_worker(url, role).await;
+        let worker = self.probe_new_worker(url, role).await?;
         self.registry.add(worker.clone()).map_err(|e| ApiError::Conflict(e.to_string()))?;
         Ok(worker)
     }
 
-    /// A new worker with its first health probe and model discovery done.
-    async fn probe_new_worker(&self, url: String, role: WorkerRole) -> Arc<Worker> {
+    /// A new worker, its address checked, its first health probe and model discovery done.
+    async fn probe_new_worker(&self, url: String, role: WorkerRole) -> Result<Arc<Worker>, ApiError> {
+        check_worker_address(&url, &self.config.worker_allow).await.map_err(ApiError::BadRequest)?;
         let worker = Arc::new(Worker::with_breaker(url, role, self.config.circuit_breaker.clone()));
-        let healthy = crate::health::probe(&self.probes, &worker, &self.config.health.endpoint).await;
+        let (healthy, status) = crate::health::probe_status(&self.probes, &worker, &self.config.health.endpoint).await;
+        if status == Some(axum::http::StatusCode::LOOP_DETECTED.as_u16()) {
+            return Err(ApiError::BadRequest(format!(
+                "worker {} answers with this router's own loop error: the URL points back at the router",
+                worker.url()
+            )));
+        }
         if !healthy {
             tracing::warn!(worker = worker.url(), "worker did not pass its first health probe; added as unhealthy");
         }
@@ -124,20 +152,51 @@ impl Shared {
         if let Some(model) = info::discover_model(&self.control, worker.url()).await {
             worker.set_model_id(model);
         }
-        worker
+        Ok(worker)
     }
+}
+
+/// Whether a worker URL's host may be a worker: its literal IP, or every address its name
+/// resolves to (within two seconds; a name that does not resolve yet is let through — there
+/// is nothing to reach), against the allow-list or the link-local/metadata deny rules.
+async fn check_worker_address(url: &str, allow: &[crate::config::Cidr]) -> Result<(), String> {
+    let uri: axum::http::Uri = url.parse().map_err(|_| format!("invalid worker URL '{url}'"))?;
+    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(80);
+    let ips: Vec<std::net::IpAddr> = match host.parse() {
+        Ok(ip) => vec![ip],
+        Err(_) => match tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host((host, port))).await {
+            Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
+            _ => Vec::new(),
+        },
+    };
+    for ip in ips {
+        crate::config::worker_ip_allowed(ip, allow).map_err(|e| format!("worker {url} refused: {e}"))?;
+    }
+    Ok(())
 }
 
 /// The router's HTTP application.
 pub fn app(state: AppState) -> Router {
     let limit = state.config.max_payload_size;
+    let admin_access = match &state.config.api_key {
+        Some(key) => auth::Access::Key(key.clone()),
+        None if state.config.admin_open_without_key() => auth::Access::Open,
+        None => auth::Access::Disabled(
+            "admin changes are disabled: this router listens beyond loopback without --api-key \
+             (set --api-key, or --allow-unauthenticated-admin to accept the risk)",
+        ),
+    };
     let inference = Router::new()
         .route("/v1/chat/completions", post(inference::chat_completions))
         .route("/v1/completions", post(inference::completions))
         .route("/generate", post(inference::generate))
         .route("/v1/embeddings", post(inference::embeddings))
         .route("/v1/rerank", post(inference::rerank))
-        .route_layer(axum::middleware::from_fn_with_state(state.config.inference_api_key.clone(), auth::require));
+        .route_layer(axum::middleware::from_fn_with_state(
+            auth::Access::key_or_open(&state.config.inference_api_key),
+            auth::require,
+        ));
     let admin = Router::new()
         .route("/flush_cache", post(admin::flush_cache))
         .route("/workers", post(admin::add_worker).delete(admin::remove_worker_query))
@@ -145,7 +204,7 @@ pub fn app(state: AppState) -> Router {
         .route("/add_worker", post(admin::legacy_add_worker))
         .route("/remove_worker", post(admin::legacy_remove_worker))
         .route("/debug/policy", get(admin::debug_policy))
-        .route_layer(axum::middleware::from_fn_with_state(state.config.api_key.clone(), auth::require));
+        .route_layer(axum::middleware::from_fn_with_state(admin_access, auth::require));
     let public = Router::new()
         .route("/health", get(info::health))
         .route("/liveness", get(info::liveness))
@@ -164,6 +223,10 @@ pub fn app(state: AppState) -> Router {
         .fallback(|method: Method, uri: axum::http::Uri| async move {
             ApiError::NotFound(format!("no route for {method} {}", uri.path()))
         })
+        .method_not_allowed_fallback(|method: Method, uri: axum::http::Uri| async move {
+            ApiError::MethodNotAllowed { method: method.to_string(), path: uri.path().to_owned() }
+        })
+        .layer(axum::middleware::from_fn_with_state(Arc::<str>::from(state.control.identity.hop.as_str()), hops::guard))
         .layer(axum::middleware::from_fn(request_id::propagate))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -174,7 +237,7 @@ pub struct RunningRouter {
     addr: SocketAddr,
     state: AppState,
     shutdown: watch::Sender<()>,
-    task: JoinHandle<std::io::Result<()>>,
+    task: JoinHandle<()>,
 }
 
 impl RunningRouter {
@@ -202,7 +265,7 @@ impl RunningRouter {
         let grace = self.state.config.shutdown_grace;
         let mut task = self.task;
         match tokio::time::timeout(grace, &mut task).await {
-            Ok(joined) => joined.unwrap_or(Ok(())),
+            Ok(_) => Ok(()),
             Err(_) => {
                 tracing::warn!(grace_secs = grace.as_secs_f64(), "shutdown grace period over; closing open requests");
                 task.abort();
@@ -230,7 +293,8 @@ pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
         async move { state.probe_new_worker(url, role).await }
     });
     for worker in futures_join_all(probes).await {
-        if let Err(e) = state.registry.add(worker) {
+        let added = worker.and_then(|w| state.registry.add(w).map_err(|e| ApiError::Conflict(e.to_string())));
+        if let Err(e) = added {
             tracing::warn!(error = %e, "worker not registered");
         }
     }
@@ -260,29 +324,17 @@ pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
     if let Some(port) = state.config.prometheus_port {
         spawn_metrics_listener(&state, port, shutdown_rx.clone()).await?;
     }
-    let mut stop = shutdown_rx;
-    let listener = listener::CountingListener::new(listener, state.metrics.clone());
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.changed().await;
-            })
-            .await
-    });
+    let task =
+        tokio::spawn(listener::serve(listener, app, state.config.listener.clone(), state.metrics.clone(), shutdown_rx));
     Ok(RunningRouter { addr, state, shutdown, task })
 }
 
 /// The separate `--prometheus-port` listener: `/metrics` only.
-async fn spawn_metrics_listener(state: &AppState, port: u16, mut stop: watch::Receiver<()>) -> std::io::Result<()> {
+async fn spawn_metrics_listener(state: &AppState, port: u16, stop: watch::Receiver<()>) -> std::io::Result<()> {
     let listener = TcpListener::bind((state.config.prometheus_host.as_str(), port)).await?;
     let app = Router::new().route("/metrics", get(info::metrics)).with_state(state.clone());
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.changed().await;
-            })
-            .await;
-    });
+    let limits = ListenerConfig { max_connections: 64, ..state.config.listener.clone() };
+    tokio::spawn(listener::serve(listener, app, limits, state.metrics.clone(), stop));
     Ok(())
 }
 
