@@ -1,5 +1,7 @@
 # Builds the router (with the built-in simulator) and runs it. Without --worker-urls,
-# pass --sim-workers N to try it on simulated workers.
+# pass --sim-workers N to try it on simulated workers. It listens on 0.0.0.0: pass an admin
+# key (-e SWITCHYARD_API_KEY=...) to manage workers at run time; without one the admin API
+# refuses changes from the network.
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .

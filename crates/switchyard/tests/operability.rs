@@ -174,8 +174,13 @@ async fn kubernetes_probes_and_dockerfile_match_real_routes() {
         .map(|d| serde_yaml::from_value::<Value>(serde_yaml::Value::deserialize(d).unwrap()).unwrap())
         .collect();
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, vec!["Deployment", "Service"]);
-    let container = &docs[0]["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(kinds, vec!["Secret", "Deployment", "Service"]);
+    let of = |kind: &str| docs.iter().find(|d| d["kind"] == kind).unwrap();
+    let container = &of("Deployment")["spec"]["template"]["spec"]["containers"][0];
+    // The public bind takes its admin key from the Secret (else admin changes are refused).
+    let env = container["env"].as_array().unwrap();
+    let admin = env.iter().find(|e| e["name"] == "SWITCHYARD_API_KEY").unwrap();
+    assert_eq!(admin["valueFrom"]["secretKeyRef"]["name"], of("Secret")["metadata"]["name"]);
     let args: Vec<String> =
         container["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_owned()).collect();
     // The manifest's arguments are accepted by the real parser.
@@ -189,7 +194,7 @@ async fn kubernetes_probes_and_dockerfile_match_real_routes() {
         let path = container[probe]["httpGet"]["path"].as_str().unwrap();
         assert_eq!(get(&format!("{}{path}", r.url())).await.status, status, "{probe} {path}");
     }
-    assert_eq!(docs[1]["spec"]["ports"][0]["port"], 30000);
+    assert_eq!(of("Service")["spec"]["ports"][0]["port"], 30000);
     let dockerfile = std::fs::read_to_string(repo_file("Dockerfile")).unwrap();
     assert!(dockerfile.contains("EXPOSE 30000") && dockerfile.contains("ENTRYPOINT [\"/usr/local/bin/switchyard\"]"));
     let prom: Value =

@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -33,7 +33,7 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -55,16 +55,43 @@ enum Phase {
     Busy,
 }
 
-/// One connection's phase, shared by its IO (reads) and its service (requests).
+/// One connection's phase, shared by its IO (reads) and its service (requests). A phase change
+/// wakes a read waiting under the old phase's deadline (or under none, while busy).
 #[derive(Debug)]
-struct ConnState(Mutex<Phase>);
+struct ConnState(Mutex<ConnInner>);
+
+#[derive(Debug)]
+struct ConnInner {
+    phase: Phase,
+    /// The reader to wake when the phase changes or the server closes.
+    reader: Option<Waker>,
+    /// The server is shutting down: close as soon as nothing is in flight.
+    closing: bool,
+}
 
 impl ConnState {
-    fn set(&self, phase: Phase) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = phase;
+    fn new() -> Self {
+        Self(Mutex::new(ConnInner { phase: Phase::Fresh(Instant::now()), reader: None, closing: false }))
     }
-    fn get(&self) -> Phase {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnInner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, phase: Phase) {
+        let mut inner = self.lock();
+        inner.phase = phase;
+        if let Some(w) = inner.reader.take() {
+            w.wake();
+        }
+    }
+
+    fn close(&self) {
+        let mut inner = self.lock();
+        inner.closing = true;
+        if let Some(w) = inner.reader.take() {
+            w.wake();
+        }
     }
 }
 
@@ -91,20 +118,29 @@ impl AsyncRead for TimedIo {
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(r) => {
                 if buf.filled().len() > before {
-                    if let Phase::Idle(_) = self.state.get() {
-                        self.state.set(Phase::Head(Instant::now()));
+                    let mut inner = self.state.lock();
+                    if let Phase::Idle(_) = inner.phase {
+                        inner.phase = Phase::Head(Instant::now());
                     }
                 }
                 Poll::Ready(r)
             }
             Poll::Pending => {
-                let deadline = match self.state.get() {
-                    Phase::Busy => {
-                        self.deadline = None;
-                        return Poll::Pending;
+                let deadline = {
+                    let mut inner = self.state.lock();
+                    inner.reader = Some(cx.waker().clone());
+                    match inner.phase {
+                        Phase::Busy => None,
+                        _ if inner.closing => {
+                            return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionAborted, "shutting down")))
+                        }
+                        Phase::Fresh(t) | Phase::Head(t) => Some(t + self.config.header_read_timeout),
+                        Phase::Idle(t) => Some(t + self.config.keep_alive_timeout),
                     }
-                    Phase::Fresh(t) | Phase::Head(t) => t + self.config.header_read_timeout,
-                    Phase::Idle(t) => t + self.config.keep_alive_timeout,
+                };
+                let Some(deadline) = deadline else {
+                    self.deadline = None;
+                    return Poll::Pending;
                 };
                 let sleep = self.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 if sleep.deadline() != deadline {
@@ -208,8 +244,12 @@ const TOO_MANY_CONNECTIONS: &str = concat!(
     r#"{"error":{"message":"too many open connections (--max-connections)","type":"service_unavailable","code":503}}"#
 );
 
+/// Answers a client past the cap: its request's first bytes are read (briefly, so an HTTP
+/// client sees an answer to what it sent), then the 503 is written and the connection closed.
 async fn refuse(mut stream: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut first = [0u8; 4096];
+        let _ = tokio::time::timeout(Duration::from_millis(100), stream.read(&mut first)).await;
         let _ = stream.write_all(TOO_MANY_CONNECTIONS.as_bytes()).await;
         let _ = stream.shutdown().await;
     })
@@ -250,7 +290,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         open.fetch_add(1, Ordering::Relaxed);
         metrics.connection(true);
-        let state = Arc::new(ConnState(Mutex::new(Phase::Fresh(Instant::now()))));
+        let state = Arc::new(ConnState::new());
         let io = TimedIo {
             inner: stream,
             state: state.clone(),
@@ -259,7 +299,7 @@ pub async fn serve(
             metrics: metrics.clone(),
             open: open.clone(),
         };
-        let service = ConnService { app: app.clone(), peer, state };
+        let service = ConnService { app: app.clone(), peer, state: state.clone() };
         let mut stop = stop.clone();
         connections.spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
@@ -270,6 +310,7 @@ pub async fn serve(
             tokio::select! {
                 _ = conn.as_mut() => {}
                 _ = stop.changed() => {
+                    state.close();
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
