@@ -6,6 +6,11 @@
 #   shared system prompts; the nginx proxy is re-measured on the same varied load).
 # wrk, 64 connections, 2 threads, $DURATION seconds each, loopback only.
 # SOAK=60 adds a 60 s varied-prompt cache_aware run sampling switchyard's RSS.
+# SOAK_MINUTES=10 runs only the memory soak: varied prompts at full rate for that long, for
+#   round_robin, cache_aware and marginal_utility, printing the router's RSS every 10 s and the
+#   last minute against the first.
+# STREAM=1 runs only the streaming check: time to first byte through switchyard against a
+#   direct connection to a worker that streams SSE on a fixed schedule (p50/p90/p99).
 # BASELINE=/path/to/an/older/switchyard runs that build too, right after this one (before/after
 # comparisons of a change in one run).
 # Prints requests/s, p50, p99, non-2xx and the proxy's RSS; ratios are against nginx proxy.
@@ -22,7 +27,7 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs nginx and wrk: apt-get install -y nginx wrk" >&2; exit 1; }
-cargo build --release --quiet --bin switchyard
+cargo build --release --quiet --bin switchyard --bin switchyard-bench
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 W1=$(free_port); W2=$(free_port); NP=$(free_port); SY=$(free_port)
@@ -104,6 +109,48 @@ peers() { # policy label
     stop "$VR_PID"
   fi
 }
+
+if [ -n "${STREAM:-}" ]; then
+  SW=$(free_port)
+  ./target/release/switchyard-bench stream-worker --port "$SW" --chunks 8 --interval-ms 5 & PIDS+=($!)
+  wait_port "$SW"
+  echo "# streaming: time to first byte, direct vs through switchyard (round_robin), ${STREAM_REQUESTS:-4000} requests, 4 at a time"
+  for round in 1 2; do
+    ./target/release/switchyard-bench ttfb --url "http://127.0.0.1:$SW" --requests "${STREAM_REQUESTS:-4000}" --label "direct (round $round)"
+    SY=$(free_port)
+    ./target/release/switchyard --port "$SY" --worker-urls "http://127.0.0.1:$SW" --policy round_robin --log-level warn > "$WORK/switchyard.log" 2>&1 & SY_PID=$!; PIDS+=($SY_PID)
+    wait_port "$SY"
+    ./target/release/switchyard-bench ttfb --url "http://127.0.0.1:$SY" --requests "${STREAM_REQUESTS:-4000}" --label "switchyard (round $round)"
+    kill "$SY_PID" 2>/dev/null || true; wait "$SY_PID" 2>/dev/null || true
+  done
+  exit 0
+fi
+
+if [ -n "${SOAK_MINUTES:-}" ]; then
+  echo "# memory soak: varied prompts at full rate (wrk -c$CONNS), ${SOAK_MINUTES} min per policy, RSS every 10 s"
+  for policy in round_robin cache_aware marginal_utility; do
+    SY=$(free_port)
+    ./target/release/switchyard --port "$SY" --worker-urls "http://127.0.0.1:$W1" "http://127.0.0.1:$W2" --policy "$policy" --load-check-interval 0 --log-level warn > "$WORK/switchyard.log" 2>&1 & SY_PID=$!; PIDS+=($SY_PID)
+    wait_port "$SY"
+    secs=$((SOAK_MINUTES * 60))
+    wrk -t2 -c"$CONNS" -d"${secs}s" --latency -s "$WORK/varied.lua" "http://127.0.0.1:$SY/v1/chat/completions" > "$WORK/soak.txt" 2>&1 & WRK=$!
+    samples=()
+    for ((t = 10; t <= secs; t += 10)); do
+      sleep 10
+      rss=$(rss_mb "$SY_PID"); samples+=("$rss")
+      printf '%-18s t=%4ss RSS %6s MB\n' "$policy" "$t" "$rss"
+    done
+    wait "$WRK" || true
+    rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/soak.txt")
+    n=${#samples[@]}; k=$(( n < 6 ? n : 6 ))
+    first=$(printf '%s\n' "${samples[@]:0:$k}" | awk '{s+=$1} END {printf "%.1f", s/NR}')
+    last=$(printf '%s\n' "${samples[@]:$((n-k)):$k}" | awk '{s+=$1} END {printf "%.1f", s/NR}')
+    max=$(printf '%s\n' "${samples[@]}" | sort -n | tail -1)
+    echo "$policy: $rps req/s; RSS first minute $first MB, last minute $last MB ($(awk -v a="$last" -v b="$first" 'BEGIN{printf "%+.1f", (a/b-1)*100}') %), max $max MB"
+    kill "$SY_PID" 2>/dev/null || true; wait "$SY_PID" 2>/dev/null || true
+  done
+  exit 0
+fi
 
 echo "# round_robin, one fixed chat body"
 run "direct (static worker)" "http://127.0.0.1:$W1"

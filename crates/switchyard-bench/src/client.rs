@@ -14,6 +14,13 @@ use tokio::time::Instant;
 use crate::metrics::RequestResult;
 use crate::workload::RequestSpec;
 
+/// A pooled keep-alive HTTP/1.1 client with TCP_NODELAY.
+pub fn http_client() -> Client<HttpConnector, Full<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector)
+}
+
 /// A pooled client for one target.
 #[derive(Debug, Clone)]
 pub struct LoadClient {
@@ -28,9 +35,7 @@ pub struct LoadClient {
 impl LoadClient {
     /// A client sending to `base` (`http://host:port`).
     pub fn new(base: &str, model: &str, time_scale: f64, timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector);
+        let client = http_client();
         Self { client, base: base.trim_end_matches('/').to_owned(), model: model.to_owned(), time_scale, timeout }
     }
 

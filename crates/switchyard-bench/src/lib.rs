@@ -9,4 +9,5 @@ pub mod metrics;
 pub mod policy_spec;
 pub mod report;
 pub mod scenario;
+pub mod ttfb;
 pub mod workload;

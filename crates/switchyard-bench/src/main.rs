@@ -22,6 +22,10 @@ enum Command {
     Compare(CompareArgs),
     /// Discrete-event simulation: the scenario's workload on a (large) virtual fleet.
     Des(DesArgs),
+    /// A worker streaming SSE on a fixed schedule (for time-to-first-byte overhead).
+    StreamWorker(switchyard_bench::ttfb::StreamWorkerArgs),
+    /// Time to the first body chunk of streamed requests, p50/p90/p99.
+    Ttfb(switchyard_bench::ttfb::TtfbArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -107,11 +111,17 @@ fn run_des(a: &DesArgs) -> Result<(), String> {
     Ok(())
 }
 
+fn block_on(f: impl std::future::Future<Output = Result<(), String>>) -> Result<(), String> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?.block_on(f)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Des(a) => run_des(a),
         Command::Compare(a) => compare::run(a),
+        Command::StreamWorker(a) => block_on(switchyard_bench::ttfb::stream_worker(a)),
+        Command::Ttfb(a) => block_on(switchyard_bench::ttfb::ttfb(a)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

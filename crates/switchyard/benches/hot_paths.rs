@@ -71,9 +71,26 @@ fn conversation(rng: &mut StdRng, groups: usize) -> String {
     s
 }
 
+/// Nanoseconds of each call, sorted.
+fn per_call_ns(calls: usize, mut f: impl FnMut(usize)) -> Vec<f64> {
+    let mut times: Vec<f64> = (0..calls)
+        .map(|i| {
+            let start = Instant::now();
+            f(i);
+            start.elapsed().as_nanos() as f64
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
 fn bench_selection(quick: bool) {
-    println!("\n## policy selection (ns per select_single, best of 5)");
-    println!("{:<16} {:>10} {:>10} {:>10}", "policy", "4", "64", "1024");
+    println!("\n## policy selection (ns per select_single: p50 / p99 over single timed calls)");
+    println!("{:<16} {:>16} {:>16} {:>16}", "policy", "4", "64", "1024");
     let mut rng = StdRng::seed_from_u64(1);
     let texts: Vec<RequestView> = (0..1024)
         .map(|_| RequestView { text: RoutingText::Text(conversation(&mut rng, 64)), ..RequestView::default() })
@@ -88,14 +105,39 @@ fn bench_selection(quick: bool) {
             let _guards: Vec<InFlightGuard> =
                 (0..n * 2).map(|i| InFlightGuard::new(workers[(i * 7) % n].clone())).collect();
             let policy = build(&PolicyConfig::new(*kind, Some(7)));
-            let iters = if quick { 2_000 } else { 20_000 };
-            let ns = ns_per_op(5, iters, |i| {
+            // Warm the policy's state (trees) with the same prompts first.
+            for (i, t) in texts.iter().enumerate().take(if quick { 1024 } else { 4096 }) {
+                let _ = (i, policy.select_single(&workers, t));
+            }
+            let calls = if quick { 5_000 } else { 50_000 };
+            let times = per_call_ns(calls, |i| {
                 black_box(policy.select_single(&workers, &texts[i % texts.len()]).ok());
             });
-            row.push_str(&format!(" {ns:>10.0}"));
+            row.push_str(&format!(" {:>7.0} / {:>6.0}", percentile(&times, 0.5), percentile(&times, 0.99)));
         }
         println!("{row}");
     }
+    // The worst case for prefix matching: one hot system prompt held by every worker.
+    let mut row = format!("{:<16}", "hot prefix, all");
+    for n in [4usize, 64, 1024] {
+        let workers: Vec<Arc<Worker>> = (0..n)
+            .map(|i| Arc::new(Worker::new(format!("http://10.0.1.{}:{}", i % 250, 8000 + i), WorkerRole::Regular)))
+            .collect();
+        let policy = build(&PolicyConfig::new(PolicyKind::CacheAware, Some(7)));
+        let hot = system_prompt(0);
+        for (i, w) in workers.iter().enumerate() {
+            let view = RequestView { text: RoutingText::Text(format!("{hot}user: {i}")), ..RequestView::default() };
+            let _ = policy.select_single(std::slice::from_ref(w), &view);
+        }
+        let views: Vec<RequestView> = (0..256)
+            .map(|i| RequestView { text: RoutingText::Text(format!("{hot}user: new {i}")), ..RequestView::default() })
+            .collect();
+        let times = per_call_ns(if quick { 5_000 } else { 50_000 }, |i| {
+            black_box(policy.select_single(&workers, &views[i % views.len()]).ok());
+        });
+        row.push_str(&format!(" {:>7.0} / {:>6.0}", percentile(&times, 0.5), percentile(&times, 0.99)));
+    }
+    println!("{row}  (cache_aware)");
 }
 
 fn bench_rls(quick: bool) {

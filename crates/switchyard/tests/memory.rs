@@ -1,7 +1,8 @@
-//! Peak router memory per request body, measured with a counting allocator: a body of any
-//! kind (token ids, one long prompt, chat messages, embedding input) costs the router at most
-//! twice its size plus a constant, in regular and PD mode. A JSON tree of a 16 MB `input_ids`
-//! body used to cost 350 MB.
+//! Memory measured with a counting allocator. Peak router memory per request body: a body of
+//! any kind (token ids, one long prompt, chat messages, embedding input) costs the router at
+//! most twice its size plus a constant, in regular and PD mode (a JSON tree of a 16 MB
+//! `input_ids` body used to cost 350 MB). The prefix tree's byte accounting against what the
+//! allocator really holds, and its byte bound under adversarial prompts.
 //!
 //! Prints a table (`cargo test --release --test memory -- --nocapture` adds 64 MB bodies).
 //! The counting allocator is the one place in the workspace that needs `unsafe`.
@@ -123,8 +124,12 @@ async fn peak_for(router_url: &str, kind: &str, body: Bytes) -> usize {
     PEAK.load(Ordering::Relaxed).saturating_sub(base)
 }
 
+/// Tests here read the process-wide allocation counters: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[tokio::test(flavor = "current_thread")]
 async fn peak_memory_per_body_is_at_most_twice_its_size_plus_a_constant() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     const CONSTANT: usize = 8 << 20;
     let sizes: &[usize] = if cfg!(debug_assertions) { &[1 << 20, 16 << 20] } else { &[1 << 20, 16 << 20, 64 << 20] };
     let (w, p, d) = (sink().await, sink().await, sink().await);
@@ -165,5 +170,69 @@ async fn peak_memory_per_body_is_at_most_twice_its_size_plus_a_constant() {
             }
         }
         router.shutdown().await.unwrap();
+    }
+}
+
+use switchyard::policies::radix_tree::RadixTree;
+
+/// Bytes allocated while `f` runs and still held after (what `f` built).
+fn held_by<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    let before = CURRENT.load(Ordering::Relaxed);
+    let out = f();
+    (out, CURRENT.load(Ordering::Relaxed).saturating_sub(before))
+}
+
+#[test]
+fn the_tree_accounts_for_what_it_really_holds_within_20_percent() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let shapes: [(&str, Box<dyn Fn(usize) -> String>); 3] = [
+        (
+            "shared system prompts, multi-turn",
+            Box::new(|i| {
+                format!("system {} {}\nuser: question {i} about {}\n", i % 64, "policy ".repeat(20), i * 7919 % 1000)
+            }),
+        ),
+        ("many tiny unique suffixes", Box::new(|i| format!("p{i}"))),
+        ("multibyte text", Box::new(|i| format!("{} 问题 {i} ✓ {}", "é".repeat(i % 50), "日本語".repeat(i % 7)))),
+    ];
+    for (name, prompt) in shapes {
+        let (tree, held) = held_by(|| {
+            let mut t = RadixTree::<u8>::bounded(usize::MAX, 8 << 20);
+            for i in 0..50_000 {
+                t.insert(prompt(i).as_bytes(), (i % 16) as u32);
+            }
+            t
+        });
+        let accounted = tree.memory_bytes();
+        let ratio = accounted as f64 / held as f64;
+        println!("{name:<36} held {held:>10} B, accounted {accounted:>10} B, ratio {ratio:.3}");
+        assert!((0.8..=1.2).contains(&ratio), "{name}: accounted {accounted} B, held {held} B");
+    }
+}
+
+#[test]
+fn the_byte_bound_holds_on_every_insert_for_adversarial_prompts() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const BOUND: usize = 4 << 20;
+    let huge = "x".repeat(6 << 20);
+    let cases: [(&str, Box<dyn Fn(usize) -> String>); 3] = [
+        ("tiny unique suffixes", Box::new(|i| format!("{i}"))),
+        (
+            "one huge prompt among small ones",
+            Box::new(move |i| if i == 500 { huge.clone() } else { format!("small {i}") }),
+        ),
+        ("multibyte", Box::new(|i| format!("{}{i}", "ü€".repeat(i % 300)))),
+    ];
+    for (name, prompt) in cases {
+        let mut t = RadixTree::<u8>::bounded(usize::MAX, BOUND);
+        for i in 0..100_000 {
+            let p = prompt(i);
+            t.insert(p.as_bytes(), (i % 8) as u32);
+            // The bound, exceeded by at most the prompt just inserted (kept whole) and its nodes.
+            let slack = p.len() + 4096;
+            assert!(t.live_bytes() <= BOUND + slack, "{name}, insert {i}: {} live bytes", t.live_bytes());
+        }
+        assert!(t.memory_bytes() <= BOUND * 5 / 4 + (6 << 20), "{name}: {} bytes held", t.memory_bytes());
+        t.check_invariants().unwrap();
     }
 }

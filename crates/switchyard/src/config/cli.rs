@@ -94,6 +94,10 @@ pub struct Args {
     /// cache_aware: bound on the prefix tree (characters or tokens, summed over workers).
     #[arg(long, default_value_t = 1 << 26)]
     pub max_tree_size: usize,
+    /// cache_aware, marginal_utility: bound on the prefix trees' memory, MiB (node, tenant and
+    /// bookkeeping overhead included).
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub max_tree_memory_mb: u64,
     /// Seconds between polls of each worker's own load report (`/get_load`, else `/metrics`),
     /// used by power_of_two and marginal_utility's KV/queue guards; 0 = off.
     #[arg(long, default_value_t = 5.0, value_parser = non_negative_secs)]
@@ -119,7 +123,8 @@ pub struct Args {
     /// marginal_utility: relative cost difference counted as a tie (broken at random).
     #[arg(long, default_value_t = 0.02, value_parser = unit_interval)]
     pub mu_tie_tolerance: f64,
-    /// marginal_utility: score a random sample of this many workers (0 = all).
+    /// marginal_utility: score a random sample of this many workers plus the longest prefix
+    /// holders (0 = all up to 64 workers, 16 sampled beyond; ≥ the fleet = all).
     #[arg(long, default_value_t = 0)]
     pub mu_candidates: usize,
     /// marginal_utility: probability of a random (feasible) choice.
@@ -388,6 +393,7 @@ impl Args {
                 balance_rel_threshold: self.balance_rel_threshold,
                 eviction_interval: Duration::from_secs(self.eviction_interval),
                 max_tree_size: self.max_tree_size,
+                max_tree_bytes: (self.max_tree_memory_mb as usize) << 20,
                 ..c
             }),
             PolicyConfig::MarginalUtility(c) => PolicyConfig::MarginalUtility(MarginalUtilityConfig {
@@ -402,6 +408,7 @@ impl Args {
                 epsilon: self.mu_epsilon,
                 tau: Duration::from_secs_f64(self.mu_tau_secs),
                 max_tree_size: self.max_tree_size,
+                max_tree_bytes: (self.max_tree_memory_mb as usize) << 20,
                 report_max_age: Duration::from_secs_f64((self.load_check_interval * 3.0).max(1.0)),
                 ..c
             }),

@@ -33,7 +33,7 @@ impl LoadBased {
 
 /// Index of the least-loaded worker by `load`, uniformly random among ties: one pass finds
 /// the minimum and counts ties, one RNG draw picks the k-th tie, a second pass finds it.
-pub(crate) fn least_loaded(workers: &[Arc<Worker>], rng: &PolicyRng, load: impl Fn(&Worker) -> usize) -> Option<usize> {
+pub(crate) fn least_loaded<T>(workers: &[T], rng: &PolicyRng, load: impl Fn(&T) -> usize) -> Option<usize> {
     let mut best_load = usize::MAX;
     let mut ties = 0usize;
     let mut first = None;
@@ -71,7 +71,7 @@ impl RoutingPolicy for LoadBased {
     }
 
     fn select_single(&self, workers: &[Arc<Worker>], _request: &RequestView) -> Result<Selection, RoutingError> {
-        least_loaded(workers, &self.rng, |w| w.load().in_flight())
+        least_loaded(workers, &self.rng, |w: &Arc<Worker>| w.load().in_flight())
             .map(Selection::of)
             .ok_or(RoutingError::NoHealthyWorkers)
     }

@@ -30,7 +30,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::radix_tree::{PrefixIndex, PrefixMatch};
+use super::radix_tree::PrefixIndex;
 use super::rng::PolicyRng;
 use super::{Report, RoutingError, RoutingPolicy, Selection};
 use crate::load::estimator::{EstimatorKind, FleetModel, Prediction, Sample, WorkerReport};
@@ -82,7 +82,8 @@ pub struct MarginalUtilityConfig {
     pub overload: Overload,
     /// Relative cost difference within which candidates count as tied (random pick).
     pub tie_tolerance: f64,
-    /// Score a random sample of this many workers (0 = all).
+    /// Score a random sample of this many workers, plus the longest prefix holders (0 = all
+    /// up to [`AUTO_ALL`] workers, a sample of [`AUTO_SAMPLE`] beyond).
     pub candidates: usize,
     /// Probability of a random (feasible) choice, so slopes stay identifiable.
     pub epsilon: f64,
@@ -90,6 +91,8 @@ pub struct MarginalUtilityConfig {
     pub tau: Duration,
     /// Bound on the prefix tree used for uncached-token estimates.
     pub max_tree_size: usize,
+    /// Bound on that tree's memory, bytes.
+    pub max_tree_bytes: usize,
     /// Workers reporting KV usage above this are infeasible (unless they hold the prefix).
     pub kv_guard: f64,
     /// Reports older than this are ignored by the KV/queue guards.
@@ -112,6 +115,7 @@ impl Default for MarginalUtilityConfig {
             epsilon: 0.01,
             tau: Duration::from_secs(120),
             max_tree_size: 1 << 26,
+            max_tree_bytes: super::cache_aware::DEFAULT_TREE_BYTES,
             kv_guard: 0.9,
             report_max_age: Duration::from_secs(15),
             seed: None,
@@ -141,6 +145,13 @@ struct Ask {
 
 /// A worker holds the request's prefix when it has cached at least this share of the prompt.
 const HOLDER_SHARE: f64 = 0.3;
+
+/// Fleets up to this size are scored whole by default.
+pub const AUTO_ALL: usize = 64;
+/// Beyond [`AUTO_ALL`], the random sample scored by default (power of d)...
+pub const AUTO_SAMPLE: usize = 16;
+/// ... plus this many workers with the longest prefix match.
+const HOLDERS: usize = 8;
 
 /// One candidate's predicted terms (also the decision trace).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -217,7 +228,7 @@ impl MarginalUtility {
     pub fn new(config: &MarginalUtilityConfig) -> Self {
         Self {
             model: RwLock::new(FleetModel::new(config.estimator, config.tau.as_secs_f64())),
-            trees: PrefixIndex::new(config.max_tree_size),
+            trees: PrefixIndex::new(config.max_tree_size, config.max_tree_bytes),
             rng: PolicyRng::new(config.seed),
             epoch: Instant::now(),
             counters: Counters::default(),
@@ -230,31 +241,46 @@ impl MarginalUtility {
         &self.config
     }
 
-    /// Matched prompt tokens of `worker` (text matches are in bytes).
-    fn matched_tokens(m: &Option<PrefixMatch>, text: &RoutingText, worker: &Worker) -> f64 {
-        let Some(m) = m else { return 0.0 };
-        let n = m.of(worker.id()) as f64;
-        match text {
-            RoutingText::Text(_) => n / CHARS_PER_TOKEN as f64,
-            _ => n,
+    /// Which workers to score: all of a small fleet; on a large one a random sample (power of
+    /// d) plus the workers holding the longest prefix of the request, so affinity survives the
+    /// sampling. `--mu-candidates` sets the sample (0 = [`AUTO_SAMPLE`] beyond [`AUTO_ALL`]).
+    fn pick_candidates(&self, workers: &[Arc<Worker>], matched: &[usize]) -> Vec<usize> {
+        let sample = match self.config.candidates {
+            0 if workers.len() <= AUTO_ALL => return (0..workers.len()).collect(),
+            0 => AUTO_SAMPLE,
+            d if workers.len() <= d => return (0..workers.len()).collect(),
+            d => d,
+        };
+        let mut picked: Vec<usize> = Vec::with_capacity(sample + HOLDERS);
+        // The longest matches first (a partial selection, not a sort of the whole fleet).
+        let mut holders: Vec<usize> = (0..workers.len()).filter(|&i| matched.get(i).is_some_and(|m| *m > 0)).collect();
+        if holders.len() > HOLDERS {
+            holders.select_nth_unstable_by(HOLDERS - 1, |a, b| matched[*b].cmp(&matched[*a]));
+            holders.truncate(HOLDERS);
         }
+        picked.extend(holders);
+        let target = picked.len() + sample;
+        while picked.len() < target.min(workers.len()) {
+            let i = self.rng.index(workers.len());
+            if !picked.contains(&i) {
+                picked.push(i);
+            }
+        }
+        picked
     }
 
-    /// Scores every worker (or a power-of-d sample) for `request`.
+    /// Scores the candidates ([`MarginalUtility::pick_candidates`]) for `request`.
     pub fn score(&self, workers: &[Arc<Worker>], request: &RequestView) -> Vec<Candidate> {
-        let indices: Vec<usize> = if self.config.candidates > 0 && workers.len() > self.config.candidates {
-            let mut picked = Vec::with_capacity(self.config.candidates);
-            while picked.len() < self.config.candidates {
-                let i = self.rng.index(workers.len());
-                if !picked.contains(&i) {
-                    picked.push(i);
-                }
-            }
-            picked
-        } else {
-            (0..workers.len()).collect()
-        };
         let matches = self.trees.matches(&request.text);
+        let matched_units: Vec<usize> = match &matches {
+            Some(m) if !m.tenants.is_empty() => m.of_each(workers.iter().map(|w| w.id())),
+            _ => Vec::new(),
+        };
+        let indices = self.pick_candidates(workers, &matched_units);
+        let per_token = match request.text {
+            RoutingText::Text(_) => 1.0 / CHARS_PER_TOKEN as f64,
+            _ => 1.0,
+        };
         let prompt = f64::from(request.prompt_tokens());
         let model = self.model.read().unwrap_or_else(|p| p.into_inner());
         let now = request.now.unwrap_or_else(Instant::now);
@@ -263,7 +289,7 @@ impl MarginalUtility {
             .into_iter()
             .map(|index| {
                 let w = &workers[index];
-                let matched = Self::matched_tokens(&matches, &request.text, w).min(prompt);
+                let matched = (matched_units.get(index).copied().unwrap_or(0) as f64 * per_token).min(prompt);
                 let out = model.expected_output(w.id());
                 let out = request.max_tokens.map_or(out, |m| out.min(f64::from(m))).max(1.0);
                 let state = WorkerState {

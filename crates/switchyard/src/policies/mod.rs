@@ -22,7 +22,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use cache_aware::{CacheAware, CacheAwareConfig, CacheDecision};
+pub use cache_aware::{CacheAware, CacheAwareConfig, CacheDecision, DEFAULT_TREE_BYTES};
 pub use consistent_hash::{stable_hash, ConsistentHash, ConsistentHashConfig};
 pub use load_based::{LoadBased, LoadBasedConfig};
 pub use marginal_utility::{Candidate, MarginalUtility, MarginalUtilityConfig, Objective, Overload};

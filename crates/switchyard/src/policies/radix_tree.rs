@@ -23,6 +23,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A worker as the tree knows it (the worker's process-unique id).
 pub type TenantId = u32;
@@ -181,6 +182,29 @@ impl PrefixMatch {
     pub fn of(&self, tenant: TenantId) -> usize {
         self.tenants.binary_search_by_key(&tenant, |e| e.0).map(|i| self.tenants[i].1).unwrap_or(0)
     }
+
+    /// Matched size of each of `tenants`, in their order: one merge pass when they come sorted
+    /// (the registry lists workers by id, so candidate lists usually do), a lookup each after
+    /// the first one out of order.
+    pub fn of_each(&self, tenants: impl IntoIterator<Item = TenantId>) -> Vec<usize> {
+        let mut out = Vec::new();
+        let (mut j, mut last) = (0usize, None);
+        for t in tenants {
+            if last.is_some_and(|l| t < l) || j > self.tenants.len() {
+                j = usize::MAX; // out of order: look each remaining one up
+            }
+            last = Some(t);
+            if j == usize::MAX {
+                out.push(self.of(t));
+                continue;
+            }
+            while j < self.tenants.len() && self.tenants[j].0 < t {
+                j += 1;
+            }
+            out.push(if j < self.tenants.len() && self.tenants[j].0 == t { self.tenants[j].1 } else { 0 });
+        }
+        out
+    }
 }
 
 /// The tree. Not synchronised: see [`SharedTree`].
@@ -194,7 +218,18 @@ pub struct RadixTree<U: Unit> {
     pairs: usize,
     lru: BinaryHeap<LruEntry>,
     max_size: usize,
+    /// Bound on [`RadixTree::live_bytes`].
+    max_bytes: usize,
+    /// Heap bytes owned by live nodes: labels, child maps, tenant lists.
+    heap: usize,
 }
+
+/// Bytes of one node slot in the arena.
+const NODE: usize = std::mem::size_of::<Node<u32>>();
+/// Bytes of one LRU entry.
+const ENTRY: usize = std::mem::size_of::<LruEntry>();
+/// Bytes of one per-tenant size entry (key, value, control byte).
+const TENANT_ENTRY: usize = 17;
 
 fn common_prefix<U: Unit>(a: &[U], b: &[U]) -> usize {
     let mut n = a.iter().zip(b).take_while(|(x, y)| x == y).count();
@@ -207,6 +242,12 @@ fn common_prefix<U: Unit>(a: &[U], b: &[U]) -> usize {
 impl<U: Unit> RadixTree<U> {
     /// An empty tree whose total size is kept at or under `max_size` (plus one prompt).
     pub fn new(max_size: usize) -> Self {
+        Self::bounded(max_size, usize::MAX)
+    }
+
+    /// An empty tree kept at or under `max_size` stored units and `max_bytes` of memory (each
+    /// plus one prompt).
+    pub fn bounded(max_size: usize, max_bytes: usize) -> Self {
         let root = Node {
             label: Box::new([]),
             size: 0,
@@ -225,6 +266,48 @@ impl<U: Unit> RadixTree<U> {
             pairs: 0,
             lru: BinaryHeap::new(),
             max_size,
+            max_bytes,
+            heap: 0,
+        }
+    }
+
+    /// Heap bytes a node owns (its label, child map and tenant list).
+    fn heap_of(n: &Node<U>) -> usize {
+        n.label.len() * std::mem::size_of::<U>() + n.children.heap_bytes() + n.tenants.capacity() * 16
+    }
+
+    /// Runs `f` on node `i`, keeping the heap total right whatever `f` changes in it.
+    fn edit<R>(&mut self, i: u32, f: impl FnOnce(&mut Node<U>) -> R) -> R {
+        let n = &mut self.nodes[i as usize];
+        let before = Self::heap_of(n);
+        let out = f(n);
+        let after = Self::heap_of(n);
+        self.heap = self.heap - before + after;
+        out
+    }
+
+    /// The memory the bound counts: live nodes with what they own, live LRU entries, and the
+    /// per-tenant sizes. (Arena and heap slack, at most an eighth by the growth policy below,
+    /// is in [`RadixTree::memory_bytes`] but not here, so eviction can always reach the bound.)
+    pub fn live_bytes(&self) -> usize {
+        self.heap + self.node_count() * NODE + self.lru.len() * ENTRY + self.per_tenant.len() * TENANT_ENTRY
+    }
+
+    /// The byte bound.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// Sets the byte bound (the caller shares one budget between trees).
+    pub fn set_max_bytes(&mut self, max_bytes: usize) {
+        self.max_bytes = max_bytes;
+    }
+
+    /// Grows a vector by an eighth (at least `min`) when full, never doubling: its slack,
+    /// which no eviction can give back, stays a small share of the bound.
+    fn grow<T>(v: &mut Vec<T>, min: usize) {
+        if v.len() == v.capacity() {
+            v.reserve_exact((v.len() / 8).max(min));
         }
     }
 
@@ -253,15 +336,14 @@ impl<U: Unit> RadixTree<U> {
         self.nodes.len() - self.free.len()
     }
 
-    /// Approximate heap memory in bytes (nodes, labels, child maps, tenant lists, LRU heap).
+    /// Heap memory in bytes: the arena (live and free slots), what live nodes own, the LRU
+    /// heap and the per-tenant table — what the allocator holds for the tree.
     pub fn memory_bytes(&self) -> usize {
-        let mut bytes = self.nodes.capacity() * std::mem::size_of::<Node<U>>()
-            + self.lru.capacity() * std::mem::size_of::<LruEntry>()
-            + self.free.capacity() * 4;
-        for n in self.nodes.iter().filter(|n| n.alive) {
-            bytes += n.label.len() * std::mem::size_of::<U>() + n.children.heap_bytes() + n.tenants.capacity() * 16;
-        }
-        bytes
+        self.nodes.capacity() * NODE
+            + self.free.capacity() * 4
+            + self.lru.capacity() * ENTRY
+            + self.heap
+            + self.per_tenant.capacity() * TENANT_ENTRY
     }
 
     /// Every tenant's match length for `key`.
@@ -282,9 +364,19 @@ impl<U: Unit> RadixTree<U> {
             } else {
                 self.nodes[cur as usize].depth as usize + U::size(&node.label[..cp])
             };
-            // Tenants here ⊆ tenants of the previous node: update in one merge pass.
+            // Tenants here ⊆ tenants of the previous node. A node with few of them (the usual
+            // deeper node) is looked up, not merged: a hot prefix held by a thousand workers
+            // would otherwise cost a thousand steps at every node below it.
             if out.tenants.is_empty() {
                 out.tenants.extend(node.tenants.iter().map(|(t, _)| (*t, matched)));
+            } else if node.tenants.len() * 8 < out.tenants.len() {
+                let mut from = 0;
+                for (t, _) in &node.tenants {
+                    if let Ok(j) = out.tenants[from..].binary_search_by_key(t, |e| e.0) {
+                        out.tenants[from + j].1 = matched;
+                        from += j + 1;
+                    }
+                }
             } else {
                 let mut j = 0;
                 for (t, _) in &node.tenants {
@@ -315,7 +407,7 @@ impl<U: Unit> RadixTree<U> {
             let next = match self.nodes[cur as usize].children.get(head) {
                 None => {
                     let leaf = self.alloc(&key[i..], cur);
-                    self.nodes[cur as usize].children.set(head, leaf);
+                    self.edit(cur, |n| n.children.set(head, leaf));
                     i = key.len();
                     leaf
                 }
@@ -329,10 +421,10 @@ impl<U: Unit> RadixTree<U> {
             self.touch(next, tenant, tick);
             cur = next;
         }
-        self.evict_to(self.max_size, tick);
         if self.lru.len() > 2 * self.pairs + 4096 {
             self.rebuild_lru();
         }
+        self.evict_to(self.max_size, tick);
     }
 
     fn alloc(&mut self, label: &[U], parent: u32) -> u32 {
@@ -346,12 +438,14 @@ impl<U: Unit> RadixTree<U> {
             tenants: Vec::new(),
             alive: true,
         };
+        self.heap += Self::heap_of(&node);
         match self.free.pop() {
             Some(slot) => {
                 self.nodes[slot as usize] = node;
                 slot
             }
             None => {
+                Self::grow(&mut self.nodes, 64);
                 self.nodes.push(node);
                 (self.nodes.len() - 1) as u32
             }
@@ -369,42 +463,58 @@ impl<U: Unit> RadixTree<U> {
         let lower_head = U::head(&lower_label);
         let upper = self.alloc(&upper_label, parent);
         let tenants = self.nodes[child as usize].tenants.clone();
-        self.nodes[upper as usize].tenants = tenants;
-        let c = &mut self.nodes[child as usize];
-        c.size = U::size(&lower_label) as u32;
-        c.label = lower_label;
-        c.parent = upper;
-        self.nodes[upper as usize].children.set(lower_head, child);
-        self.nodes[parent as usize].children.set(head, upper);
+        self.edit(upper, |n| n.tenants = tenants);
+        self.edit(child, |c| {
+            c.size = U::size(&lower_label) as u32;
+            c.label = lower_label;
+            c.parent = upper;
+        });
+        self.edit(upper, |n| n.children.set(lower_head, child));
+        self.edit(parent, |n| n.children.set(head, upper));
         // Totals are unchanged: the two halves' sizes add up to the old one, tenants alike.
         self.pairs += self.nodes[upper as usize].tenants.len();
         for k in 0..self.nodes[upper as usize].tenants.len() {
             let (t, tick) = self.nodes[upper as usize].tenants[k];
             let depth = self.nodes[upper as usize].depth;
-            self.lru.push(Reverse((tick, Reverse(depth), upper, t)));
+            self.push_lru(Reverse((tick, Reverse(depth), upper, t)));
         }
         upper
     }
 
-    fn touch(&mut self, node: u32, tenant: TenantId, tick: u64) {
-        let n = &mut self.nodes[node as usize];
-        match n.tenants.binary_search_by_key(&tenant, |e| e.0) {
-            Ok(k) => n.tenants[k].1 = tick,
-            Err(k) => {
-                n.tenants.insert(k, (tenant, tick));
-                self.total += n.size as usize;
-                *self.per_tenant.entry(tenant).or_default() += n.size as usize;
-                self.pairs += 1;
-            }
+    fn push_lru(&mut self, entry: LruEntry) {
+        if self.lru.len() == self.lru.capacity() {
+            self.lru.reserve_exact((self.lru.len() / 8).max(256));
         }
-        let depth = n.depth;
-        self.lru.push(Reverse((tick, Reverse(depth), node, tenant)));
+        self.lru.push(entry);
+    }
+
+    fn touch(&mut self, node: u32, tenant: TenantId, tick: u64) {
+        let added = self.edit(node, |n| match n.tenants.binary_search_by_key(&tenant, |e| e.0) {
+            Ok(k) => {
+                n.tenants[k].1 = tick;
+                None
+            }
+            Err(k) => {
+                if n.tenants.len() == n.tenants.capacity() {
+                    n.tenants.reserve_exact(if n.tenants.is_empty() { 1 } else { n.tenants.len() / 2 + 1 });
+                }
+                n.tenants.insert(k, (tenant, tick));
+                Some(n.size as usize)
+            }
+        });
+        if let Some(size) = added {
+            self.total += size;
+            *self.per_tenant.entry(tenant).or_default() += size;
+            self.pairs += 1;
+        }
+        let depth = self.nodes[node as usize].depth;
+        self.push_lru(Reverse((tick, Reverse(depth), node, tenant)));
     }
 
     /// Evicts LRU (node, tenant) pairs until the total is ≤ `limit`, never touching pairs
     /// from tick `keep` (the prompt being inserted).
     pub fn evict_to(&mut self, limit: usize, keep: u64) {
-        while self.total > limit {
+        while self.total > limit || self.live_bytes() > self.max_bytes {
             let Some(Reverse((tick, _, node, tenant))) = self.lru.peek().copied() else {
                 break;
             };
@@ -416,9 +526,12 @@ impl<U: Unit> RadixTree<U> {
         }
     }
 
-    /// Evicts down to `limit` (the background sweep's low-water mark).
-    pub fn trim(&mut self, limit: usize) {
+    /// Evicts down to `limit` stored units and `limit_bytes` of live memory (the background
+    /// sweep's low-water marks).
+    pub fn trim(&mut self, limit: usize, limit_bytes: usize) {
+        let max_bytes = std::mem::replace(&mut self.max_bytes, limit_bytes);
         self.evict_to(limit, u64::MAX);
+        self.max_bytes = max_bytes;
     }
 
     fn remove_pair(&mut self, node: u32, tenant: TenantId, tick: u64) {
@@ -432,8 +545,13 @@ impl<U: Unit> RadixTree<U> {
         if n.tenants[k].1 != tick {
             return; // stale heap entry: touched again since
         }
-        n.tenants.remove(k);
         let size = n.size as usize;
+        self.edit(node, |n| {
+            n.tenants.remove(k);
+            if n.tenants.capacity() > 2 * n.tenants.len() + 2 {
+                n.tenants.shrink_to_fit();
+            }
+        });
         self.total -= size;
         self.pairs -= 1;
         if let Some(s) = self.per_tenant.get_mut(&tenant) {
@@ -448,12 +566,14 @@ impl<U: Unit> RadixTree<U> {
         {
             let parent = self.nodes[cur as usize].parent;
             let head = U::head(&self.nodes[cur as usize].label);
-            self.nodes[parent as usize].children.remove(head);
-            let dead = &mut self.nodes[cur as usize];
-            dead.alive = false;
-            dead.label = Box::new([]);
-            dead.children = Children::Few(Vec::new());
-            dead.tenants = Vec::new();
+            self.edit(parent, |n| n.children.remove(head));
+            self.edit(cur, |dead| {
+                dead.alive = false;
+                dead.label = Box::new([]);
+                dead.children = Children::Few(Vec::new());
+                dead.tenants = Vec::new();
+            });
+            Self::grow(&mut self.free, 64);
             self.free.push(cur);
             cur = parent;
         }
@@ -479,7 +599,7 @@ impl<U: Unit> RadixTree<U> {
     }
 
     fn rebuild_lru(&mut self) {
-        let mut heap = BinaryHeap::with_capacity(self.pairs);
+        let mut heap = BinaryHeap::with_capacity(self.pairs + self.pairs / 8);
         for (i, n) in self.nodes.iter().enumerate().filter(|(_, n)| n.alive) {
             for (t, tick) in &n.tenants {
                 heap.push(Reverse((*tick, Reverse(n.depth), i as u32, *t)));
@@ -525,6 +645,10 @@ impl<U: Unit> RadixTree<U> {
         if total != self.total {
             return Err(format!("total {} but nodes add up to {total}", self.total));
         }
+        let heap: usize = self.nodes.iter().filter(|n| n.alive).map(Self::heap_of).sum();
+        if heap != self.heap {
+            return Err(format!("heap {} but nodes own {heap}", self.heap));
+        }
         Ok(())
     }
 }
@@ -554,18 +678,30 @@ impl<U: Unit> SharedTree<U> {
 }
 
 /// The prefix trees a cache-affinity policy keeps: one for text (bytes) and one for token-id
-/// requests, each bounded by `max_size`, keyed by what the request carries.
+/// requests, keyed by what the request carries. Both share one byte budget (an insert into
+/// one tree may use what the other does not) and each is bounded by `max_size` stored units.
 #[derive(Debug)]
 pub struct PrefixIndex {
     text: SharedTree<u8>,
     tokens: SharedTree<u32>,
     max_size: usize,
+    max_bytes: usize,
+    /// Live bytes of each tree after its last change, read without its lock.
+    text_bytes: AtomicUsize,
+    token_bytes: AtomicUsize,
 }
 
 impl PrefixIndex {
-    /// Empty trees, each bounded by `max_size`.
-    pub fn new(max_size: usize) -> Self {
-        Self { text: SharedTree::new(max_size), tokens: SharedTree::new(max_size), max_size }
+    /// Empty trees, each bounded by `max_size` units, both together by `max_bytes`.
+    pub fn new(max_size: usize, max_bytes: usize) -> Self {
+        Self {
+            text: SharedTree(std::sync::RwLock::new(RadixTree::bounded(max_size, max_bytes))),
+            tokens: SharedTree(std::sync::RwLock::new(RadixTree::bounded(max_size, max_bytes))),
+            max_size,
+            max_bytes,
+            text_bytes: AtomicUsize::new(0),
+            token_bytes: AtomicUsize::new(0),
+        }
     }
 
     /// Per-worker matches of `key` (`None` when the request has nothing to match on).
@@ -578,14 +714,19 @@ impl PrefixIndex {
         }
     }
 
-    /// Records `key` as cached on `worker`. A worker removed meanwhile (the choice was made
-    /// on an older snapshot) is forgotten again at once: the registry retires a worker before
-    /// announcing its removal, so either this check or the announcement cleans up.
+    /// Records `key` as cached on `worker`, within the shared byte budget. A worker removed
+    /// meanwhile (the choice was made on an older snapshot) is forgotten again at once: the
+    /// registry retires a worker before announcing its removal, so either this check or the
+    /// announcement cleans up.
     pub fn record(&self, key: &crate::request::RoutingText, worker: &crate::workers::Worker) {
         use crate::request::RoutingText;
         match key {
-            RoutingText::Text(s) => self.text.insert(s.as_bytes(), worker.id()),
-            RoutingText::Tokens(t) => self.tokens.insert(t, worker.id()),
+            RoutingText::Text(s) => {
+                Self::insert(&self.text, s.as_bytes(), worker.id(), self.max_bytes, &self.text_bytes, &self.token_bytes)
+            }
+            RoutingText::Tokens(t) => {
+                Self::insert(&self.tokens, t, worker.id(), self.max_bytes, &self.token_bytes, &self.text_bytes)
+            }
             RoutingText::None => return,
         }
         if worker.is_retired() {
@@ -593,10 +734,31 @@ impl PrefixIndex {
         }
     }
 
+    fn insert<U: Unit>(
+        tree: &SharedTree<U>,
+        key: &[U],
+        tenant: TenantId,
+        budget: usize,
+        own: &AtomicUsize,
+        other: &AtomicUsize,
+    ) {
+        tree.with(|t| {
+            t.set_max_bytes(budget.saturating_sub(other.load(Ordering::Relaxed)));
+            t.insert(key, tenant);
+            own.store(t.live_bytes(), Ordering::Relaxed);
+        });
+    }
+
     /// Forgets everything recorded for `tenant` (a worker that left the fleet).
     pub fn forget(&self, tenant: TenantId) {
-        self.text.with(|t| t.remove_tenant(tenant));
-        self.tokens.with(|t| t.remove_tenant(tenant));
+        self.text.with(|t| {
+            t.remove_tenant(tenant);
+            self.text_bytes.store(t.live_bytes(), Ordering::Relaxed);
+        });
+        self.tokens.with(|t| {
+            t.remove_tenant(tenant);
+            self.token_bytes.store(t.live_bytes(), Ordering::Relaxed);
+        });
     }
 
     /// Every tenant with something stored in either tree, and its total size, by tenant.
@@ -614,12 +776,19 @@ impl PrefixIndex {
         merged
     }
 
-    /// Trims both trees to 90 % of their bound (the background sweep), so inserts rarely
+    /// Trims both trees to 90 % of their bounds (the background sweep), so inserts rarely
     /// evict on the request path.
     pub fn trim(&self) {
-        let low_water = self.max_size / 10 * 9;
-        self.text.with(|t| t.trim(low_water));
-        self.tokens.with(|t| t.trim(low_water));
+        let low_size = self.max_size / 10 * 9;
+        let share = |other: &AtomicUsize| (self.max_bytes.saturating_sub(other.load(Ordering::Relaxed))) / 10 * 9;
+        self.text.with(|t| {
+            t.trim(low_size, share(&self.token_bytes));
+            self.text_bytes.store(t.live_bytes(), Ordering::Relaxed);
+        });
+        self.tokens.with(|t| {
+            t.trim(low_size, share(&self.text_bytes));
+            self.token_bytes.store(t.live_bytes(), Ordering::Relaxed);
+        });
     }
 
     /// Stored sizes (characters or tokens × workers) of the text and token trees.
@@ -627,9 +796,14 @@ impl PrefixIndex {
         (self.text.with(|t| t.total_size()), self.tokens.with(|t| t.total_size()))
     }
 
-    /// Approximate memory of both trees, bytes.
+    /// Memory of both trees, bytes (what the allocator holds for them).
     pub fn memory_bytes(&self) -> usize {
         self.text.with(|t| t.memory_bytes()) + self.tokens.with(|t| t.memory_bytes())
+    }
+
+    /// The byte budget.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
     }
 }
 
@@ -678,5 +852,31 @@ mod tests {
         t.remove_tenant(3);
         assert_eq!(t.total_size(), 0);
         assert_eq!(t.node_count(), 1);
+    }
+
+    #[test]
+    fn matches_for_sorted_and_unsorted_candidates() {
+        let mut t = RadixTree::<u32>::new(usize::MAX);
+        for tenant in [2, 5, 9] {
+            t.insert(&[1, 2, 3, tenant], tenant);
+        }
+        t.insert(&[1, 2], 7);
+        let m = t.match_prefix(&[1, 2, 3, 5]);
+        assert_eq!(m.of_each([1, 2, 5, 7, 9, 10]), vec![0, 3, 4, 2, 3, 0]);
+        assert_eq!(m.of_each([9, 5, 2, 7]), vec![3, 4, 3, 2]);
+    }
+
+    #[test]
+    fn the_byte_bound_holds_and_its_accounting_is_exact() {
+        let mut t = RadixTree::<u8>::bounded(usize::MAX, 200_000);
+        let mut rng = 1u64;
+        for i in 0..20_000 {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let key = format!("system {} user {i} {}", rng % 50, rng >> 40);
+            t.insert(key.as_bytes(), (rng % 16) as u32);
+            assert!(t.live_bytes() <= 200_000 + 1024, "insert {i}: {} bytes live", t.live_bytes());
+        }
+        t.check_invariants().unwrap();
+        assert!(t.memory_bytes() < 200_000 * 5 / 4 + 64 * NODE, "{} bytes held", t.memory_bytes());
     }
 }
