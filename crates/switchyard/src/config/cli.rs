@@ -96,7 +96,7 @@ pub struct Args {
     pub max_tree_size: usize,
     /// cache_aware, marginal_utility: bound on the prefix trees' memory, MiB (node, tenant and
     /// bookkeeping overhead included).
-    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub max_tree_memory_mb: u64,
     /// Seconds between polls of each worker's own load report (`/get_load`, else `/metrics`),
     /// used by power_of_two and marginal_utility's KV/queue guards; 0 = off.

@@ -26,7 +26,7 @@ use crate::workers::{Membership, Worker};
 
 /// The prefix trees' default memory bound: with it the whole router stays under 64 MB RSS
 /// at full rate on any prompt mix (`bench/overhead.sh` soak).
-pub const DEFAULT_TREE_BYTES: usize = 24 << 20;
+pub const DEFAULT_TREE_BYTES: usize = 16 << 20;
 
 /// Settings of [`CacheAware`] (sglang-router's names and defaults).
 #[derive(Debug, Clone, PartialEq)]
