@@ -107,6 +107,8 @@ impl Results {
     pub fn new(s: &Scenario, capacity: f64) -> Self {
         Self {
             capacity_rps: capacity,
+            capacity_method: String::new(),
+            ceiling_rps: None,
             scenario: s.name.clone(),
             slo_ttft_ms: s.slo.ttft_ms,
             slo_tpot_ms: s.slo.tpot_ms,
@@ -148,8 +150,14 @@ impl Run {
 /// `results.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Results {
-    /// Measured capacity (req/s, simulated time).
+    /// The load axis' unit: the fleet's knee (req/s, simulated time), see `capacity_method`.
     pub capacity_rps: f64,
+    /// How `capacity_rps` was found.
+    #[serde(default)]
+    pub capacity_method: String,
+    /// The closed-loop throughput ceiling under least in-flight, when measured (req/s).
+    #[serde(default)]
+    pub ceiling_rps: Option<f64>,
     /// Scenario name.
     pub scenario: String,
     /// SLOs (ms).
@@ -160,6 +168,18 @@ pub struct Results {
     pub skipped: Vec<String>,
     /// One entry per router and load.
     pub runs: Vec<Run>,
+}
+
+/// Replaying a trace at the knee's rate compresses (or stretches) its timeline; much
+/// compression makes every router saturate in the trace's bursts, whatever the mean load.
+fn warn_trace_compression(s: &Scenario, capacity: f64, trace: Option<&[crate::workload::TraceRecord]>) {
+    if let Some(c) = crate::des::trace_compression(s, capacity, trace) {
+        if c > 4.0 {
+            eprintln!(
+                "warning: the trace's timeline is compressed {c:.1}× at load 1.0: its bursts will saturate every router"
+            );
+        }
+    }
 }
 
 /// A child process killed (by its PID, which we started) when dropped.
@@ -402,12 +422,23 @@ async fn compare(args: &CompareArgs) -> Result<(), String> {
     let n_workers = s.workers().len();
     let timeout = Duration::from_secs_f64((600.0 / time_scale).max(30.0));
 
+    let mut method = "given on the command line (--capacity)".to_owned();
+    let mut ceiling = None;
     let capacity = match args.capacity {
         Some(c) => c,
         None if !args.live_capacity && !s.is_pd() => {
-            let (c, per_worker) = crate::des::scenario_capacity(&s, trace.as_deref());
-            eprintln!("capacity from the discrete-event simulation: best closed loop at {per_worker} per worker");
-            c
+            let started = std::time::Instant::now();
+            let knee = crate::des::scenario_knee(&s, trace.as_deref());
+            eprintln!(
+                "knee from the discrete-event simulation: {:.2} req/s ({} runs, {:.1} s; closed-loop ceiling {:.2})",
+                knee.rate,
+                knee.evaluations,
+                started.elapsed().as_secs_f64(),
+                knee.ceiling
+            );
+            method = crate::des::KNEE_METHOD.to_owned();
+            ceiling = Some(knee.ceiling);
+            knee.rate
         }
         None => {
             eprintln!(
@@ -427,13 +458,32 @@ async fn compare(args: &CompareArgs) -> Result<(), String> {
             let shapes =
                 s.workload.shapes(s.capacity.requests.max(concurrency * 4), s.seed ^ 0xcafe, 0, trace.as_deref());
             let results = run_closed_loop(&client, &shapes, concurrency).await;
+            method = format!(
+                "closed-loop throughput through live switchyard load_based at {} outstanding per worker",
+                s.capacity.concurrency_per_worker
+            );
             crate::metrics::steady_rate(&results)
                 .ok_or_else(|| format!("capacity run failed: {:?}", results.iter().find_map(|r| r.error.clone())))?
         }
     };
     eprintln!("capacity: {capacity:.2} req/s (simulated time); time scale {time_scale}");
+    // Each level long enough to be steady state: its arrival window several times the
+    // requests' own p99 latency (from the DES, least in-flight, at that load).
+    let per_level: Vec<usize> = s
+        .loads
+        .iter()
+        .map(|&load| match (args.requests, s.is_pd()) {
+            (Some(n), _) => n,
+            (None, true) => s.requests,
+            (None, false) => crate::des::steady_requests(&s, load * capacity, trace.as_deref()),
+        })
+        .collect();
+    eprintln!("requests per level: {per_level:?}");
+    warn_trace_compression(&s, capacity, trace.as_deref());
 
     let mut results = Results::new(&s, capacity);
+    results.capacity_method = method;
+    results.ceiling_rps = ceiling;
     for spec in &routers {
         let (router, policy) = spec.split_once(':').unwrap_or((spec.as_str(), "round_robin"));
         let fleet = start_fleet(&s, time_scale, &dir)?;
@@ -467,8 +517,9 @@ async fn compare(args: &CompareArgs) -> Result<(), String> {
             for (url, _, _) in &fleet.workers {
                 client.post(url, "/flush_cache", "").await;
             }
-            let specs =
-                s.workload.requests(s.arrival, load * capacity, s.requests, s.seed, li * s.requests, trace.as_deref());
+            let n = per_level[li];
+            let offset: usize = per_level[..li].iter().sum();
+            let specs = s.workload.requests(s.arrival, load * capacity, n, s.seed, offset, trace.as_deref());
             let before = finished_per_worker(&client, &fleet).await;
             let fault = s.fault.map(|f| (f, f.at(&specs, f.from) / time_scale, f.at(&specs, f.to) / time_scale));
             let fault_task = fault.and_then(|(f, from, to)| {

@@ -460,7 +460,121 @@ pub fn capacity(workers: &[SimWorker], shapes: Vec<RequestSpec>, concurrency: us
     crate::metrics::steady_rate(&report.results).unwrap_or(0.0)
 }
 
-/// The scenario fleet's capacity ([`best_capacity`]) over the scenario's capacity shapes.
+/// Where a fleet's load axis is anchored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Knee {
+    /// The knee (req/s): the highest Poisson rate at which least-in-flight routing keeps
+    /// p99 TTFT within the SLO and ≥ 95 % of requests within both SLOs.
+    pub rate: f64,
+    /// The closed-loop throughput ceiling under least in-flight ([`best_capacity`]), req/s.
+    pub ceiling: f64,
+    /// DES runs the bisection took.
+    pub evaluations: usize,
+}
+
+/// How the knee is found, as results say it.
+pub const KNEE_METHOD: &str = "knee: the highest Poisson rate at which load_based (least in flight) keeps p99 TTFT within the SLO and ≥ 95 % of requests within both SLOs, found by bisection (to 1 %) in the discrete-event simulation, each step ≥ 120 s of arrivals";
+
+/// Share of requests within both SLOs required at the knee.
+pub const KNEE_ATTAINMENT: f64 = 0.95;
+
+/// Arrivals each step of the knee search spans, seconds: many times a request's own latency.
+pub const KNEE_WINDOW_SECS: f64 = 120.0;
+
+/// Whether least-in-flight routing serves `workload` at `rate` (Poisson) within the knee's
+/// criteria: one deterministic DES run of at least `min_requests`, and of arrivals over at
+/// least `window_secs`.
+#[allow(clippy::too_many_arguments)]
+pub fn meets_knee(
+    workers: &[SimWorker],
+    workload: &crate::workload::Workload,
+    slo: &crate::metrics::Slo,
+    rate: f64,
+    min_requests: usize,
+    window_secs: f64,
+    seed: u64,
+    trace: Option<&[crate::workload::TraceRecord]>,
+) -> bool {
+    let n = min_requests.max((rate * window_secs) as usize).min(200_000);
+    let specs = workload.requests(crate::workload::Arrival::Poisson, rate, n, seed, 0, trace);
+    let policy = PolicyConfig::new(switchyard::policies::PolicyKind::LoadBased, Some(seed));
+    let report = run_open(workers, &policy, 1, seed, specs, None);
+    let summary = crate::metrics::Summary::of(&report.results, slo, workers.len());
+    summary.errors == 0 && summary.ttft_p99_ms <= slo.ttft_ms && summary.slo_attainment >= KNEE_ATTAINMENT
+}
+
+/// Finds the highest rate for which `passes` holds, by bracketing around `guess` (×1.25 or
+/// ×0.8 steps) and bisecting to 1 %. `passes` must be monotone (true below the knee).
+pub fn bisect_knee(guess: f64, mut passes: impl FnMut(f64) -> bool) -> (f64, usize) {
+    let mut evaluations = 0;
+    let mut check = |r: f64| {
+        evaluations += 1;
+        passes(r)
+    };
+    let guess = guess.max(1e-6);
+    let (mut lo, mut hi) = if check(guess) {
+        let mut lo = guess;
+        loop {
+            let up = lo * 1.25;
+            if !check(up) || up > guess * 1024.0 {
+                break (lo, up);
+            }
+            lo = up;
+        }
+    } else {
+        let mut hi = guess;
+        loop {
+            let down = hi * 0.8;
+            if check(down) || down < guess / 1024.0 {
+                break (down, hi);
+            }
+            hi = down;
+        }
+    };
+    while hi / lo > 1.01 {
+        let mid = (lo * hi).sqrt();
+        if check(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    (lo, evaluations)
+}
+
+/// The scenario fleet's knee (and its closed-loop ceiling, the bisection's first guess).
+pub fn scenario_knee(s: &Scenario, trace: Option<&[crate::workload::TraceRecord]>) -> Knee {
+    let workers = SimWorker::from_scenario(s, None);
+    let shapes = s.workload.shapes(s.capacity.requests, s.seed ^ 0xcafe, 0, trace);
+    let (ceiling, _) = best_capacity(&workers, &shapes, s.seed);
+    let (rate, evaluations) = bisect_knee(ceiling, |rate| {
+        meets_knee(&workers, &s.workload, &s.slo, rate, s.capacity.requests, KNEE_WINDOW_SECS, s.seed ^ 0x6b6e, trace)
+    });
+    Knee { rate, ceiling, evaluations }
+}
+
+/// Requests for a steady-state level at `rate`: an arrival window of at least 4× the p99
+/// end-to-end latency least in-flight routing shows there (DES), and no fewer than the
+/// scenario's `requests`; at most 50,000.
+pub fn steady_requests(s: &Scenario, rate: f64, trace: Option<&[crate::workload::TraceRecord]>) -> usize {
+    let workers = SimWorker::from_scenario(s, None);
+    let specs = s.workload.requests(s.arrival, rate, s.requests, s.seed, 0, trace);
+    let policy = PolicyConfig::new(switchyard::policies::PolicyKind::LoadBased, Some(s.seed));
+    let report = run_open(&workers, &policy, 1, s.seed, specs, s.fault.as_ref());
+    let summary = crate::metrics::Summary::of(&report.results, &s.slo, workers.len());
+    let window = 4.0 * summary.e2e_p99_ms / 1e3;
+    ((rate * window).ceil() as usize).clamp(s.requests, 50_000)
+}
+
+/// How many times faster than recorded a trace's arrivals play at `rate` (`None` without
+/// trace timing).
+pub fn trace_compression(s: &Scenario, rate: f64, trace: Option<&[crate::workload::TraceRecord]>) -> Option<f64> {
+    let t = trace.filter(|t| t.len() >= 2 && matches!(s.arrival, crate::workload::Arrival::Trace))?;
+    let span = t[t.len() - 1].at - t[0].at;
+    (span > 0.0).then(|| rate / ((t.len() - 1) as f64 / span))
+}
+
+/// The scenario fleet's closed-loop ceiling ([`best_capacity`]) over its capacity shapes.
 pub fn scenario_capacity(s: &Scenario, trace: Option<&[crate::workload::TraceRecord]>) -> (f64, usize) {
     let shapes = s.workload.shapes(s.capacity.requests, s.seed ^ 0xcafe, 0, trace);
     best_capacity(&SimWorker::from_scenario(s, None), &shapes, s.seed)

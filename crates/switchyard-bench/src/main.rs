@@ -26,6 +26,40 @@ enum Command {
     StreamWorker(switchyard_bench::ttfb::StreamWorkerArgs),
     /// Time to the first body chunk of streamed requests, p50/p90/p99.
     Ttfb(switchyard_bench::ttfb::TtfbArgs),
+    /// The router-vs-router table over several results.json files (optionally spliced into a
+    /// document between `<!-- results:begin -->` and `<!-- results:end -->`).
+    Table(TableArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TableArgs {
+    /// results.json files, in the order the table lists them.
+    #[arg(long, num_args = 1.., required = true)]
+    results: Vec<String>,
+    /// A markdown file to update in place (between the markers); else the table is printed.
+    #[arg(long)]
+    splice_into: Option<String>,
+}
+
+fn run_table(a: &TableArgs) -> Result<(), String> {
+    let all = a
+        .results
+        .iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read {p}: {e}"))?;
+            serde_json::from_str::<Results>(&text).map_err(|e| format!("{p}: {e}"))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let table = report::public_table(&all);
+    match &a.splice_into {
+        None => print!("{table}"),
+        Some(path) => {
+            let doc = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+            std::fs::write(path, report::splice(&doc, &table)?).map_err(|e| format!("cannot write {path}: {e}"))?;
+            eprintln!("updated the table in {path}");
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -62,14 +96,22 @@ fn run_des(a: &DesArgs) -> Result<(), String> {
     let fleet_size = s.workers().len();
     let workers = SimWorker::from_scenario(&s, a.workers);
     let trace = s.workload.trace().map_err(|e| e.to_string())?;
-    let (per_fleet, per_worker) = des::scenario_capacity(&s, trace.as_deref());
-    let capacity = per_fleet * workers.len() as f64 / fleet_size as f64;
+    let started = std::time::Instant::now();
+    let knee = des::scenario_knee(&s, trace.as_deref());
+    let scale = workers.len() as f64 / fleet_size as f64;
+    let capacity = knee.rate * scale;
     eprintln!(
-        "capacity: {capacity:.2} req/s ({} workers; {per_fleet:.2} for the scenario's fleet, best at {per_worker} outstanding per worker)",
-        workers.len()
+        "load 1.0 = {capacity:.2} req/s ({} workers; the scenario fleet's knee {:.2} req/s, found in {} DES runs, {:.1} s; its closed-loop ceiling {:.2})",
+        workers.len(),
+        knee.rate,
+        knee.evaluations,
+        started.elapsed().as_secs_f64(),
+        knee.ceiling
     );
     let loads = if a.load.is_empty() { s.loads.clone() } else { a.load.clone() };
     let mut results = Results::new(&s, capacity);
+    results.capacity_method = des::KNEE_METHOD.to_owned();
+    results.ceiling_rps = Some(knee.ceiling * scale);
     for spec in &a.policy {
         let policy = policy_spec::parse(spec, &s.slo, 1.0, s.seed)?;
         for &load in &loads {
@@ -122,6 +164,7 @@ fn main() -> ExitCode {
         Command::Compare(a) => compare::run(a),
         Command::StreamWorker(a) => block_on(switchyard_bench::ttfb::stream_worker(a)),
         Command::Ttfb(a) => block_on(switchyard_bench::ttfb::ttfb(a)),
+        Command::Table(a) => run_table(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -115,14 +115,24 @@ pub fn markdown(results: &Results, command: &str) -> String {
     let (peer_at, peer_peak, peer_load) =
         (best_peer(&|h| h.goodput_at_l_star), best_peer(&|h| h.peak_goodput), best_peer(&|h| h.max_load_p99_ttft));
     let ratio = |x: f64, base: f64| if base > 0.0 { format!("{:.2}×", x / base) } else { "–".into() };
+    let method = if results.capacity_method.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " Load 1.0 is the {}{}.",
+            results.capacity_method,
+            results.ceiling_rps.map(|c| format!(" (closed-loop ceiling {c:.2} req/s)")).unwrap_or_default()
+        )
+    };
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "### {} — capacity {:.2} req/s, SLO TTFT ≤ {} ms, TPOT ≤ {} ms\n\n`{command}`; L* = {l_star:.2} (peak of {reference}). Ratios are against the best peer router.\n",
+        "### {} — load 1.0 = {:.2} req/s, SLO TTFT ≤ {} ms, TPOT ≤ {} ms\n\n`{command}`; L* = {l_star:.2} (peak of {reference}). Ratios are against the best peer router.{}\n",
         results.scenario,
         results.capacity_rps,
         results.slo_ttft_ms,
         results.slo_tpot_ms,
+        method,
         reference = if reference.is_empty() { "–" } else { &reference },
     );
     let _ = writeln!(out, "| router:policy | goodput @ L* (req/s) | vs best peer | peak goodput | vs best peer peak | max load, p99 TTFT ≤ SLO | max load, ≥ 95 % in SLO | errors |");
@@ -290,6 +300,99 @@ pub fn svg(results: &Results) -> String {
     out
 }
 
+/// One scenario's line per router in the public table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableRow {
+    /// Scenario.
+    pub scenario: String,
+    /// `router:policy`.
+    pub label: String,
+    /// Goodput at load 1.0 (the knee), when that load ran.
+    pub at_knee: Option<f64>,
+    /// Peak goodput and its load.
+    pub peak: (f64, f64),
+    /// Highest load with p99 TTFT within the SLO.
+    pub max_load_ttft: f64,
+    /// Failed (incl. shed) requests per request, over every load.
+    pub error_rate: f64,
+    /// TTFT and TPOT p99 at the knee (ms).
+    pub p99_at_knee: Option<(f64, f64)>,
+}
+
+/// The rows of the router-vs-router table for one scenario's results.
+pub fn table_rows(results: &Results) -> Vec<TableRow> {
+    series(results)
+        .into_iter()
+        .map(|(label, runs)| {
+            let knee = runs.iter().find(|r| (r.load - 1.0).abs() < 1e-9);
+            let peak =
+                runs.iter().map(|r| (r.goodput_rps, r.load)).fold((0.0, 0.0), |a, b| if b.0 > a.0 { b } else { a });
+            let max_load_ttft = runs
+                .iter()
+                .filter(|r| r.ttft_p99_ms <= results.slo_ttft_ms && r.errors == 0)
+                .map(|r| r.load)
+                .fold(0.0, f64::max);
+            let errors: usize = runs.iter().map(|r| r.errors).sum();
+            let sent: f64 = runs.len() as f64;
+            TableRow {
+                scenario: results.scenario.clone(),
+                label,
+                at_knee: knee.map(|r| r.goodput_rps),
+                peak,
+                max_load_ttft,
+                error_rate: errors as f64 / sent.max(1.0),
+                p99_at_knee: knee.map(|r| (r.ttft_p99_ms, r.tpot_p99_ms)),
+            }
+        })
+        .collect()
+}
+
+/// The public table over several scenarios' results: goodput at the knee (with its ratio
+/// to the best peer there), peak goodput, the highest load with p99 TTFT within the SLO,
+/// failures, and the p99s at the knee — router against router.
+pub fn public_table(all: &[Results]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| scenario | router:policy | goodput @ knee (req/s) | vs best peer | peak goodput (@ load) | max load, p99 TTFT ≤ SLO | failed per level | TTFT / TPOT p99 @ knee (ms) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for results in all {
+        let rows = table_rows(results);
+        let best_peer =
+            rows.iter().filter(|r| !r.label.starts_with("switchyard:")).filter_map(|r| r.at_knee).fold(0.0, f64::max);
+        for r in &rows {
+            let ratio = match r.at_knee {
+                Some(g) if best_peer > 0.0 => format!("{:.2}×", g / best_peer),
+                _ => "–".into(),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {:.2} (@ {:.1}) | {:.1} | {:.1} | {} |",
+                r.scenario,
+                r.label,
+                r.at_knee.map_or("–".into(), |g| format!("{g:.2}")),
+                ratio,
+                r.peak.0,
+                r.peak.1,
+                r.max_load_ttft,
+                r.error_rate,
+                r.p99_at_knee.map_or("–".into(), |(t, p)| format!("{t:.0} / {p:.1}")),
+            );
+        }
+    }
+    out
+}
+
+/// Replaces the text between `<!-- results:begin -->` and `<!-- results:end -->` in `doc`.
+pub fn splice(doc: &str, table: &str) -> Result<String, String> {
+    const BEGIN: &str = "<!-- results:begin -->";
+    const END: &str = "<!-- results:end -->";
+    let a = doc.find(BEGIN).ok_or("no <!-- results:begin --> marker")? + BEGIN.len();
+    let b = doc[a..].find(END).ok_or("no <!-- results:end --> marker")? + a;
+    Ok(format!("{}\n{}{}", &doc[..a], table, &doc[b..]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,6 +406,8 @@ mod tests {
     fn results() -> Results {
         Results {
             capacity_rps: 10.0,
+            capacity_method: String::new(),
+            ceiling_rps: None,
             scenario: "t".into(),
             slo_ttft_ms: 2000.0,
             slo_tpot_ms: 100.0,
@@ -353,5 +458,16 @@ mod tests {
         }
         let back: Results = serde_json::from_value(v).unwrap();
         assert_eq!(back, results());
+    }
+
+    #[test]
+    fn the_public_table_compares_routers_at_the_knee_and_splices_into_a_document() {
+        let table = public_table(&[results()]);
+        assert!(table.contains("| t | switchyard:marginal_utility | 9.80 | 1.23× | 9.80 (@ 1.0) | 1.0 |"), "{table}");
+        assert!(table.contains("| t | sglang-router:cache_aware | 8.00 | 1.00× | 8.50 (@ 0.9) | 0.9 |"), "{table}");
+        let doc = "a\n<!-- results:begin -->\nold\n<!-- results:end -->\nb";
+        let spliced = splice(doc, &table).unwrap();
+        assert!(spliced.contains("9.80") && !spliced.contains("old") && spliced.ends_with("<!-- results:end -->\nb"));
+        assert!(splice("no markers", &table).is_err());
     }
 }

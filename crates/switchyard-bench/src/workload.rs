@@ -159,6 +159,49 @@ pub enum Workload {
         /// Path of the CSV file.
         path: String,
     },
+    /// Many system prompts with skewed popularity: prompt group k (1-based rank) is drawn with
+    /// probability ∝ 1/k^s, then a unique question follows.
+    ZipfPrefix {
+        /// System prompts (groups).
+        prompts: u64,
+        /// Zipf exponent s.
+        zipf_s: f64,
+        /// Tokens of each system prompt.
+        system_tokens: u32,
+        /// Unique question tokens.
+        question_tokens: u32,
+        /// Output tokens.
+        output_tokens: u32,
+    },
+}
+
+/// A Zipf(s) sampler over ranks 1..=n (inverse CDF by binary search).
+#[derive(Debug, Clone)]
+pub struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    /// Ranks 1..=n with weights 1/k^s.
+    pub fn new(n: u64, s: f64) -> Self {
+        let mut acc = 0.0;
+        let mut cdf: Vec<f64> = (1..=n.max(1))
+            .map(|k| {
+                acc += 1.0 / (k as f64).powf(s);
+                acc
+            })
+            .collect();
+        for c in &mut cdf {
+            *c /= acc;
+        }
+        Self { cdf }
+    }
+
+    /// A rank, 0-based (0 is the most popular).
+    pub fn sample(&self, rng: &mut impl Rng) -> u64 {
+        let u: f64 = rng.random();
+        self.cdf.partition_point(|c| *c < u).min(self.cdf.len() - 1) as u64
+    }
 }
 
 fn default_sigma() -> f64 {
@@ -205,6 +248,8 @@ pub struct TraceRecord {
     pub output_tokens: u32,
     /// Mooncake block ids (empty for other traces).
     pub hash_ids: Vec<u64>,
+    /// The conversation it belongs to (Mooncake: by prefix chaining), for session affinity.
+    pub session: Option<u64>,
 }
 
 fn read(path: &str) -> Result<String, TraceError> {
@@ -234,9 +279,46 @@ pub fn parse_mooncake(path: &str, text: &str) -> Result<Vec<TraceRecord>, TraceE
                 prompt_tokens: r.input_length,
                 output_tokens: r.output_length,
                 hash_ids: r.hash_ids,
+                session: None,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()
+        .map(with_conversations)
+}
+
+/// Numbers the conversations of a Mooncake trace: a request continues the earlier request
+/// whose blocks (all of them, or all but its last, partial one) are the longest prefix of its
+/// own — the next turn resends the history. Every request starts with the same system block,
+/// so the first block id (the previous key) put most of the trace in one "session".
+pub fn with_conversations(mut records: Vec<TraceRecord>) -> Vec<TraceRecord> {
+    let prefix_hashes = |ids: &[u64]| {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        ids.iter()
+            .map(|id| {
+                h = splitmix(h ^ id);
+                h
+            })
+            .collect::<Vec<u64>>()
+    };
+    let mut known: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    let mut next = 0u64;
+    for r in &mut records {
+        let hashes = prefix_hashes(&r.hash_ids);
+        // The longest earlier prefix of at least two blocks (one is the shared system block).
+        let found = (2..=hashes.len()).rev().find_map(|j| known.get(&hashes[j - 1]).copied());
+        let conversation = found.unwrap_or_else(|| {
+            next += 1;
+            next
+        });
+        r.session = Some(conversation);
+        if let Some(&all) = hashes.last() {
+            known.insert(all, conversation);
+        }
+        if hashes.len() > 2 {
+            known.insert(hashes[hashes.len() - 2], conversation);
+        }
+    }
+    records
 }
 
 /// Seconds since 1970 of `YYYY-MM-DD HH:MM:SS.fffffff` (no time zone; only differences matter).
@@ -282,6 +364,7 @@ pub fn parse_azure(path: &str, text: &str) -> Result<Vec<TraceRecord>, TraceErro
             prompt_tokens: p.trim().parse().map_err(|_| err(i + 1, format!("bad ContextTokens '{p}'")))?,
             output_tokens: o.trim().parse().map_err(|_| err(i + 1, format!("bad GeneratedTokens '{o}'")))?,
             hash_ids: Vec::new(),
+            session: None,
         });
     }
     Ok(out)
@@ -302,7 +385,9 @@ pub fn parse_sharegpt(path: &str, text: &str) -> Result<Vec<TraceRecord>, TraceE
             let p = f.next().and_then(|v| v.trim().parse::<u32>().ok());
             let o = f.next().and_then(|v| v.trim().parse::<u32>().ok());
             match (p, o) {
-                (Some(p), Some(o)) => Ok(TraceRecord { at: 0.0, prompt_tokens: p, output_tokens: o, hash_ids: vec![] }),
+                (Some(p), Some(o)) => {
+                    Ok(TraceRecord { at: 0.0, prompt_tokens: p, output_tokens: o, hash_ids: vec![], session: None })
+                }
                 _ => Err(err(i + 1, "expected two integer lengths".into())),
             }
         })
@@ -394,6 +479,10 @@ impl Workload {
             (median * (sigma * standard_normal(rng)).exp()).round().clamp(1.0, 32_768.0) as u32
         };
         let trace = trace.unwrap_or_default();
+        let zipf = match self {
+            Workload::ZipfPrefix { prompts, zipf_s, .. } => Some(Zipf::new(*prompts, *zipf_s)),
+            _ => None,
+        };
         (0..n)
             .map(|i| {
                 let k = (offset + i) as u64;
@@ -443,7 +532,21 @@ impl Workload {
                             at: 0.0,
                             prompt: PromptSpec::Blocks { ids, tokens: r.prompt_tokens.clamp(1, *max_prompt_tokens) },
                             output_tokens: r.output_tokens.clamp(1, *max_output_tokens),
-                            session: r.hash_ids.first().copied(),
+                            session: r.session,
+                        }
+                    }
+                    Workload::ZipfPrefix { system_tokens, question_tokens, output_tokens, .. } => {
+                        let group = zipf.as_ref().map_or(0, |z| z.sample(&mut rng));
+                        RequestSpec {
+                            at: 0.0,
+                            prompt: PromptSpec::Prefixed {
+                                group: group | 1 << 20,
+                                prefix_tokens: *system_tokens,
+                                seed: seed.wrapping_mul(7_000_003).wrapping_add(k),
+                                tokens: system_tokens + question_tokens,
+                            },
+                            output_tokens: *output_tokens,
+                            session: None,
                         }
                     }
                     Workload::Sharegpt { .. } => {
@@ -512,6 +615,42 @@ mod tests {
             arrival_times(Arrival::Poisson, 5.0, 10, 3, None),
             arrival_times(Arrival::Poisson, 5.0, 10, 3, None)
         );
+    }
+
+    #[test]
+    fn zipf_popularity_follows_its_exponent() {
+        let z = Zipf::new(512, 1.0);
+        let mut rng = SmallRng::seed_from_u64(5);
+        let mut counts = vec![0u32; 512];
+        for _ in 0..200_000 {
+            counts[z.sample(&mut rng) as usize] += 1;
+        }
+        // P(rank k) ∝ 1/k: rank 1 about twice rank 2 and ten times rank 10.
+        let r2 = f64::from(counts[0]) / f64::from(counts[1]);
+        let r10 = f64::from(counts[0]) / f64::from(counts[9]);
+        assert!((1.8..2.2).contains(&r2) && (8.5..11.5).contains(&r10), "{r2} {r10}");
+        assert!(counts[511] > 0, "the tail is reachable");
+    }
+
+    #[test]
+    fn mooncake_conversations_chain_by_prefix() {
+        let r = |ids: &[u64]| TraceRecord {
+            at: 0.0,
+            prompt_tokens: 1,
+            output_tokens: 1,
+            hash_ids: ids.to_vec(),
+            session: None,
+        };
+        let records = with_conversations(vec![
+            r(&[0, 1, 2]),
+            r(&[0, 5, 6]),
+            r(&[0, 1, 2, 3, 4]), // continues the first
+            r(&[0, 5, 7, 8]),    // continues the second: its last block was partial
+            r(&[0, 9]),
+        ]);
+        let s: Vec<u64> = records.iter().map(|r| r.session.unwrap()).collect();
+        assert_eq!((s[0], s[1]), (s[2], s[3]));
+        assert!(s[0] != s[1] && s[4] != s[0] && s[4] != s[1]);
     }
 
     #[test]

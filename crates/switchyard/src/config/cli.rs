@@ -120,7 +120,7 @@ pub struct Args {
     /// marginal_utility: when no worker can meet the SLOs: best-effort, queue, or shed (503).
     #[arg(long, value_enum, default_value_t = Overload::BestEffort)]
     pub mu_overload: Overload,
-    /// marginal_utility: relative cost difference counted as a tie (broken at random).
+    /// marginal_utility: relative cost difference counted as a tie (to the fewest in flight).
     #[arg(long, default_value_t = 0.02, value_parser = unit_interval)]
     pub mu_tie_tolerance: f64,
     /// marginal_utility: score a random sample of this many workers plus the longest prefix

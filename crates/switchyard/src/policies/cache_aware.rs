@@ -108,8 +108,7 @@ impl CacheAware {
         if workers.is_empty() {
             return Err(RoutingError::NoHealthyWorkers);
         }
-        let (min, max) =
-            workers.iter().map(in_flight).fold((usize::MAX, 0), |(lo, hi), l| (lo.min(l), hi.max(l)));
+        let (min, max) = workers.iter().map(in_flight).fold((usize::MAX, 0), |(lo, hi), l| (lo.min(l), hi.max(l)));
         let imbalanced = max - min > self.config.balance_abs_threshold
             && max as f64 > self.config.balance_rel_threshold * min as f64;
         let decision = if imbalanced {

@@ -1,0 +1,137 @@
+//! The load axis: the knee found by bisection in the DES, grids that cross it, and
+//! marginal_utility's goodput past it. Fixed seeds; orderings and bounds, not timings.
+
+use switchyard_bench::des::{self, SimWorker};
+use switchyard_bench::metrics::{Slo, Summary};
+use switchyard_bench::policy_spec;
+use switchyard_bench::scenario::Scenario;
+use switchyard_bench::workload::{PromptSpec, Workload};
+use switchyard_sim::model::Profile;
+
+fn scenario(name: &str) -> Scenario {
+    let path = format!("{}/../../bench/scenarios/{name}.toml", env!("CARGO_MANIFEST_DIR"));
+    Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn bisection_finds_a_threshold_within_one_percent_from_either_side() {
+    for (threshold, guess) in [(100.0, 37.0), (100.0, 640.0), (3.3, 3.3), (5000.0, 20.0)] {
+        let (found, evaluations) = des::bisect_knee(guess, |r| r <= threshold);
+        assert!(found <= threshold && found >= threshold / 1.011, "threshold {threshold} from {guess}: {found}");
+        assert!(evaluations < 60, "{evaluations} evaluations");
+    }
+}
+
+#[test]
+fn the_knee_of_one_worker_with_fixed_lengths_sits_just_below_its_analytic_capacity() {
+    // One h100 worker, 16-token prompts and 64-token outputs: decode-bound, the batch at its
+    // 256-request cap (KV is no limit), each step c0 + c1·B + c2·K. Capacity = B / (out · step).
+    let p = Profile::by_name("h100-llama8b").expect("profile");
+    let (prompt, out, b) = (16.0, 64.0, p.max_running_requests as f64);
+    let step_secs = p.c0 + p.c1 * b + p.c2 * b * (prompt + out / 2.0);
+    let capacity = b / (out * step_secs);
+    let workers = vec![SimWorker { profile: p, speed: 1.0 }];
+    let workload =
+        Workload::Lognormal { prompt_median: prompt, prompt_sigma: 0.0, output_median: out, output_sigma: 0.0 };
+    let slo = Slo { ttft_ms: 2000.0, tpot_ms: 100.0 };
+    let (knee, _) =
+        des::bisect_knee(capacity * 0.5, |rate| des::meets_knee(&workers, &workload, &slo, rate, 2000, 20.0, 1, None));
+    assert!(
+        (0.8 * capacity..=1.02 * capacity).contains(&knee),
+        "knee {knee:.1} req/s, analytic capacity {capacity:.1}"
+    );
+}
+
+#[test]
+fn every_grid_crosses_the_knee_and_least_load_passes_below_and_fails_above() {
+    let dir = format!("{}/../../bench/scenarios", env!("CARGO_MANIFEST_DIR"));
+    for entry in std::fs::read_dir(&dir).expect("scenarios") {
+        let path = entry.expect("entry").path();
+        let s = Scenario::load(path.to_str().expect("utf-8")).expect("parses");
+        let (lo, hi) = s.loads.iter().fold((f64::MAX, 0.0f64), |(lo, hi), l| (lo.min(*l), hi.max(*l)));
+        if s.name == "overload" {
+            assert!(lo >= 1.4, "overload runs past the knee only");
+            continue;
+        }
+        assert!(lo <= 0.6 && hi >= 1.6, "{}: grid {:?} does not span 0.6-1.6", s.name, s.loads);
+        assert!(
+            s.loads.windows(2).all(|w| w[1] > w[0])
+                && s.loads.iter().filter(|l| (0.85..=1.15).contains(*l)).count() >= 3,
+            "{}: grid {:?} is not ordered with steps ≤ 0.1 around 1.0",
+            s.name,
+            s.loads
+        );
+    }
+    // The DES check on a fleet of each kind (the knee itself is what the grid is measured in).
+    for name in ["homogeneous", "slow-tier", "prefill-heavy"] {
+        let s = scenario(name);
+        let trace = s.workload.trace().expect("trace");
+        let knee = des::scenario_knee(&s, trace.as_deref());
+        let workers = SimWorker::from_scenario(&s, None);
+        let passes = |load: f64| {
+            des::meets_knee(&workers, &s.workload, &s.slo, load * knee.rate, 2000, 60.0, 7, trace.as_deref())
+        };
+        assert!(passes(0.6), "{name}: least load misses the SLO at 0.6 of the knee");
+        assert!(!passes(1.6), "{name}: least load still within SLO at 1.6 of the knee");
+    }
+}
+
+/// Goodput of `policy` at `load` × the scenario's knee, summed over seeds 1–3 (4,000 Poisson
+/// arrivals each): single runs this close to the knee swing by ±5 %.
+fn goodput(s: &Scenario, knee: f64, policy: &str, load: f64) -> f64 {
+    let fleet = SimWorker::from_scenario(s, None);
+    let trace = s.workload.trace().expect("trace");
+    (1..=3)
+        .map(|seed| {
+            let specs = s.workload.requests(s.arrival, load * knee, 4000, seed, 0, trace.as_deref());
+            let config = policy_spec::parse(policy, &s.slo, 1.0, seed).expect("policy");
+            let report = des::run_open(&fleet, &config, 1, seed, specs, s.fault.as_ref());
+            assert_eq!(report.results.len(), 4000, "every request accounted for");
+            Summary::of(&report.results, &s.slo, fleet.len()).goodput_rps
+        })
+        .sum()
+}
+
+#[test]
+fn marginal_utility_keeps_least_loads_goodput_past_the_knee_on_mixed_and_prefill_heavy_traffic() {
+    // (scenario, load × knee, lowest marginal_utility / load_based goodput allowed)
+    let cases = [
+        ("heterogeneous", 1.2, 0.98),
+        ("heterogeneous", 1.5, 0.98),
+        ("prefill-heavy", 1.5, 0.98),
+        // Just past the knee on prefill-heavy traffic it is 0.95× (measured over these seeds;
+        // see the notes of #17): this bound guards against a return of the cliff (0.74× at 1.2,
+        // 0.14× at 1.6 before best effort sent late requests to the worker furthest behind).
+        ("prefill-heavy", 1.2, 0.90),
+    ];
+    for (name, load, floor) in cases {
+        let s = scenario(name);
+        let trace = s.workload.trace().expect("trace");
+        let knee = des::scenario_knee(&s, trace.as_deref()).rate;
+        let (lb, mu) = (goodput(&s, knee, "load_based", load), goodput(&s, knee, "marginal_utility", load));
+        assert!(mu >= floor * lb, "{name} at {load}× the knee: marginal_utility {mu:.2} vs load_based {lb:.2}");
+    }
+}
+
+#[test]
+fn the_skewed_prefix_workload_has_the_popularity_and_size_its_file_says() {
+    let s = scenario("zipf-prefix");
+    let Workload::ZipfPrefix { prompts, zipf_s, system_tokens, .. } = s.workload.clone() else {
+        panic!("zipf-prefix is a zipf_prefix workload")
+    };
+    assert_eq!((prompts, zipf_s, system_tokens), (512, 1.0, 2048), "the file's comment describes these");
+    let kv = Profile::by_name("h100-llama8b").expect("profile").kv_capacity_tokens;
+    assert!(prompts * u64::from(system_tokens) > 2 * kv, "the prefixes must not fit one worker's KV twice over");
+    let shapes = s.workload.shapes(50_000, s.seed, 0, None);
+    let mut counts = std::collections::HashMap::new();
+    for r in &shapes {
+        let PromptSpec::Prefixed { group, prefix_tokens, .. } = r.prompt else { panic!("prefixed") };
+        assert_eq!(prefix_tokens, system_tokens);
+        *counts.entry(group).or_insert(0u32) += 1;
+    }
+    let mut by_rank: Vec<u32> = counts.values().copied().collect();
+    by_rank.sort_unstable_by(|a, b| b.cmp(a));
+    let (r1, r2, r10) = (f64::from(by_rank[0]), f64::from(by_rank[1]), f64::from(by_rank[9]));
+    assert!((1.7..2.3).contains(&(r1 / r2)) && (7.5..12.5).contains(&(r1 / r10)), "{r1} {r2} {r10}");
+    assert!(counts.len() > 450, "{} of 512 prompts drawn in 50k requests", counts.len());
+}
