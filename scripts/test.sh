@@ -11,9 +11,9 @@ cargo clippy --all-targets -- -D warnings
 cargo check -p switchyard --no-default-features --quiet
 cargo test --workspace
 
-if ! .venv/bin/python -c "import openai" 2>/dev/null; then
+if ! .venv/bin/python -c "import openai, trustme" 2>/dev/null; then
   python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check openai
+  .venv/bin/pip install --quiet --disable-pip-version-check openai trustme
 fi
 cargo build --bin switchyard
 .venv/bin/python tests/clients/openai_sdk.py target/debug/switchyard

@@ -2,16 +2,20 @@
 
 Starts `switchyard --sim-workers 2` (port 0), then drives it with the OpenAI Python SDK,
 unchanged: chat, completions, streaming with usage, and prefix-cache hits. Reports TTFT and
-inter-token latency as a client measures them. Prints 'N passed, M failed' and exits non-zero
-on any failure.
+inter-token latency as a client measures them. Then starts a router serving HTTPS with a
+certificate from a throwaway CA (trustme) and drives that through the SDK too. Prints
+'N passed, M failed' and exits non-zero on any failure.
 
 Usage: python tests/clients/openai_sdk.py path/to/switchyard
 """
 
+import os
 import re
+import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import openai
@@ -19,9 +23,9 @@ import openai
 TIME_SCALE = 10.0
 
 
-def start_router(binary):
+def start_router(binary, count=2, extra=()):
     proc = subprocess.Popen(
-        [binary, "--sim-workers", "2", "--sim-time-scale", str(TIME_SCALE), "--port", "0", "--log-level", "warn"],
+        [binary, "--sim-workers", str(count), "--sim-time-scale", str(TIME_SCALE), "--port", "0", "--log-level", "warn", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -29,7 +33,7 @@ def start_router(binary):
     router, workers = None, []
     deadline = time.time() + 60
     for line in proc.stdout:
-        m = re.match(r"switchyard listening on (http://\S+)", line)
+        m = re.match(r"switchyard listening on (https?://\S+)", line)
         if m:
             router = m.group(1)
         m = re.match(r"\s+(http://127\.0\.0\.1:\d+)$", line)
@@ -37,10 +41,75 @@ def start_router(binary):
             workers.append(m.group(1))
         if line.startswith("try:") or time.time() > deadline:
             break
-    if router is None or len(workers) != 2:
+    if router is None or len(workers) != count:
         proc.kill()
         raise SystemExit(f"router did not start (router={router}, workers={workers})")
     return proc, router, workers
+
+
+def stop(proc):
+    """SIGTERM; the exit status (None if it had to be killed)."""
+    proc.terminate()
+    try:
+        return proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return None
+
+
+def tls_checks(binary, check):
+    """A router serving HTTPS (--tls-cert-path/--tls-key-path) with a certificate from a
+    throwaway CA: the SDK reaches it when it trusts the CA, and not otherwise."""
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {name: os.path.join(tmp, f"{name}.pem") for name in ("ca", "cert", "key")}
+        ca.cert_pem.write_to_path(paths["ca"])
+        issued.cert_chain_pems[0].write_to_path(paths["cert"])
+        issued.private_key_pem.write_to_path(paths["key"])
+        proc, router, _ = start_router(binary, 1, ["--tls-cert-path", paths["cert"], "--tls-key-path", paths["key"]])
+        try:
+            # The SDK's own HTTP client class (httpx2 in newer SDKs, httpx in older ones).
+            client_class = getattr(openai, "DefaultHttpx2Client", None) or openai.DefaultHttpxClient
+            trusting = client_class(verify=ssl.create_default_context(cafile=paths["ca"]))
+            client = openai.OpenAI(base_url=f"{router}/v1", api_key="unused", max_retries=0, timeout=30, http_client=trusting)
+
+            def https_url():
+                assert router.startswith("https://"), router
+
+            def chat():
+                r = client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4, extra_body={"ignore_eos": True}
+                )
+                assert r.usage.completion_tokens == 4, r.usage
+
+            def stream():
+                s = client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True,
+                    extra_body={"ignore_eos": True},
+                )
+                pieces = [c.choices[0].delta.content for c in s if c.choices and c.choices[0].delta.content]
+                assert len(pieces) == 8, pieces
+
+            def untrusted():
+                other = openai.OpenAI(base_url=f"{router}/v1", api_key="unused", max_retries=0, timeout=10)
+                try:
+                    other.models.list()
+                except openai.APIConnectionError:
+                    return
+                raise AssertionError("a client that does not trust the CA got an answer")
+
+            for name, fn in (("https url", https_url), ("chat", chat), ("stream", stream), ("untrusted client refused", untrusted)):
+                check(f"tls: {name}", fn)
+        finally:
+            code = stop(proc)
+
+            def exits_cleanly():
+                assert code == 0, code
+
+            check("tls: router exits 0 on SIGTERM", exits_cleanly)
 
 
 def main():
@@ -139,18 +208,14 @@ def main():
             for name, fn in (("chat", chat), ("completion", completion), ("stream", stream), ("cached prefix", cached), ("400", bad_request)):
                 check(f"{label}: {name}", fn)
     finally:
-        proc.terminate()
-        try:
-            code = proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = None
+        code = stop(proc)
         if code != 0:
             failed += 1
             print(f"FAIL router exit status after SIGTERM: {code}")
         else:
             passed += 1
             print("ok   router exits 0 on SIGTERM")
+    tls_checks(binary, check)
     print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 

@@ -360,7 +360,7 @@ async fn finished_per_worker(client: &LoadClient, fleet: &Fleet) -> Vec<f64> {
 }
 
 fn progress(label: &str, done: usize, total: usize) {
-    if done == total || done % (total / 4).max(1) == 0 {
+    if done == total || done.is_multiple_of((total / 4).max(1)) {
         let filled = done * 30 / total.max(1);
         eprint!("\r  {label:<44} [{}{}] {done}/{total}", "#".repeat(filled), ".".repeat(30 - filled));
         if done == total {

@@ -73,6 +73,19 @@ struct Args {
     /// Fault: /health answers 503.
     #[arg(long)]
     health_fail: bool,
+    /// Data-parallel ranks per worker (SGLang `--dp-size`): a request runs on the rank its
+    /// `data_parallel_rank` field or `X-data-parallel-rank` header names.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    dp_size: u32,
+    /// Serve HTTPS with this certificate chain (PEM).
+    #[arg(long, requires = "tls_key_path")]
+    tls_cert_path: Option<String>,
+    /// The private key of --tls-cert-path (PEM).
+    #[arg(long, requires = "tls_cert_path")]
+    tls_key_path: Option<String>,
+    /// Require client certificates signed by these CAs (PEM): mTLS.
+    #[arg(long, requires = "tls_cert_path")]
+    tls_client_ca_path: Option<String>,
     /// Log filter (error, warn, info, debug, trace).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -144,6 +157,10 @@ async fn main() {
         bootstrap_port: args.bootstrap_port,
         pd_timeout_secs: args.pd_timeout_secs,
         kv_link_gbps: args.kv_link_gbps,
+        dp_size: args.dp_size,
+        tls_cert_path: args.tls_cert_path.clone(),
+        tls_key_path: args.tls_key_path.clone(),
+        tls_client_ca_path: args.tls_client_ca_path.clone(),
     };
     let configs = match &args.fleet {
         Some(path) => fleet::load(path, args.base_port, &template),
@@ -164,12 +181,13 @@ async fn main() {
         let c = w.config();
         let bootstrap = w.bootstrap_port().map(|p| format!(" bootstrap_port={p}")).unwrap_or_default();
         println!(
-            "{} profile={} speed={} role={:?} time_scale={}{bootstrap}",
+            "{} profile={} speed={} role={:?} time_scale={} dp_size={}{bootstrap}",
             w.url(),
             c.profile.name,
             c.speed,
             c.role,
-            c.time_scale
+            c.time_scale,
+            c.dp_size
         );
     }
     let _ = tokio::signal::ctrl_c().await;

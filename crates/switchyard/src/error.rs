@@ -81,6 +81,14 @@ pub enum ApiError {
     /// The operation is not allowed in this configuration.
     #[error("{0}")]
     Forbidden(String),
+    /// The request names a model no worker serves.
+    #[error("the model '{model}' does not exist here; available: {}", available.join(", "))]
+    ModelNotFound {
+        /// The model asked for.
+        model: String,
+        /// The models the router serves.
+        available: Vec<String>,
+    },
     /// The method is not served on this path.
     #[error("method {method} is not allowed on {path}")]
     MethodNotAllowed {
@@ -104,7 +112,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) | ApiError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NoHealthyWorkers | ApiError::Shed { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -124,6 +132,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) | ApiError::PayloadTooLarge { .. } => "invalid_request_error",
             ApiError::NotFound(_) => "not_found_error",
+            ApiError::ModelNotFound { .. } => "invalid_request_error",
             ApiError::Conflict(_) => "conflict_error",
             ApiError::NoHealthyWorkers => "service_unavailable",
             ApiError::Shed { .. } => "overloaded",
@@ -147,7 +156,14 @@ pub fn error_body(status: StatusCode, kind: &str, message: &str) -> serde_json::
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let mut resp = (status, Json(error_body(status, self.kind(), &self.to_string()))).into_response();
+        let mut body = error_body(status, self.kind(), &self.to_string());
+        if let ApiError::ModelNotFound { model, .. } = &self {
+            // OpenAI's shape for this one: the code names the error, `param` the field.
+            body["error"]["code"] = json!("model_not_found");
+            body["error"]["param"] = json!("model");
+            body["error"]["model"] = json!(model);
+        }
+        let mut resp = (status, Json(body)).into_response();
         let retry_after = match &self {
             ApiError::QueueFull { retry_after_secs } | ApiError::Shed { retry_after_secs } => Some(*retry_after_secs),
             ApiError::NoHealthyWorkers => Some(5),

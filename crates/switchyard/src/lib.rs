@@ -7,6 +7,7 @@
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod discovery;
 pub mod error;
 pub mod health;
 pub mod load;
@@ -16,4 +17,5 @@ pub mod proxy;
 pub mod request;
 pub mod routers;
 pub mod server;
+pub mod tls;
 pub mod workers;

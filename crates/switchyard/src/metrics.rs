@@ -257,6 +257,39 @@ impl Metrics {
     }
 }
 
+/// `text` (an exposition) with `key="value"` added to every sample's labels.
+pub fn with_label(text: &str, key: &str, value: &str) -> String {
+    let value = value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    let mut out = String::with_capacity(text.len() + 64);
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            out.push_str(line);
+        } else if let Some(i) = line.find('{') {
+            out.push_str(&line[..=i]);
+            let _ = write!(out, "{key}=\"{value}\",");
+            out.push_str(&line[i + 1..]);
+        } else if let Some(i) = line.find(' ') {
+            let _ = write!(out, "{}{{{key}=\"{value}\"}}{}", &line[..i], &line[i..]);
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Appends `more` to `out`, leaving out `# HELP`/`# TYPE` lines `out` already has (a family
+/// rendered for several models is declared once).
+pub fn append_deduplicated(out: &mut String, more: &str) {
+    for line in more.lines() {
+        if line.starts_with('#') && out.lines().any(|l| l == line) {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+}
+
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
@@ -272,6 +305,17 @@ fn resident_bytes() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_families_get_their_model_label_and_are_declared_once() {
+        let one = "# HELP x a\n# TYPE x counter\nx 1\nx_bucket{le=\"1\"} 2\n";
+        let mut out = String::new();
+        append_deduplicated(&mut out, &with_label(one, "model", "a"));
+        append_deduplicated(&mut out, &with_label(one, "model", "b\"c"));
+        assert_eq!(out.matches("# TYPE x counter").count(), 1);
+        assert!(out.contains("x{model=\"a\"} 1\n") && out.contains("x_bucket{model=\"a\",le=\"1\"} 2"));
+        assert!(out.contains("x{model=\"b\\\"c\"} 1"), "{out}");
+    }
 
     #[test]
     fn histogram_is_cumulative() {

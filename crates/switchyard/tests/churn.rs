@@ -234,7 +234,7 @@ impl Run {
             return;
         }
         let w = self.router.state().register_worker(self.servers[i].url(), self.role(i)).await.unwrap();
-        self.seen.push(w);
+        self.seen.extend(w);
         self.removed_at[i] = None;
         self.tripped.remove(&i); // a new worker object, with a closed breaker
     }

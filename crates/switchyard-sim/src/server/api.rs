@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -28,9 +28,9 @@ type Shared = Arc<WorkerState>;
 
 pub(super) fn router(state: Shared) -> Router {
     Router::new()
-        .route("/generate", post(|s: State<Shared>, b: Bytes| infer(s, Api::Generate, b)))
-        .route("/v1/chat/completions", post(|s: State<Shared>, b: Bytes| infer(s, Api::Chat, b)))
-        .route("/v1/completions", post(|s: State<Shared>, b: Bytes| infer(s, Api::Completion, b)))
+        .route("/generate", post(|s: State<Shared>, h: HeaderMap, b: Bytes| infer(s, Api::Generate, h, b)))
+        .route("/v1/chat/completions", post(|s: State<Shared>, h: HeaderMap, b: Bytes| infer(s, Api::Chat, h, b)))
+        .route("/v1/completions", post(|s: State<Shared>, h: HeaderMap, b: Bytes| infer(s, Api::Completion, h, b)))
         .route("/health", get(health))
         .route("/health_generate", get(health_generate))
         .route("/v1/models", get(models))
@@ -71,7 +71,26 @@ fn output_tokens(state: &WorkerState, req: &GenRequest, room: u64) -> (u32, bool
     }
 }
 
-async fn infer(State(state): State<Shared>, api: Api, body: Bytes) -> Response {
+/// The data-parallel rank a request runs on: its `data_parallel_rank` (SGLang), else its
+/// `X-data-parallel-rank` header (vLLM), else the next in turn.
+fn rank_of(state: &WorkerState, req: &GenRequest, headers: &HeaderMap) -> Result<usize, String> {
+    let header = headers.get("x-data-parallel-rank").map(|v| {
+        v.to_str().ok().and_then(|s| s.trim().parse::<u32>().ok()).ok_or("X-data-parallel-rank must be an integer")
+    });
+    let asked = match (req.data_parallel_rank, header) {
+        (Some(r), _) => Some(r),
+        (None, Some(h)) => Some(h?),
+        (None, None) => None,
+    };
+    let size = state.engines.len();
+    match asked {
+        Some(r) if (r as usize) < size => Ok(r as usize),
+        Some(r) => Err(format!("data_parallel_rank {r} is out of range: this server runs {size} rank(s)")),
+        None => Ok(state.next_rank.fetch_add(1, Ordering::Relaxed) % size),
+    }
+}
+
+async fn infer(State(state): State<Shared>, api: Api, headers: HeaderMap, body: Bytes) -> Response {
     let faults = state.faults();
     if faults.hang {
         std::future::pending::<()>().await;
@@ -88,6 +107,11 @@ async fn infer(State(state): State<Shared>, api: Api, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
     };
+    let rank = match rank_of(&state, &req, &headers) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
+    state.rank_requests[rank].fetch_add(1, Ordering::Relaxed);
     let start = Instant::now();
     if faults.first_token_delay_ms > 0 {
         tokio::time::sleep(Duration::from_secs_f64(faults.first_token_delay_ms as f64 / 1e3 / state.config.time_scale))
@@ -146,7 +170,7 @@ async fn infer(State(state): State<Shared>, api: Api, body: Bytes) -> Response {
     let sim_request = SimRequest { prompt: req.prompt.clone(), output_tokens: output };
     let input_logprobs = (req.return_logprob && state.config.role != super::Role::Decode)
         .then(|| req.prompt.iter().map(|t| json!([-f64::from(t % 1000) / 100.0, t, null])).collect::<Vec<_>>());
-    let tokens = match state.engine.submit_with(sim_request, transferred).await {
+    let tokens = match state.engines[rank].submit_with(sim_request, transferred).await {
         Ok(Ok(rx)) => rx,
         Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
@@ -322,6 +346,7 @@ fn stream_response(ctx: Ctx, mut tokens: UnboundedReceiver<TokenMsg>) -> Respons
 }
 
 async fn health(State(state): State<Shared>) -> Response {
+    state.health_probes.fetch_add(1, Ordering::Relaxed);
     if state.faults().health_fail {
         return error(StatusCode::SERVICE_UNAVAILABLE, "injected health failure");
     }
@@ -335,7 +360,7 @@ async fn health_generate(State(state): State<Shared>) -> Response {
         return error(StatusCode::SERVICE_UNAVAILABLE, "injected health failure");
     }
     let probe = SimRequest { prompt: vec![1, 2, 3, 4], output_tokens: 1 };
-    match state.engine.submit(probe).await {
+    match state.engine().submit(probe).await {
         Ok(Ok(mut rx)) => {
             while let Some(msg) = rx.recv().await {
                 if matches!(msg, TokenMsg::Token { last: true, .. }) {
@@ -380,11 +405,12 @@ async fn server_info(State(state): State<Shared>) -> Json<Value> {
         "chunked_prefill_size": c.profile.chunked_prefill_size,
         "page_size": c.profile.page_size,
         "max_total_num_tokens": c.profile.kv_capacity_tokens,
+        "dp_size": c.dp_size,
     }))
 }
 
 async fn load(State(state): State<Shared>) -> Json<Value> {
-    let s = state.engine.stats();
+    let s = state.stats();
     Json(json!({
         "load": s.running + s.waiting,
         "num_reqs": s.running,
@@ -396,14 +422,16 @@ async fn load(State(state): State<Shared>) -> Json<Value> {
 }
 
 async fn flush_cache(State(state): State<Shared>) -> Response {
-    match state.engine.send(Command::FlushCache) {
-        Ok(()) => (StatusCode::OK, "Cache flushed.\n").into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    for engine in &state.engines {
+        if let Err(e) = engine.send(Command::FlushCache) {
+            return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+        }
     }
+    (StatusCode::OK, "Cache flushed.\n").into_response()
 }
 
 async fn metrics_text(State(state): State<Shared>) -> Response {
-    let text = metrics::render(&state.config.model_name, &state.engine.stats());
+    let text = metrics::render(&state.config.model_name, &state.stats());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -69,6 +69,15 @@ pub struct WorkerConfig {
     pub pd_timeout_secs: f64,
     /// KV transfer link bandwidth between prefill and decode workers, GB/s.
     pub kv_link_gbps: f64,
+    /// Data-parallel ranks: this many engines behind one address, a request's rank chosen by
+    /// its `data_parallel_rank` field or `X-data-parallel-rank` header (else round robin).
+    pub dp_size: u32,
+    /// Serve HTTPS with this certificate chain (PEM); needs `tls_key_path`.
+    pub tls_cert_path: Option<String>,
+    /// The private key of `tls_cert_path` (PEM).
+    pub tls_key_path: Option<String>,
+    /// Require client certificates signed by these CAs (PEM): mTLS.
+    pub tls_client_ca_path: Option<String>,
 }
 
 impl Default for WorkerConfig {
@@ -87,6 +96,10 @@ impl Default for WorkerConfig {
             bootstrap_port: None,
             pd_timeout_secs: 10.0,
             kv_link_gbps: 50.0,
+            dp_size: 1,
+            tls_cert_path: None,
+            tls_key_path: None,
+            tls_client_ca_path: None,
         }
     }
 }
@@ -105,12 +118,25 @@ pub enum StartError {
     /// A fault setting is invalid.
     #[error(transparent)]
     Fault(#[from] FaultError),
+    /// The TLS settings are unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// Another setting is out of range.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// State shared by a worker's handlers.
 pub(crate) struct WorkerState {
     pub(crate) config: WorkerConfig,
-    pub(crate) engine: EngineHandle,
+    /// One engine per data-parallel rank.
+    pub(crate) engines: Vec<EngineHandle>,
+    /// Requests each rank took.
+    pub(crate) rank_requests: Vec<AtomicU64>,
+    /// `/health` calls answered.
+    pub(crate) health_probes: AtomicU64,
+    /// Round robin over the ranks for requests that name none.
+    pub(crate) next_rank: std::sync::atomic::AtomicUsize,
     pub(crate) faults: Mutex<Faults>,
     pub(crate) rng: Mutex<StdRng>,
     pub(crate) next_id: AtomicU64,
@@ -124,9 +150,37 @@ impl WorkerState {
         self.faults.lock().map(|f| f.clone()).unwrap_or_default()
     }
 
+    /// Rank 0's engine (the only one without data parallelism).
+    pub(crate) fn engine(&self) -> &EngineHandle {
+        &self.engines[0]
+    }
+
+    /// Counters summed over the ranks.
+    pub(crate) fn stats(&self) -> EngineStats {
+        let mut total = self.engines[0].stats();
+        for e in &self.engines[1..] {
+            let s = e.stats();
+            total.running += s.running;
+            total.waiting += s.waiting;
+            total.kv_used_tokens += s.kv_used_tokens;
+            total.kv_evictable_tokens += s.kv_evictable_tokens;
+            total.kv_capacity_tokens += s.kv_capacity_tokens;
+            total.prompt_tokens_total += s.prompt_tokens_total;
+            total.cached_tokens_total += s.cached_tokens_total;
+            total.generation_tokens_total += s.generation_tokens_total;
+            total.requests_finished += s.requests_finished;
+            total.preemptions += s.preemptions;
+            total.steps += s.steps;
+            total.pending_prefill_tokens += s.pending_prefill_tokens;
+        }
+        total
+    }
+
     pub(crate) fn set_faults(&self, faults: Faults) -> Result<(), FaultError> {
         faults.validate()?;
-        let _ = self.engine.send(driver::Command::SetSlowdown(faults.slowdown));
+        for engine in &self.engines {
+            let _ = engine.send(driver::Command::SetSlowdown(faults.slowdown));
+        }
         self.refuse.send_replace(faults.refuse_connections);
         if let Ok(mut f) = self.faults.lock() {
             *f = faults;
@@ -154,9 +208,22 @@ impl WorkerHandle {
         self.bootstrap_port
     }
 
-    /// `http://host:port`.
+    /// `http://host:port` (`https://localhost:port` when it serves TLS: certificates name hosts).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.state.config.tls_cert_path {
+            Some(_) => format!("https://localhost:{}", self.addr.port()),
+            None => format!("http://{}", self.addr),
+        }
+    }
+
+    /// `/health` calls it answered.
+    pub fn health_probes(&self) -> u64 {
+        self.state.health_probes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Requests each data-parallel rank took.
+    pub fn rank_requests(&self) -> Vec<u64> {
+        self.state.rank_requests.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).collect()
     }
 
     /// The worker's configuration.
@@ -169,24 +236,36 @@ impl WorkerHandle {
         self.state.set_faults(faults)
     }
 
-    /// Latest engine counters.
+    /// Latest engine counters (summed over data-parallel ranks).
     pub fn stats(&self) -> EngineStats {
-        self.state.engine.stats()
+        self.state.stats()
     }
 }
 
 /// Binds and starts one simulated worker.
 pub async fn spawn_worker(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
     config.faults.validate()?;
+    if !(1..=256).contains(&config.dp_size) {
+        return Err(StartError::Config(format!("dp_size must be 1-256, got {}", config.dp_size)));
+    }
+    let tls = tls_acceptor(&config)?;
     let addr_text = format!("{}:{}", config.host, config.port);
     let listener =
         TcpListener::bind(&addr_text).await.map_err(|source| StartError::Bind { addr: addr_text.clone(), source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: addr_text, source })?;
-    let engine = Engine::new(config.profile.clone(), config.speed, config.seed);
-    let engine = EngineHandle::spawn(engine, config.time_scale);
+    let engines = (0..u64::from(config.dp_size))
+        .map(|rank| {
+            let engine = Engine::new(config.profile.clone(), config.speed, config.seed.wrapping_add(rank * 7919));
+            EngineHandle::spawn(engine, config.time_scale)
+        })
+        .collect();
+    let rank_requests = (0..config.dp_size).map(|_| AtomicU64::new(0)).collect();
     let (refuse, _) = watch::channel(false);
     let state = Arc::new(WorkerState {
-        engine,
+        engines,
+        rank_requests,
+        next_rank: std::sync::atomic::AtomicUsize::new(0),
+        health_probes: AtomicU64::new(0),
         faults: Mutex::new(Faults::default()),
         rng: Mutex::new(StdRng::seed_from_u64(config.seed ^ 0x5eed)),
         next_id: AtomicU64::new(1),
@@ -212,7 +291,7 @@ pub async fn spawn_worker(config: WorkerConfig) -> Result<WorkerHandle, StartErr
         None
     };
     let app = api::router(state.clone());
-    tokio::spawn(accept_loop(state.clone(), app, addr, listener, shutdown_rx));
+    tokio::spawn(accept_loop(state.clone(), app, addr, listener, tls, shutdown_rx));
     Ok(WorkerHandle { addr, bootstrap_port, state, _shutdown: shutdown })
 }
 
@@ -223,6 +302,7 @@ async fn accept_loop(
     app: axum::Router,
     addr: SocketAddr,
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut shutdown: watch::Receiver<()>,
 ) {
     let mut refuse = state.refuse.subscribe();
@@ -247,7 +327,7 @@ async fn accept_loop(
                 tokio::select! {
                     accepted = l.accept() => {
                         if let Ok((stream, _)) = accepted {
-                            tokio::spawn(serve_connection(stream, app.clone(), kill.subscribe()));
+                            tokio::spawn(serve_connection(stream, tls.clone(), app.clone(), kill.subscribe()));
                         }
                     }
                     _ = refuse.changed() => if *refuse.borrow_and_update() { break },
@@ -266,12 +346,67 @@ async fn accept_loop(
     }
 }
 
-async fn serve_connection(stream: TcpStream, app: axum::Router, mut kill: watch::Receiver<()>) {
+async fn serve_connection(
+    stream: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    app: axum::Router,
+    mut kill: watch::Receiver<()>,
+) {
     let _ = stream.set_nodelay(true);
     let service = TowerToHyperService::new(app);
-    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+    let http = hyper::server::conn::http1::Builder::new();
+    let served = async move {
+        match tls {
+            None => {
+                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+            }
+            Some(acceptor) => {
+                // A client without an acceptable certificate (mTLS) fails here.
+                if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                    let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                }
+            }
+        }
+    };
     tokio::select! {
-        _ = conn => {}
+        _ = served => {}
         _ = kill.changed() => {}
     }
+}
+
+/// The TLS acceptor `config` asks for, if any.
+fn tls_acceptor(config: &WorkerConfig) -> Result<Option<tokio_rustls::TlsAcceptor>, StartError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let tls = |e: &dyn std::fmt::Display| StartError::Tls(e.to_string());
+    let (cert, key) = match (&config.tls_cert_path, &config.tls_key_path) {
+        (Some(c), Some(k)) => (c, k),
+        (None, None) if config.tls_client_ca_path.is_none() => return Ok(None),
+        _ => return Err(StartError::Tls("needs both a certificate and a key".into())),
+    };
+    let certs = |path: &str| {
+        CertificateDer::pem_file_iter(path).map_err(|e| tls(&e))?.collect::<Result<Vec<_>, _>>().map_err(|e| tls(&e))
+    };
+    let chain = certs(cert)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| tls(&e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls(&e))?;
+    let builder = match &config.tls_client_ca_path {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in certs(ca)? {
+                roots.add(c).map_err(|e| tls(&e))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| tls(&e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut server = builder.with_single_cert(chain, key).map_err(|e| tls(&e))?;
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
 }

@@ -43,6 +43,8 @@ pub struct GenRequest {
     pub kv_transfer_params: Option<Value>,
     /// SGLang: return prompt logprobs (`meta_info.input_token_logprobs`).
     pub return_logprob: bool,
+    /// SGLang data parallelism: the rank to run on (`data_parallel_rank`).
+    pub data_parallel_rank: Option<u32>,
 }
 
 /// A 400 with the message the client will see.
@@ -129,6 +131,14 @@ pub fn parse(api: Api, body: &[u8]) -> Result<GenRequest, BadRequest> {
     let bootstrap_port = field("bootstrap_port").as_u64().and_then(|p| u16::try_from(p).ok());
     let kv_transfer_params = Some(field("kv_transfer_params").clone()).filter(Value::is_object);
     let return_logprob = as_bool(field("return_logprob"), "return_logprob")?;
+    let data_parallel_rank = match field("data_parallel_rank") {
+        Value::Null => None,
+        v => Some(
+            v.as_u64()
+                .and_then(|r| u32::try_from(r).ok())
+                .ok_or_else(|| bad(format!("data_parallel_rank must be a non-negative integer, got {v}")))?,
+        ),
+    };
     let prompt;
     let (max_tokens, ignore_eos, include_usage);
     match api {
@@ -195,6 +205,7 @@ pub fn parse(api: Api, body: &[u8]) -> Result<GenRequest, BadRequest> {
         bootstrap_port,
         kv_transfer_params,
         return_logprob,
+        data_parallel_rank,
     })
 }
 

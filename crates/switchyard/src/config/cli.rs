@@ -6,11 +6,12 @@ use std::time::Duration;
 use clap::Parser;
 
 use super::{
-    normalize_worker_url, AdmissionConfig, Cidr, CircuitBreakerConfig, ConfigError, HealthConfig, ListenerConfig,
-    PdConfig, PdStyle, RetryConfig, RouterConfig,
+    normalize_worker_url, AdmissionConfig, Cidr, CircuitBreakerConfig, ConfigError, DiscoveryConfig, HealthConfig,
+    ListenerConfig, PdConfig, PdStyle, RetryConfig, RouterConfig,
 };
 use crate::load::estimator::EstimatorKind;
 use crate::policies::{CacheAwareConfig, MarginalUtilityConfig, Objective, Overload, PolicyConfig, PolicyKind};
+use crate::tls::{CertKeyPaths, TlsConfig};
 
 /// LLM inference router: one routing-policy trait for every fleet.
 #[derive(Debug, Clone, Parser, serde::Serialize)]
@@ -247,6 +248,59 @@ pub struct Args {
     /// Remove workers the health checker marks unhealthy.
     #[arg(long)]
     pub remove_unhealthy_workers: bool,
+    /// Route to each data-parallel rank of an engine that reports `dp_size` (SGLang's
+    /// `/get_server_info`) as its own worker; the chosen rank travels in the request
+    /// (`data_parallel_rank`, and the `X-data-parallel-rank` header).
+    #[arg(long)]
+    pub dp_aware: bool,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key-path.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert_path: Option<String>,
+    /// The private key of --tls-cert-path (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key_path: Option<String>,
+    /// CA certificates (PEM) trusted for https:// workers, besides the system's roots.
+    #[arg(long, value_name = "FILE")]
+    pub worker_ca_cert: Option<String>,
+    /// Client certificate (PEM) for https:// workers that require mTLS; needs --worker-client-key.
+    #[arg(long, value_name = "FILE")]
+    pub worker_client_cert: Option<String>,
+    /// The private key of --worker-client-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub worker_client_key: Option<String>,
+    /// Find workers among Kubernetes pods (list + watch): Running, Ready pods matching
+    /// --selector (PD: --prefill-selector / --decode-selector).
+    #[arg(long)]
+    pub service_discovery: bool,
+    /// Labels a worker pod carries, as key=value (all must match).
+    #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
+    pub selector: Vec<String>,
+    /// Namespace to watch (default: every namespace the service account may list).
+    #[arg(long, value_name = "NAMESPACE")]
+    pub service_discovery_namespace: Option<String>,
+    /// Port the worker listens on in its pod.
+    #[arg(long, default_value_t = 80)]
+    pub service_discovery_port: u16,
+    /// Scheme of discovered workers.
+    #[arg(long, default_value = "http", value_parser = ["http", "https"])]
+    pub service_discovery_scheme: String,
+    /// PD: labels of prefill pods, as key=value.
+    #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
+    pub prefill_selector: Vec<String>,
+    /// PD: labels of decode pods, as key=value.
+    #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
+    pub decode_selector: Vec<String>,
+    /// PD: the prefill pod annotation that holds its KV bootstrap port.
+    #[arg(long, default_value = "sglang.ai/bootstrap-port")]
+    pub bootstrap_port_annotation: String,
+    /// The pod label (or annotation) that names the model a worker serves; pods without it
+    /// are asked (`/v1/models`).
+    #[arg(long, default_value = "switchyard.dev/model")]
+    pub model_id_label: String,
+    /// Reach the Kubernetes API with this kubeconfig (default: the in-cluster service account,
+    /// else $KUBECONFIG or ~/.kube/config).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<String>,
     /// Start N simulated workers in-process and route to them (no GPU needed).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub sim_workers: Option<u16>,
@@ -483,7 +537,121 @@ impl Args {
             pd: self.pd_config()?,
             prometheus_port: self.prometheus_port,
             prometheus_host: self.prometheus_host.clone(),
+            dp_aware: self.dp_aware,
+            tls: self.tls_config()?,
+            discovery: self.discovery_config()?,
         })
+    }
+
+    /// Both or neither of a certificate and its key.
+    fn cert_key(
+        &self,
+        cert: (&'static str, &Option<String>),
+        key: (&'static str, &Option<String>),
+    ) -> Result<Option<CertKeyPaths>, ConfigError> {
+        match (cert.1, key.1) {
+            (Some(c), Some(k)) => Ok(Some(CertKeyPaths { cert: c.into(), key: k.into() })),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(ConfigError::Range { flag: cert.0, reason: format!("needs --{}", key.0) }),
+            (None, Some(_)) => Err(ConfigError::Range { flag: key.0, reason: format!("needs --{}", cert.0) }),
+        }
+    }
+
+    /// The TLS settings, their files read and checked now (a bad one fails start-up in one line).
+    fn tls_config(&self) -> Result<TlsConfig, ConfigError> {
+        let config = TlsConfig {
+            listener: self.cert_key(("tls-cert-path", &self.tls_cert_path), ("tls-key-path", &self.tls_key_path))?,
+            worker_ca: self.worker_ca_cert.as_ref().map(Into::into),
+            worker_identity: self.cert_key(
+                ("worker-client-cert", &self.worker_client_cert),
+                ("worker-client-key", &self.worker_client_key),
+            )?,
+        };
+        if let Some(paths) = &config.listener {
+            crate::tls::server_config(paths)
+                .map_err(|e| ConfigError::Range { flag: "tls-cert-path", reason: e.to_string() })?;
+        }
+        if config.worker_ca.is_some() || config.worker_identity.is_some() {
+            let flag = if config.worker_identity.is_some() { "worker-client-cert" } else { "worker-ca-cert" };
+            crate::tls::client_config(&config).map_err(|e| ConfigError::Range { flag, reason: e.to_string() })?;
+        }
+        Ok(config)
+    }
+
+    fn discovery_config(&self) -> Result<Option<DiscoveryConfig>, ConfigError> {
+        let selectors = [
+            ("selector", &self.selector),
+            ("prefill-selector", &self.prefill_selector),
+            ("decode-selector", &self.decode_selector),
+        ];
+        let mut parsed = Vec::new();
+        for (flag, values) in selectors {
+            parsed.push(values.iter().map(|v| parse_label(flag, v)).collect::<Result<Vec<_>, _>>()?);
+        }
+        let [selector, prefill_selector, decode_selector] = <[_; 3]>::try_from(parsed).unwrap_or_default();
+        if !self.service_discovery {
+            if let Some((flag, _)) = selectors.iter().find(|(_, v)| !v.is_empty()) {
+                return Err(ConfigError::Range { flag, reason: "needs --service-discovery".into() });
+            }
+            return Ok(None);
+        }
+        if !cfg!(feature = "kubernetes") {
+            return Err(ConfigError::Range {
+                flag: "service-discovery",
+                reason: "needs Kubernetes support, which this build leaves out (build with the `kubernetes` feature)"
+                    .into(),
+            });
+        }
+        let pd = self.pd_disaggregation || self.vllm_pd_disaggregation;
+        if pd && (prefill_selector.is_empty() || decode_selector.is_empty()) {
+            return Err(ConfigError::Range {
+                flag: "service-discovery",
+                reason: "in PD mode needs --prefill-selector and --decode-selector".into(),
+            });
+        }
+        if !pd && selector.is_empty() {
+            return Err(ConfigError::Range { flag: "service-discovery", reason: "needs --selector key=value".into() });
+        }
+        if !pd && (!prefill_selector.is_empty() || !decode_selector.is_empty()) {
+            return Err(ConfigError::Range {
+                flag: "prefill-selector",
+                reason: "and --decode-selector need --pd-disaggregation or --vllm-pd-disaggregation".into(),
+            });
+        }
+        if self.service_discovery_port == 0 {
+            return Err(ConfigError::Range {
+                flag: "service-discovery-port",
+                reason: "must be a port number (1-65535)".into(),
+            });
+        }
+        for (flag, key) in
+            [("bootstrap-port-annotation", &self.bootstrap_port_annotation), ("model-id-label", &self.model_id_label)]
+        {
+            if key.is_empty() || key.contains(char::is_whitespace) {
+                return Err(ConfigError::Range { flag, reason: format!("'{key}' is not a label key") });
+            }
+        }
+        Ok(Some(DiscoveryConfig {
+            namespace: self.service_discovery_namespace.clone().filter(|n| !n.is_empty()),
+            selector,
+            prefill_selector,
+            decode_selector,
+            port: self.service_discovery_port,
+            scheme: self.service_discovery_scheme.clone(),
+            bootstrap_port_annotation: self.bootstrap_port_annotation.clone(),
+            model_label: self.model_id_label.clone(),
+            kubeconfig: self.kubeconfig.as_ref().map(Into::into),
+        }))
+    }
+}
+
+/// A `key=value` label requirement.
+fn parse_label(flag: &'static str, v: &str) -> Result<(String, String), ConfigError> {
+    match v.split_once('=') {
+        Some((k, val)) if !k.trim().is_empty() && !val.contains('=') => {
+            Ok((k.trim().to_owned(), val.trim().to_owned()))
+        }
+        _ => Err(ConfigError::Range { flag, reason: format!("expected key=value, got '{v}'") }),
     }
 }
 

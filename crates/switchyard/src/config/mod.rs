@@ -94,6 +94,36 @@ pub struct RouterConfig {
     pub prometheus_port: Option<u16>,
     /// Address of the metrics listener.
     pub prometheus_host: String,
+    /// `--dp-aware`: a data-parallel engine is one routing target per rank.
+    pub dp_aware: bool,
+    /// TLS to workers and clients.
+    pub tls: crate::tls::TlsConfig,
+    /// Kubernetes service discovery, when enabled.
+    pub discovery: Option<DiscoveryConfig>,
+}
+
+/// Kubernetes service discovery (sglang-router's flags): pods matching a selector are workers.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DiscoveryConfig {
+    /// Namespace watched (`None`: every namespace the service account may list).
+    pub namespace: Option<String>,
+    /// Labels a regular worker's pod carries (all of them).
+    pub selector: Vec<(String, String)>,
+    /// PD: labels of prefill pods.
+    pub prefill_selector: Vec<(String, String)>,
+    /// PD: labels of decode pods.
+    pub decode_selector: Vec<(String, String)>,
+    /// The port workers listen on in their pods.
+    pub port: u16,
+    /// `http` or `https`.
+    pub scheme: String,
+    /// Annotation holding a prefill pod's KV bootstrap port.
+    pub bootstrap_port_annotation: String,
+    /// Label (or annotation) holding the model a pod serves; absent, the worker is asked.
+    pub model_label: String,
+    /// A kubeconfig file to reach the API server with (`None`: in-cluster service account,
+    /// else `$KUBECONFIG` / `~/.kube/config`).
+    pub kubeconfig: Option<std::path::PathBuf>,
 }
 
 /// Limits on client connections.
@@ -242,6 +272,9 @@ impl Default for RouterConfig {
             pd: None,
             prometheus_port: None,
             prometheus_host: "127.0.0.1".into(),
+            dp_aware: false,
+            tls: crate::tls::TlsConfig::default(),
+            discovery: None,
         }
     }
 }

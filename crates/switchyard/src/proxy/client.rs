@@ -1,5 +1,5 @@
-//! The pooled HTTP/1.1 client (hyper-util, keep-alive) and one function that sends a
-//! buffered request to a worker.
+//! The pooled HTTP/1.1 client (hyper-util, keep-alive; rustls for `https://` workers) and one
+//! function that sends a buffered request to a worker.
 
 use std::time::Duration;
 
@@ -7,6 +7,7 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Re
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -18,19 +19,58 @@ pub const MAX_BUFFERED: usize = 64 << 20;
 /// The header that marks the routers a request went through (loop detection).
 pub const HOP_HEADER: &str = "x-switchyard-hop";
 
-/// The client type used for every upstream call.
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+/// The header a data-parallel engine reads the chosen rank from (vLLM's; SGLang reads the
+/// `data_parallel_rank` body field, which such workers get too).
+pub const DP_RANK_HEADER: &str = "x-data-parallel-rank";
 
-/// Builds a keep-alive pooled client. Health probes get their own so they never queue
-/// behind inference traffic.
+/// The client type used for every upstream call.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Builds a keep-alive pooled client that trusts the system's roots. Health probes get their
+/// own so they never queue behind inference traffic.
 pub fn new_client(connect_timeout: Duration, pool_max_idle_per_host: usize) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
+    new_client_with_tls(connect_timeout, pool_max_idle_per_host, crate::tls::default_client_config())
+}
+
+/// [`new_client`] with its own TLS configuration (extra roots, a client certificate).
+pub fn new_client_with_tls(
+    connect_timeout: Duration,
+    pool_max_idle_per_host: usize,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    // The TLS connector needs the inner one to pass https URLs on.
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*tls).clone())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(pool_max_idle_per_host)
         .build(connector)
+}
+
+/// `body` (a JSON object) with `"key": raw` appended as its last member, so it wins over a
+/// member of the same name the client sent (JSON parsers keep the last). One copy, no parse;
+/// `None` when `body` does not end like an object.
+fn with_member(body: &[u8], key: &str, raw: &str) -> Option<Bytes> {
+    let end = body.iter().rposition(|b| !b.is_ascii_whitespace()).filter(|&i| body[i] == b'}')?;
+    let start = body.iter().position(|b| !b.is_ascii_whitespace()).filter(|&i| body[i] == b'{')?;
+    let empty = body[start + 1..end].iter().all(u8::is_ascii_whitespace);
+    let mut out = Vec::with_capacity(body.len() + key.len() + raw.len() + 4);
+    out.extend_from_slice(&body[..end]);
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(serde_json::Value::from(key).to_string().as_bytes());
+    out.push(b':');
+    out.extend_from_slice(raw.as_bytes());
+    out.push(b'}');
+    Some(Bytes::from(out))
 }
 
 /// Why a request to a worker failed before a response arrived.
@@ -171,16 +211,51 @@ impl Upstream {
         }
     }
 
+    /// POSTs `body` to `worker`, telling a data-parallel rank which one it is.
+    pub async fn send_to(
+        &self,
+        worker: &crate::workers::Worker,
+        path: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, SendError> {
+        let Some(dp) = worker.dp_rank() else {
+            return self.send(Method::POST, worker.url(), path, headers, body).await;
+        };
+        let body = match dp.in_body {
+            true => with_member(&body, "data_parallel_rank", &dp.rank.to_string()).unwrap_or(body),
+            false => body,
+        };
+        let mut headers = headers.clone();
+        headers.insert(HeaderName::from_static(DP_RANK_HEADER), HeaderValue::from(dp.rank));
+        self.send(Method::POST, worker.url(), path, &headers, body).await
+    }
+
     /// GETs (or POSTs an empty body to) a worker endpoint and buffers the answer.
     pub async fn fetch(&self, method: Method, base_url: &str, path: &str) -> Result<(u16, Bytes), SendError> {
+        self.fetch_bounded(method, base_url, path, MAX_BUFFERED).await
+    }
+
+    /// [`Upstream::fetch`], the answer's body limited to `limit` bytes (an error beyond).
+    pub async fn fetch_bounded(
+        &self,
+        method: Method,
+        base_url: &str,
+        path: &str,
+        limit: usize,
+    ) -> Result<(u16, Bytes), SendError> {
         let resp = self.send(method, base_url, path, &HeaderMap::new(), Bytes::new()).await?;
         let status = resp.status().as_u16();
-        Ok((status, self.read_whole(resp.into_body()).await?))
+        Ok((status, self.read_bounded(resp.into_body(), limit).await?))
     }
 
     /// Reads a whole (non-streamed) answer body, bounded in size and by the timeout.
     pub async fn read_whole(&self, body: Incoming) -> Result<Bytes, SendError> {
-        match tokio::time::timeout(self.timeout, Limited::new(body, MAX_BUFFERED).collect()).await {
+        self.read_bounded(body, MAX_BUFFERED).await
+    }
+
+    async fn read_bounded(&self, body: Incoming, limit: usize) -> Result<Bytes, SendError> {
+        match tokio::time::timeout(self.timeout, Limited::new(body, limit).collect()).await {
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
             Ok(Err(e)) => Err(SendError::Transport(e.to_string())),
             Err(_) => Err(SendError::Timeout),
@@ -198,4 +273,22 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_appended_member_wins_and_the_rest_is_kept() {
+        let out = with_member(br#" {"a": 1, "data_parallel_rank": 7} "#, "data_parallel_rank", "2").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!((v["a"].as_u64(), v["data_parallel_rank"].as_u64()), (Some(1), Some(2)));
+        assert_eq!(&with_member(b"{}", "k", "3").unwrap()[..], br#"{"k":3}"#);
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&with_member(b"{ }", "k", "3").unwrap()).unwrap()["k"],
+            3
+        );
+        assert!(with_member(b"[1]", "k", "3").is_none() && with_member(b"{\"a\":1", "k", "3").is_none());
+    }
 }

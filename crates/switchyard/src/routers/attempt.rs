@@ -60,7 +60,7 @@ impl PolicySet {
     }
 
     /// The policy that hears leg `leg`'s outcomes (0: the worker, or the prefill leg; 1: decode).
-    fn for_leg(&self, leg: usize) -> &Arc<dyn RoutingPolicy> {
+    pub(super) fn for_leg(&self, leg: usize) -> &Arc<dyn RoutingPolicy> {
         match self {
             PolicySet::PerPool { decode, .. } if leg == 1 => decode,
             _ => self.primary(),
@@ -70,7 +70,7 @@ impl PolicySet {
 
 /// How one attempt runs.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum Mode {
+pub enum Mode {
     /// Whole requests to one worker.
     Regular,
     /// A prefill leg and a decode leg.
@@ -82,9 +82,9 @@ pub(super) enum Mode {
     },
 }
 
-/// Which workers a selection looks at.
+/// Which role's workers a selection looks at.
 #[derive(Debug, Clone, Copy)]
-enum Pool {
+enum Role {
     /// Every worker (regular mode: all are regular).
     All,
     /// Prefill workers.
@@ -97,18 +97,41 @@ enum Pool {
 #[derive(Debug, Clone)]
 pub struct Dispatcher(pub(super) Arc<Inner>);
 
+/// Builds a pool's policies: fresh ones for each model (so trees and learnt models never mix
+/// models), or the same objects for every model (tests, tools).
+pub type PolicyFactory = Arc<dyn Fn() -> PolicySet + Send + Sync>;
+
+/// The workers serving one model, as policies see them: its policies, the observers its
+/// guards report to, and its held requests.
 #[derive(Debug)]
-pub(super) struct Inner {
-    pub(super) registry: Arc<WorkerRegistry>,
-    pub(super) policies: PolicySet,
+struct Pool {
+    policies: PolicySet,
     /// One per leg (regular mode uses the first).
     observers: [Arc<PoolObserver>; 2],
+    hold: Arc<HoldQueue>,
+}
+
+/// The pool of a fleet that serves one model (or whose models are unknown): any `model` a
+/// request names goes to it, as with a single engine.
+const SINGLE: &str = "";
+
+pub(super) struct Inner {
+    pub(super) registry: Arc<WorkerRegistry>,
+    factory: PolicyFactory,
+    /// By model; [`SINGLE`] always present.
+    pools: std::sync::RwLock<std::collections::HashMap<String, Arc<Pool>>>,
     pub(super) upstream: Upstream,
     retry: RetryConfig,
     pub(super) metrics: Arc<Metrics>,
-    hold: Arc<HoldQueue>,
     pub(super) mode: Mode,
-    limits: Limits,
+    /// Set once, before the first request ([`Dispatcher::with_limits`]); defaults until then.
+    limits: std::sync::OnceLock<Limits>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher").field("mode", &self.mode).finish_non_exhaustive()
+    }
 }
 
 /// Time limits of a dispatcher's requests.
@@ -162,40 +185,46 @@ impl Failure {
 }
 
 impl Dispatcher {
-    /// A router over `registry` in `mode`, subscribing its policies to membership changes.
-    fn new(
+    /// A router over `registry` in `mode`, its policies (per model) told of membership changes.
+    pub fn new(
         registry: Arc<WorkerRegistry>,
-        policies: PolicySet,
+        factory: PolicyFactory,
         mode: Mode,
         upstream: Upstream,
         retry: RetryConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
-        for policy in policies.distinct() {
-            registry.subscribe(Arc::new(move |change| policy.on_membership(change)));
-        }
-        let hold = Arc::new(HoldQueue::default());
-        let observer = |leg: usize| {
-            Arc::new(PoolObserver {
-                policy: policies.for_leg(leg).clone(),
-                metrics: metrics.clone(),
-                hold: hold.clone(),
-            })
-        };
-        let observers = [observer(0), observer(1)];
-        let limits = Limits::default();
-        Self(Arc::new(Inner { registry, policies, observers, upstream, retry, metrics, hold, mode, limits }))
+        let inner = Arc::new(Inner {
+            registry: registry.clone(),
+            factory,
+            pools: Default::default(),
+            upstream,
+            retry,
+            metrics,
+            mode,
+            limits: std::sync::OnceLock::new(),
+        });
+        inner.pool(SINGLE);
+        let weak = Arc::downgrade(&inner);
+        registry.subscribe(Arc::new(move |change| {
+            if let Some(inner) = weak.upgrade() {
+                for policy in inner.policies() {
+                    policy.on_membership(change);
+                }
+            }
+        }));
+        Self(inner)
     }
 
-    /// The same dispatcher with `limits` (only while it is not yet shared).
-    pub fn with_limits(mut self, limits: Limits) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.0) {
-            inner.limits = limits;
+    /// The same dispatcher with `limits` (the first limits given stay).
+    pub fn with_limits(self, limits: Limits) -> Self {
+        if self.0.limits.set(limits).is_err() {
+            tracing::warn!("dispatcher limits were already set; keeping the first");
         }
         self
     }
 
-    /// A regular-mode router.
+    /// A regular-mode router with one policy object for every model.
     pub fn regular(
         registry: Arc<WorkerRegistry>,
         policy: Arc<dyn RoutingPolicy>,
@@ -203,10 +232,11 @@ impl Dispatcher {
         retry: RetryConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self::new(registry, PolicySet::Single(policy), Mode::Regular, upstream, retry, metrics)
+        let factory: PolicyFactory = Arc::new(move || PolicySet::Single(policy.clone()));
+        Self::new(registry, factory, Mode::Regular, upstream, retry, metrics)
     }
 
-    /// A PD-mode router.
+    /// A PD-mode router with the same policies for every model.
     pub fn pd(
         registry: Arc<WorkerRegistry>,
         policies: PolicySet,
@@ -216,22 +246,32 @@ impl Dispatcher {
         retry: RetryConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self::new(registry, policies, Mode::Pd { style, prefill_timeout }, upstream, retry, metrics)
+        let factory: PolicyFactory = Arc::new(move || policies.clone());
+        Self::new(registry, factory, Mode::Pd { style, prefill_timeout }, upstream, retry, metrics)
     }
 
-    /// The policies.
-    pub fn policies(&self) -> &PolicySet {
-        &self.0.policies
+    /// Every distinct policy object, over every model's pool.
+    pub fn policies(&self) -> Vec<Arc<dyn RoutingPolicy>> {
+        self.0.policies()
     }
 
-    /// The policy reported as the router's.
-    pub fn policy(&self) -> &Arc<dyn RoutingPolicy> {
-        self.0.policies.primary()
+    /// Each model's distinct policies (the single-model pool under `""`), by model.
+    pub fn policies_by_model(&self) -> Vec<(String, Vec<Arc<dyn RoutingPolicy>>)> {
+        let pools = self.0.pools.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(String, Vec<Arc<dyn RoutingPolicy>>)> =
+            pools.iter().map(|(m, p)| (m.clone(), p.policies.distinct())).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
-    /// Requests held for capacity now.
+    /// The policy reported as the router's (the single-model pool's).
+    pub fn policy(&self) -> Arc<dyn RoutingPolicy> {
+        self.0.pool(SINGLE).policies.primary().clone()
+    }
+
+    /// Requests held for capacity now, over every pool.
     pub fn held(&self) -> usize {
-        self.0.hold.held()
+        self.0.pools.read().unwrap_or_else(|p| p.into_inner()).values().map(|p| p.hold.held()).sum()
     }
 
     /// Routes one inference request (`route` like `/v1/chat/completions`).
@@ -242,10 +282,13 @@ impl Dispatcher {
         body: Bytes,
     ) -> Result<Response<Body>, ApiError> {
         let inner = &self.0;
-        let stream =
-            StreamLimits { idle: inner.limits.stream_idle, deadline: inner.limits.total.map(|t| Instant::now() + t) };
+        let stream = {
+            let limits = inner.limits.get().copied().unwrap_or_default();
+            StreamLimits { idle: limits.stream_idle, deadline: limits.total.map(|t| Instant::now() + t) }
+        };
         let key = ROUTING_KEY_HEADERS.iter().find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()));
         let mut view = RequestView::parse(&body, key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let (pool, model) = inner.pool_for(&view)?;
         let mut excluded: Vec<Arc<Worker>> = Vec::new();
         let mut last_error = ApiError::NoHealthyWorkers;
         let attempts = inner.retry.max_attempts.max(1);
@@ -255,19 +298,19 @@ impl Dispatcher {
                 inner.metrics.retry();
                 tokio::time::sleep(inner.retry.backoff(attempt as u32, rand::random())).await;
             }
-            let legs = match inner.hold.select(&mut view, |v| inner.pick(v, &excluded)).await {
+            let legs = match pool.hold.select(&mut view, |v| inner.pick(&pool, model.as_deref(), v, &excluded)).await {
                 Ok(legs) => legs,
                 Err(RoutingError::Shed { retry_after }) => {
                     return Err(ApiError::Shed { retry_after_secs: retry_after.as_secs().max(1) })
                 }
                 Err(_) => break,
             };
-            let Some(guards) = inner.claim(&legs, &view, route, &mut excluded) else {
+            let Some(guards) = inner.claim(&pool, &legs, &view, route, &mut excluded) else {
                 continue; // a breaker refused (another probe got there first): choose again
             };
             tracing::debug!(
                 workers = ?legs.iter().map(|(w, _)| w.url()).collect::<Vec<_>>(),
-                policy = inner.policies.primary().name(),
+                policy = pool.policies.primary().name(),
                 route,
                 attempt,
                 "routing decision"
@@ -299,16 +342,71 @@ impl Dispatcher {
 }
 
 impl Inner {
-    /// The workers of a pool that may take a request now: healthy, breaker letting one
-    /// through, not excluded. Shares the registry's snapshot when nothing is filtered out.
-    fn pool(&self, pool: Pool, excluded: &[Arc<Worker>]) -> Arc<Vec<Arc<Worker>>> {
+    /// The pool for `model`, created (with fresh policies) on first use.
+    fn pool(&self, model: &str) -> Arc<Pool> {
+        if let Some(p) = self.pools.read().unwrap_or_else(|p| p.into_inner()).get(model) {
+            return p.clone();
+        }
+        let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
+        pools
+            .entry(model.to_owned())
+            .or_insert_with(|| {
+                let policies = (self.factory)();
+                let hold = Arc::new(HoldQueue::default());
+                let observer = |leg: usize| {
+                    Arc::new(PoolObserver {
+                        policy: policies.for_leg(leg).clone(),
+                        metrics: self.metrics.clone(),
+                        hold: hold.clone(),
+                    })
+                };
+                let observers = [observer(0), observer(1)];
+                Arc::new(Pool { policies, observers, hold })
+            })
+            .clone()
+    }
+
+    fn policies(&self) -> Vec<Arc<dyn RoutingPolicy>> {
+        let pools = self.pools.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<Arc<dyn RoutingPolicy>> = Vec::new();
+        for p in pools.values().flat_map(|p| p.policies.distinct()) {
+            if !out.iter().any(|q| Arc::ptr_eq(q, &p)) {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    /// The request's pool, and the model its workers must serve. A fleet of one model (or of
+    /// workers whose models are unknown) takes any `model`, as a single engine does; a fleet
+    /// of several needs the request to name one of them.
+    fn pool_for(&self, view: &RequestView) -> Result<(Arc<Pool>, Option<String>), ApiError> {
+        let models = self.registry.models();
+        if models.len() <= 1 {
+            return Ok((self.pool(SINGLE), None));
+        }
+        match &view.model {
+            Some(m) if models.iter().any(|x| x == m) => Ok((self.pool(m), Some(m.clone()))),
+            Some(m) => Err(ApiError::ModelNotFound { model: m.clone(), available: models.to_vec() }),
+            None => Err(ApiError::BadRequest(format!(
+                "the request names no model, and this router serves several: {}",
+                models.join(", ")
+            ))),
+        }
+    }
+
+    /// The workers of a pool that may take a request now: healthy, serving `model`, breaker
+    /// letting one through, not excluded. Shares the registry's snapshot when nothing is
+    /// filtered out.
+    fn candidates(&self, pool: Role, model: Option<&str>, excluded: &[Arc<Worker>]) -> Arc<Vec<Arc<Worker>>> {
         let healthy = self.registry.healthy();
         let keep = |w: &Arc<Worker>| {
             w.breaker().allows()
                 && !excluded.iter().any(|x| Arc::ptr_eq(x, w))
+                && model.is_none_or(|m| w.serves(m))
                 && matches!(
                     (pool, w.role()),
-                    (Pool::All, _) | (Pool::Prefill, WorkerRole::Prefill { .. }) | (Pool::Decode, WorkerRole::Decode)
+                    (Role::All, _) | (Role::Prefill, WorkerRole::Prefill { .. }) | (Role::Decode, WorkerRole::Decode)
                 )
         };
         if healthy.iter().all(keep) {
@@ -317,27 +415,30 @@ impl Inner {
         Arc::new(healthy.iter().filter(|w| keep(w)).cloned().collect())
     }
 
-    /// Asks the policies for this attempt's worker(s): `[worker]` or `[prefill, decode]`.
+    /// Asks the pool's policies for this attempt's worker(s): `[worker]` or `[prefill, decode]`.
     fn pick(
         &self,
+        pool: &Pool,
+        model: Option<&str>,
         view: &RequestView,
         excluded: &[Arc<Worker>],
     ) -> Result<Vec<(Arc<Worker>, Selection)>, RoutingError> {
         let chosen = |pool: &[Arc<Worker>], s: Selection| {
             pool.get(s.index).map(|w| (w.clone(), s)).ok_or(RoutingError::NoHealthyWorkers)
         };
-        match &self.policies {
+        let both = || (self.candidates(Role::Prefill, model, excluded), self.candidates(Role::Decode, model, excluded));
+        match &pool.policies {
             PolicySet::Single(p) => {
-                let pool = self.pool(Pool::All, excluded);
-                Ok(vec![chosen(&pool, p.select_single(&pool, view)?)?])
+                let all = self.candidates(Role::All, model, excluded);
+                Ok(vec![chosen(&all, p.select_single(&all, view)?)?])
             }
             PolicySet::Joint(p) => {
-                let (pp, dp) = (self.pool(Pool::Prefill, excluded), self.pool(Pool::Decode, excluded));
+                let (pp, dp) = both();
                 let (a, b) = p.select_pair(&pp, &dp, view)?;
                 Ok(vec![chosen(&pp, a)?, chosen(&dp, b)?])
             }
             PolicySet::PerPool { prefill, decode } => {
-                let (pp, dp) = (self.pool(Pool::Prefill, excluded), self.pool(Pool::Decode, excluded));
+                let (pp, dp) = both();
                 let a = prefill.select_single(&pp, view)?;
                 let b = decode.select_single(&dp, view)?;
                 Ok(vec![chosen(&pp, a)?, chosen(&dp, b)?])
@@ -349,6 +450,7 @@ impl Inner {
     /// the guards taken so far — abandoned, so their claims return — and excludes the worker.
     fn claim(
         &self,
+        pool: &Pool,
         legs: &[(Arc<Worker>, Selection)],
         view: &RequestView,
         route: &'static str,
@@ -357,7 +459,7 @@ impl Inner {
         let mut guards = Vec::with_capacity(legs.len());
         for (leg, (worker, selection)) in legs.iter().enumerate() {
             let info = view.dispatch_info(selection, route);
-            let observer = self.observers[leg.min(1)].clone();
+            let observer = pool.observers[leg.min(1)].clone();
             match InFlightGuard::claim(worker.clone(), info, Instant::now(), observer) {
                 Some(g) => guards.push(g),
                 None => {

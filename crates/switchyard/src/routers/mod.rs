@@ -19,7 +19,7 @@ pub mod hold;
 mod pd;
 mod regular;
 
-pub use attempt::{Dispatcher, Limits, PolicySet};
+pub use attempt::{Dispatcher, Limits, Mode, PolicyFactory, PolicySet};
 pub use body_edit::Members;
 
 pub use crate::proxy::is_worker_failure;

@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, Method, Response};
+use axum::http::{HeaderMap, Response};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
@@ -124,7 +124,7 @@ impl Legs<'_> {
             })
         };
         let mut prefill_task = AbortOnDrop { handle: prefill_task, detached: false };
-        let sent = self.upstream().send(Method::POST, d.url(), self.a.route, self.a.headers, bytes);
+        let sent = self.upstream().send_to(&d, self.a.route, self.a.headers, bytes);
         tokio::pin!(sent);
         let mut prefill_answer: Option<Bytes> = None;
         let mut decode = Some(decode);
@@ -251,7 +251,7 @@ impl Legs<'_> {
         };
         let decode_body = self.members.rewrite(&[("kv_transfer_params", params.to_string())], &[]);
         let mut decode = decode;
-        match self.upstream().send(Method::POST, d.url(), self.a.route, self.a.headers, decode_body).await {
+        match self.upstream().send_to(&d, self.a.route, self.a.headers, decode_body).await {
             Ok(resp) if is_worker_failure(resp.status()) => {
                 let status = resp.status().as_u16();
                 decode.finish(Ending::Failed, Usage::default());
@@ -303,7 +303,7 @@ async fn whole(
     limit: Duration,
 ) -> Result<(u16, Bytes), ApiError> {
     let call = async {
-        let resp = upstream.send(Method::POST, worker.url(), route, headers, body).await.map_err(|e| match e {
+        let resp = upstream.send_to(worker, route, headers, body).await.map_err(|e| match e {
             SendError::Timeout => timed_out(worker, upstream.timeout),
             e => unreachable(worker, e),
         })?;

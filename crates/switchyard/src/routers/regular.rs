@@ -1,7 +1,7 @@
 //! Regular mode's attempt: the whole request to one worker.
 
 use axum::body::Body;
-use axum::http::{Method, Response};
+use axum::http::Response;
 
 use super::attempt::{Attempt, Failure, Inner};
 use crate::error::ApiError;
@@ -25,7 +25,7 @@ pub(super) async fn run(
     let worker = guard.worker().clone();
     let upstream = &inner.upstream;
     let timeout = || ApiError::Timeout { worker: worker.url().to_owned(), secs: upstream.timeout.as_secs_f64() };
-    let resp = match upstream.send(Method::POST, worker.url(), a.route, a.headers, a.body.clone()).await {
+    let resp = match upstream.send_to(&worker, a.route, a.headers, a.body.clone()).await {
         Ok(resp) => resp,
         Err(SendError::Timeout) => {
             guard.finish(Ending::Failed, Usage::default());

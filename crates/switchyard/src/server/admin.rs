@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use super::inference::read_body;
 use super::AppState;
 use crate::config::normalize_worker_url;
+use crate::discovery::Candidate;
 use crate::error::ApiError;
 use crate::workers::{Worker, WorkerRole};
 
@@ -32,11 +33,19 @@ struct AddWorkerBody {
     /// Prefill workers: the KV bootstrap port.
     #[serde(default)]
     bootstrap_port: Option<u16>,
+    /// The model it serves, when it should not be asked (sglang-router's field).
+    #[serde(default)]
+    model_id: Option<String>,
 }
 
 fn describe(w: &Worker) -> Value {
     json!({
         "url": w.url(),
+        "key": w.key(),
+        "dp_rank": w.dp_rank().map(|d| d.rank),
+        "dp_size": w.dp_rank().map(|d| d.size),
+        "source": w.source().unwrap_or("manual"),
+        "models": w.models(),
         "role": w.role(),
         "healthy": w.is_healthy(),
         "circuit_breaker": w.breaker().state().name(),
@@ -52,7 +61,7 @@ fn required_url(q: Result<Query<UrlQuery>, QueryRejection>) -> Result<String, Ap
     normalize_worker_url(&url).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
-async fn add(state: &AppState, url: &str, role: WorkerRole) -> Result<Response, ApiError> {
+async fn add(state: &AppState, url: &str, role: WorkerRole, models: Vec<String>) -> Result<Response, ApiError> {
     let url = normalize_worker_url(url).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let pd = state.config.pd.is_some();
     if pd == matches!(role, WorkerRole::Regular) {
@@ -63,16 +72,20 @@ async fn add(state: &AppState, url: &str, role: WorkerRole) -> Result<Response, 
         };
         return Err(ApiError::BadRequest(msg.into()));
     }
-    let worker = state.register_worker(url, role).await?;
-    tracing::info!(worker = worker.url(), healthy = worker.is_healthy(), "worker added");
-    Ok((StatusCode::OK, Json(json!({"status": "added", "worker": describe(&worker)}))).into_response())
+    let mut candidate = Candidate::manual(url, role);
+    candidate.models = models;
+    let workers = state.onboarding.admit(candidate).await?;
+    let first = workers.first().ok_or(ApiError::NoHealthyWorkers)?;
+    tracing::info!(worker = first.url(), healthy = first.is_healthy(), ranks = workers.len(), "worker added");
+    let all: Vec<Value> = workers.iter().map(|w| describe(w)).collect();
+    Ok((StatusCode::OK, Json(json!({"status": "added", "worker": describe(first), "workers": all}))).into_response())
 }
 
 fn remove(state: &AppState, url: &str) -> Result<Response, ApiError> {
     let url = normalize_worker_url(url).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let worker = state.registry.remove(&url).map_err(|e| ApiError::NotFound(e.to_string()))?;
-    tracing::info!(worker = worker.url(), "worker removed");
-    Ok(Json(json!({"status": "removed", "url": worker.url()})).into_response())
+    let removed = state.registry.remove_url(&url).map_err(|e| ApiError::NotFound(e.to_string()))?;
+    tracing::info!(worker = %url, ranks = removed.len(), "worker removed");
+    Ok(Json(json!({"status": "removed", "url": url})).into_response())
 }
 
 /// `GET /workers`.
@@ -96,7 +109,7 @@ pub(super) async fn add_worker(
         Some("decode") => WorkerRole::Decode,
         Some(other) => return Err(ApiError::BadRequest(format!("unknown role '{other}' (regular, prefill, decode)"))),
     };
-    add(&state, &req.url, role).await
+    add(&state, &req.url, role, req.model_id.into_iter().collect()).await
 }
 
 /// `DELETE /workers?url=...`.
@@ -126,7 +139,7 @@ pub(super) async fn legacy_add_worker(
     q: Result<Query<UrlQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let url = required_url(q)?;
-    add(&state, &url, WorkerRole::Regular).await
+    add(&state, &url, WorkerRole::Regular, Vec::new()).await
 }
 
 /// `POST /remove_worker?url=...` (legacy).
@@ -174,19 +187,32 @@ pub(super) async fn flush_cache(State(state): State<AppState>) -> Response {
 /// worker's fitted coefficients, sample counts, residual σ and recent predictions against
 /// observations — with worker ids resolved to URLs.
 pub(super) async fn debug_policy(State(state): State<AppState>) -> Response {
-    let mut state_json = None;
-    state.router.policy().report(crate::policies::Report::Debug(&mut state_json));
-    let Some(mut v) = state_json else {
-        return Json(json!({"policy": state.router.policy().name(), "state": null})).into_response();
-    };
     let workers = state.registry.all();
-    if let Some(list) = v.get_mut("workers").and_then(Value::as_array_mut) {
-        for entry in list {
-            let id = entry.get("worker").and_then(Value::as_u64);
-            if let Some(w) = workers.iter().find(|w| Some(u64::from(w.id())) == id) {
-                entry["url"] = json!(w.url());
+    let describe = |policy: &std::sync::Arc<dyn crate::policies::RoutingPolicy>| {
+        let mut state_json = None;
+        policy.report(crate::policies::Report::Debug(&mut state_json));
+        let Some(mut v) = state_json else {
+            return json!({"policy": policy.name(), "state": null});
+        };
+        if let Some(list) = v.get_mut("workers").and_then(Value::as_array_mut) {
+            for entry in list {
+                let id = entry.get("worker").and_then(Value::as_u64);
+                if let Some(w) = workers.iter().find(|w| Some(u64::from(w.id())) == id) {
+                    entry["url"] = json!(w.key());
+                }
             }
         }
+        v
+    };
+    let pools = state.router.policies_by_model();
+    if pools.len() <= 1 {
+        return Json(describe(&state.router.policy())).into_response();
     }
-    Json(v).into_response()
+    // Several models: each pool's policy state under its model.
+    let by_model: serde_json::Map<String, Value> = pools
+        .iter()
+        .filter(|(m, _)| !m.is_empty())
+        .filter_map(|(m, ps)| ps.first().map(|p| (m.clone(), describe(p))))
+        .collect();
+    Json(json!({"models": by_model})).into_response()
 }

@@ -11,22 +11,6 @@ use serde_json::{json, Value};
 
 use super::AppState;
 use crate::error::ApiError;
-use crate::proxy::Upstream;
-
-/// Asks a worker which model it serves: `/v1/models`, else `/get_model_info`.
-pub(super) async fn discover_model(upstream: &Upstream, url: &str) -> Option<String> {
-    if let Ok((200, body)) = upstream.fetch(Method::GET, url, "/v1/models").await {
-        let v: Value = serde_json::from_slice(&body).ok()?;
-        if let Some(id) = v.pointer("/data/0/id").and_then(Value::as_str) {
-            return Some(id.to_owned());
-        }
-    }
-    if let Ok((200, body)) = upstream.fetch(Method::GET, url, "/get_model_info").await {
-        let v: Value = serde_json::from_slice(&body).ok()?;
-        return v.get("model_path").and_then(Value::as_str).map(str::to_owned);
-    }
-    None
-}
 
 fn json_bytes(status: u16, body: Bytes) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -92,14 +76,15 @@ pub(super) async fn health_generate(State(state): State<AppState>) -> Result<Res
     }
 }
 
-/// `GET /v1/models`: a worker's list, or one built from the models workers reported.
+/// `GET /v1/models`: every model the fleet serves (the union of what workers reported), or
+/// a worker's own list when none reported any.
 pub(super) async fn models(State(state): State<AppState>) -> Result<Response, ApiError> {
-    if let Some(body) = from_any_worker(&state, Method::GET, "/v1/models").await? {
-        return Ok(json_bytes(200, body));
+    let ids = state.registry.models();
+    if ids.is_empty() {
+        if let Some(body) = from_any_worker(&state, Method::GET, "/v1/models").await? {
+            return Ok(json_bytes(200, body));
+        }
     }
-    let mut ids: Vec<String> = state.registry.healthy().iter().filter_map(|w| w.model_id()).collect();
-    ids.sort();
-    ids.dedup();
     let data: Vec<Value> =
         ids.iter().map(|id| json!({"id": id, "object": "model", "owned_by": "switchyard"})).collect();
     Ok(Json(json!({"object": "list", "data": data})).into_response())
@@ -147,8 +132,17 @@ pub(super) async fn loads(State(state): State<AppState>) -> Json<Value> {
 /// `GET /metrics`: Prometheus text exposition.
 pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     let mut text = state.metrics.render(&state.registry);
-    for policy in state.router.policies().distinct() {
-        policy.report(crate::policies::Report::Metrics(&mut text));
+    let pools = state.router.policies_by_model();
+    for (model, policies) in &pools {
+        let mut own = String::new();
+        for policy in policies {
+            policy.report(crate::policies::Report::Metrics(&mut own));
+        }
+        // With several models, each pool's families carry its model (bounded: one per model).
+        if pools.len() > 1 {
+            own = crate::metrics::with_label(&own, "model", model);
+        }
+        crate::metrics::append_deduplicated(&mut text, &own);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -12,6 +12,10 @@
 //! - **Shutdown**: every connection is told at once; idle and half-open ones close
 //!   immediately, ones with a request in flight finish it (hyper's graceful shutdown).
 //!
+//! - **TLS** (`--tls-cert-path`): the handshake runs in the connection's task under the header
+//!   read timeout, so a client that stalls it holds nothing longer than one that stalls its
+//!   headers; a failed handshake closes the connection.
+//!
 //! Body read timeouts are the handlers' (they own the body); TCP_NODELAY is set on every
 //! connection (small SSE chunks otherwise wait for the client's delayed ACK: +40 ms TTFT).
 
@@ -262,6 +266,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     config: ListenerConfig,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<()>,
 ) {
@@ -300,25 +305,43 @@ pub async fn serve(
             open: open.clone(),
         };
         let service = ConnService { app: app.clone(), peer, state: state.clone() };
-        let mut stop = stop.clone();
-        connections.spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(None)
-                .serve_connection(TokioIo::new(io), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.changed() => {
-                    state.close();
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+        let stop = stop.clone();
+        match tls.clone() {
+            None => connections.spawn(serve_connection(io, service, state, stop)),
+            Some(acceptor) => connections.spawn(async move {
+                let mut closing = stop.clone();
+                tokio::select! {
+                    accepted = acceptor.accept(io) => match accepted {
+                        Ok(io) => serve_connection(io, service, state, stop).await,
+                        Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    },
+                    _ = closing.changed() => {}
                 }
-            }
-        });
+            }),
+        };
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
+}
+
+/// Serves one connection's requests until it closes, or gracefully once `stop` changes.
+async fn serve_connection<I>(io: I, service: ConnService, state: Arc<ConnState>, mut stop: watch::Receiver<()>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.changed() => {
+            state.close();
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 #[cfg(test)]

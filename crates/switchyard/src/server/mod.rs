@@ -21,11 +21,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{ListenerConfig, RouterConfig};
+use crate::discovery::{Candidate, Onboarding};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::policies;
 use crate::proxy::{client, Identity, Upstream};
-use crate::routers::{Dispatcher, PolicySet};
+use crate::routers::{Dispatcher, Mode, PolicyFactory, PolicySet};
 use crate::workers::{Worker, WorkerRegistry, WorkerRole};
 
 pub use admission::Admission;
@@ -58,6 +59,8 @@ pub struct Shared {
     pub probes: Upstream,
     /// Admission control, when configured.
     pub admission: Option<Arc<admission::Admission>>,
+    /// How workers join (flags, admin API, discovery).
+    pub onboarding: Arc<Onboarding>,
     /// Prometheus families.
     pub metrics: Arc<Metrics>,
 }
@@ -81,9 +84,16 @@ impl Shared {
             keep_client_auth: config.inference_api_key.is_some(),
         });
         let upstream = |client, timeout| Upstream { client, timeout, identity: identity.clone() };
-        let inference = upstream(client::new_client(Duration::from_secs(5), 1024), config.request_timeout);
-        let control = upstream(client::new_client(Duration::from_secs(5), 8), Duration::from_secs(30));
-        let probes = upstream(client::new_client(config.health.timeout, 4), config.health.timeout);
+        // Checked when the configuration was built; a file changed since falls back to the
+        // system's roots (and https workers that need more fail their probes, visibly).
+        let tls = crate::tls::client_config(&config.tls).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "worker TLS settings unusable; trusting the system's roots only");
+            crate::tls::default_client_config()
+        });
+        let new_client = |connect, pool| client::new_client_with_tls(connect, pool, tls.clone());
+        let inference = upstream(new_client(Duration::from_secs(5), 1024), config.request_timeout);
+        let control = upstream(new_client(Duration::from_secs(5), 8), Duration::from_secs(30));
+        let probes = upstream(new_client(config.health.timeout, 4), config.health.timeout);
         let policy = policies::build(&config.policy);
         let metrics = Arc::new(Metrics::new(policy.name()));
         {
@@ -94,86 +104,49 @@ impl Shared {
                 }
             }));
         }
-        let router = match &config.pd {
-            None => Dispatcher::regular(registry.clone(), policy, inference, config.retry.clone(), metrics.clone()),
+        // Each model's pool gets policies of its own, built from the configuration.
+        let (policy_config, pd) = (config.policy.clone(), config.pd.clone());
+        let factory: PolicyFactory = Arc::new(move || match &pd {
+            None => PolicySet::Single(policies::build(&policy_config)),
             Some(pd) => {
-                let policies = match (&pd.prefill_policy, &pd.decode_policy) {
+                let policy = policies::build(&policy_config);
+                match (&pd.prefill_policy, &pd.decode_policy) {
                     (None, None) => PolicySet::Joint(policy),
                     (p, d) => PolicySet::PerPool {
                         prefill: p.as_ref().map_or_else(|| policy.clone(), policies::build),
                         decode: d.as_ref().map_or_else(|| policy.clone(), policies::build),
                     },
-                };
-                Dispatcher::pd(
-                    registry.clone(),
-                    policies,
-                    pd.style,
-                    pd.prefill_timeout,
-                    inference,
-                    config.retry.clone(),
-                    metrics.clone(),
-                )
+                }
             }
+        });
+        let mode = match &config.pd {
+            None => Mode::Regular,
+            Some(pd) => Mode::Pd { style: pd.style, prefill_timeout: pd.prefill_timeout },
         };
+        let router = Dispatcher::new(registry.clone(), factory, mode, inference, config.retry.clone(), metrics.clone());
         let router = router.with_limits(crate::routers::Limits {
             stream_idle: config.stream_idle_timeout,
             total: config.request_total_timeout,
         });
         let admission = config.admission.clone().map(|a| Arc::new(admission::Admission::new(a)));
-        Self { config: Arc::new(config), registry, router, control, probes, admission, metrics }
+        let onboarding = Arc::new(Onboarding {
+            registry: registry.clone(),
+            probes: probes.clone(),
+            control: control.clone(),
+            health_endpoint: config.health.endpoint.clone(),
+            breaker: config.circuit_breaker.clone(),
+            allow: config.worker_allow.clone(),
+            dp_aware: config.dp_aware,
+        });
+        Self { config: Arc::new(config), registry, router, control, probes, admission, metrics, onboarding }
     }
 
-    /// Checks a worker's address, probes it once (health, then the model it serves) and
-    /// registers it, healthy or not. `url` must be normalised ([`normalize_worker_url`]).
-    pub async fn register_worker(&self, url: String, role: WorkerRole) -> Result<Arc<Worker>, ApiError> {
-        if self.registry.get(&url).is_some() {
-            return Err(ApiError::Conflict(format!("worker {url} is already registered")));
-        }
-        let worker = self.probe_new_worker(url, role).await?;
-        self.registry.add(worker.clone()).map_err(|e| ApiError::Conflict(e.to_string()))?;
-        Ok(worker)
+    /// Checks a worker's address, probes it once (health, then the models it serves and, with
+    /// `--dp-aware`, its ranks) and registers it — each rank — healthy or not. `url` must be
+    /// normalised ([`crate::config::normalize_worker_url`]).
+    pub async fn register_worker(&self, url: String, role: WorkerRole) -> Result<Vec<Arc<Worker>>, ApiError> {
+        self.onboarding.admit(Candidate::manual(url, role)).await
     }
-
-    /// A new worker, its address checked, its first health probe and model discovery done.
-    async fn probe_new_worker(&self, url: String, role: WorkerRole) -> Result<Arc<Worker>, ApiError> {
-        check_worker_address(&url, &self.config.worker_allow).await.map_err(ApiError::BadRequest)?;
-        let worker = Arc::new(Worker::with_breaker(url, role, self.config.circuit_breaker.clone()));
-        let (healthy, status) = crate::health::probe_status(&self.probes, &worker, &self.config.health.endpoint).await;
-        if status == Some(axum::http::StatusCode::LOOP_DETECTED.as_u16()) {
-            return Err(ApiError::BadRequest(format!(
-                "worker {} answers with this router's own loop error: the URL points back at the router",
-                worker.url()
-            )));
-        }
-        if !healthy {
-            tracing::warn!(worker = worker.url(), "worker did not pass its first health probe; added as unhealthy");
-        }
-        worker.set_healthy_flag(healthy);
-        if let Some(model) = info::discover_model(&self.control, worker.url()).await {
-            worker.set_model_id(model);
-        }
-        Ok(worker)
-    }
-}
-
-/// Whether a worker URL's host may be a worker: its literal IP, or every address its name
-/// resolves to (within two seconds; a name that does not resolve yet is let through — there
-/// is nothing to reach), against the allow-list or the link-local/metadata deny rules.
-async fn check_worker_address(url: &str, allow: &[crate::config::Cidr]) -> Result<(), String> {
-    let uri: axum::http::Uri = url.parse().map_err(|_| format!("invalid worker URL '{url}'"))?;
-    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(80);
-    let ips: Vec<std::net::IpAddr> = match host.parse() {
-        Ok(ip) => vec![ip],
-        Err(_) => match tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host((host, port))).await {
-            Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
-            _ => Vec::new(),
-        },
-    };
-    for ip in ips {
-        crate::config::worker_ip_allowed(ip, allow).map_err(|e| format!("worker {url} refused: {e}"))?;
-    }
-    Ok(())
 }
 
 /// The router's HTTP application.
@@ -246,9 +219,10 @@ impl RunningRouter {
         self.addr
     }
 
-    /// `http://addr`.
+    /// `http://addr`, or `https://addr` with a TLS listener.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.state.config.tls.listener.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Its shared state (registry, config).
@@ -278,6 +252,12 @@ impl RunningRouter {
 /// Binds `config.host:config.port`, registers the configured workers, starts the health
 /// checker, and serves until [`RunningRouter::shutdown`] (or until `stop` resolves).
 pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
+    let tls = match &config.tls.listener {
+        Some(paths) => Some(tokio_rustls::TlsAcceptor::from(
+            crate::tls::server_config(paths).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+        )),
+        None => None,
+    };
     let listener = TcpListener::bind((config.host.as_str(), config.port)).await?;
     let addr = listener.local_addr()?;
     let state = AppState::new(config);
@@ -290,25 +270,22 @@ pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
     }
     let probes = initial.into_iter().map(|(url, role)| {
         let state = state.clone();
-        async move { state.probe_new_worker(url, role).await }
+        async move { state.onboarding.prepare(Candidate::manual(url, role)).await }
     });
-    for worker in futures_join_all(probes).await {
-        let added = worker.and_then(|w| state.registry.add(w).map_err(|e| ApiError::Conflict(e.to_string())));
-        if let Err(e) = added {
+    for workers in futures_join_all(probes).await {
+        if let Err(e) = workers.and_then(|w| state.onboarding.register(&w)) {
             tracing::warn!(error = %e, "worker not registered");
         }
     }
     wait_for_first_healthy(&state).await;
     let (shutdown, shutdown_rx) = watch::channel(());
     tokio::spawn(crate::health::run(
-        state.registry.clone(),
-        state.probes.clone(),
+        state.onboarding.clone(),
         state.config.health.clone(),
         state.config.remove_unhealthy_workers,
         shutdown_rx.clone(),
     ));
-    let policies = state.router.policies().distinct();
-    let reads_reported_load = policies.iter().any(|p| p.reads_reported_load());
+    let reads_reported_load = state.router.policies().iter().any(|p| p.reads_reported_load());
     if let Some(interval) = state.config.load_check_interval.filter(|_| reads_reported_load) {
         tokio::spawn(crate::health::load_poller::run(
             state.registry.clone(),
@@ -317,15 +294,26 @@ pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
             shutdown_rx.clone(),
         ));
     }
-    for policy in policies {
-        spawn_maintenance(policy, shutdown_rx.clone());
+    spawn_maintenance(state.router.clone(), shutdown_rx.clone());
+    #[cfg(feature = "kubernetes")]
+    if let Some(discovery) = state.config.discovery.clone() {
+        let mode = crate::discovery::kubernetes::Mode::of(state.config.pd.is_some());
+        crate::discovery::kubernetes::spawn(discovery, mode, state.onboarding.clone(), shutdown_rx.clone())
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
     }
     let app = app(state.clone());
     if let Some(port) = state.config.prometheus_port {
         spawn_metrics_listener(&state, port, shutdown_rx.clone()).await?;
     }
-    let task =
-        tokio::spawn(listener::serve(listener, app, state.config.listener.clone(), state.metrics.clone(), shutdown_rx));
+    let task = tokio::spawn(listener::serve(
+        listener,
+        app,
+        state.config.listener.clone(),
+        tls,
+        state.metrics.clone(),
+        shutdown_rx,
+    ));
     Ok(RunningRouter { addr, state, shutdown, task })
 }
 
@@ -334,7 +322,7 @@ async fn spawn_metrics_listener(state: &AppState, port: u16, stop: watch::Receiv
     let listener = TcpListener::bind((state.config.prometheus_host.as_str(), port)).await?;
     let app = Router::new().route("/metrics", get(info::metrics)).with_state(state.clone());
     let limits = ListenerConfig { max_connections: 64, ..state.config.listener.clone() };
-    tokio::spawn(listener::serve(listener, app, limits, state.metrics.clone(), stop));
+    tokio::spawn(listener::serve(listener, app, limits, None, state.metrics.clone(), stop));
     Ok(())
 }
 
@@ -347,27 +335,38 @@ async fn wait_for_first_healthy(state: &AppState) {
             tracing::warn!("no healthy worker yet; serving anyway (requests get 503 until one is)");
             return;
         }
-        for w in state.registry.all().iter() {
-            if crate::health::probe(&state.probes, w, &state.config.health.endpoint).await {
+        for w in state.registry.all().iter().filter(|w| !w.is_healthy()) {
+            if crate::health::probe(&state.probes, w.url(), &state.config.health.endpoint).await {
                 state.registry.set_healthy(w, true);
+                state.onboarding.on_ready(w).await;
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-/// Calls the policy's `maintain` on its interval until shutdown.
-fn spawn_maintenance(policy: Arc<dyn crate::policies::RoutingPolicy>, mut shutdown: watch::Receiver<()>) {
-    let Some(every) = policy.maintenance_interval() else {
-        return;
-    };
+/// Calls each policy's `maintain` on its own interval until shutdown — every model's pool,
+/// pools created since included (they appear when a model is first asked for).
+fn spawn_maintenance(router: Dispatcher, mut shutdown: watch::Receiver<()>) {
     tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(every);
-        ticker.tick().await;
+        let mut last: Vec<(Arc<dyn crate::policies::RoutingPolicy>, tokio::time::Instant)> = Vec::new();
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                _ = ticker.tick() => policy.maintain(),
+                _ = ticker.tick() => {}
                 _ = shutdown.changed() => return,
+            }
+            let now = tokio::time::Instant::now();
+            for policy in router.policies() {
+                let Some(every) = policy.maintenance_interval() else { continue };
+                match last.iter_mut().find(|(p, _)| Arc::ptr_eq(p, &policy)) {
+                    Some((_, at)) if now.saturating_duration_since(*at) >= every => {
+                        *at = now;
+                        policy.maintain();
+                    }
+                    Some(_) => {}
+                    None => last.push((policy, now)),
+                }
             }
         }
     });

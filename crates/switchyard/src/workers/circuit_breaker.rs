@@ -59,6 +59,11 @@ impl CircuitBreaker {
         Self { config, state: Mutex::new(BreakerState::Closed { failures: 0 }), tripped: AtomicBool::new(false) }
     }
 
+    /// Its thresholds.
+    pub fn config(&self) -> &CircuitBreakerConfig {
+        &self.config
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BreakerState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

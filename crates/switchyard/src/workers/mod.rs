@@ -6,4 +6,4 @@ mod worker;
 
 pub use circuit_breaker::{BreakerState, CircuitBreaker, Claim};
 pub use registry::{Membership, MembershipListener, RegistryError, WorkerRegistry};
-pub use worker::{Worker, WorkerRole};
+pub use worker::{DpRank, Worker, WorkerRole};

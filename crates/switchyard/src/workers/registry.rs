@@ -39,11 +39,14 @@ pub enum Membership<'a> {
 /// Something told about every membership change (a policy, an index).
 pub type MembershipListener = Arc<dyn Fn(&Membership<'_>) + Send + Sync>;
 
-/// All workers, and the healthy ones, as two snapshots.
+/// All workers, the healthy ones, and the models they serve, as snapshots.
 #[derive(Default)]
 pub struct WorkerRegistry {
     all: ArcSwap<Vec<Arc<Worker>>>,
     healthy: ArcSwap<Vec<Arc<Worker>>>,
+    /// Every model some registered worker serves, sorted (healthy or not: a model whose
+    /// workers are all down is unavailable, not unknown).
+    models: ArcSwap<Vec<String>>,
     /// Serialises writers (and so the order of announcements); readers never touch it.
     write: Mutex<()>,
     listeners: Mutex<Vec<MembershipListener>>,
@@ -89,17 +92,33 @@ impl WorkerRegistry {
         self.healthy.load_full()
     }
 
-    /// Looks a worker up by URL.
-    pub fn get(&self, url: &str) -> Option<Arc<Worker>> {
-        self.all.load().iter().find(|w| w.url() == url).cloned()
+    /// Every model some registered worker serves, sorted.
+    pub fn models(&self) -> Arc<Vec<String>> {
+        self.models.load_full()
+    }
+
+    /// Looks a worker up by its key (the URL, or `url#rank` for a data-parallel rank).
+    pub fn get(&self, key: &str) -> Option<Arc<Worker>> {
+        self.all.load().iter().find(|w| w.key() == key).cloned()
+    }
+
+    /// Every registered worker (each data-parallel rank) at `url`.
+    pub fn at_url(&self, url: &str) -> Vec<Arc<Worker>> {
+        self.all.load().iter().filter(|w| w.url() == url).cloned().collect()
+    }
+
+    /// Recomputes the model list (after a worker's models changed).
+    pub fn refresh_models(&self) {
+        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        self.publish(self.all.load().iter().cloned().collect());
     }
 
     /// Registers a worker.
     pub fn add(&self, worker: Arc<Worker>) -> Result<(), RegistryError> {
         let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.all.load();
-        if current.iter().any(|w| w.url() == worker.url()) {
-            return Err(RegistryError::AlreadyExists(worker.url().to_owned()));
+        if current.iter().any(|w| w.key() == worker.key()) {
+            return Err(RegistryError::AlreadyExists(worker.key().to_owned()));
         }
         if let Some(max) = self.max_workers.filter(|m| current.len() >= *m) {
             return Err(RegistryError::Full(max));
@@ -112,17 +131,27 @@ impl WorkerRegistry {
         Ok(())
     }
 
-    /// Unregisters a worker. Requests already sent to it finish normally.
-    pub fn remove(&self, url: &str) -> Result<Arc<Worker>, RegistryError> {
+    /// Unregisters a worker by key (see [`WorkerRegistry::remove_url`] for every rank at a
+    /// URL). Requests already sent to it finish normally.
+    pub fn remove(&self, key: &str) -> Result<Arc<Worker>, RegistryError> {
         let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.all.load();
-        let pos = current.iter().position(|w| w.url() == url).ok_or_else(|| RegistryError::NotFound(url.to_owned()))?;
+        let pos = current.iter().position(|w| w.key() == key).ok_or_else(|| RegistryError::NotFound(key.to_owned()))?;
         let mut next: Vec<_> = current.iter().cloned().collect();
         let removed = next.remove(pos);
         removed.retire();
         self.publish(next);
         self.announce(Membership::Removed(&removed));
         Ok(removed)
+    }
+
+    /// Unregisters every worker (each data-parallel rank) at `url`; returns them.
+    pub fn remove_url(&self, url: &str) -> Result<Vec<Arc<Worker>>, RegistryError> {
+        let keys: Vec<String> = self.at_url(url).iter().map(|w| w.key().to_owned()).collect();
+        if keys.is_empty() {
+            return Err(RegistryError::NotFound(url.to_owned()));
+        }
+        Ok(keys.iter().filter_map(|k| self.remove(k).ok()).collect())
     }
 
     /// Sets a worker's health and refreshes the healthy snapshot if it changed.
@@ -135,6 +164,10 @@ impl WorkerRegistry {
     }
 
     fn publish(&self, next: Vec<Arc<Worker>>) {
+        let mut models: Vec<String> = next.iter().flat_map(|w| w.models()).collect();
+        models.sort();
+        models.dedup();
+        self.models.store(Arc::new(models));
         self.healthy.store(Arc::new(next.iter().filter(|w| w.is_healthy()).cloned().collect()));
         self.all.store(Arc::new(next));
     }

@@ -24,21 +24,43 @@ pub enum WorkerRole {
     Decode,
 }
 
-/// A worker: its address and role, whether it may be routed to, and its load.
+/// One rank of a data-parallel engine (`--dp-aware`): the router picks the rank, and the engine
+/// is told which one through the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DpRank {
+    /// This rank.
+    pub rank: u32,
+    /// How many the engine runs.
+    pub size: u32,
+    /// SGLang reads the rank from the body (`data_parallel_rank`); vLLM only from the
+    /// `X-data-parallel-rank` header, which every rank gets.
+    pub in_body: bool,
+}
+
+/// A worker: its address and role, the models it serves, whether it may be routed to, and its
+/// load. A data-parallel engine (`--dp-aware`) is one worker per rank: same URL, own rank.
 ///
 /// "Healthy" is decided by the health checker; policies only ever see healthy workers.
 #[derive(Debug)]
 pub struct Worker {
     id: u32,
     url: String,
+    /// `url`, or `url#rank` for a data-parallel rank: the registry's key.
+    key: String,
+    dp: Option<DpRank>,
     role: WorkerRole,
     healthy: AtomicBool,
+    /// Has passed a health probe at least once (until then it is probed every second).
+    ready_once: AtomicBool,
     /// Set once the worker is removed from the registry: state still keyed on it (requests
     /// finishing there, a policy's concurrent record) is dropped instead of kept.
     retired: AtomicBool,
     load: WorkerLoad,
     breaker: CircuitBreaker,
-    model_id: RwLock<Option<String>>,
+    models: RwLock<Vec<String>>,
+    /// Where it came from: `None` for workers given by hand (flags, admin API), else the
+    /// discovery source that owns it (only that source may remove it).
+    source: Option<String>,
 }
 
 impl Worker {
@@ -52,14 +74,51 @@ impl Worker {
         static NEXT_ID: AtomicU32 = AtomicU32::new(0);
         Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            key: url.clone(),
             url,
+            dp: None,
             role,
             healthy: AtomicBool::new(true),
+            ready_once: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             load: WorkerLoad::default(),
             breaker: CircuitBreaker::new(breaker),
-            model_id: RwLock::new(None),
+            models: RwLock::new(Vec::new()),
+            source: None,
         }
+    }
+
+    /// The same worker as one data-parallel rank of its engine.
+    pub fn with_dp_rank(mut self, dp: DpRank) -> Self {
+        self.key = format!("{}#{}", self.url, dp.rank);
+        self.dp = Some(dp);
+        self
+    }
+
+    /// The same worker, owned by a discovery `source` (e.g. `kubernetes`).
+    pub fn with_source(mut self, source: impl Into<String>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// The registry's key: the URL, with `#rank` for a data-parallel rank.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Its data-parallel rank, when the engine runs several.
+    pub fn dp_rank(&self) -> Option<DpRank> {
+        self.dp
+    }
+
+    /// Its circuit breaker's thresholds (a rank split off later gets the same).
+    pub fn breaker_config(&self) -> CircuitBreakerConfig {
+        self.breaker.config().clone()
+    }
+
+    /// The discovery source that owns it (`None`: added by hand).
+    pub fn source(&self) -> Option<&str> {
+        self.source.as_deref()
     }
 
     /// A process-unique id, stable for the worker's life; policies key per-worker state on it.
@@ -83,7 +142,15 @@ impl Worker {
     }
 
     pub(crate) fn set_healthy_flag(&self, healthy: bool) -> bool {
+        if healthy {
+            self.ready_once.store(true, Ordering::Relaxed);
+        }
         self.healthy.swap(healthy, Ordering::Relaxed) != healthy
+    }
+
+    /// Whether it has ever passed a health probe (an engine still loading has not).
+    pub fn ready_once(&self) -> bool {
+        self.ready_once.load(Ordering::Relaxed)
     }
 
     /// Whether the worker has left the registry (its in-flight requests may still finish).
@@ -105,15 +172,31 @@ impl Worker {
         &self.load
     }
 
-    /// The model the worker said it serves, when it said.
+    /// The first model the worker said it serves, when it said.
     pub fn model_id(&self) -> Option<String> {
-        self.model_id.read().ok().and_then(|m| m.clone())
+        self.models().first().cloned()
     }
 
-    /// Records the model the worker serves (from `/v1/models` or `/get_model_info`).
-    pub fn set_model_id(&self, model: String) {
-        if let Ok(mut m) = self.model_id.write() {
-            *m = Some(model);
+    /// Every model the worker serves (from `/v1/models`, `/get_model_info` or its discovery
+    /// labels); empty until known.
+    pub fn models(&self) -> Vec<String> {
+        self.models.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Whether it serves `model`.
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.read().is_ok_and(|m| m.iter().any(|x| x == model))
+    }
+
+    /// Records the models the worker serves.
+    pub fn set_models(&self, models: Vec<String>) {
+        if let Ok(mut m) = self.models.write() {
+            *m = models;
         }
+    }
+
+    /// Records the one model the worker serves.
+    pub fn set_model_id(&self, model: String) {
+        self.set_models(vec![model]);
     }
 }
