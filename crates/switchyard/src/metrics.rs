@@ -85,6 +85,10 @@ pub struct Metrics {
     ttft: Mutex<BTreeMap<String, Histogram>>,
     tpot: Mutex<BTreeMap<String, Histogram>>,
     retries: AtomicU64,
+    /// Broken streams by what became of them.
+    stream_failovers: Mutex<BTreeMap<&'static str, u64>>,
+    /// Time from a stream breaking to its continuation's first byte.
+    failover_delay: Histogram,
     queue_depth: AtomicU64,
     open_connections: AtomicU64,
 }
@@ -99,6 +103,8 @@ impl Metrics {
             ttft: Mutex::new(BTreeMap::new()),
             tpot: Mutex::new(BTreeMap::new()),
             retries: AtomicU64::new(0),
+            stream_failovers: Mutex::new(BTreeMap::new()),
+            failover_delay: Histogram::new(&LATENCY_BUCKETS),
             queue_depth: AtomicU64::new(0),
             open_connections: AtomicU64::new(0),
         }
@@ -174,6 +180,18 @@ impl Metrics {
         self.retries.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A relayed stream broke: `outcome` is `continued`, `completed` (it had all its tokens),
+    /// `not_continued` (it cannot be continued faithfully, or no continuation was left) or
+    /// `failed` (the continuation could not start).
+    pub fn stream_failover(&self, outcome: &'static str) {
+        *self.stream_failovers.lock().unwrap_or_else(|p| p.into_inner()).entry(outcome).or_insert(0) += 1;
+    }
+
+    /// A continuation started relaying `delay` after its stream broke.
+    pub fn stream_failover_delay(&self, delay: Duration) {
+        self.failover_delay.observe(delay.as_secs_f64());
+    }
+
     /// Requests waiting for admission.
     pub fn set_queue_depth(&self, n: usize) {
         self.queue_depth.store(n as u64, Ordering::Relaxed);
@@ -247,6 +265,17 @@ impl Metrics {
         }
         header(&mut out, "switchyard_retries_total", "counter", "Attempts retried on another worker.");
         let _ = writeln!(out, "switchyard_retries_total {}", self.retries.load(Ordering::Relaxed));
+        header(&mut out, "switchyard_stream_failovers_total", "counter", "Relayed streams that broke, by outcome.");
+        for (outcome, n) in self.stream_failovers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "switchyard_stream_failovers_total{{outcome=\"{outcome}\"}} {n}");
+        }
+        header(
+            &mut out,
+            "switchyard_stream_failover_seconds",
+            "histogram",
+            "Time from a stream breaking to its continuation's response on another worker.",
+        );
+        self.failover_delay.render(&mut out, "switchyard_stream_failover_seconds", "");
         header(&mut out, "switchyard_queue_depth", "gauge", "Requests waiting for admission.");
         let _ = writeln!(out, "switchyard_queue_depth {}", self.queue_depth.load(Ordering::Relaxed));
         header(&mut out, "switchyard_open_connections", "gauge", "Client connections open.");

@@ -284,11 +284,22 @@ fn fuzzed_bodies_never_panic_the_parser() {
 
 /// Chaos: steady concurrent load through the router while workers are killed, hung, made to
 /// fail, slowed and cut mid-stream, then restored. Every request must get an answer (success
-/// or a clear error) within the timeout plus a margin; in-flight counts return to zero.
+/// or a clear error) within the timeout plus a margin; in-flight counts return to zero. Run
+/// without mid-stream failover (cut streams end with an error event) and with it (none may).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_every_request_gets_an_answer() {
+    let cut_without = chaos_run(0).await;
+    let cut_with = chaos_run(1).await;
+    eprintln!("chaos: streams ended by an error event: {cut_without} without failover, {cut_with} with it");
+    assert_eq!(cut_with, 0, "with failover on, no stream may end with an error event");
+}
+
+/// One chaos run with `--stream-failover-max failover_max`: the streams that ended with an
+/// error event.
+async fn chaos_run(failover_max: u32) -> usize {
     let ws = Arc::new(sims(4).await);
     let mut cfg = config(ws.iter().map(|w| w.url()).collect(), PolicyKind::PowerOfTwo);
+    cfg.stream_failover_max = failover_max;
     cfg.retry = fast_retry();
     cfg.request_timeout = Duration::from_millis(1500);
     cfg.circuit_breaker =
@@ -338,7 +349,7 @@ async fn chaos_every_request_gets_an_answer() {
             })
         })
         .collect();
-    let (mut sent, mut ok, mut clear_errors, mut max_latency) = (0, 0, 0, Duration::ZERO);
+    let (mut sent, mut ok, mut clear_errors, mut max_latency, mut cut) = (0, 0, 0, Duration::ZERO, 0);
     for c in clients {
         for (a, stream, latency) in c.await.unwrap() {
             sent += 1;
@@ -346,7 +357,10 @@ async fn chaos_every_request_gets_an_answer() {
             let text = String::from_utf8_lossy(&a.body).to_string();
             let complete =
                 if stream { text.ends_with("data: [DONE]\n\n") } else { a.json()["usage"]["completion_tokens"] == 48 };
-            if a.status == 200 && complete {
+            if a.status == 200 && stream && text.contains("\"error\"") {
+                cut += 1;
+            }
+            if a.status == 200 && complete && !(stream && text.contains("\"error\"")) {
                 ok += 1;
             } else if (a.status != 200 && serde_json::from_slice::<Value>(&a.body).is_ok())
                 || (stream && text.contains("\"error\""))
@@ -358,15 +372,24 @@ async fn chaos_every_request_gets_an_answer() {
         }
     }
     chaos.await.unwrap();
+    let metrics = String::from_utf8_lossy(&get(&format!("{url}/metrics")).await.body).to_string();
+    let metric = |name: &str| {
+        metrics.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    let (delay_sum, delay_count) =
+        (metric("switchyard_stream_failover_seconds_sum "), metric("switchyard_stream_failover_seconds_count "));
     eprintln!(
-        "chaos: sent {sent}, succeeded {ok}, clear errors {clear_errors}, lost {}, max latency {max_latency:?}",
-        sent - ok - clear_errors
+        "chaos (failover max {failover_max}): sent {sent}, succeeded {ok}, clear errors {clear_errors}, lost {}, \
+         streams cut {cut}, continuations {delay_count} (mean time to resume {:.1} ms), max latency {max_latency:?}",
+        sent - ok - clear_errors,
+        1e3 * delay_sum / delay_count.max(1.0),
     );
     assert!(sent >= 100, "the load must span the chaos script: {sent}");
     assert_eq!(ok + clear_errors, sent, "lost requests");
     assert!(max_latency < Duration::from_millis(1500 + 2500), "max latency {max_latency:?}");
     assert!(ok as f64 >= 0.8 * sent as f64, "successes should dominate: {ok}/{sent}");
     eventually(Duration::from_secs(5), "in-flight back to 0", || async { total_in_flight(&url).await == 0 }).await;
+    cut
 }
 
 #[tokio::test]

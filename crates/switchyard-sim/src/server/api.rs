@@ -196,6 +196,9 @@ async fn infer(State(state): State<Shared>, api: Api, headers: HeaderMap, body: 
         input_logprobs: input_logprobs.map(Value::Array),
         return_logprob: req.return_logprob,
         die_after: faults.die_after_tokens,
+        stall_after: faults.stall_after_tokens,
+        error_after: faults.error_event_after_tokens,
+        output_offset: req.output_offset,
     };
     if req.stream {
         stream_response(ctx, tokens)
@@ -216,6 +219,10 @@ struct Ctx {
     time_scale: f64,
     include_usage: bool,
     die_after: Option<u32>,
+    stall_after: Option<u32>,
+    error_after: Option<u32>,
+    /// Index of the first output token in the whole answer (continuations).
+    output_offset: u32,
     /// Prefill role: publish this room once the prompt is computed.
     publish: Option<(Arc<pd::Rooms>, u64)>,
     /// Prefill role, vLLM style: parameters for the decode worker.
@@ -257,6 +264,7 @@ impl Ctx {
             completion_tokens,
             stopped_early: self.stopped_early,
             e2e_latency: self.start.elapsed().as_secs_f64() * self.time_scale,
+            output_offset: self.output_offset,
         }
     }
 }
@@ -275,6 +283,13 @@ async fn full_response(ctx: Ctx, mut tokens: UnboundedReceiver<TokenMsg>) -> Res
             TokenMsg::Token { index, last } => {
                 if ctx.die_after.is_some_and(|k| index >= k) {
                     return aborted();
+                }
+                if ctx.stall_after.is_some_and(|k| index >= k) {
+                    // Wedged: the answer never comes (the request ends when the client leaves).
+                    return std::future::pending().await;
+                }
+                if ctx.error_after.is_some_and(|k| index >= k) {
+                    return error(StatusCode::INTERNAL_SERVER_ERROR, "injected engine error");
                 }
                 ctx.on_token(index);
                 if last {
@@ -302,12 +317,26 @@ fn stream_response(ctx: Ctx, mut tokens: UnboundedReceiver<TokenMsg>) -> Respons
                 let _ = tx.send(Err(Died)).await;
                 return;
             }
+            if ctx.stall_after.is_some_and(|k| index >= k) {
+                // Wedged: nothing more is sent, the connection stays open until the client leaves.
+                tx.closed().await;
+                return;
+            }
+            if ctx.error_after.is_some_and(|k| index >= k) {
+                let mut chunk = String::new();
+                let body =
+                    json!({"error": {"message": "injected engine error", "type": "InternalServerError", "code": 500}});
+                wire::push_sse(&mut chunk, &body);
+                chunk.push_str(wire::SSE_DONE);
+                let _ = tx.send(Ok(Bytes::from(chunk))).await;
+                return;
+            }
             ctx.on_token(index);
             let summary = ctx.summary(cached, index + 1);
             let mut chunk = summary.token_chunk(ctx.api, index, last);
             if index == 0 && ctx.return_logprob && ctx.api == Api::Generate {
                 // SGLang sends the prompt logprobs with the first streamed chunk.
-                let mut first: Value = json!({"text": wire::output_text(1), "meta_info": {}});
+                let mut first: Value = json!({"text": summary.text(1), "meta_info": {}});
                 if let Some(Value::Object(m)) =
                     serde_json::from_str::<Value>(chunk.trim_start_matches("data: ").trim_end())
                         .ok()

@@ -17,6 +17,12 @@ pub struct Faults {
     pub slowdown: f64,
     /// Cut every stream (and connection) after this many tokens, as a crashing worker would.
     pub die_after_tokens: Option<u32>,
+    /// Stop sending after this many tokens of a response and keep the connection open, as a
+    /// wedged engine would (the request never finishes).
+    pub stall_after_tokens: Option<u32>,
+    /// End streams after this many tokens with the engines' error event
+    /// (`data: {"error": …}` then `data: [DONE]`); whole answers get a 500.
+    pub error_event_after_tokens: Option<u32>,
     /// Close the listening socket and every open connection: connections are refused.
     pub refuse_connections: bool,
     /// `/health` answers 503 while inference still works.
@@ -35,6 +41,8 @@ impl Default for Faults {
             hang: false,
             slowdown: 1.0,
             die_after_tokens: None,
+            stall_after_tokens: None,
+            error_event_after_tokens: None,
             refuse_connections: false,
             health_fail: false,
             malformed: false,

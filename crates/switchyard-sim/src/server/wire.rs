@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::model::tokenizer::{self, output_token_text};
+use crate::model::tokenizer::{self, output_token_id, output_token_text};
 
 /// Which API a request came through (decides the response shape).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +45,9 @@ pub struct GenRequest {
     pub return_logprob: bool,
     /// SGLang data parallelism: the rank to run on (`data_parallel_rank`).
     pub data_parallel_rank: Option<u32>,
+    /// Output tokens already generated (a continuation: the prompt, or the final assistant
+    /// message with `continue_final_message`, ends with them): generation carries on from here.
+    pub output_offset: u32,
 }
 
 /// A 400 with the message the client will see.
@@ -141,11 +144,20 @@ pub fn parse(api: Api, body: &[u8]) -> Result<GenRequest, BadRequest> {
     };
     let prompt;
     let (max_tokens, ignore_eos, include_usage);
+    let mut output_offset = 0;
     match api {
         Api::Generate => {
             prompt = match (field("text"), field("input_ids")) {
-                (Value::String(s), _) => tokenizer::tokenize(s),
-                (Value::Null, ids @ Value::Array(_)) => token_ids(ids, "input_ids")?,
+                (Value::String(s), _) => {
+                    let (k, cut) = tokenizer::continued_tokens(s);
+                    output_offset = k;
+                    tokenizer::tokenize_continuation(s, k, cut)
+                }
+                (Value::Null, ids @ Value::Array(_)) => {
+                    let ids = token_ids(ids, "input_ids")?;
+                    output_offset = tokenizer::continued_token_ids(&ids);
+                    ids
+                }
                 (Value::Array(_), _) => {
                     return Err(bad("batched 'text' is not supported by this simulator; send one prompt per request"))
                 }
@@ -163,12 +175,43 @@ pub fn parse(api: Api, body: &[u8]) -> Result<GenRequest, BadRequest> {
         }
         Api::Chat | Api::Completion => {
             prompt = if api == Api::Chat {
-                tokenizer::tokenize(&chat_prompt_text(field("messages"))?)
+                let text = chat_prompt_text(field("messages"))?;
+                let continue_final = as_bool(field("continue_final_message"), "continue_final_message")?;
+                if continue_final && as_bool(field("add_generation_prompt"), "add_generation_prompt")? {
+                    return Err(bad("Cannot set both `add_generation_prompt` and `continue_final_message` to True."));
+                }
+                let messages = field("messages").as_array();
+                let last = messages.and_then(|m| m.last());
+                let partial = last
+                    .filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+                    .and_then(|m| m.get("content"))
+                    .and_then(Value::as_str)
+                    .filter(|_| continue_final);
+                match (partial, messages) {
+                    // The partial answer is the generated tokens again, after the conversation
+                    // before it (the template adds nothing where the answer continues).
+                    (Some(partial), Some(messages)) => {
+                        let (k, cut) = tokenizer::continued_tokens(partial);
+                        output_offset = k;
+                        let before = messages.get(..messages.len() - 1).map(|m| Value::Array(m.to_vec()));
+                        let mut text = before.and_then(|b| chat_prompt_text(&b).ok()).unwrap_or_default();
+                        text.push_str(&partial[..cut]);
+                        tokenizer::tokenize_continuation(&text, k, text.len())
+                    }
+                    _ => tokenizer::tokenize(&text),
+                }
             } else {
                 match field("prompt") {
-                    Value::String(s) => tokenizer::tokenize(s),
+                    Value::String(s) => {
+                        let (k, cut) = tokenizer::continued_tokens(s);
+                        output_offset = k;
+                        tokenizer::tokenize_continuation(s, k, cut)
+                    }
                     Value::Array(a) if a.len() == 1 && a[0].is_string() => {
-                        tokenizer::tokenize(a[0].as_str().unwrap_or_default())
+                        let s = a[0].as_str().unwrap_or_default();
+                        let (k, cut) = tokenizer::continued_tokens(s);
+                        output_offset = k;
+                        tokenizer::tokenize_continuation(s, k, cut)
                     }
                     ids @ Value::Array(a) if a.iter().all(Value::is_number) => token_ids(ids, "prompt")?,
                     Value::Null => return Err(bad("'prompt' is required")),
@@ -206,6 +249,7 @@ pub fn parse(api: Api, body: &[u8]) -> Result<GenRequest, BadRequest> {
         kv_transfer_params,
         return_logprob,
         data_parallel_rank,
+        output_offset,
     })
 }
 
@@ -228,6 +272,8 @@ pub struct Summary<'a> {
     pub stopped_early: bool,
     /// End-to-end latency so far in (unscaled) seconds.
     pub e2e_latency: f64,
+    /// Index of this request's first output token in the whole answer (a continuation's).
+    pub output_offset: u32,
 }
 
 impl Summary<'_> {
@@ -268,9 +314,10 @@ impl Summary<'_> {
 
     /// The complete non-streaming response for `api`.
     pub fn response(&self, api: Api) -> Value {
-        let text = output_text(self.completion_tokens);
+        let text = self.text(self.completion_tokens);
         match api {
-            Api::Generate => json!({"text": text, "meta_info": self.meta_info(true)}),
+            Api::Generate => json!({"text": text, "output_ids": self.output_ids(self.completion_tokens),
+                                    "meta_info": self.meta_info(true)}),
             Api::Chat => json!({
                 "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -287,12 +334,17 @@ impl Summary<'_> {
 
     /// The SSE chunk(s) announcing token `index` (`last` = final token), as `data: …\n\n` frames.
     pub fn token_chunk(&self, api: Api, index: u32, last: bool) -> String {
-        let word = output_token_text(index);
+        let word = output_token_text(self.output_offset + index);
         let finish = if last { Value::from(self.finish_reason()) } else { Value::Null };
         let mut out = String::new();
         match api {
             Api::Generate => {
-                push_sse(&mut out, &json!({"text": output_text(index + 1), "meta_info": self.meta_info(last)}))
+                // SGLang streams the whole text (and ids) so far in every chunk.
+                push_sse(
+                    &mut out,
+                    &json!({"text": self.text(index + 1), "output_ids": self.output_ids(index + 1),
+                            "meta_info": self.meta_info(last)}),
+                )
             }
             Api::Chat => {
                 if index == 0 {
@@ -307,6 +359,15 @@ impl Summary<'_> {
             ),
         }
         out
+    }
+
+    /// This request's first `n` output tokens' text.
+    pub fn text(&self, n: u32) -> String {
+        (self.output_offset..self.output_offset + n).map(output_token_text).collect()
+    }
+
+    fn output_ids(&self, n: u32) -> Vec<u32> {
+        (self.output_offset..self.output_offset + n).map(output_token_id).collect()
     }
 
     fn chat_chunk(&self, delta: Value, finish: Value) -> Value {

@@ -145,6 +145,11 @@ pub struct Args {
     /// included), in seconds; unset = no limit beyond the others.
     #[arg(long, value_parser = positive_secs)]
     pub request_total_timeout_secs: Option<f64>,
+    /// Continuations of a stream that breaks mid-way (worker died, cut it, stalled, sent an
+    /// error event) on another worker, spliced so the client sees one stream; 0 turns
+    /// mid-stream failover off.
+    #[arg(long, default_value_t = 1)]
+    pub stream_failover_max: u32,
     /// Largest request body accepted, in bytes (sglang-router: 512 MiB; lower here because the
     /// router holds a body while it routes it).
     #[arg(long, default_value_t = 64 << 20)]
@@ -488,6 +493,7 @@ impl Args {
             request_timeout: Duration::from_secs_f64(self.request_timeout_secs),
             stream_idle_timeout: Duration::from_secs_f64(self.stream_idle_timeout_secs),
             request_total_timeout: self.request_total_timeout_secs.map(Duration::from_secs_f64),
+            stream_failover_max: self.stream_failover_max,
             max_payload_size: self.max_payload_size,
             listener: ListenerConfig {
                 header_read_timeout: Duration::from_secs_f64(self.header_read_timeout_secs),

@@ -56,6 +56,8 @@ pub struct RouterConfig {
     pub stream_idle_timeout: Duration,
     /// Longest a request may take in all, streams included (`None` = no such limit).
     pub request_total_timeout: Option<Duration>,
+    /// Continuations of a broken stream on other workers (0 = off).
+    pub stream_failover_max: u32,
     /// Largest accepted request body, in bytes.
     pub max_payload_size: usize,
     /// Client connections: timeouts and the connection cap.
@@ -252,6 +254,7 @@ impl Default for RouterConfig {
             policy: PolicyConfig::default(),
             request_timeout: Duration::from_secs(1800),
             stream_idle_timeout: Duration::from_secs(300),
+            stream_failover_max: 1,
             request_total_timeout: None,
             max_payload_size: 64 << 20,
             listener: ListenerConfig::default(),

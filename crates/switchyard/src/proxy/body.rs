@@ -24,10 +24,12 @@ use crate::load::{Ending, InFlightGuard, Usage};
 
 /// Whether a worker's answer is an SSE stream.
 pub fn is_event_stream(resp: &hyper::Response<Incoming>) -> bool {
-    resp.headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"))
+    is_event_stream_headers(resp.headers())
+}
+
+/// Whether response headers announce an SSE stream.
+pub fn is_event_stream_headers(headers: &axum::http::HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
 /// Whether a whole answer with `status` is complete: a success must parse as JSON (a worker that
@@ -72,6 +74,7 @@ pub fn relay_stream(
         inner: incoming,
         guard: Some(guard),
         failed_status,
+        error_event: false,
         events: 0,
         usage: Usage::default(),
         tail: Vec::new(),
@@ -93,6 +96,8 @@ pub struct ObservedBody {
     guard: Option<InFlightGuard>,
     /// Whether the worker answered with a worker-failure status.
     failed_status: bool,
+    /// Whether the worker sent an error event (it gave up on the request mid-stream).
+    error_event: bool,
     /// SSE `data:` events seen (≈ output tokens for token-per-event engines).
     events: u32,
     /// Token counts from `usage` / `meta_info` in the events.
@@ -128,7 +133,7 @@ impl ObservedBody {
     /// The last frame arrived with the end of the stream: pass it on, judged like an end.
     fn end(&mut self, frame: Frame<Bytes>) -> Frame<Bytes> {
         if self.failed_status || ends_with_done(&self.tail) {
-            let ending = Ending::from_success(!self.failed_status);
+            let ending = Ending::from_success(!self.failed_status && !self.error_event);
             self.finish(ending);
             return frame;
         }
@@ -165,8 +170,26 @@ fn stream_error_event(worker: &str, reason: &str) -> Bytes {
     Bytes::from(format!("data: {body}\n\n"))
 }
 
+/// Whether `data` holds an engine's error event (`data: {"error": …}`, or vLLM's older
+/// `{"object": "error", …}`).
+fn has_error_event(data: &[u8]) -> bool {
+    const MARKERS: [&[u8]; 4] =
+        [b"data: {\"error\"", b"data:{\"error\"", b"{\"object\": \"error\"", b"{\"object\":\"error\""];
+    MARKERS.iter().any(|m| data.windows(m.len()).any(|w| w == *m))
+}
+
 fn count_events(data: &[u8]) -> u32 {
     data.windows(5).filter(|w| w == b"data:").count() as u32
+}
+
+impl Drop for ObservedBody {
+    /// Dropped after an error event but before the stream's end (a failover took over): the
+    /// worker failed the request, whatever the client does next.
+    fn drop(&mut self) {
+        if self.error_event {
+            self.finish(Ending::Failed);
+        }
+    }
 }
 
 impl Body for ObservedBody {
@@ -192,6 +215,7 @@ impl Body for ObservedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref().filter(|d| !d.is_empty()) {
                     self.events += count_events(d);
+                    self.error_event |= has_error_event(d);
                     self.usage.scan(d);
                     let keep = TAIL.saturating_sub(d.len()).min(self.tail.len());
                     let drop = self.tail.len() - keep;
@@ -211,7 +235,7 @@ impl Body for ObservedBody {
             }
             Poll::Ready(None) => {
                 if self.failed_status || ends_with_done(&self.tail) {
-                    let ending = Ending::from_success(!self.failed_status);
+                    let ending = Ending::from_success(!self.failed_status && !self.error_event);
                     self.finish(ending);
                     return Poll::Ready(None);
                 }
@@ -244,5 +268,7 @@ mod tests {
     fn counts_sse_events() {
         assert_eq!(super::count_events(b"data: {}\n\ndata: {}\n\ndata: [DONE]\n\n"), 3);
         assert_eq!(super::count_events(b"dat"), 0);
+        assert!(super::has_error_event(b"data: {}\n\ndata: {\"error\": {\"message\": \"x\"}}\n\n"));
+        assert!(!super::has_error_event(b"data: {\"choices\": [{\"text\": \"error\"}]}\n\n"));
     }
 }

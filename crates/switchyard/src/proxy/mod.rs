@@ -4,5 +4,7 @@
 mod body;
 pub mod client;
 
-pub use body::{buffered, check_whole, is_event_stream, relay_stream, ObservedBody, StreamLimits};
+pub use body::{
+    buffered, check_whole, is_event_stream, is_event_stream_headers, relay_stream, ObservedBody, StreamLimits,
+};
 pub use client::{forward_headers, is_worker_failure, HttpClient, Identity, SendError, Upstream, MAX_BUFFERED};

@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, Response};
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use super::failover;
 use super::feedback::PoolObserver;
 use super::hold::HoldQueue;
 use super::{pd, regular};
@@ -141,11 +142,14 @@ pub struct Limits {
     pub stream_idle: Duration,
     /// Longest a request may take from dispatch to the end of its answer.
     pub total: Option<Duration>,
+    /// Continuations of a broken stream on another worker, per request (0: streams that
+    /// break end with an error event).
+    pub stream_failover_max: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { stream_idle: Duration::from_secs(300), total: None }
+        Self { stream_idle: Duration::from_secs(300), total: None, stream_failover_max: 1 }
     }
 }
 
@@ -274,22 +278,49 @@ impl Dispatcher {
         self.0.pools.read().unwrap_or_else(|p| p.into_inner()).values().map(|p| p.hold.held()).sum()
     }
 
-    /// Routes one inference request (`route` like `/v1/chat/completions`).
+    /// Routes one inference request (`route` like `/v1/chat/completions`). A stream that
+    /// breaks is continued elsewhere when it can be ([`failover`]).
     pub async fn route(
         &self,
         route: &'static str,
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Response<Body>, ApiError> {
-        let inner = &self.0;
-        let stream = {
-            let limits = inner.limits.get().copied().unwrap_or_default();
-            StreamLimits { idle: limits.stream_idle, deadline: limits.total.map(|t| Instant::now() + t) }
+        let limits = self.0.limits.get().copied().unwrap_or_default();
+        let stream = StreamLimits { idle: limits.stream_idle, deadline: limits.total.map(|t| Instant::now() + t) };
+        let response = self.dispatch(route, headers, body.clone(), Vec::new(), stream).await?;
+        if limits.stream_failover_max == 0
+            || !response.status().is_success()
+            || !crate::proxy::is_event_stream_headers(response.headers())
+        {
+            return Ok(response);
+        }
+        let Some(api) = failover::continuable(route, &body) else { return Ok(response) };
+        let ctx = failover::Continuations {
+            dispatcher: self.clone(),
+            route,
+            headers: headers.clone(),
+            body,
+            limits: stream,
+            left: limits.stream_failover_max,
         };
+        Ok(failover::FailoverBody::wrap(response, api, ctx))
+    }
+
+    /// Routes one request once, leaving out `excluded` (a broken stream's workers), its
+    /// streams under `stream`'s limits.
+    pub(super) async fn dispatch(
+        &self,
+        route: &'static str,
+        headers: &HeaderMap,
+        body: Bytes,
+        mut excluded: Vec<Arc<Worker>>,
+        stream: StreamLimits,
+    ) -> Result<Response<Body>, ApiError> {
+        let inner = &self.0;
         let key = ROUTING_KEY_HEADERS.iter().find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()));
         let mut view = RequestView::parse(&body, key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let (pool, model) = inner.pool_for(&view)?;
-        let mut excluded: Vec<Arc<Worker>> = Vec::new();
         let mut last_error = ApiError::NoHealthyWorkers;
         let attempts = inner.retry.max_attempts.max(1);
         let mut attempt = 0;
@@ -322,7 +353,11 @@ impl Dispatcher {
                 Mode::Pd { style, prefill_timeout } => pd::run(self, guards, &a, style, prefill_timeout).await,
             };
             match result {
-                Ok(response) => return Ok(response),
+                Ok(mut response) => {
+                    let served = legs.iter().map(|(w, _)| w.clone()).collect();
+                    response.extensions_mut().insert(failover::ServedBy(served));
+                    return Ok(response);
+                }
                 Err(Failure { error, blame }) if blame.is_empty() => return Err(error),
                 Err(Failure { error, blame }) => {
                     tracing::warn!(

@@ -14,6 +14,7 @@
 
 mod attempt;
 mod body_edit;
+mod failover;
 mod feedback;
 pub mod hold;
 mod pd;

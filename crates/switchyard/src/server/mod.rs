@@ -127,6 +127,7 @@ impl Shared {
         let router = router.with_limits(crate::routers::Limits {
             stream_idle: config.stream_idle_timeout,
             total: config.request_total_timeout,
+            stream_failover_max: config.stream_failover_max,
         });
         let admission = config.admission.clone().map(|a| Arc::new(admission::Admission::new(a)));
         let onboarding = Arc::new(Onboarding {
