@@ -9,8 +9,9 @@
 # SOAK_MINUTES=10 runs only the memory soak: varied prompts at full rate for that long, for
 #   round_robin, cache_aware and marginal_utility, printing the router's RSS every 10 s and the
 #   last minute against the first.
-# STREAM=1 runs only the streaming check: time to first byte through switchyard against a
-#   direct connection to a worker that streams SSE on a fixed schedule (p50/p90/p99).
+# STREAM=1 runs only the streaming check: time to first byte (and to the stream's end, which
+#   shows per-event costs) through switchyard against a direct connection to a worker that
+#   streams SSE on a fixed schedule (p50/p90/p99); BASELINE too when set.
 # BASELINE=/path/to/an/older/switchyard runs that build too, right after this one (before/after
 # comparisons of a change in one run).
 # Prints requests/s, p50, p99, non-2xx and the proxy's RSS; ratios are against nginx proxy.
@@ -122,6 +123,13 @@ if [ -n "${STREAM:-}" ]; then
     wait_port "$SY"
     ./target/release/switchyard-bench ttfb --url "http://127.0.0.1:$SY" --requests "${STREAM_REQUESTS:-4000}" --label "switchyard (round $round)"
     kill "$SY_PID" 2>/dev/null || true; wait "$SY_PID" 2>/dev/null || true
+    if [ -n "${BASELINE:-}" ]; then
+      SY=$(free_port)
+      "$BASELINE" --port "$SY" --worker-urls "http://127.0.0.1:$SW" --policy round_robin --log-level warn > "$WORK/baseline.log" 2>&1 & SY_PID=$!; PIDS+=($SY_PID)
+      wait_port "$SY"
+      ./target/release/switchyard-bench ttfb --url "http://127.0.0.1:$SY" --requests "${STREAM_REQUESTS:-4000}" --label "baseline (round $round)"
+      kill "$SY_PID" 2>/dev/null || true; wait "$SY_PID" 2>/dev/null || true
+    fi
   done
   exit 0
 fi

@@ -124,6 +124,7 @@ pub async fn ttfb(args: &TtfbArgs) -> Result<(), String> {
             let (client, url) = (client.clone(), url.clone());
             tokio::spawn(async move {
                 let mut times = Vec::with_capacity(per_task);
+                let mut ends = Vec::with_capacity(per_task);
                 for _ in 0..per_task {
                     let req = Request::post(&url)
                         .header("content-type", "application/json")
@@ -135,23 +136,29 @@ pub async fn ttfb(args: &TtfbArgs) -> Result<(), String> {
                     let _first = body.frame().await;
                     times.push(started.elapsed().as_secs_f64() * 1e6);
                     while body.frame().await.is_some() {}
+                    ends.push(started.elapsed().as_secs_f64() * 1e6);
                 }
-                Ok::<_, String>(times)
+                Ok::<_, String>((times, ends))
             })
         })
         .collect();
-    let mut all = Vec::new();
+    let (mut all, mut ends) = (Vec::new(), Vec::new());
     for t in tasks {
-        all.extend(t.await.map_err(|e| e.to_string())??);
+        let (times, end) = t.await.map_err(|e| e.to_string())??;
+        all.extend(times);
+        ends.extend(end);
     }
     all.sort_by(f64::total_cmp);
-    let p = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1))];
+    ends.sort_by(f64::total_cmp);
+    let p = |v: &[f64], q: f64| v[((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1))];
     println!(
-        "{:<24} ttfb p50 {:>8.0} µs  p90 {:>8.0} µs  p99 {:>8.0} µs  ({} requests)",
+        "{:<24} ttfb p50 {:>8.0} µs  p90 {:>8.0} µs  p99 {:>8.0} µs  end p50 {:>8.0} µs  p99 {:>8.0} µs  ({} requests)",
         args.label,
-        p(0.5),
-        p(0.9),
-        p(0.99),
+        p(&all, 0.5),
+        p(&all, 0.9),
+        p(&all, 0.99),
+        p(&ends, 0.5),
+        p(&ends, 0.99),
         all.len()
     );
     Ok(())
