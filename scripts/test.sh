@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README): formatting, lints, the Rust test suite, and a real,
 # independent client (the OpenAI Python SDK) against the simulator and through the router.
-# Installs what it needs (a Python venv with `openai`) on first run.
+# Installs what it needs (a fresh Python venv with `openai`, `trustme` and the built wheel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,9 +11,12 @@ cargo clippy --all-targets -- -D warnings
 cargo check -p switchyard --no-default-features --quiet
 cargo test --workspace
 
-if ! .venv/bin/python -c "import openai, trustme" 2>/dev/null; then
-  python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check openai trustme
-fi
-cargo build --bin switchyard
-.venv/bin/python tests/clients/openai_sdk.py target/debug/switchyard
+# The pip package: the wheel (from the debug build the tests made), installed into a fresh
+# venv; the OpenAI SDK test then runs the installed `switchyard` command, and the launcher test
+# checks `python -m switchyard.launch_router` against sglang-router's arguments.
+cargo build --bin switchyard --bin switchyard-sim --bin switchyard-bench
+wheel=$(python3 scripts/build_wheel.py --profile dev --no-build --strip)
+python3 -m venv --clear target/wheel-venv
+target/wheel-venv/bin/pip install --quiet --disable-pip-version-check openai trustme "$wheel"
+target/wheel-venv/bin/python tests/clients/launcher_test.py
+target/wheel-venv/bin/python tests/clients/openai_sdk.py target/wheel-venv/bin/switchyard

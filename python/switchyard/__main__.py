@@ -1,0 +1,5 @@
+"""`python -m switchyard ...` runs the router with Switchyard's own arguments."""
+
+from ._bin import switchyard
+
+switchyard()
