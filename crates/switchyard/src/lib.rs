@@ -17,5 +17,6 @@ pub mod proxy;
 pub mod request;
 pub mod routers;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 pub mod workers;

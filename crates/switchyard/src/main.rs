@@ -26,7 +26,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let _log_guard = init_logging(&args);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -34,7 +33,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(*args)) {
+    // The trace exporter is a task on the runtime.
+    let entered = runtime.enter();
+    let (_log_guard, exporter) = match init_logging(&args) {
+        Ok(logging) => logging,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    drop(entered);
+    let outcome = runtime.block_on(run(*args));
+    if let Some(exporter) = exporter {
+        let _entered = runtime.enter();
+        exporter.shutdown();
+    }
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -43,9 +57,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// Text or JSON logs to stderr, and optionally to daily-rotated files in `--log-dir`.
-/// Returns the file writer's guard, which flushes it on drop.
-fn init_logging(args: &Args) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+/// Logging type: the file writer's guard (flushes on drop) and the trace exporter.
+type Logging = (Option<tracing_appender::non_blocking::WorkerGuard>, Option<switchyard::telemetry::Exporter>);
+
+/// Text or JSON logs to stderr, optionally to daily-rotated files in `--log-dir`, and
+/// OpenTelemetry traces when `--otlp-endpoint` is set.
+fn init_logging(args: &Args) -> Result<Logging, switchyard::telemetry::TelemetryError> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
@@ -64,8 +81,15 @@ fn init_logging(args: &Args) -> Option<tracing_appender::non_blocking::WorkerGua
         }
         None => (None, None),
     };
-    tracing_subscriber::registry().with(stderr).with(file).init();
-    guard
+    let (traces, exporter) = match &args.otlp_endpoint {
+        Some(endpoint) => {
+            let (layer, exporter) = switchyard::telemetry::layer(endpoint, &args.otlp_service_name)?;
+            (Some(layer), Some(exporter))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry().with(stderr).with(file).with(traces).init();
+    Ok((guard, exporter))
 }
 
 async fn run(args: Args) -> Result<(), String> {

@@ -90,7 +90,18 @@ fn rank_of(state: &WorkerState, req: &GenRequest, headers: &HeaderMap) -> Result
     }
 }
 
+/// How many `traceparent` headers a worker keeps.
+const TRACEPARENTS_KEPT: usize = 64;
+
 async fn infer(State(state): State<Shared>, api: Api, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        if let Ok(mut kept) = state.traceparents.lock() {
+            if kept.len() == TRACEPARENTS_KEPT {
+                kept.pop_front();
+            }
+            kept.push_back(tp.to_owned());
+        }
+    }
     let faults = state.faults();
     if faults.hang {
         std::future::pending::<()>().await;

@@ -135,6 +135,8 @@ pub(crate) struct WorkerState {
     pub(crate) rank_requests: Vec<AtomicU64>,
     /// `/health` calls answered.
     pub(crate) health_probes: AtomicU64,
+    /// The W3C `traceparent` of the last inference requests (tests check propagation).
+    pub(crate) traceparents: Mutex<std::collections::VecDeque<String>>,
     /// Round robin over the ranks for requests that name none.
     pub(crate) next_rank: std::sync::atomic::AtomicUsize,
     pub(crate) faults: Mutex<Faults>,
@@ -221,6 +223,11 @@ impl WorkerHandle {
         self.state.health_probes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The W3C `traceparent` headers of the last 64 inference requests, oldest first.
+    pub fn traceparents(&self) -> Vec<String> {
+        self.state.traceparents.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default()
+    }
+
     /// Requests each data-parallel rank took.
     pub fn rank_requests(&self) -> Vec<u64> {
         self.state.rank_requests.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).collect()
@@ -266,6 +273,7 @@ pub async fn spawn_worker(config: WorkerConfig) -> Result<WorkerHandle, StartErr
         rank_requests,
         next_rank: std::sync::atomic::AtomicUsize::new(0),
         health_probes: AtomicU64::new(0),
+        traceparents: Mutex::new(std::collections::VecDeque::new()),
         faults: Mutex::new(Faults::default()),
         rng: Mutex::new(StdRng::seed_from_u64(config.seed ^ 0x5eed)),
         next_id: AtomicU64::new(1),

@@ -32,6 +32,13 @@ pub struct Args {
     /// Also write logs to daily-rotated files in this directory.
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<String>,
+    /// Export OpenTelemetry traces to this OTLP/HTTP collector (`http://collector:4318`;
+    /// `/v1/traces` is added when the URL has no path). Off when unset.
+    #[arg(long, alias = "otlp-traces-endpoint", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of exported traces.
+    #[arg(long, default_value = "switchyard")]
+    pub otlp_service_name: String,
     /// Serve Prometheus metrics on a separate listener at this port (always on `/metrics`).
     #[arg(long)]
     pub prometheus_port: Option<u16>,

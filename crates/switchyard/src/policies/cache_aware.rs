@@ -75,8 +75,12 @@ pub struct CacheAware {
 pub enum CacheDecision {
     /// Loads were imbalanced: least loaded.
     Imbalanced,
-    /// The best match exceeded the threshold.
-    CacheHit,
+    /// The best match exceeded the threshold: `matched` characters (or tokens) of the prompt
+    /// are in the chosen worker's tree.
+    CacheHit {
+        /// Length of the match.
+        matched: usize,
+    },
     /// No good match: least loaded.
     Miss,
 }
@@ -125,7 +129,7 @@ impl CacheAware {
                         let holders: Vec<usize> = (0..workers.len()).filter(|&i| matched[i] == best).collect();
                         let pick = least_loaded(&holders, &self.rng, |&i| in_flight(&workers[i]))
                             .ok_or(RoutingError::NoHealthyWorkers)?;
-                        (holders[pick], CacheDecision::CacheHit)
+                        (holders[pick], CacheDecision::CacheHit { matched: best })
                     } else {
                         (least()?, CacheDecision::Miss)
                     }
@@ -146,7 +150,12 @@ impl RoutingPolicy for CacheAware {
     fn select_single(&self, workers: &[Arc<Worker>], request: &RequestView) -> Result<Selection, RoutingError> {
         let (index, why) = self.decide(workers, request)?;
         tracing::trace!(worker = workers[index].url(), decision = ?why, "cache_aware");
-        Ok(Selection::of(index))
+        let (reason, matched) = match why {
+            CacheDecision::Imbalanced => ("imbalanced", 0),
+            CacheDecision::CacheHit { matched } => ("cache_hit", matched),
+            CacheDecision::Miss => ("cache_miss", 0),
+        };
+        Ok(Selection { reason: Some(reason), matched: Some(matched as u64), ..Selection::of(index) })
     }
 
     fn on_membership(&self, change: &Membership<'_>) {
@@ -229,7 +238,7 @@ mod tests {
         assert_eq!(why, CacheDecision::Miss);
         for i in 1..20 {
             let (w, why) = p.decide(&ws, &chat(&system, &format!("q{i}"))).unwrap();
-            assert_eq!((w, why), (first, CacheDecision::CacheHit));
+            assert!(w == first && matches!(why, CacheDecision::CacheHit { .. }), "{why:?}");
         }
     }
 
@@ -269,7 +278,8 @@ mod tests {
             ..RequestView::default()
         };
         let (first, _) = p.decide(&ws, &req(1)).unwrap();
-        assert_eq!(p.decide(&ws, &req(2)).unwrap(), (first, CacheDecision::CacheHit));
+        let (w, why) = p.decide(&ws, &req(2)).unwrap();
+        assert!(w == first && matches!(why, CacheDecision::CacheHit { .. }), "{why:?}");
         assert_eq!(p.text_tree_size(), 0);
     }
 }

@@ -203,7 +203,18 @@ impl Candidate {
 
     /// The decision as the router takes it: this worker, with the uncached tokens expected.
     pub fn selection(&self) -> Selection {
-        Selection { index: self.index, uncached_tokens: Some(self.uncached.round() as u32) }
+        Selection {
+            index: self.index,
+            uncached_tokens: Some(self.uncached.round() as u32),
+            predicted_ttft_ms: Some(self.expected_ttft_ms().clamp(0.0, f64::from(u32::MAX)) as u32),
+            predicted_cost_ms: Some(self.cost().clamp(0.0, f64::from(u32::MAX)) as u32),
+            reason: Some(match (self.feasible, self.holder) {
+                (true, true) => "feasible_prefix_holder",
+                (true, false) => "feasible",
+                (false, _) => "best_effort",
+            }),
+            matched: None,
+        }
     }
 }
 

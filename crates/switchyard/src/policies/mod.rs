@@ -43,12 +43,28 @@ pub struct Selection {
     /// Prompt tokens the policy expects the worker to compute (not served from its prefix
     /// cache); `None` = the policy has no estimate (the whole prompt counts).
     pub uncached_tokens: Option<u32>,
+    /// The time to first token the policy predicted there, in ms (traces show it).
+    pub predicted_ttft_ms: Option<u32>,
+    /// The cost the policy predicted for the fleet, in ms (traces show it).
+    pub predicted_cost_ms: Option<u32>,
+    /// Why the policy chose it, in a word (traces show it).
+    pub reason: Option<&'static str>,
+    /// How much of the prompt the policy believes the worker holds, in characters or tokens
+    /// of its prefix tree (traces show it).
+    pub matched: Option<u64>,
 }
 
 impl Selection {
     /// The candidate at `index`, with no cache estimate.
     pub fn of(index: usize) -> Self {
-        Self { index, uncached_tokens: None }
+        Self {
+            index,
+            uncached_tokens: None,
+            predicted_ttft_ms: None,
+            predicted_cost_ms: None,
+            reason: None,
+            matched: None,
+        }
     }
 }
 

@@ -79,6 +79,7 @@ pub fn relay_stream(
         usage: Usage::default(),
         tail: Vec::new(),
         limits,
+        _span: tracing::Span::current(),
         timer: Box::pin(tokio::time::sleep_until(limits.deadline.map_or(first, |d| d.min(first)))),
     };
     let mut out = Response::new(axum::body::Body::new(body));
@@ -105,6 +106,8 @@ pub struct ObservedBody {
     /// The stream's last bytes, to see whether it ended with its terminal event.
     tail: Vec<u8>,
     limits: StreamLimits,
+    /// The attempt's span: open (and in a trace, not yet ended) until the stream is over.
+    _span: tracing::Span,
     /// Fires when the worker has been quiet too long, or the request's time is up.
     timer: Pin<Box<Sleep>>,
 }

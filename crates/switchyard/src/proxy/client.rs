@@ -186,6 +186,7 @@ impl Upstream {
             .body(Full::new(body))
             .map_err(|e| SendError::Url(e.to_string()))?;
         forward_headers(headers, req.headers_mut());
+        crate::telemetry::inject_current(req.headers_mut());
         let id = &self.identity;
         if id.keep_client_auth || id.worker_auth.is_some() {
             req.headers_mut().remove(header::AUTHORIZATION);

@@ -9,6 +9,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Response};
 use bytes::Bytes;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::failover;
 use super::feedback::PoolObserver;
@@ -303,6 +304,7 @@ impl Dispatcher {
             body,
             limits: stream,
             left: limits.stream_failover_max,
+            span: tracing::Span::current(),
         };
         Ok(failover::FailoverBody::wrap(response, api, ctx))
     }
@@ -329,13 +331,33 @@ impl Dispatcher {
                 inner.metrics.retry();
                 tokio::time::sleep(inner.retry.backoff(attempt as u32, rand::random())).await;
             }
-            let legs = match pool.hold.select(&mut view, |v| inner.pick(&pool, model.as_deref(), v, &excluded)).await {
+            let select = tracing::debug_span!(
+                target: crate::telemetry::TARGET,
+                "select",
+                policy = pool.policies.primary().name(),
+                attempt,
+                workers = tracing::field::Empty,
+                reason = tracing::field::Empty,
+                matched_prefix = tracing::field::Empty,
+                cached_tokens = tracing::field::Empty,
+                predicted_ttft_ms = tracing::field::Empty,
+                predicted_cost_ms = tracing::field::Empty,
+                error = tracing::field::Empty,
+            );
+            let picked = pool.hold.select(&mut view, |v| inner.pick(&pool, model.as_deref(), v, &excluded));
+            let legs = match picked.instrument(select.clone()).await {
                 Ok(legs) => legs,
                 Err(RoutingError::Shed { retry_after }) => {
-                    return Err(ApiError::Shed { retry_after_secs: retry_after.as_secs().max(1) })
+                    select.record("error", "shed");
+                    return Err(ApiError::Shed { retry_after_secs: retry_after.as_secs().max(1) });
                 }
-                Err(_) => break,
+                Err(e) => {
+                    select.record("error", tracing::field::display(&e));
+                    break;
+                }
             };
+            record_selection(&select, &legs, &view);
+            drop(select);
             let Some(guards) = inner.claim(&pool, &legs, &view, route, &mut excluded) else {
                 continue; // a breaker refused (another probe got there first): choose again
             };
@@ -348,10 +370,27 @@ impl Dispatcher {
             );
             let last_chance = attempt + 1 == attempts || !inner.has_alternative(&legs, &excluded);
             let a = Attempt { route, headers, body: &body, view: &view, last_chance, stream };
+            let span = tracing::debug_span!(
+                target: crate::telemetry::TARGET,
+                "attempt",
+                attempt,
+                workers = %WorkerList(&legs),
+                outcome = tracing::field::Empty,
+            );
             let result = match inner.mode {
-                Mode::Regular => regular::run(inner, guards, &a).await,
-                Mode::Pd { style, prefill_timeout } => pd::run(self, guards, &a, style, prefill_timeout).await,
+                Mode::Regular => regular::run(inner, guards, &a).instrument(span.clone()).await,
+                Mode::Pd { style, prefill_timeout } => {
+                    pd::run(self, guards, &a, style, prefill_timeout).instrument(span.clone()).await
+                }
             };
+            span.record(
+                "outcome",
+                match &result {
+                    Ok(_) => "answered".to_owned(),
+                    Err(f) if f.blame.is_empty() => format!("failed: {}", f.error),
+                    Err(f) => format!("retrying elsewhere: {}", f.error),
+                },
+            );
             match result {
                 Ok(mut response) => {
                     let served = legs.iter().map(|(w, _)| w.clone()).collect();
@@ -373,6 +412,46 @@ impl Dispatcher {
             attempt += 1;
         }
         Err(last_error)
+    }
+}
+
+/// The chosen workers' URLs, for spans.
+struct WorkerList<'a>(&'a [(Arc<Worker>, Selection)]);
+
+impl std::fmt::Display for WorkerList<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (w, _)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            f.write_str(w.key())?;
+        }
+        Ok(())
+    }
+}
+
+/// The selection span's attributes: the workers chosen and the policy's reasons.
+fn record_selection(span: &tracing::Span, legs: &[(Arc<Worker>, Selection)], view: &RequestView) {
+    if span.is_disabled() {
+        return;
+    }
+    span.record("workers", tracing::field::display(WorkerList(legs)));
+    if let Some((_, s)) = legs.first() {
+        if let Some(reason) = s.reason {
+            span.record("reason", reason);
+        }
+        if let Some(matched) = s.matched {
+            span.record("matched_prefix", matched);
+        }
+        if let Some(uncached) = s.uncached_tokens {
+            span.record("cached_tokens", view.prompt_tokens().saturating_sub(uncached));
+        }
+        if let Some(ttft) = s.predicted_ttft_ms {
+            span.record("predicted_ttft_ms", ttft);
+        }
+        if let Some(cost) = s.predicted_cost_ms {
+            span.record("predicted_cost_ms", cost);
+        }
     }
 }
 

@@ -19,6 +19,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Response};
 use bytes::Bytes;
 use serde_json::{json, Value};
+use tracing::Instrument;
 
 use super::attempt::{Attempt, Dispatcher, Failure};
 use super::body_edit::Members;
@@ -111,20 +112,27 @@ impl Legs<'_> {
         let prefill_task = {
             let (upstream, headers, route) = (self.upstream().clone(), self.a.headers.clone(), self.a.route);
             let (limit, bytes) = (self.prefill_timeout.min(upstream.timeout), bytes.clone());
-            tokio::spawn(async move {
-                let mut guard = prefill;
-                let worker = guard.worker().clone();
-                let answer = whole(&upstream, &worker, route, &headers, bytes, limit).await;
-                // The prefill leg's whole answer is its first token.
-                guard.mark_first_byte();
-                let ok = matches!(&answer, Ok((s, _)) if !super::is_worker_failure_code(*s));
-                let usage = answer.as_ref().map(|(_, b)| usage_of(b)).unwrap_or_default();
-                guard.finish(Ending::from_success(ok), usage);
-                answer
-            })
+            let span = leg_span("prefill", &p);
+            tokio::spawn(Instrument::instrument(
+                async move {
+                    let mut guard = prefill;
+                    let worker = guard.worker().clone();
+                    let answer = whole(&upstream, &worker, route, &headers, bytes, limit).await;
+                    // The prefill leg's whole answer is its first token.
+                    guard.mark_first_byte();
+                    let ok = matches!(&answer, Ok((s, _)) if !super::is_worker_failure_code(*s));
+                    let usage = answer.as_ref().map(|(_, b)| usage_of(b)).unwrap_or_default();
+                    guard.finish(Ending::from_success(ok), usage);
+                    answer
+                },
+                span,
+            ))
         };
         let mut prefill_task = AbortOnDrop { handle: prefill_task, detached: false };
-        let sent = self.upstream().send_to(&d, self.a.route, self.a.headers, bytes);
+        let sent = Instrument::instrument(
+            self.upstream().send_to(&d, self.a.route, self.a.headers, bytes),
+            leg_span("decode", &d),
+        );
         tokio::pin!(sent);
         let mut prefill_answer: Option<Bytes> = None;
         let mut decode = Some(decode);
@@ -230,7 +238,11 @@ impl Legs<'_> {
         }
         let prefill_body = self.members.rewrite(&set, &["stream_options"]);
         let limit = self.prefill_timeout.min(self.upstream().timeout);
-        let answer = whole(self.upstream(), &p, self.a.route, self.a.headers, prefill_body, limit).await;
+        let answer = Instrument::instrument(
+            whole(self.upstream(), &p, self.a.route, self.a.headers, prefill_body, limit),
+            leg_span("prefill", &p),
+        )
+        .await;
         let params = match answer {
             Ok((status, b)) if !super::is_worker_failure_code(status) => {
                 prefill.mark_first_byte();
@@ -251,7 +263,8 @@ impl Legs<'_> {
         };
         let decode_body = self.members.rewrite(&[("kv_transfer_params", params.to_string())], &[]);
         let mut decode = decode;
-        match self.upstream().send_to(&d, self.a.route, self.a.headers, decode_body).await {
+        let sent = self.upstream().send_to(&d, self.a.route, self.a.headers, decode_body);
+        match Instrument::instrument(sent, leg_span("decode", &d)).await {
             Ok(resp) if is_worker_failure(resp.status()) => {
                 let status = resp.status().as_u16();
                 decode.finish(Ending::Failed, Usage::default());
@@ -294,6 +307,11 @@ fn usage_of(body: &[u8]) -> Usage {
 }
 
 /// Sends `body` to a prefill `worker` and reads the whole answer, within `limit`.
+/// A PD leg's span (until its answer's head, or its whole answer for prefill).
+fn leg_span(leg: &'static str, worker: &Worker) -> tracing::Span {
+    tracing::debug_span!(target: crate::telemetry::TARGET, "leg", otel.name = leg, worker = worker.key())
+}
+
 async fn whole(
     upstream: &Upstream,
     worker: &Worker,

@@ -79,7 +79,8 @@ async fn admit_and_route(
     let permit = match &state.admission {
         Some(a) => {
             state.metrics.set_queue_depth(a.waiting() + 1);
-            let permit = a.admit().await;
+            let span = tracing::debug_span!(target: crate::telemetry::TARGET, "admission");
+            let permit = tracing::Instrument::instrument(a.admit(), span).await;
             state.metrics.set_queue_depth(a.waiting());
             Some(permit?)
         }

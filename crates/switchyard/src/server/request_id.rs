@@ -27,8 +27,20 @@ pub async fn propagate(mut req: Request, next: Next) -> Response {
             v
         }
     };
-    let span = tracing::info_span!("request", id = id.to_str().unwrap_or(""), path = req.uri().path().to_owned());
-    let mut resp = next.run(req).instrument(span).await;
+    let path = req.uri().path().to_owned();
+    // The request's span, also its trace span: a client's `traceparent` makes it a child.
+    let span = tracing::info_span!(
+        target: crate::telemetry::TARGET,
+        "request",
+        id = id.to_str().unwrap_or(""),
+        path = %path,
+        otel.name = %format_args!("{} {path}", req.method()),
+        otel.kind = "server",
+        http.response.status_code = tracing::field::Empty,
+    );
+    crate::telemetry::continue_client_trace(&span, req.headers());
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", resp.status().as_u16());
     resp.headers_mut().insert(REQUEST_ID, id);
     resp
 }

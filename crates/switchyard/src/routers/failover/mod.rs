@@ -56,6 +56,8 @@ pub(super) struct Continuations {
     pub limits: StreamLimits,
     /// Continuations still allowed.
     pub left: u32,
+    /// The request's span: continuations are traced under it.
+    pub span: tracing::Span,
 }
 
 /// The API of `route`'s streams, if they can be continued, and what in `body` keeps this one
@@ -214,8 +216,10 @@ impl FailoverBody {
                 let ctx = &self.ctx;
                 let (dispatcher, route, headers) = (ctx.dispatcher.clone(), ctx.route, ctx.headers.clone());
                 let (excluded, limits) = (self.excluded.clone(), ctx.limits);
-                let dispatch =
-                    Box::pin(async move { dispatcher.dispatch(route, &headers, body, excluded, limits).await });
+                let dispatch = Box::pin(tracing::Instrument::instrument(
+                    async move { dispatcher.dispatch(route, &headers, body, excluded, limits).await },
+                    ctx.span.clone(),
+                ));
                 return State::Continuing { dispatch, started: Instant::now() };
             }
         };
