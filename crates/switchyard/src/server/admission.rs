@@ -3,15 +3,11 @@
 //! 408 when a request waited longer than the queue timeout. A slot is held until the
 //! response body ends, streams included.
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::response::Response;
-use bytes::Bytes;
-use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::AdmissionConfig;
@@ -56,31 +52,11 @@ impl Admission {
     }
 }
 
-/// A body that holds an admission slot until it ends or is dropped.
-struct PermitBody {
-    inner: Body,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl HttpBody for PermitBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
 
 /// Ties `permit` to `response`'s body.
 pub fn hold_until_done(response: Response, permit: OwnedSemaphorePermit) -> Response {
     let (parts, inner) = response.into_parts();
-    Response::from_parts(parts, Body::new(PermitBody { inner, _permit: permit }))
+    Response::from_parts(parts, Body::new(super::holding_body::HoldingBody::new(inner, permit)))
 }
 
 #[cfg(test)]

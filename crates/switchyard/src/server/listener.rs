@@ -33,8 +33,6 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Request, Response};
 use axum::Router;
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -43,6 +41,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 
+use super::holding_body::HoldingBody;
 use crate::config::ListenerConfig;
 use crate::metrics::Metrics;
 
@@ -197,25 +196,6 @@ impl Drop for Busy {
     }
 }
 
-/// An answer's body that keeps its connection busy until it ends.
-struct BusyBody {
-    inner: Body,
-    _busy: Busy,
-}
-
-impl http_body::Body for BusyBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
 
 /// The app as one connection's hyper service: the peer address as `ConnectInfo`, the
 /// connection busy while a request runs.
@@ -226,9 +206,9 @@ struct ConnService {
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnService {
-    type Response = Response<BusyBody>;
+    type Response = Response<HoldingBody<Busy>>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<BusyBody>, Infallible>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<HoldingBody<Busy>>, Infallible>> + Send>>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         req.extensions_mut().insert(ConnectInfo(self.peer));
@@ -236,7 +216,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let mut app = self.app.clone();
         Box::pin(async move {
             let resp = tower_service::Service::call(&mut app, req.map(Body::new)).await?;
-            Ok(resp.map(|inner| BusyBody { inner, _busy: busy }))
+            Ok(resp.map(|inner| HoldingBody::new(inner, busy)))
         })
     }
 }

@@ -3,6 +3,7 @@
 mod admin;
 mod admission;
 mod auth;
+mod holding_body;
 mod hops;
 mod inference;
 mod info;
