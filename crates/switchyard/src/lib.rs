@@ -4,6 +4,7 @@
 //! the request is proxied and its response (often an SSE stream) flows back untouched while
 //! [`load`] observes it. See `shared/design/architecture.md` for the map.
 
+pub mod audit;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;

@@ -89,6 +89,8 @@ pub struct Metrics {
     stream_failovers: Mutex<BTreeMap<&'static str, u64>>,
     /// Time from a stream breaking to its continuation's first byte.
     failover_delay: Histogram,
+    /// Cache predictions against what the workers reported.
+    audit: crate::audit::RoutingAudit,
     queue_depth: AtomicU64,
     open_connections: AtomicU64,
 }
@@ -105,6 +107,7 @@ impl Metrics {
             retries: AtomicU64::new(0),
             stream_failovers: Mutex::new(BTreeMap::new()),
             failover_delay: Histogram::new(&LATENCY_BUCKETS),
+            audit: crate::audit::RoutingAudit::default(),
             queue_depth: AtomicU64::new(0),
             open_connections: AtomicU64::new(0),
         }
@@ -135,6 +138,7 @@ impl Metrics {
     /// request count when the attempt's answer was the client's — with the status the client
     /// saw: 499 when it went away, 502 when a relayed answer broke.
     pub fn attempt_ended(&self, o: &crate::load::RequestOutcome) {
+        self.audit.record(o);
         let worker = o.worker.url();
         if o.streamed {
             let tpot = o
@@ -190,6 +194,11 @@ impl Metrics {
     /// A continuation started relaying `delay` after its stream broke.
     pub fn stream_failover_delay(&self, delay: Duration) {
         self.failover_delay.observe(delay.as_secs_f64());
+    }
+
+    /// The routing audit (`/debug/routing`).
+    pub fn audit(&self) -> &crate::audit::RoutingAudit {
+        &self.audit
     }
 
     /// Requests waiting for admission.
@@ -276,6 +285,7 @@ impl Metrics {
             "Time from a stream breaking to its continuation's response on another worker.",
         );
         self.failover_delay.render(&mut out, "switchyard_stream_failover_seconds", "");
+        self.audit.render(&mut out, header);
         header(&mut out, "switchyard_queue_depth", "gauge", "Requests waiting for admission.");
         let _ = writeln!(out, "switchyard_queue_depth {}", self.queue_depth.load(Ordering::Relaxed));
         header(&mut out, "switchyard_open_connections", "gauge", "Client connections open.");

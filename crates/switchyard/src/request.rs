@@ -78,7 +78,13 @@ impl RequestView {
     ) -> crate::load::DispatchInfo {
         let prompt_tokens = self.prompt_tokens();
         let uncached_tokens = selection.uncached_tokens.map_or(prompt_tokens, |u| u.min(prompt_tokens));
-        crate::load::DispatchInfo { prompt_tokens, uncached_tokens, route }
+        crate::load::DispatchInfo {
+            prompt_tokens,
+            uncached_tokens,
+            route,
+            predicted_cached: selection.predicted_cached,
+            policy: "",
+        }
     }
 }
 

@@ -714,7 +714,7 @@ mod tests {
         let w = Arc::new(Worker::new("http://127.0.0.1:1".into(), WorkerRole::Regular));
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let info = DispatchInfo { prompt_tokens: 1000, uncached_tokens: 400, route: "" };
+        let info = DispatchInfo { prompt_tokens: 1000, uncached_tokens: 400, ..DispatchInfo::default() };
         let usage = Usage { prompt_tokens: Some(1000), cached_tokens: Some(600), completion_tokens: Some(50) };
         // Streamed: the first token gives an early prefill sample (the router's estimate of
         // the uncached tokens); the end gives both, with the worker's own count.

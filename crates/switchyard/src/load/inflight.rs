@@ -158,6 +158,11 @@ pub struct DispatchInfo {
     pub uncached_tokens: u32,
     /// The route it was sent to (`/v1/chat/completions`, ...), for metrics.
     pub route: &'static str,
+    /// The policy's prediction of the prompt tokens cached on this worker, and the most it
+    /// predicted on any other candidate (for the routing audit).
+    pub predicted_cached: Option<(u32, u32)>,
+    /// The policy that made the decision, for the routing audit.
+    pub policy: &'static str,
 }
 
 /// How a request on a worker ended.

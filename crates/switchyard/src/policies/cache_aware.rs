@@ -85,6 +85,9 @@ pub enum CacheDecision {
     Miss,
 }
 
+/// The tree's match on the chosen worker and the best one on any other.
+type Matches = (usize, usize);
+
 impl CacheAware {
     /// A policy with `config`.
     pub fn new(config: &CacheAwareConfig) -> Self {
@@ -107,6 +110,16 @@ impl CacheAware {
         workers: &[Arc<Worker>],
         request: &RequestView,
     ) -> Result<(usize, CacheDecision), RoutingError> {
+        self.decide_with_matches(workers, request).map(|(i, why, _)| (i, why))
+    }
+
+    /// [`CacheAware::decide`], with the tree's match on the chosen worker and the best match
+    /// on any other (in the tree's units), when the tree was consulted.
+    fn decide_with_matches(
+        &self,
+        workers: &[Arc<Worker>],
+        request: &RequestView,
+    ) -> Result<(usize, CacheDecision, Option<Matches>), RoutingError> {
         let in_flight = |w: &Arc<Worker>| w.load().in_flight();
         let least = || least_loaded(workers, &self.rng, in_flight).ok_or(RoutingError::NoHealthyWorkers);
         if workers.is_empty() {
@@ -115,6 +128,7 @@ impl CacheAware {
         let (min, max) = workers.iter().map(in_flight).fold((usize::MAX, 0), |(lo, hi), l| (lo.min(l), hi.max(l)));
         let imbalanced = max - min > self.config.balance_abs_threshold
             && max as f64 > self.config.balance_rel_threshold * min as f64;
+        let mut matches: Option<Vec<usize>> = None;
         let decision = if imbalanced {
             (least()?, CacheDecision::Imbalanced)
         } else {
@@ -125,20 +139,27 @@ impl CacheAware {
                     let matched = m.of_each(workers.iter().map(|w| w.id()));
                     let best = matched.iter().copied().max().unwrap_or(0);
                     self.match_ratio.observe(best as f64 / m.key_size as f64);
-                    if best as f64 / m.key_size as f64 > self.config.cache_threshold {
+                    let decision = if best as f64 / m.key_size as f64 > self.config.cache_threshold {
                         let holders: Vec<usize> = (0..workers.len()).filter(|&i| matched[i] == best).collect();
                         let pick = least_loaded(&holders, &self.rng, |&i| in_flight(&workers[i]))
                             .ok_or(RoutingError::NoHealthyWorkers)?;
                         (holders[pick], CacheDecision::CacheHit { matched: best })
                     } else {
                         (least()?, CacheDecision::Miss)
-                    }
+                    };
+                    matches = Some(matched);
+                    decision
                 }
                 _ => (least()?, CacheDecision::Miss),
             }
         };
         self.trees.record(&request.text, &workers[decision.0]);
-        Ok(decision)
+        let chosen = decision.0;
+        let pair = matches.map(|m| {
+            let other = m.iter().enumerate().filter(|(i, _)| *i != chosen).map(|(_, n)| *n).max().unwrap_or(0);
+            (m.get(chosen).copied().unwrap_or(0), other)
+        });
+        Ok((decision.0, decision.1, pair))
     }
 }
 
@@ -148,14 +169,25 @@ impl RoutingPolicy for CacheAware {
     }
 
     fn select_single(&self, workers: &[Arc<Worker>], request: &RequestView) -> Result<Selection, RoutingError> {
-        let (index, why) = self.decide(workers, request)?;
+        let (index, why, matches) = self.decide_with_matches(workers, request)?;
         tracing::trace!(worker = workers[index].url(), decision = ?why, "cache_aware");
-        let (reason, matched) = match why {
-            CacheDecision::Imbalanced => ("imbalanced", 0),
-            CacheDecision::CacheHit { matched } => ("cache_hit", matched),
-            CacheDecision::Miss => ("cache_miss", 0),
+        let reason = match why {
+            CacheDecision::Imbalanced => "imbalanced",
+            CacheDecision::CacheHit { .. } => "cache_hit",
+            CacheDecision::Miss => "cache_miss",
         };
-        Ok(Selection { reason: Some(reason), matched: Some(matched as u64), ..Selection::of(index) })
+        // The tree counts characters of text prompts: in tokens at the router's estimate.
+        let to_tokens = |n: usize| match &request.text {
+            crate::request::RoutingText::Text(_) => (n / crate::load::CHARS_PER_TOKEN) as u32,
+            _ => n as u32,
+        };
+        let prompt = request.prompt_tokens();
+        Ok(Selection {
+            reason: Some(reason),
+            matched: Some(matches.map_or(0, |(m, _)| m) as u64),
+            predicted_cached: matches.map(|(m, other)| (to_tokens(m).min(prompt), to_tokens(other).min(prompt))),
+            ..Selection::of(index)
+        })
     }
 
     fn on_membership(&self, change: &Membership<'_>) {

@@ -214,6 +214,7 @@ impl Candidate {
                 (false, _) => "best_effort",
             }),
             matched: None,
+            predicted_cached: None,
         }
     }
 }
@@ -533,6 +534,7 @@ impl RoutingPolicy for MarginalUtility {
         let scored = self.score(workers, request);
         let chosen = self.choose(&scored, request)?;
         let worker = &workers[chosen.index];
+        let best_other = scored.iter().filter(|c| c.index != chosen.index).map(|c| c.uncached).fold(f64::MAX, f64::min);
         tracing::trace!(
             worker = worker.url(),
             objective = ?self.config.objective,
@@ -540,7 +542,7 @@ impl RoutingPolicy for MarginalUtility {
             "marginal_utility decision"
         );
         self.trees.record(&request.text, worker);
-        Ok(chosen.selection())
+        Ok(chosen.selection().with_predicted_cached(request.prompt_tokens(), chosen.uncached, best_other))
     }
 
     /// PD: the prefill pool is scored by the prefill model (TTFT with the queued prefill and
@@ -578,7 +580,9 @@ impl RoutingPolicy for MarginalUtility {
         let d = *d_refs[self.best_by(&d_refs, |c| c.own_ms - c.ttft_ms + c.externality_ms).unwrap_or(0)];
         self.counters.decisions.fetch_add(1, Ordering::Relaxed);
         self.trees.record(&request.text, &prefill[p.index]);
-        Ok((p.selection(), Selection::of(d.index)))
+        let p_best_other = p_scored.iter().filter(|c| c.index != p.index).map(|c| c.uncached).fold(f64::MAX, f64::min);
+        let p_sel = p.selection().with_predicted_cached(request.prompt_tokens(), p.uncached, p_best_other);
+        Ok((p_sel, Selection::of(d.index)))
     }
 
     fn on_request_complete(&self, outcome: &RequestOutcome) {

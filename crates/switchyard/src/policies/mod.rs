@@ -52,9 +52,22 @@ pub struct Selection {
     /// How much of the prompt the policy believes the worker holds, in characters or tokens
     /// of its prefix tree (traces show it).
     pub matched: Option<u64>,
+    /// Prompt tokens the policy predicted the chosen worker has cached, and the most it
+    /// predicted for any other candidate (the routing audit compares them with what the
+    /// worker reports).
+    pub predicted_cached: Option<(u32, u32)>,
 }
 
 impl Selection {
+    /// With the audit's prediction: of `prompt` tokens, `uncached` to compute on the chosen
+    /// worker, `best_other_uncached` on the best other candidate (`f64::MAX`: none).
+    pub fn with_predicted_cached(mut self, prompt: u32, uncached: f64, best_other_uncached: f64) -> Self {
+        let cached = |u: f64| (f64::from(prompt) - u).clamp(0.0, f64::from(prompt)) as u32;
+        let other = if best_other_uncached == f64::MAX { 0 } else { cached(best_other_uncached) };
+        self.predicted_cached = Some((cached(uncached), other));
+        self
+    }
+
     /// The candidate at `index`, with no cache estimate.
     pub fn of(index: usize) -> Self {
         Self {
@@ -64,6 +77,7 @@ impl Selection {
             predicted_cost_ms: None,
             reason: None,
             matched: None,
+            predicted_cached: None,
         }
     }
 }

@@ -572,7 +572,8 @@ impl Inner {
     ) -> Option<Vec<InFlightGuard>> {
         let mut guards = Vec::with_capacity(legs.len());
         for (leg, (worker, selection)) in legs.iter().enumerate() {
-            let info = view.dispatch_info(selection, route);
+            let mut info = view.dispatch_info(selection, route);
+            info.policy = pool.policies.for_leg(leg).name();
             let observer = pool.observers[leg.min(1)].clone();
             match InFlightGuard::claim(worker.clone(), info, Instant::now(), observer) {
                 Some(g) => guards.push(g),

@@ -183,6 +183,12 @@ pub(super) async fn flush_cache(State(state): State<AppState>) -> Response {
     (status, Json(json!({"status": if all_ok { "flushed" } else { "partial" }, "workers": results}))).into_response()
 }
 
+/// `GET /debug/routing` (admin): the routing audit — each recent decision's predicted cached
+/// tokens on the chosen worker and the best other, against what the worker reported.
+pub(super) async fn debug_routing(State(state): State<AppState>) -> Response {
+    Json(state.metrics.audit().report()).into_response()
+}
+
 /// `GET /debug/policy` (admin): the policy's learnt state — for marginal_utility each
 /// worker's fitted coefficients, sample counts, residual σ and recent predictions against
 /// observations — with worker ids resolved to URLs.

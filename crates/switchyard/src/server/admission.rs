@@ -52,7 +52,6 @@ impl Admission {
     }
 }
 
-
 /// Ties `permit` to `response`'s body.
 pub fn hold_until_done(response: Response, permit: OwnedSemaphorePermit) -> Response {
     let (parts, inner) = response.into_parts();

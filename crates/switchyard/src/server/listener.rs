@@ -196,7 +196,6 @@ impl Drop for Busy {
     }
 }
 
-
 /// The app as one connection's hyper service: the peer address as `ConnectInfo`, the
 /// connection busy while a request runs.
 struct ConnService {

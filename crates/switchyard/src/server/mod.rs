@@ -179,6 +179,7 @@ pub fn app(state: AppState) -> Router {
         .route("/add_worker", post(admin::legacy_add_worker))
         .route("/remove_worker", post(admin::legacy_remove_worker))
         .route("/debug/policy", get(admin::debug_policy))
+        .route("/debug/routing", get(admin::debug_routing))
         .route_layer(axum::middleware::from_fn_with_state(admin_access, auth::require));
     let public = Router::new()
         .route("/health", get(info::health))
