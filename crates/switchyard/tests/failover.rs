@@ -343,3 +343,80 @@ async fn failover_off_keeps_the_error_event() {
     assert!(events(&a.body).last().unwrap().contains("\"error\""));
     assert_eq!(failovers(&r.url(), "continued").await + failovers(&r.url(), "not_continued").await, 0);
 }
+
+/// A worker that answers every stream with the role and one token, then half an event, then
+/// ends the response cleanly: what a worker that breaks mid-event and closes looks like.
+async fn half_event_worker() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // Read the whole request (head, then content-length bytes) before answering.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let head_end = loop {
+                    let Ok(n) = socket.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < head_end + length {
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                if head.starts_with("get") {
+                    let _ = socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                    return;
+                }
+                let event = |delta: Value| {
+                    let chunk = json!({"id": "half-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                                       "choices": [{"index": 0, "delta": delta, "finish_reason": null}]});
+                    format!("data: {chunk}\n\n")
+                };
+                let body = format!(
+                    "{}{}data: {{\"id\":\"half-1\",\"choices\":[{{\"te",
+                    event(json!({"role": "assistant", "content": ""})),
+                    event(json!({"content": output_token_text(0)})),
+                );
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn half_an_event_never_reaches_the_client() {
+    let half = half_event_worker().await;
+    let healthy = sim(Role::Plain, 2, Faults::default()).await;
+    let mut cfg = config(vec![half.clone(), healthy.url()], PolicyKind::RoundRobin);
+    tune(&mut cfg, 1);
+    let r = router(cfg).await;
+    let (route, body) = requests(0)[0].clone();
+    let prompt = direct_prompt_tokens(&healthy.url(), route, &body).await;
+    for _ in 0..2 {
+        let a = post(&format!("{}{route}", r.url()), &body).await;
+        assert!(!String::from_utf8_lossy(&a.body).contains("[{\"te"), "{}", String::from_utf8_lossy(&a.body));
+        check_whole_answer(route, &a.body, prompt);
+    }
+    assert!(failovers(&r.url(), "continued").await >= 1, "round robin sent one to the half-event worker first");
+}

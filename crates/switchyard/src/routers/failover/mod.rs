@@ -149,12 +149,16 @@ impl FailoverBody {
             start += next;
             let event = if watch_only { Event::glance(event) } else { Event::read(event) };
             match event {
-                Event::Error => {
+                Event::Error | Event::Garbled => {
                     let passed = match out {
                         Some(v) => Bytes::from(v),
                         None => buf.slice(..start - next),
                     };
-                    return (passed, Some(whole));
+                    let error = match event {
+                        Event::Error => whole,
+                        _ => error_event("the worker sent an event that is not JSON (cut mid-event?)"),
+                    };
+                    return (passed, Some(error));
                 }
                 Event::Done => self.done = true,
                 Event::Chunk(chunk) => {

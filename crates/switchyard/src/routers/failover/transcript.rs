@@ -42,6 +42,9 @@ pub enum Event {
     Error,
     /// A JSON chunk of the answer.
     Chunk(Value),
+    /// A `data:` event that is not JSON (these APIs only send JSON): a worker that broke mid-event
+    /// and ended the stream, or garbage. Never relayed.
+    Garbled,
     /// Anything else (comments, keep-alives, non-JSON data): relayed untouched.
     Other,
 }
@@ -67,8 +70,10 @@ impl Event {
     pub fn read(event: &[u8]) -> Self {
         let Ok(text) = std::str::from_utf8(event) else { return Event::Other };
         let mut data = String::new();
+        let mut has_data = false;
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("data:") {
+                has_data = true;
                 if !data.is_empty() {
                     data.push('\n');
                 }
@@ -82,6 +87,7 @@ impl Event {
             Ok(v) if v.get("error").is_some_and(|e| !e.is_null()) => Event::Error,
             Ok(v) if v.get("object").and_then(Value::as_str) == Some("error") => Event::Error,
             Ok(v) => Event::Chunk(v),
+            Err(_) if has_data => Event::Garbled,
             Err(_) => Event::Other,
         }
     }
@@ -342,6 +348,7 @@ mod tests {
         assert!(matches!(Event::read(br#"data: {"object": "error", "message": "x"}"#), Event::Error));
         assert!(matches!(Event::read(br#"data: {"choices": []}"#), Event::Chunk(_)));
         assert!(matches!(Event::read(b": keep-alive"), Event::Other));
+        assert!(matches!(Event::read(br#"data: {"choices":[{"tedata: {"error": {}}"#), Event::Garbled));
         assert!(matches!(Event::glance(b"data: [DONE]"), Event::Done));
         assert!(matches!(Event::glance(br#"data: {"error": {"message": "x"}}"#), Event::Error));
         assert!(matches!(Event::glance(br#"data: {"object": "error", "message": "x"}"#), Event::Error));
