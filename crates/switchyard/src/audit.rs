@@ -50,6 +50,9 @@ pub struct Decision {
     pub predicted_hit_got_miss: bool,
 }
 
+/// A counter's label set (`""` for none) and its value.
+type Series<'a> = (&'a str, &'a AtomicU64);
+
 /// Audit state: counters, the error histogram, the recent decisions.
 #[derive(Debug)]
 pub struct RoutingAudit {
@@ -125,40 +128,29 @@ impl RoutingAudit {
 
     /// The audit's Prometheus families.
     pub fn render(&self, out: &mut String, header: fn(&mut String, &str, &str, &str)) {
-        header(
-            out,
-            "switchyard_routing_audited_total",
-            "counter",
-            "Decisions whose cache prediction was checked against the worker's report.",
-        );
-        let _ = writeln!(out, "switchyard_routing_audited_total {}", self.audited.load(Ordering::Relaxed));
-        header(
-            out,
-            "switchyard_routing_predicted_hit_got_miss_total",
-            "counter",
-            "Decisions predicted to find at least half the prompt cached where the worker had less than half.",
-        );
-        let _ = writeln!(
-            out,
-            "switchyard_routing_predicted_hit_got_miss_total {}",
-            self.hit_got_miss.load(Ordering::Relaxed)
-        );
-        header(
-            out,
-            "switchyard_routing_cached_tokens_total",
-            "counter",
-            "Cached prompt tokens: predicted by the policy, reported by the workers.",
-        );
-        let _ = writeln!(
-            out,
-            "switchyard_routing_cached_tokens_total{{source=\"predicted\"}} {}",
-            self.predicted_sum.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "switchyard_routing_cached_tokens_total{{source=\"reported\"}} {}",
-            self.reported_sum.load(Ordering::Relaxed)
-        );
+        let counters: [(&str, &str, &[Series]); 3] = [
+            (
+                "switchyard_routing_audited_total",
+                "Decisions whose cache prediction was checked against the worker's report.",
+                &[("", &self.audited)],
+            ),
+            (
+                "switchyard_routing_predicted_hit_got_miss_total",
+                "Decisions predicted to find at least half the prompt cached where the worker had less than half.",
+                &[("", &self.hit_got_miss)],
+            ),
+            (
+                "switchyard_routing_cached_tokens_total",
+                "Cached prompt tokens: predicted by the policy, reported by the workers.",
+                &[("{source=\"predicted\"}", &self.predicted_sum), ("{source=\"reported\"}", &self.reported_sum)],
+            ),
+        ];
+        for (name, help, series) in counters {
+            header(out, name, "counter", help);
+            for (labels, value) in series {
+                let _ = writeln!(out, "{name}{labels} {}", value.load(Ordering::Relaxed));
+            }
+        }
         header(
             out,
             "switchyard_routing_prediction_error_tokens",

@@ -197,7 +197,7 @@ mod tests {
     fn so_far(api: Api, chunks: &[Value]) -> Transcript {
         let mut t = Transcript::new(api);
         for c in chunks {
-            t.observe(c);
+            t.observe(c.clone());
         }
         t
     }

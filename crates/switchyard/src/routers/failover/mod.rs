@@ -164,13 +164,13 @@ impl FailoverBody {
                 Event::Chunk(chunk) => {
                     if let Some(base) = &self.spliced {
                         let Some(chunk) = base.splice(chunk) else { continue };
-                        self.transcript.observe(&chunk);
                         if let Some(v) = out.as_mut() {
                             v.extend_from_slice(&sse(&chunk));
                         }
+                        self.transcript.observe(chunk);
                         continue;
                     }
-                    self.transcript.observe(&chunk);
+                    self.transcript.observe(chunk);
                 }
                 Event::Other => {}
             }

@@ -144,7 +144,9 @@ impl Transcript {
     }
 
     /// Takes in one chunk the client is about to receive.
-    pub fn observe(&mut self, chunk: &Value) {
+    /// Taken by value: `/generate` events carry the whole answer so far, which is moved in
+    /// rather than copied on every event.
+    pub fn observe(&mut self, mut chunk: Value) {
         let keep = |slot: &mut Option<Value>, v: Option<&Value>| {
             if slot.is_none() {
                 *slot = v.filter(|v| !v.is_null()).cloned();
@@ -190,11 +192,11 @@ impl Transcript {
                 }
             }
             Api::Generate => {
-                if let Some(text) = chunk.get("text").and_then(Value::as_str) {
-                    text.clone_into(&mut self.text);
+                if let Some(Value::String(text)) = chunk.get_mut("text").map(Value::take) {
+                    self.text = text;
                 }
-                if let Some(ids) = chunk.get("output_ids").and_then(Value::as_array) {
-                    self.output_ids = Some(ids.clone());
+                if let Some(Value::Array(ids)) = chunk.get_mut("output_ids").map(Value::take) {
+                    self.output_ids = Some(ids);
                 }
                 if let Some(meta) = chunk.get("meta_info") {
                     keep(&mut self.rid, meta.get("id"));
@@ -362,9 +364,9 @@ mod tests {
             json!({"id": id, "object": "chat.completion.chunk", "created": 1, "model": "m",
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
         };
-        t.observe(&chunk("a", json!({"role": "assistant", "content": ""}), Value::Null));
-        t.observe(&chunk("a", json!({"content": "lorem "}), Value::Null));
-        t.observe(&chunk("a", json!({"content": "ipsum "}), Value::Null));
+        t.observe(chunk("a", json!({"role": "assistant", "content": ""}), Value::Null));
+        t.observe(chunk("a", json!({"content": "lorem "}), Value::Null));
+        t.observe(chunk("a", json!({"content": "ipsum "}), Value::Null));
         assert_eq!((t.text.as_str(), t.tokens, t.finished), ("lorem ipsum ", 2, false));
 
         assert_eq!(t.splice(chunk("b", json!({"role": "assistant", "content": ""}), Value::Null)), None);
@@ -380,7 +382,7 @@ mod tests {
     #[test]
     fn a_generate_continuation_is_prefixed_with_the_answer_so_far() {
         let mut t = Transcript::new(Api::Generate);
-        t.observe(&json!({"text": "lorem ipsum ", "output_ids": [1, 2],
+        t.observe(json!({"text": "lorem ipsum ", "output_ids": [1, 2],
                           "meta_info": {"id": "r1", "prompt_tokens": 7, "completion_tokens": 2, "finish_reason": null}}));
         let next = t
             .splice(json!({"text": "dolor ", "output_ids": [3],
@@ -398,10 +400,10 @@ mod tests {
     #[test]
     fn what_cannot_be_continued_is_noticed() {
         let mut t = Transcript::new(Api::Chat);
-        t.observe(&json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0}]}}]}));
+        t.observe(json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0}]}}]}));
         assert_eq!(t.blocker, Some("the answer is a tool call"));
         let mut t = Transcript::new(Api::Completion);
-        t.observe(&json!({"choices": [{"index": 1, "text": "x"}]}));
+        t.observe(json!({"choices": [{"index": 1, "text": "x"}]}));
         assert!(t.blocker.is_some());
     }
 }
