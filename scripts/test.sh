@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README): formatting, lints, the Rust test suite, and a real,
 # independent client (the OpenAI Python SDK) against the simulator and through the router.
-# Installs what it needs (a fresh Python venv with `openai`, `trustme` and the built wheel).
+# Installs what it needs (a fresh Python venv with `openai`, `trustme`, `pyzmq`, `msgspec` and the
+# built wheel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,8 @@ cargo test --workspace
 cargo build --bin switchyard --bin switchyard-sim --bin switchyard-bench
 wheel=$(python3 scripts/build_wheel.py --profile dev --no-build --strip)
 python3 -m venv --clear target/wheel-venv
-target/wheel-venv/bin/pip install --quiet --disable-pip-version-check openai trustme "$wheel"
+target/wheel-venv/bin/pip install --quiet --disable-pip-version-check openai trustme pyzmq msgspec "$wheel"
 target/wheel-venv/bin/python tests/clients/launcher_test.py
 target/wheel-venv/bin/python tests/clients/openai_sdk.py target/wheel-venv/bin/switchyard
+# KV events against real ZeroMQ (pyzmq/libzmq) and the engines' msgspec encoding, both ways.
+target/wheel-venv/bin/python tests/clients/kv_events_interop.py target/debug/switchyard target/debug/switchyard-sim

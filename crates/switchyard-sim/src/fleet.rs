@@ -86,12 +86,24 @@ pub enum FleetError {
     Start(#[from] StartError),
 }
 
-/// Worker configs for `count` identical workers on ports `base_port + i` (or free ports if 0).
+/// Worker `i`'s port given the first one (0 = any free port, for every worker).
+fn nth_port(first: u16, i: usize) -> u16 {
+    if first == 0 {
+        0
+    } else {
+        first.saturating_add(i as u16)
+    }
+}
+
+/// Worker configs for `count` identical workers on ports `base_port + i` (or free ports if 0);
+/// bootstrap and KV event ports likewise count up from the template's.
 pub fn uniform(count: usize, base_port: u16, template: &WorkerConfig) -> Vec<WorkerConfig> {
     (0..count)
         .map(|i| WorkerConfig {
-            port: if base_port == 0 { 0 } else { base_port.saturating_add(i as u16) },
-            bootstrap_port: template.bootstrap_port.map(|p| if p == 0 { 0 } else { p.saturating_add(i as u16) }),
+            port: nth_port(base_port, i),
+            bootstrap_port: template.bootstrap_port.map(|p| nth_port(p, i)),
+            kv_events_port: template.kv_events_port.map(|p| nth_port(p, i)),
+            kv_events_replay_port: template.kv_events_replay_port.map(|p| nth_port(p, i)),
             seed: template.seed.wrapping_add(i as u64),
             ..template.clone()
         })
@@ -125,7 +137,9 @@ pub fn from_toml(
             if let Some(kv) = spec.kv_capacity_tokens {
                 c.profile.kv_capacity_tokens = kv;
             }
-            c.port = spec.port.unwrap_or(if base_port == 0 { 0 } else { base_port.saturating_add(i as u16) });
+            c.port = spec.port.unwrap_or(nth_port(base_port, i));
+            c.kv_events_port = template.kv_events_port.map(|p| nth_port(p, i));
+            c.kv_events_replay_port = template.kv_events_replay_port.map(|p| nth_port(p, i));
             c.speed = spec.speed.unwrap_or(template.speed);
             c.role = spec.role.unwrap_or(template.role);
             c.time_scale = file.time_scale.unwrap_or(template.time_scale);

@@ -86,6 +86,15 @@ struct Args {
     /// Require client certificates signed by these CAs (PEM): mTLS.
     #[arg(long, requires = "tls_cert_path")]
     tls_client_ca_path: Option<String>,
+    /// Publish KV cache events (vLLM/SGLang ZMQ wire format) on this port for the first worker,
+    /// the next ports for the others (0 = any free ports); the router subscribes with
+    /// `--kv-events-endpoint`.
+    #[arg(long)]
+    kv_events_port: Option<u16>,
+    /// Serve replays of recent KV event batches (the engines' ROUTER replay socket) on this
+    /// port for the first worker, the next ports for the others.
+    #[arg(long, requires = "kv_events_port")]
+    kv_events_replay_port: Option<u16>,
     /// Log filter (error, warn, info, debug, trace).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -161,6 +170,8 @@ async fn main() {
         tls_cert_path: args.tls_cert_path.clone(),
         tls_key_path: args.tls_key_path.clone(),
         tls_client_ca_path: args.tls_client_ca_path.clone(),
+        kv_events_port: args.kv_events_port,
+        kv_events_replay_port: args.kv_events_replay_port,
     };
     let configs = match &args.fleet {
         Some(path) => fleet::load(path, args.base_port, &template),
@@ -179,7 +190,13 @@ async fn main() {
     };
     for w in &workers {
         let c = w.config();
-        let bootstrap = w.bootstrap_port().map(|p| format!(" bootstrap_port={p}")).unwrap_or_default();
+        let mut bootstrap = w.bootstrap_port().map(|p| format!(" bootstrap_port={p}")).unwrap_or_default();
+        if let Some(e) = w.kv_events_endpoint() {
+            bootstrap.push_str(&format!(" kv_events={e}"));
+        }
+        if let Some(e) = w.kv_events_replay_endpoint() {
+            bootstrap.push_str(&format!(" kv_events_replay={e}"));
+        }
         println!(
             "{} profile={} speed={} role={:?} time_scale={} dp_size={}{bootstrap}",
             w.url(),

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod discovery;
 pub mod error;
 pub mod health;
+pub mod kv_events;
 pub mod load;
 pub mod metrics;
 pub mod policies;

@@ -248,6 +248,16 @@ impl Engine {
         false
     }
 
+    /// Records the prefix cache's changes as KV events (for a publisher to take).
+    pub fn record_kv_events(&mut self) {
+        self.cache.record_events();
+    }
+
+    /// The prefix cache's changes since the last call (empty unless recording).
+    pub fn take_kv_events(&mut self) -> Vec<switchyard_kv_events::KvEvent> {
+        self.cache.take_events()
+    }
+
     /// Drops every unreferenced prefix-cache page.
     pub fn flush_cache(&mut self) {
         self.cache.flush();
@@ -421,10 +431,16 @@ impl Engine {
                     let held = r.held_pages;
                     let moved = ((full - held) * page) as u64;
                     let hashes = r.hashes[held..full].to_vec();
+                    let parent = held.checked_sub(1).map(|p| r.hashes[p]);
+                    let tokens = if self.cache.records_events() {
+                        r.prompt[held * page..full * page].to_vec()
+                    } else {
+                        Vec::new()
+                    };
                     r.held_pages = full;
                     r.own -= moved;
                     self.own_total -= moved;
-                    self.cache.acquire(&hashes, held);
+                    self.cache.store(&hashes, held, parent, &tokens);
                 }
                 self.emit_token(i);
             }

@@ -11,6 +11,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use switchyard_kv_events::publisher::Publisher;
+use switchyard_kv_events::EventBatch;
+
 use crate::model::{Engine, EngineEvent, EngineStats, RequestId, SimRequest, SubmitError};
 
 /// What the engine tells one request's handler.
@@ -29,6 +32,9 @@ pub enum TokenMsg {
         last: bool,
     },
 }
+
+/// Where an engine publishes its KV events, and the data-parallel rank its batches carry.
+pub type KvEventSink = (Arc<Publisher>, Option<i64>);
 
 /// Commands to the engine task.
 #[derive(Debug)]
@@ -65,9 +71,18 @@ pub struct EngineStopped;
 impl EngineHandle {
     /// Starts the engine task. It ends when every handle is dropped.
     pub fn spawn(engine: Engine, time_scale: f64) -> Self {
+        Self::spawn_publishing(engine, time_scale, None)
+    }
+
+    /// [`EngineHandle::spawn`]; with a sink, the engine records its prefix cache's changes and
+    /// publishes each step's as one batch when the step completes.
+    pub fn spawn_publishing(mut engine: Engine, time_scale: f64, kv_events: Option<KvEventSink>) -> Self {
+        if kv_events.is_some() {
+            engine.record_kv_events();
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Mutex::new(engine.stats()));
-        tokio::spawn(run(engine, time_scale.max(1e-6), rx, stats.clone()));
+        tokio::spawn(run(engine, time_scale.max(1e-6), rx, stats.clone(), kv_events));
         Self { tx, stats }
     }
 
@@ -111,7 +126,20 @@ async fn run(
     time_scale: f64,
     mut rx: mpsc::UnboundedReceiver<Command>,
     stats: Arc<Mutex<EngineStats>>,
+    kv_events: Option<KvEventSink>,
 ) {
+    // Published when the step completes, before its tokens are delivered: an answer never
+    // reaches its client before the cache change it made is on the wire.
+    let send_kv = |engine: &mut Engine| {
+        if let Some((publisher, rank)) = &kv_events {
+            let events = engine.take_kv_events();
+            if !events.is_empty() {
+                let ts =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+                publisher.publish(EventBatch { ts, events, data_parallel_rank: *rank }.encode());
+            }
+        }
+    };
     let mut sinks: HashMap<RequestId, mpsc::UnboundedSender<TokenMsg>> = HashMap::new();
     let mut base = Instant::now();
     let mut virtual_elapsed = 0.0f64;
@@ -121,6 +149,7 @@ async fn run(
         }
         let stepped = engine.step();
         let Some((duration, events)) = stepped else {
+            send_kv(&mut engine);
             publish(&engine, &stats);
             // Nothing runnable: wait for work, then restart the clock from now.
             match rx.recv().await {
@@ -133,6 +162,7 @@ async fn run(
         };
         virtual_elapsed += duration / time_scale;
         tokio::time::sleep_until(base + Duration::from_secs_f64(virtual_elapsed)).await;
+        send_kv(&mut engine);
         for ev in events {
             let (id, msg) = match ev {
                 EngineEvent::Admitted { id, cached_tokens } => (id, TokenMsg::Admitted { cached_tokens }),

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use crate::model::{Engine, EngineStats, Profile};
 use driver::EngineHandle;
 pub use faults::{FaultError, Faults};
+use switchyard_kv_events::publisher::Publisher;
 
 /// What part a worker plays in a fleet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -76,6 +77,10 @@ pub struct WorkerConfig {
     pub tls_cert_path: Option<String>,
     /// The private key of `tls_cert_path` (PEM).
     pub tls_key_path: Option<String>,
+    /// Publish KV cache events (vLLM/SGLang wire format) on this port (0 = any free port).
+    pub kv_events_port: Option<u16>,
+    /// Serve replays of recent KV event batches on this port (0 = any free port).
+    pub kv_events_replay_port: Option<u16>,
     /// Require client certificates signed by these CAs (PEM): mTLS.
     pub tls_client_ca_path: Option<String>,
 }
@@ -100,6 +105,8 @@ impl Default for WorkerConfig {
             tls_cert_path: None,
             tls_key_path: None,
             tls_client_ca_path: None,
+            kv_events_port: None,
+            kv_events_replay_port: None,
         }
     }
 }
@@ -195,6 +202,7 @@ impl WorkerState {
 pub struct WorkerHandle {
     addr: SocketAddr,
     bootstrap_port: Option<u16>,
+    kv_events: Option<Arc<Publisher>>,
     state: Arc<WorkerState>,
     _shutdown: watch::Sender<()>,
 }
@@ -216,6 +224,21 @@ impl WorkerHandle {
             Some(_) => format!("https://localhost:{}", self.addr.port()),
             None => format!("http://{}", self.addr),
         }
+    }
+
+    /// `tcp://host:port` of its KV event publisher, when it publishes.
+    pub fn kv_events_endpoint(&self) -> Option<String> {
+        self.kv_events.as_ref().map(|p| format!("tcp://{}", p.pub_addr()))
+    }
+
+    /// KV event batches published so far (the next batch's sequence number).
+    pub fn kv_events_published(&self) -> u64 {
+        self.kv_events.as_ref().map_or(0, |p| p.next_seq())
+    }
+
+    /// `tcp://host:port` of its KV event replay socket, when it serves one.
+    pub fn kv_events_replay_endpoint(&self) -> Option<String> {
+        self.kv_events.as_ref().and_then(|p| p.replay_addr()).map(|a| format!("tcp://{a}"))
     }
 
     /// `/health` calls it answered.
@@ -260,10 +283,15 @@ pub async fn spawn_worker(config: WorkerConfig) -> Result<WorkerHandle, StartErr
     let listener =
         TcpListener::bind(&addr_text).await.map_err(|source| StartError::Bind { addr: addr_text.clone(), source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: addr_text, source })?;
+    let kv_events = match config.kv_events_port {
+        Some(port) => Some(kv_publisher(&config, port).await?),
+        None => None,
+    };
     let engines = (0..u64::from(config.dp_size))
         .map(|rank| {
             let engine = Engine::new(config.profile.clone(), config.speed, config.seed.wrapping_add(rank * 7919));
-            EngineHandle::spawn(engine, config.time_scale)
+            let sink = kv_events.as_ref().map(|p| (p.clone(), (config.dp_size > 1).then_some(rank as i64)));
+            EngineHandle::spawn_publishing(engine, config.time_scale, sink)
         })
         .collect();
     let rank_requests = (0..config.dp_size).map(|_| AtomicU64::new(0)).collect();
@@ -300,7 +328,20 @@ pub async fn spawn_worker(config: WorkerConfig) -> Result<WorkerHandle, StartErr
     };
     let app = api::router(state.clone());
     tokio::spawn(accept_loop(state.clone(), app, addr, listener, tls, shutdown_rx));
-    Ok(WorkerHandle { addr, bootstrap_port, state, _shutdown: shutdown })
+    Ok(WorkerHandle { addr, bootstrap_port, kv_events, state, _shutdown: shutdown })
+}
+
+/// Batches kept for replay.
+const KV_REPLAY_BATCHES: usize = 10_000;
+
+/// Binds the KV event publisher (and its replay socket).
+async fn kv_publisher(config: &WorkerConfig, port: u16) -> Result<Arc<Publisher>, StartError> {
+    let pub_addr = format!("{}:{port}", config.host);
+    let replay_addr = config.kv_events_replay_port.map(|p| format!("{}:{p}", config.host));
+    let publisher = Publisher::bind(&pub_addr, replay_addr.as_deref(), "", KV_REPLAY_BATCHES)
+        .await
+        .map_err(|source| StartError::Bind { addr: pub_addr, source })?;
+    Ok(Arc::new(publisher))
 }
 
 /// Accepts connections until shut down. While `refuse_connections` is set the listening

@@ -102,6 +102,22 @@ pub struct Args {
     /// cache_aware: bound on the prefix tree (characters or tokens, summed over workers).
     #[arg(long, default_value_t = 1 << 26)]
     pub max_tree_size: usize,
+    /// Subscribe to the workers' KV cache events (vLLM/SGLang ZMQ publishers): one
+    /// `tcp://host:port` per worker, in the order of --worker-urls then --prefill then
+    /// --decode; or one template with `{host}` (the worker's host) for every worker, including
+    /// discovered ones. cache_aware and marginal_utility then use the engines' real cache state.
+    #[arg(long, num_args = 1.., value_name = "ENDPOINT")]
+    pub kv_events_endpoint: Vec<String>,
+    /// The engines' replay sockets (vLLM's `replay_endpoint`), listed like
+    /// --kv-events-endpoint: sequence gaps are repaired from them instead of rebuilding the view.
+    #[arg(long, num_args = 1.., value_name = "ENDPOINT")]
+    pub kv_events_replay_endpoint: Vec<String>,
+    /// Topic (prefix) to subscribe to; empty = every topic.
+    #[arg(long, default_value = "")]
+    pub kv_events_topic: String,
+    /// Bound on the KV event block index over all workers, MiB.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub kv_index_max_mb: u64,
     /// cache_aware, marginal_utility: bound on the prefix trees' memory, MiB (node, tenant and
     /// bookkeeping overhead included).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
@@ -553,7 +569,87 @@ impl Args {
             dp_aware: self.dp_aware,
             tls: self.tls_config()?,
             discovery: self.discovery_config()?,
+            kv_events: self.kv_events_config()?,
         })
+    }
+
+    /// `--kv-events-endpoint` and friends: per worker in flag order, or one `{host}` template.
+    fn kv_events_config(&self) -> Result<Option<crate::kv_events::KvEventsConfig>, ConfigError> {
+        use crate::kv_events::{Endpoints, KvEventsConfig};
+        if self.kv_events_endpoint.is_empty() {
+            if !self.kv_events_replay_endpoint.is_empty() {
+                return Err(ConfigError::Range {
+                    flag: "kv-events-replay-endpoint",
+                    reason: "needs --kv-events-endpoint".into(),
+                });
+            }
+            return Ok(None);
+        }
+        for (flag, list) in [
+            ("kv-events-endpoint", &self.kv_events_endpoint),
+            ("kv-events-replay-endpoint", &self.kv_events_replay_endpoint),
+        ] {
+            for e in list {
+                let probe = e.replace("{host}", "127.0.0.1");
+                if switchyard_kv_events::zmtp::tcp_address(&probe).is_none() || probe.contains("tcp://*") {
+                    return Err(ConfigError::Range {
+                        flag,
+                        reason: format!("'{e}' is not tcp://HOST:PORT (HOST may be {{host}}, the worker's host)"),
+                    });
+                }
+            }
+        }
+        let templated = self.kv_events_endpoint.len() == 1 && self.kv_events_endpoint[0].contains("{host}");
+        let replay_count = self.kv_events_replay_endpoint.len();
+        let mut config = KvEventsConfig {
+            by_url: Vec::new(),
+            template: None,
+            topic: self.kv_events_topic.clone(),
+            max_index_bytes: (self.kv_index_max_mb as usize) << 20,
+            max_message_bytes: 64 << 20,
+        };
+        if templated {
+            if replay_count > 1 {
+                return Err(ConfigError::Range {
+                    flag: "kv-events-replay-endpoint",
+                    reason: "with a {host} template for events, give one replay template".into(),
+                });
+            }
+            config.template = Some(Endpoints {
+                events: self.kv_events_endpoint[0].clone(),
+                replay: self.kv_events_replay_endpoint.first().cloned(),
+            });
+            return Ok(Some(config));
+        }
+        let mut urls: Vec<String> = self.worker_urls.clone();
+        urls.extend(self.prefill.iter().filter(|v| v.contains("://")).cloned());
+        urls.extend(self.decode.iter().cloned());
+        let urls = urls.iter().map(|u| normalize_worker_url(u)).collect::<Result<Vec<_>, _>>()?;
+        if urls.len() != self.kv_events_endpoint.len() {
+            return Err(ConfigError::Range {
+                flag: "kv-events-endpoint",
+                reason: format!(
+                    "gives {} endpoints for {} workers: give one per worker (--worker-urls, then --prefill, then --decode) or one template with {{host}}",
+                    self.kv_events_endpoint.len(),
+                    urls.len()
+                ),
+            });
+        }
+        if replay_count != 0 && replay_count != urls.len() {
+            return Err(ConfigError::Range {
+                flag: "kv-events-replay-endpoint",
+                reason: format!("gives {replay_count} endpoints for {} workers", urls.len()),
+            });
+        }
+        config.by_url = urls
+            .into_iter()
+            .zip(&self.kv_events_endpoint)
+            .enumerate()
+            .map(|(i, (url, e))| {
+                (url, Endpoints { events: e.clone(), replay: self.kv_events_replay_endpoint.get(i).cloned() })
+            })
+            .collect();
+        Ok(Some(config))
     }
 
     /// Both or neither of a certificate and its key.

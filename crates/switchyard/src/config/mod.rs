@@ -102,6 +102,8 @@ pub struct RouterConfig {
     pub tls: crate::tls::TlsConfig,
     /// Kubernetes service discovery, when enabled.
     pub discovery: Option<DiscoveryConfig>,
+    /// Engine KV event subscriptions (`--kv-events-endpoint`).
+    pub kv_events: Option<crate::kv_events::KvEventsConfig>,
 }
 
 /// Kubernetes service discovery (sglang-router's flags): pods matching a selector are workers.
@@ -278,6 +280,7 @@ impl Default for RouterConfig {
             dp_aware: false,
             tls: crate::tls::TlsConfig::default(),
             discovery: None,
+            kv_events: None,
         }
     }
 }

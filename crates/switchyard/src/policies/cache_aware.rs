@@ -135,8 +135,10 @@ impl CacheAware {
             match self.trees.matches(&request.text) {
                 Some(m) if m.key_size > 0 => {
                     // One pass over the candidates (sorted by id, like the match): a per-worker
-                    // lookup made this O(workers × log tenants) on a thousand workers.
+                    // lookup made this O(workers × log tenants) on a thousand workers. Workers
+                    // publishing KV events: what their engine holds, not the tree's guess.
                     let matched = m.of_each(workers.iter().map(|w| w.id()));
+                    let matched = crate::kv_events::overlay_exact(matched, workers, request);
                     let best = matched.iter().copied().max().unwrap_or(0);
                     self.match_ratio.observe(best as f64 / m.key_size as f64);
                     let decision = if best as f64 / m.key_size as f64 > self.config.cache_threshold {

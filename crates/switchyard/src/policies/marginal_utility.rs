@@ -294,6 +294,9 @@ impl MarginalUtility {
             Some(m) if !m.tenants.is_empty() => m.of_each(workers.iter().map(|w| w.id())),
             _ => Vec::new(),
         };
+        // Workers publishing KV events: the tokens their engine holds, not the tree's guess
+        // (the same uncached-token input to the model either way).
+        let matched_units = crate::kv_events::overlay_exact(matched_units, workers, request);
         let indices = self.pick_candidates(workers, &matched_units);
         let per_token = match request.text {
             RoutingText::Text(_) => 1.0 / CHARS_PER_TOKEN as f64,

@@ -189,6 +189,15 @@ pub(super) async fn debug_routing(State(state): State<AppState>) -> Response {
     Json(state.metrics.audit().report()).into_response()
 }
 
+/// `GET /debug/kv_events` (admin): each worker's KV event subscription — connected, synced,
+/// blocks held, last sequence number, gaps repaired or not, restarts — and the index's bound.
+pub(super) async fn debug_kv_events(State(state): State<AppState>) -> Response {
+    match &state.kv_events {
+        Some(kv) => Json(kv.report()).into_response(),
+        None => ApiError::NotFound("KV events are off (no --kv-events-endpoint)".into()).into_response(),
+    }
+}
+
 /// `GET /debug/policy` (admin): the policy's learnt state — for marginal_utility each
 /// worker's fitted coefficients, sample counts, residual σ and recent predictions against
 /// observations — with worker ids resolved to URLs.

@@ -144,5 +144,8 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
         }
         crate::metrics::append_deduplicated(&mut text, &own);
     }
+    if let Some(kv) = &state.kv_events {
+        kv.render(&mut text);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

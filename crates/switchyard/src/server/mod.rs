@@ -64,6 +64,8 @@ pub struct Shared {
     pub onboarding: Arc<Onboarding>,
     /// Prometheus families.
     pub metrics: Arc<Metrics>,
+    /// The engines' KV event subscriptions, when configured.
+    pub kv_events: Option<Arc<crate::kv_events::KvEvents>>,
 }
 
 impl AppState {
@@ -140,7 +142,17 @@ impl Shared {
             allow: config.worker_allow.clone(),
             dp_aware: config.dp_aware,
         });
-        Self { config: Arc::new(config), registry, router, control, probes, admission, metrics, onboarding }
+        let kv_events = config.kv_events.clone().map(|c| Arc::new(crate::kv_events::KvEvents::new(c)));
+        if let Some(kv) = &kv_events {
+            // Weak: the registry must not keep the subscriptions alive once the router is gone.
+            let kv = Arc::downgrade(kv);
+            registry.subscribe(Arc::new(move |change| {
+                if let Some(kv) = kv.upgrade() {
+                    kv.on_membership(change);
+                }
+            }));
+        }
+        Self { config: Arc::new(config), registry, router, control, probes, admission, metrics, onboarding, kv_events }
     }
 
     /// Checks a worker's address, probes it once (health, then the models it serves and, with
@@ -180,6 +192,7 @@ pub fn app(state: AppState) -> Router {
         .route("/remove_worker", post(admin::legacy_remove_worker))
         .route("/debug/policy", get(admin::debug_policy))
         .route("/debug/routing", get(admin::debug_routing))
+        .route("/debug/kv_events", get(admin::debug_kv_events))
         .route_layer(axum::middleware::from_fn_with_state(admin_access, auth::require));
     let public = Router::new()
         .route("/health", get(info::health))
@@ -239,6 +252,9 @@ impl RunningRouter {
     /// (its clients see the connection close) and shutdown completes anyway.
     pub async fn shutdown(self) -> std::io::Result<()> {
         let _ = self.shutdown.send(());
+        if let Some(kv) = &self.state.kv_events {
+            kv.stop();
+        }
         let grace = self.state.config.shutdown_grace;
         let mut task = self.task;
         match tokio::time::timeout(grace, &mut task).await {

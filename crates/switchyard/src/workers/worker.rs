@@ -1,7 +1,7 @@
 //! One inference server as the router knows it.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, OnceLock, RwLock};
 
 use serde::Serialize;
 
@@ -61,6 +61,8 @@ pub struct Worker {
     /// Where it came from: `None` for workers given by hand (flags, admin API), else the
     /// discovery source that owns it (only that source may remove it).
     source: Option<String>,
+    /// The engine's cache as its KV events describe it, when the router subscribes to them.
+    kv_blocks: OnceLock<Arc<crate::kv_events::WorkerBlocks>>,
 }
 
 impl Worker {
@@ -85,6 +87,7 @@ impl Worker {
             breaker: CircuitBreaker::new(breaker),
             models: RwLock::new(Vec::new()),
             source: None,
+            kv_blocks: OnceLock::new(),
         }
     }
 
@@ -193,6 +196,16 @@ impl Worker {
         if let Ok(mut m) = self.models.write() {
             *m = models;
         }
+    }
+
+    /// Attaches the block set its KV event subscription fills (once; a second is ignored).
+    pub fn attach_kv_blocks(&self, blocks: Arc<crate::kv_events::WorkerBlocks>) {
+        let _ = self.kv_blocks.set(blocks);
+    }
+
+    /// The engine's cache as its KV events describe it, when the router subscribes to them.
+    pub fn kv_blocks(&self) -> Option<&Arc<crate::kv_events::WorkerBlocks>> {
+        self.kv_blocks.get()
     }
 
     /// Records the one model the worker serves.

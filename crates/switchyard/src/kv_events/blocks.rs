@@ -1,0 +1,372 @@
+//! One worker's cached blocks as its engine's KV events describe them, and how much of a
+//! request's prompt they hold.
+//!
+//! Blocks are keyed by the router's own chained hash of their token ids, so a request's
+//! prompt is matched by hashing it the same way: no engine hash function is reproduced (vLLM's
+//! is seeded per process, SGLang's differs). The engine's hash is kept only to apply
+//! removals and to find a stored block's parent.
+//!
+//! Engines always compute at least the prompt's last token, so a prompt of `n` tokens can hit
+//! at most the full blocks of its first `n - 1` tokens; [`prompt_block_hashes`] hashes exactly
+//! those, and a prediction equals what the engine then reports.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use switchyard_kv_events::{BlockHash, KvEvent};
+
+use crate::workers::Worker;
+
+/// The chain's seed: the "parent" of a sequence's first block.
+const ROOT: u64 = 0x2545_f491_4f6c_dd1d;
+
+/// Memory one indexed block takes, bytes: an engine-hash entry (16 B) and a router-hash
+/// entry (12 B) in two hash maps at up to 7/8 load with their control bytes, plus growth slack.
+pub const BYTES_PER_BLOCK: usize = 64;
+
+fn chain(parent: u64, tokens: &[u32]) -> u64 {
+    let mut h = parent;
+    for t in tokens {
+        h = (h.rotate_left(5) ^ u64::from(*t)).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    // splitmix64's finaliser: every token bit reaches every hash bit.
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// The router's chained hashes of the full `block_size`-token blocks of `tokens`.
+pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
+    let mut out = Vec::with_capacity(tokens.len() / block_size.max(1));
+    let mut prev = ROOT;
+    for block in tokens.chunks_exact(block_size.max(1)) {
+        prev = chain(prev, block);
+        out.push(prev);
+    }
+    out
+}
+
+/// The hashes of the blocks a prompt can hit: full blocks of all but its last token.
+pub fn prompt_block_hashes(prompt: &[u32], block_size: usize) -> Vec<u64> {
+    block_hashes(&prompt[..prompt.len().saturating_sub(1)], block_size)
+}
+
+/// The bound on blocks indexed over every worker (`--kv-index-max-mb`).
+#[derive(Debug)]
+pub struct BlockBudget {
+    used: AtomicUsize,
+    max_blocks: usize,
+    refused: AtomicU64,
+}
+
+impl BlockBudget {
+    /// A budget of `max_bytes` of index.
+    pub fn new(max_bytes: usize) -> Self {
+        Self { used: AtomicUsize::new(0), max_blocks: max_bytes / BYTES_PER_BLOCK, refused: AtomicU64::new(0) }
+    }
+
+    fn take(&self) -> bool {
+        self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| (u < self.max_blocks).then_some(u + 1)).is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(n)));
+    }
+
+    /// Blocks indexed now, over every worker.
+    pub fn used_blocks(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// The most blocks the index holds.
+    pub fn max_blocks(&self) -> usize {
+        self.max_blocks
+    }
+
+    /// Stored blocks not indexed because the bound was reached.
+    pub fn refused_blocks(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+struct BlockSet {
+    /// Tokens per block, from the latest stored event (0: none yet).
+    block_size: u32,
+    /// Engine block (its hash, and where it lives) → the router's hash of it.
+    by_engine: HashMap<u64, u64>,
+    /// Router hash → how many engine blocks have it (the same tokens on GPU and CPU).
+    present: HashMap<u64, u32>,
+}
+
+/// Where an event says its blocks live, folded into the engine-block key so a block
+/// offloaded to CPU and its GPU copy are two entries.
+fn engine_key(hash: BlockHash, medium: Option<&str>) -> u64 {
+    match medium {
+        None | Some("GPU") | Some("gpu") => hash.0,
+        Some(m) => hash.0 ^ chain(ROOT, &m.bytes().map(u32::from).collect::<Vec<_>>()),
+    }
+}
+
+/// What applying a batch did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// Blocks indexed.
+    pub stored: usize,
+    /// Blocks removed.
+    pub removed: usize,
+    /// Stored blocks whose parent the router never saw (stored before it subscribed, or
+    /// lost): not indexed, since their chain cannot be computed.
+    pub orphaned: usize,
+    /// Stored blocks refused by the memory bound.
+    pub refused: usize,
+}
+
+/// One worker's cache view.
+#[derive(Debug)]
+pub struct WorkerBlocks {
+    set: RwLock<BlockSet>,
+    /// Events are flowing and nothing is known to be missing: policies may trust the view.
+    synced: AtomicBool,
+    budget: Arc<BlockBudget>,
+}
+
+impl WorkerBlocks {
+    /// An empty view, not synced yet, drawing on `budget`.
+    pub fn new(budget: Arc<BlockBudget>) -> Self {
+        Self { set: RwLock::new(BlockSet::default()), synced: AtomicBool::new(false), budget }
+    }
+
+    /// Whether policies may use the view (the subscription is live and complete).
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    /// Marks the view usable or not.
+    pub fn set_synced(&self, synced: bool) {
+        self.synced.store(synced, Ordering::Relaxed);
+    }
+
+    /// Blocks indexed for this worker.
+    pub fn blocks(&self) -> usize {
+        self.set.read().map(|s| s.by_engine.len()).unwrap_or(0)
+    }
+
+    /// Tokens per block (0 until a block was stored).
+    pub fn block_size(&self) -> u32 {
+        self.set.read().map(|s| s.block_size).unwrap_or(0)
+    }
+
+    /// Forgets every block (an engine restart, a gap nothing can repair).
+    pub fn clear(&self) {
+        if let Ok(mut s) = self.set.write() {
+            self.budget.give(s.by_engine.len());
+            *s = BlockSet { block_size: s.block_size, ..BlockSet::default() };
+        }
+    }
+
+    /// Applies one batch's events, in order.
+    pub fn apply(&self, events: &[KvEvent]) -> Applied {
+        let mut done = Applied::default();
+        let Ok(mut s) = self.set.write() else { return done };
+        for event in events {
+            match event {
+                KvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size, medium, .. } => {
+                    let medium = medium.as_deref();
+                    let mut prev = match parent_block_hash {
+                        None => ROOT,
+                        Some(p) => match s.by_engine.get(&engine_key(*p, medium)).or_else(|| s.by_engine.get(&p.0)) {
+                            Some(r) => *r,
+                            None => {
+                                done.orphaned += block_hashes.len();
+                                continue;
+                            }
+                        },
+                    };
+                    s.block_size = *block_size;
+                    let size = *block_size as usize;
+                    for (h, tokens) in block_hashes.iter().zip(token_ids.chunks_exact(size)) {
+                        let router = chain(prev, tokens);
+                        prev = router;
+                        let key = engine_key(*h, medium);
+                        if let Some(old) = s.by_engine.get(&key).copied() {
+                            if old == router {
+                                continue;
+                            }
+                            s.by_engine.remove(&key);
+                            unpresent(&mut s.present, old);
+                            self.budget.give(1);
+                        }
+                        if !self.budget.take() {
+                            done.refused += 1;
+                            self.budget.refused.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        s.by_engine.insert(key, router);
+                        *s.present.entry(router).or_insert(0) += 1;
+                        done.stored += 1;
+                    }
+                }
+                KvEvent::BlockRemoved { block_hashes, medium } => {
+                    for h in block_hashes {
+                        if let Some(router) = s.by_engine.remove(&engine_key(*h, medium.as_deref())) {
+                            unpresent(&mut s.present, router);
+                            self.budget.give(1);
+                            done.removed += 1;
+                        }
+                    }
+                }
+                KvEvent::AllBlocksCleared => {
+                    self.budget.give(s.by_engine.len());
+                    done.removed += s.by_engine.len();
+                    s.by_engine.clear();
+                    s.present.clear();
+                }
+            }
+        }
+        done
+    }
+
+    /// How many leading blocks of `hashes` (a prompt's [`prompt_block_hashes`]) are cached.
+    ///
+    /// A binary search: engines evict a sequence's blocks from its tail, so the cached blocks
+    /// of one prompt form a prefix of it.
+    pub fn cached_prefix_blocks(&self, hashes: &[u64]) -> usize {
+        let Ok(s) = self.set.read() else { return 0 };
+        let (mut lo, mut hi) = (0usize, hashes.len());
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if s.present.contains_key(&hashes[mid - 1]) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
+    }
+}
+
+fn unpresent(present: &mut HashMap<u64, u32>, router: u64) {
+    if let Some(n) = present.get_mut(&router) {
+        *n -= 1;
+        if *n == 0 {
+            present.remove(&router);
+        }
+    }
+}
+
+/// Prompt tokens each of `workers` has cached, from its engine's events: `Some(tokens)` for a
+/// worker whose view is synced, `None` for one without events (or whose view is not usable
+/// now: the policy falls back to its own estimate there). `None` overall when no worker has
+/// a usable view, so the caller skips the work.
+pub fn cached_tokens(workers: &[Arc<Worker>], prompt: &[u32]) -> Option<Vec<Option<u32>>> {
+    if prompt.len() < 2 || !workers.iter().any(|w| w.kv_blocks().is_some_and(|b| b.is_synced())) {
+        return None;
+    }
+    // Hashed once per block size in use (one, in any real fleet).
+    let mut hashed: Vec<(u32, Vec<u64>)> = Vec::with_capacity(1);
+    Some(
+        workers
+            .iter()
+            .map(|w| {
+                let blocks = w.kv_blocks().filter(|b| b.is_synced())?;
+                let size = blocks.block_size();
+                if size == 0 {
+                    return Some(0);
+                }
+                let i = match hashed.iter().position(|(s, _)| *s == size) {
+                    Some(i) => i,
+                    None => {
+                        hashed.push((size, prompt_block_hashes(prompt, size as usize)));
+                        hashed.len() - 1
+                    }
+                };
+                let n = blocks.cached_prefix_blocks(&hashed[i].1);
+                Some((n * size as usize) as u32)
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(hashes: &[u64], parent: Option<u64>, tokens: std::ops::Range<u32>, size: u32) -> KvEvent {
+        KvEvent::BlockStored {
+            block_hashes: hashes.iter().map(|h| BlockHash(*h)).collect(),
+            parent_block_hash: parent.map(BlockHash),
+            token_ids: tokens.collect(),
+            block_size: size,
+            lora_id: None,
+            medium: Some("GPU".into()),
+        }
+    }
+
+    fn view(max_bytes: usize) -> WorkerBlocks {
+        let b = WorkerBlocks::new(Arc::new(BlockBudget::new(max_bytes)));
+        b.set_synced(true);
+        b
+    }
+
+    #[test]
+    fn stored_chains_match_prompts_up_to_the_last_token() {
+        let b = view(1 << 20);
+        // Engine hashes are arbitrary (100, 101, ...): matching never uses them.
+        b.apply(&[stored(&[100, 101], None, 0..8, 4), stored(&[102], Some(101), 8..12, 4)]);
+        assert_eq!(b.blocks(), 3);
+        let prompt: Vec<u32> = (0..12).collect();
+        // 12 tokens: the last is always computed, so the third block cannot hit.
+        assert_eq!(b.cached_prefix_blocks(&prompt_block_hashes(&prompt, 4)), 2);
+        let longer: Vec<u32> = (0..20).collect();
+        assert_eq!(b.cached_prefix_blocks(&prompt_block_hashes(&longer, 4)), 3);
+        let other: Vec<u32> = (1..20).collect();
+        assert_eq!(b.cached_prefix_blocks(&prompt_block_hashes(&other, 4)), 0);
+    }
+
+    #[test]
+    fn removals_remove_exactly_what_they_name() {
+        let b = view(1 << 20);
+        b.apply(&[stored(&[1, 2, 3], None, 0..12, 4)]);
+        let prompt: Vec<u32> = (0..13).collect();
+        let h = prompt_block_hashes(&prompt, 4);
+        assert_eq!(b.cached_prefix_blocks(&h), 3);
+        let applied = b.apply(&[KvEvent::BlockRemoved { block_hashes: vec![BlockHash(3)], medium: None }]);
+        assert_eq!(applied.removed, 1);
+        assert_eq!(b.cached_prefix_blocks(&h), 2);
+        // A removal of a block never stored changes nothing.
+        assert_eq!(b.apply(&[KvEvent::BlockRemoved { block_hashes: vec![BlockHash(77)], medium: None }]).removed, 0);
+        assert_eq!(b.blocks(), 2);
+        b.apply(&[KvEvent::AllBlocksCleared]);
+        assert_eq!((b.blocks(), b.cached_prefix_blocks(&h)), (0, 0));
+    }
+
+    #[test]
+    fn a_block_on_cpu_and_gpu_survives_the_removal_of_one_copy() {
+        let b = view(1 << 20);
+        b.apply(&[stored(&[1], None, 0..4, 4)]);
+        let mut cpu = stored(&[1], None, 0..4, 4);
+        if let KvEvent::BlockStored { medium, .. } = &mut cpu {
+            *medium = Some("CPU".into());
+        }
+        b.apply(&[cpu]);
+        assert_eq!(b.blocks(), 2);
+        b.apply(&[KvEvent::BlockRemoved { block_hashes: vec![BlockHash(1)], medium: Some("GPU".into()) }]);
+        let h = prompt_block_hashes(&(0..5).collect::<Vec<_>>(), 4);
+        assert_eq!(b.cached_prefix_blocks(&h), 1, "the CPU copy still hits");
+    }
+
+    #[test]
+    fn orphans_and_the_memory_bound_are_counted_not_indexed() {
+        let budget = Arc::new(BlockBudget::new(2 * BYTES_PER_BLOCK));
+        let b = WorkerBlocks::new(budget.clone());
+        let applied = b.apply(&[stored(&[5], Some(4), 0..4, 4)]);
+        assert_eq!((applied.orphaned, b.blocks()), (1, 0));
+        let applied = b.apply(&[stored(&[1, 2, 3], None, 0..12, 4)]);
+        assert_eq!((applied.stored, applied.refused), (2, 1));
+        assert_eq!((budget.used_blocks(), budget.refused_blocks()), (2, 1));
+        b.clear();
+        assert_eq!(budget.used_blocks(), 0, "clearing returns the budget");
+    }
+}
