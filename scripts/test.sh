@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README): formatting, lints, the Rust test suite, and a real,
 # independent client (the OpenAI Python SDK) against the simulator and through the router.
-# Installs what it needs (a fresh Python venv with `openai`, `trustme`, `pyzmq`, `msgspec` and the
-# built wheel).
+# Installs what it needs (a fresh Python venv with `openai`, `trustme`, `pyzmq`, `msgspec`,
+# `transformers` and the built wheel; a real model's tokenizer.json from the litellm package).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,8 +18,16 @@ cargo test --workspace
 cargo build --bin switchyard --bin switchyard-sim --bin switchyard-bench
 wheel=$(python3 scripts/build_wheel.py --profile dev --no-build --strip)
 python3 -m venv --clear target/wheel-venv
-target/wheel-venv/bin/pip install --quiet --disable-pip-version-check openai trustme pyzmq msgspec "$wheel"
+target/wheel-venv/bin/pip install --quiet --disable-pip-version-check openai trustme pyzmq msgspec transformers jinja2 "$wheel"
 target/wheel-venv/bin/python tests/clients/launcher_test.py
 target/wheel-venv/bin/python tests/clients/openai_sdk.py target/wheel-venv/bin/switchyard
 # KV events against real ZeroMQ (pyzmq/libzmq) and the engines' msgspec encoding, both ways.
 target/wheel-venv/bin/python tests/clients/kv_events_interop.py target/debug/switchyard target/debug/switchyard-sim
+# Tokenizer parity with transformers on a real model's tokenizer (DeepSeek's tokenizer.json, which
+# the litellm package ships; nothing is fetched from a model hub).
+mkdir -p target/parity
+if [ ! -f target/parity/deepseek_tokenizer.json ]; then
+  target/wheel-venv/bin/pip download --quiet --disable-pip-version-check --no-deps litellm==1.110.2 -d target/parity
+  python3 -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('target/parity/litellm-*.whl')[0]); open('target/parity/deepseek_tokenizer.json', 'wb').write(z.read('litellm/litellm_core_utils/tokenizers/deepseek_tokenizer.json'))"
+fi
+target/wheel-venv/bin/python tests/clients/tokenizer_parity.py target/debug/switchyard target/parity/deepseek_tokenizer.json

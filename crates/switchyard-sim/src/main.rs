@@ -95,6 +95,10 @@ struct Args {
     /// port for the first worker, the next ports for the others.
     #[arg(long, requires = "kv_events_port")]
     kv_events_replay_port: Option<u16>,
+    /// Tokenize with this model's tokenizer (a directory with tokenizer.json and
+    /// tokenizer_config.json's chat template, or a tokenizer.json) as a real engine would.
+    #[arg(long)]
+    tokenizer_path: Option<String>,
     /// Log filter (error, warn, info, debug, trace).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -172,6 +176,7 @@ async fn main() {
         tls_client_ca_path: args.tls_client_ca_path.clone(),
         kv_events_port: args.kv_events_port,
         kv_events_replay_port: args.kv_events_replay_port,
+        tokenizer_path: args.tokenizer_path.clone(),
     };
     let configs = match &args.fleet {
         Some(path) => fleet::load(path, args.base_port, &template),

@@ -21,4 +21,6 @@ pub mod routers;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
+#[cfg(feature = "tokenizer")]
+pub mod tokenize;
 pub mod workers;

@@ -164,75 +164,116 @@ async fn the_exact_view_overrides_the_trees_guess() {
     r.shutdown().await.unwrap();
 }
 
-/// Two simulated workers with small caches that evict, publishing events; a workload of
-/// token-id prompts from a few prefix groups, one request at a time, each sent once the
-/// router has applied every batch the workers published. With events every prediction is
-/// exact; without (the tree), the evictions make it wrong.
-#[tokio::test]
-async fn with_events_the_audit_finds_every_prediction_exact() {
-    async fn run(events: bool) -> (u64, u64, u64) {
-        let profile = Profile { kv_capacity_tokens: 3_000, ..Profile::default() };
-        let mut ws = Vec::new();
-        for seed in 0..2 {
-            let c = WorkerConfig {
-                time_scale: 200.0,
-                seed,
-                profile: profile.clone(),
-                kv_events_port: Some(0),
-                kv_events_replay_port: Some(0),
-                ..WorkerConfig::default()
-            };
-            ws.push(spawn_worker(c).await.unwrap());
+/// How a run of [`audit_run`] is set up.
+#[derive(Clone, Copy)]
+struct Setup<'a> {
+    /// The router subscribes to the workers' events.
+    events: bool,
+    /// The model directory workers (and, with `router_tokenizes`, the router) tokenize with.
+    tokenizer: Option<&'a std::path::Path>,
+    router_tokenizes: bool,
+    /// Chat requests (text) rather than `/generate` with token ids.
+    chat: bool,
+}
+
+/// Two simulated workers with small caches that evict, publishing events; 36 requests from six
+/// prefix groups (more than the two caches hold), one at a time, each sent once the router has
+/// applied every batch the workers published (with events). Returns (audited, wrong, hits).
+async fn audit_run(s: Setup<'_>) -> (u64, u64, u64) {
+    let profile = Profile { kv_capacity_tokens: 3_000, ..Profile::default() };
+    let mut ws = Vec::new();
+    for seed in 0..2 {
+        let c = WorkerConfig {
+            time_scale: 200.0,
+            seed,
+            profile: profile.clone(),
+            kv_events_port: Some(0),
+            kv_events_replay_port: Some(0),
+            tokenizer_path: s.tokenizer.map(|p| p.display().to_string()),
+            ..WorkerConfig::default()
+        };
+        ws.push(spawn_worker(c).await.unwrap());
+    }
+    let mut cfg = config(ws.iter().map(|w| w.url()).collect(), PolicyKind::CacheAware);
+    if s.router_tokenizes {
+        cfg.tokenizer_path = s.tokenizer.map(std::path::Path::to_path_buf);
+    }
+    if s.events {
+        cfg.kv_events = Some(kv_config(
+            ws.iter()
+                .map(|w| {
+                    let e =
+                        Endpoints { events: w.kv_events_endpoint().unwrap(), replay: w.kv_events_replay_endpoint() };
+                    (w.url(), e)
+                })
+                .collect(),
+        ));
+    }
+    let r = router(cfg).await;
+    let url = r.url();
+    if s.events {
+        for w in &ws {
+            let wurl = w.url();
+            wait_for(&url, &wurl, "connected", |v| v["connected"] == true).await;
         }
-        let mut cfg = config(ws.iter().map(|w| w.url()).collect(), PolicyKind::CacheAware);
-        if events {
-            cfg.kv_events = Some(kv_config(
-                ws.iter()
-                    .map(|w| {
-                        let e = Endpoints {
-                            events: w.kv_events_endpoint().unwrap(),
-                            replay: w.kv_events_replay_endpoint(),
-                        };
-                        (w.url(), e)
-                    })
-                    .collect(),
-            ));
-        }
-        let r = router(cfg).await;
-        let url = r.url();
-        if events {
-            for w in &ws {
-                let wurl = w.url();
-                wait_for(&url, &wurl, "connected", |v| v["connected"] == true).await;
-            }
-        }
-        // Six groups of 640-token prefixes: more than the two caches hold together.
-        for i in 0..36u32 {
-            let group = (i * 7) % 6;
+    }
+    for i in 0..36u32 {
+        let group = (i * 7) % 6;
+        let (path, body) = if s.chat {
+            let system = format!("{group} You are assistant number {group}. ").repeat(20);
+            let body = json!({"model": "m", "max_tokens": 2, "ignore_eos": true,
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": format!("question {i}")}]});
+            ("/v1/chat/completions", body)
+        } else {
             let mut ids: Vec<u32> = (0..640).map(|t| group * 100_000 + t).collect();
             ids.extend([900_000 + i, 900_001 + i]);
-            let body = json!({"input_ids": ids, "sampling_params": {"max_new_tokens": 2, "ignore_eos": true}});
-            assert_eq!(post(&format!("{url}/generate"), &body).await.status, 200);
-            if events {
-                // Every batch published so far applied before the next decision.
-                for w in &ws {
-                    let (wurl, published) = (w.url(), w.kv_events_published() as i64);
-                    wait_for(&url, &wurl, "batches applied", |v| v["last_seq"].as_i64() == Some(published - 1)).await;
-                }
+            ("/generate", json!({"input_ids": ids, "sampling_params": {"max_new_tokens": 2, "ignore_eos": true}}))
+        };
+        assert_eq!(post(&format!("{url}{path}"), &body).await.status, 200);
+        if s.events {
+            // Every batch published so far applied before the next decision.
+            for w in &ws {
+                let (wurl, published) = (w.url(), w.kv_events_published() as i64);
+                wait_for(&url, &wurl, "batches applied", |v| v["last_seq"].as_i64() == Some(published - 1)).await;
             }
         }
-        let audit = get(&format!("{url}/debug/routing")).await.json();
-        let recent = audit["recent"].as_array().unwrap();
-        let wrong = recent.iter().filter(|d| d["error"] != 0).count() as u64;
-        let hits = recent.iter().filter(|d| d["reported_cached"].as_u64() > Some(0)).count() as u64;
-        r.shutdown().await.unwrap();
-        (recent.len() as u64, wrong, hits)
     }
-    let (audited, wrong, hits) = run(true).await;
+    let audit = get(&format!("{url}/debug/routing")).await.json();
+    let recent = audit["recent"].as_array().unwrap();
+    let wrong = recent.iter().filter(|d| d["error"] != 0).count() as u64;
+    let hits = recent.iter().filter(|d| d["reported_cached"].as_u64() > Some(0)).count() as u64;
+    r.shutdown().await.unwrap();
+    (recent.len() as u64, wrong, hits)
+}
+
+#[tokio::test]
+async fn with_events_the_audit_finds_every_prediction_exact() {
+    let setup = Setup { events: true, tokenizer: None, router_tokenizes: false, chat: false };
+    let (audited, wrong, hits) = audit_run(setup).await;
     assert_eq!(audited, 36);
     assert_eq!(wrong, 0, "with events every prediction equals what the worker reported");
     assert!(hits > 0, "the workload has cache hits to predict");
-    let (audited, wrong, _) = run(false).await;
+    let (audited, wrong, _) = audit_run(Setup { events: false, ..setup }).await;
     assert_eq!(audited, 36);
     assert!(wrong > 0, "the tree cannot see evictions: its predictions must miss some");
+}
+
+/// Chat requests (text): the engines render the model's chat template and tokenize; the
+/// router does the same with `--tokenizer-path`, so the events' blocks match its token ids and
+/// every prediction is exact. Without the router's tokenizer the same events cannot be used
+/// (the router has only text), and the tree's guess shows.
+#[tokio::test]
+async fn chat_requests_tokenized_like_the_engine_get_exact_predictions() {
+    const TEMPLATE: &str = "{% for m in messages %}{% if loop.first %}{{ bos_token }}{% endif %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
+    let dir = std::env::temp_dir().join(format!("switchyard-kv-tokenizer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    switchyard_tokenize::fixture::write_model_dir(&dir, Some(TEMPLATE)).unwrap();
+    let setup = Setup { events: true, tokenizer: Some(&dir), router_tokenizes: true, chat: true };
+    let (audited, wrong, hits) = audit_run(setup).await;
+    let (_, wrong_without, _) = audit_run(Setup { router_tokenizes: false, ..setup }).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(audited, 36);
+    assert!(hits > 0, "the chat workload has cache hits to predict");
+    assert_eq!(wrong, 0, "the router's token ids are the engine's: every prediction exact");
+    assert!(wrong_without > 0, "without the tokenizer the router guesses from text");
 }

@@ -114,10 +114,31 @@ async fn infer(State(state): State<Shared>, api: Api, headers: HeaderMap, body: 
         return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{\"choices\": [{\"text\": ")
             .into_response();
     }
-    let req = match wire::parse(api, &body) {
+    let mut req = match wire::parse(api, &body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
     };
+    if let Some(tokenizer) = &state.tokenizer {
+        // A real engine's prompt: the model's tokenizer and chat template (continuations of
+        // the simulator's filler text are not recognised then).
+        let route = match api {
+            Api::Chat => "chat",
+            Api::Completion => "prompt",
+            Api::Generate => "text",
+        };
+        let ids = match route {
+            "chat" => tokenizer.encode_chat_body(&body).map(Some),
+            field => tokenizer.encode_prompt_field(&body, field),
+        };
+        match ids {
+            Ok(Some(ids)) => {
+                req.prompt = ids;
+                req.output_offset = 0;
+            }
+            Ok(None) => {}
+            Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+        }
+    }
     let rank = match rank_of(&state, &req, &headers) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),

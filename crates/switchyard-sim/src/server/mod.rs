@@ -79,6 +79,9 @@ pub struct WorkerConfig {
     pub tls_key_path: Option<String>,
     /// Publish KV cache events (vLLM/SGLang wire format) on this port (0 = any free port).
     pub kv_events_port: Option<u16>,
+    /// Tokenize with this model's tokenizer (a directory or tokenizer.json) instead of the
+    /// built-in four-bytes-per-token one, as a real engine would.
+    pub tokenizer_path: Option<String>,
     /// Serve replays of recent KV event batches on this port (0 = any free port).
     pub kv_events_replay_port: Option<u16>,
     /// Require client certificates signed by these CAs (PEM): mTLS.
@@ -107,6 +110,7 @@ impl Default for WorkerConfig {
             tls_client_ca_path: None,
             kv_events_port: None,
             kv_events_replay_port: None,
+            tokenizer_path: None,
         }
     }
 }
@@ -152,6 +156,8 @@ pub(crate) struct WorkerState {
     pub(crate) refuse: watch::Sender<bool>,
     pub(crate) port: u16,
     pub(crate) rooms: Arc<pd::Rooms>,
+    /// The model's tokenizer and chat template (`--tokenizer-path`), else the built-in one.
+    pub(crate) tokenizer: Option<Arc<switchyard_tokenize::PromptTokenizer>>,
 }
 
 impl WorkerState {
@@ -283,6 +289,12 @@ pub async fn spawn_worker(config: WorkerConfig) -> Result<WorkerHandle, StartErr
     let listener =
         TcpListener::bind(&addr_text).await.map_err(|source| StartError::Bind { addr: addr_text.clone(), source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: addr_text, source })?;
+    let tokenizer = match &config.tokenizer_path {
+        Some(p) => Some(Arc::new(
+            switchyard_tokenize::PromptTokenizer::load(p).map_err(|e| StartError::Config(e.to_string()))?,
+        )),
+        None => None,
+    };
     let kv_events = match config.kv_events_port {
         Some(port) => Some(kv_publisher(&config, port).await?),
         None => None,
@@ -308,6 +320,7 @@ pub async fn spawn_worker(config: WorkerConfig) -> Result<WorkerHandle, StartErr
         refuse,
         port: addr.port(),
         rooms: Arc::new(pd::Rooms::default()),
+        tokenizer,
         config,
     });
     state.set_faults(state.config.faults.clone())?;

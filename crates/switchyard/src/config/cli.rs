@@ -102,6 +102,16 @@ pub struct Args {
     /// cache_aware: bound on the prefix tree (characters or tokens, summed over workers).
     #[arg(long, default_value_t = 1 << 26)]
     pub max_tree_size: usize,
+    /// Tokenize prompts in the router with this model's tokenizer: a model directory
+    /// (tokenizer.json, tokenizer_config.json with its chat template) or a tokenizer.json.
+    /// Prefix matching then works on the engine's token ids (chat requests through the chat
+    /// template), which the KV event view needs for requests that carry text.
+    #[arg(long, value_name = "PATH")]
+    pub tokenizer_path: Option<String>,
+    /// The model directory, as in sglang-router; its tokenizer is used when --tokenizer-path
+    /// is not given.
+    #[arg(long, value_name = "PATH")]
+    pub model_path: Option<String>,
     /// Subscribe to the workers' KV cache events (vLLM/SGLang ZMQ publishers): one
     /// `tcp://host:port` per worker, in the order of --worker-urls then --prefill then
     /// --decode; or one template with `{host}` (the worker's host) for every worker, including
@@ -570,7 +580,28 @@ impl Args {
             tls: self.tls_config()?,
             discovery: self.discovery_config()?,
             kv_events: self.kv_events_config()?,
+            tokenizer_path: self.tokenizer_path_checked()?,
         })
+    }
+
+    /// `--tokenizer-path`, else `--model-path`, loaded once now so a bad one fails start-up.
+    fn tokenizer_path_checked(&self) -> Result<Option<std::path::PathBuf>, ConfigError> {
+        let (flag, path) = match (&self.tokenizer_path, &self.model_path) {
+            (Some(p), _) => ("tokenizer-path", p),
+            (None, Some(p)) => ("model-path", p),
+            (None, None) => return Ok(None),
+        };
+        #[cfg(feature = "tokenizer")]
+        {
+            crate::tokenize::PromptTokenizer::load(path)
+                .map_err(|e| ConfigError::Range { flag, reason: e.to_string() })?;
+            Ok(Some(path.into()))
+        }
+        #[cfg(not(feature = "tokenizer"))]
+        {
+            let _ = path;
+            Err(ConfigError::Range { flag, reason: "this build has no tokenizer (the `tokenizer` feature)".into() })
+        }
     }
 
     /// `--kv-events-endpoint` and friends: per worker in flag order, or one `{host}` template.

@@ -104,6 +104,8 @@ pub struct RouterConfig {
     pub discovery: Option<DiscoveryConfig>,
     /// Engine KV event subscriptions (`--kv-events-endpoint`).
     pub kv_events: Option<crate::kv_events::KvEventsConfig>,
+    /// The model's tokenizer (`--tokenizer-path` / `--model-path`): a directory or tokenizer.json.
+    pub tokenizer_path: Option<std::path::PathBuf>,
 }
 
 /// Kubernetes service discovery (sglang-router's flags): pods matching a selector are workers.
@@ -281,6 +283,7 @@ impl Default for RouterConfig {
             tls: crate::tls::TlsConfig::default(),
             discovery: None,
             kv_events: None,
+            tokenizer_path: None,
         }
     }
 }

@@ -128,6 +128,8 @@ pub(super) struct Inner {
     pub(super) mode: Mode,
     /// Set once, before the first request ([`Dispatcher::with_limits`]); defaults until then.
     limits: std::sync::OnceLock<Limits>,
+    #[cfg(feature = "tokenizer")]
+    tokenizer: std::sync::OnceLock<Arc<crate::tokenize::PromptTokenizer>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -208,6 +210,8 @@ impl Dispatcher {
             metrics,
             mode,
             limits: std::sync::OnceLock::new(),
+            #[cfg(feature = "tokenizer")]
+            tokenizer: std::sync::OnceLock::new(),
         });
         inner.pool(SINGLE);
         let weak = Arc::downgrade(&inner);
@@ -219,6 +223,21 @@ impl Dispatcher {
             }
         }));
         Self(inner)
+    }
+
+    /// Tokenizes prompts with the model's tokenizer before routing (`--tokenizer-path`).
+    #[cfg(feature = "tokenizer")]
+    pub fn with_tokenizer(self, tokenizer: Arc<crate::tokenize::PromptTokenizer>) -> Self {
+        if self.0.tokenizer.set(tokenizer).is_err() {
+            tracing::warn!("dispatcher tokenizer was already set; keeping the first");
+        }
+        self
+    }
+
+    /// The tokenizer prompts are routed with, when there is one.
+    #[cfg(feature = "tokenizer")]
+    pub fn tokenizer(&self) -> Option<Arc<crate::tokenize::PromptTokenizer>> {
+        self.0.tokenizer.get().cloned()
     }
 
     /// The same dispatcher with `limits` (the first limits given stay).
@@ -322,6 +341,10 @@ impl Dispatcher {
         let inner = &self.0;
         let key = ROUTING_KEY_HEADERS.iter().find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()));
         let mut view = RequestView::parse(&body, key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        #[cfg(feature = "tokenizer")]
+        if let Some(tokenizer) = inner.tokenizer.get() {
+            crate::tokenize::tokenize_view(tokenizer, route, &body, &mut view).await;
+        }
         let (pool, model) = inner.pool_for(&view)?;
         let mut last_error = ApiError::NoHealthyWorkers;
         let attempts = inner.retry.max_attempts.max(1);

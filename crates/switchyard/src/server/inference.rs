@@ -111,3 +111,35 @@ inference_endpoint!(completions, "/v1/completions");
 inference_endpoint!(generate, "/generate");
 inference_endpoint!(embeddings, "/v1/embeddings");
 inference_endpoint!(rerank, "/v1/rerank");
+
+/// `POST /tokenize` (vLLM's shape): `{"prompt": "..."}` or `{"messages": [...]}` →
+/// `{"tokens": [...], "count": n}`, the ids the router routes on (`--tokenizer-path`), so an
+/// operator can check them against the engine's own `/tokenize`.
+pub(super) async fn tokenize(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let limit = state.config.listener.body_read_timeout;
+    let bytes = tokio::time::timeout(limit, read_body(&headers, body, state.config.max_payload_size))
+        .await
+        .map_err(|_| ApiError::BodyTimeout { secs: limit.as_secs_f64() })??;
+    #[cfg(feature = "tokenizer")]
+    if let Some(t) = state.router.tokenizer() {
+        let is_chat = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
+            .get("messages")
+            .is_some();
+        let route = if is_chat { "/v1/chat/completions" } else { "/v1/completions" };
+        let tokens = tokio::task::spawn_blocking(move || crate::tokenize::prompt_ids(&t, route, &bytes))
+            .await
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?
+            .ok_or_else(|| ApiError::BadRequest("'prompt' must be a string, or give 'messages'".into()))?;
+        return Ok(axum::response::IntoResponse::into_response(axum::Json(
+            serde_json::json!({"count": tokens.len(), "tokens": tokens}),
+        )));
+    }
+    let _ = bytes;
+    Err(ApiError::NotFound("no tokenizer configured (--tokenizer-path)".into()))
+}

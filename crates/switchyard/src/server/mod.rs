@@ -127,6 +127,15 @@ impl Shared {
             Some(pd) => Mode::Pd { style: pd.style, prefill_timeout: pd.prefill_timeout },
         };
         let router = Dispatcher::new(registry.clone(), factory, mode, inference, config.retry.clone(), metrics.clone());
+        #[cfg(feature = "tokenizer")]
+        let router = match config.tokenizer_path.as_ref().map(crate::tokenize::PromptTokenizer::load) {
+            Some(Ok(t)) => router.with_tokenizer(Arc::new(t)),
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "tokenizer unusable; routing on prompt text");
+                router
+            }
+            None => router,
+        };
         let router = router.with_limits(crate::routers::Limits {
             stream_idle: config.stream_idle_timeout,
             total: config.request_total_timeout,
@@ -180,6 +189,7 @@ pub fn app(state: AppState) -> Router {
         .route("/generate", post(inference::generate))
         .route("/v1/embeddings", post(inference::embeddings))
         .route("/v1/rerank", post(inference::rerank))
+        .route("/tokenize", post(inference::tokenize))
         .route_layer(axum::middleware::from_fn_with_state(
             auth::Access::key_or_open(&state.config.inference_api_key),
             auth::require,

@@ -1,0 +1,63 @@
+//! Router-side tokenization (`--tokenizer-path`): a request's prompt as the token ids its
+//! engine will compute, so prefix matching — the tree and the engines' KV events alike — works
+//! in the engine's units. Chat requests go through the model's chat template.
+//!
+//! It runs on the request's own task, outside every shared lock; prompts above
+//! [`INLINE_BYTES`] are tokenized on the blocking pool so a 100k-token prompt does not stall
+//! the runtime thread serving other connections. A request that cannot be tokenized (no
+//! chat template, the template raised) keeps its text view: routing falls back, never fails.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+pub use switchyard_tokenize::{PromptTokenizer, TokenizeError};
+
+use crate::request::{RequestView, RoutingText, MAX_ROUTING_TOKENS};
+
+/// Bodies up to this size are tokenized inline (a few hundred microseconds at most).
+pub const INLINE_BYTES: usize = 16 << 10;
+
+/// The token ids of `body` sent to `route`, as its engine computes them (`None`: the route
+/// has no prompt to tokenize, or the request carries token ids already).
+pub fn prompt_ids(tokenizer: &PromptTokenizer, route: &str, body: &[u8]) -> Result<Option<Vec<u32>>, TokenizeError> {
+    match route {
+        "/v1/chat/completions" => tokenizer.encode_chat_body(body).map(Some),
+        "/v1/completions" => tokenizer.encode_prompt_field(body, "prompt"),
+        "/generate" => tokenizer.encode_prompt_field(body, "text"),
+        _ => Ok(None),
+    }
+}
+
+/// Replaces a text view's routing text with the prompt's token ids.
+pub async fn tokenize_view(
+    tokenizer: &Arc<PromptTokenizer>,
+    route: &'static str,
+    body: &Bytes,
+    view: &mut RequestView,
+) {
+    if !matches!(view.text, RoutingText::Text(_)) {
+        return;
+    }
+    let ids = if body.len() <= INLINE_BYTES {
+        prompt_ids(tokenizer, route, body)
+    } else {
+        let (t, b) = (tokenizer.clone(), body.clone());
+        match tokio::task::spawn_blocking(move || prompt_ids(&t, route, &b)).await {
+            Ok(r) => r,
+            Err(e) => Err(TokenizeError::Encode(e.to_string())),
+        }
+    };
+    match ids {
+        Ok(Some(mut ids)) => {
+            if ids.len() > MAX_ROUTING_TOKENS {
+                view.full_len = Some(ids.len());
+                ids.truncate(MAX_ROUTING_TOKENS);
+            } else {
+                view.full_len = None;
+            }
+            view.text = RoutingText::Tokens(ids);
+        }
+        Ok(None) => {}
+        Err(e) => tracing::debug!(route, error = %e, "request not tokenized; routing on its text"),
+    }
+}
