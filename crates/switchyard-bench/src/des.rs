@@ -11,6 +11,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchyard::kv_events::{BlockBudget, WorkerBlocks};
 use switchyard::load::{Ending, FirstTokenOutcome, GuardObserver, InFlightGuard, ReportedLoad, RequestOutcome, Usage};
 use switchyard::policies::{build, PolicyConfig, Report, RoutingError, RoutingPolicy};
 use switchyard::request::{RequestView, RoutingText};
@@ -23,6 +24,19 @@ use tokio::time::Instant;
 use crate::metrics::RequestResult;
 use crate::scenario::{Fault, Scenario};
 use crate::workload::RequestSpec;
+
+/// What the simulated routers know of the engines' caches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CacheView {
+    /// The default router: a prefix tree of the prompts' text, its own guess.
+    #[default]
+    Text,
+    /// A router with the model's tokenizer (`--tokenizer-path`): the tree in token ids.
+    Tokens,
+    /// A router with the tokenizer and every engine's KV events (`--kv-events-endpoint`):
+    /// the engines' real cache state, as each step publishes it.
+    Events,
+}
 
 /// One simulated worker.
 #[derive(Debug, Clone)]
@@ -151,6 +165,10 @@ pub struct Simulation {
     record_itl: bool,
     closed: Option<usize>,
     next_closed: usize,
+    cache_view: CacheView,
+    /// Each engine's cache as its events describe it (shared by the replicas' workers: every
+    /// replica subscribes to the same events and holds the same view).
+    blocks: Vec<Arc<WorkerBlocks>>,
 }
 
 impl Simulation {
@@ -186,7 +204,27 @@ impl Simulation {
             record_itl: false,
             closed: None,
             next_closed: 0,
+            cache_view: CacheView::Text,
+            blocks: Vec::new(),
         }
+    }
+
+    /// Routes with `view` of the engines' caches.
+    pub fn with_cache_view(mut self, view: CacheView) -> Self {
+        self.cache_view = view;
+        if view == CacheView::Events {
+            let budget = Arc::new(BlockBudget::new(1 << 40));
+            for (i, engine) in self.engines.iter_mut().enumerate() {
+                engine.record_kv_events();
+                let blocks = Arc::new(WorkerBlocks::new(budget.clone()));
+                blocks.set_synced(true);
+                for replica in &self.replicas {
+                    replica.workers[i].attach_kv_blocks(blocks.clone());
+                }
+                self.blocks.push(blocks);
+            }
+        }
+        self
     }
 
     /// Keeps every inter-token gap (memory grows with output tokens).
@@ -275,8 +313,12 @@ impl Simulation {
 
     fn view(&self, i: usize) -> RequestView {
         let s = &self.specs[i];
+        let text = s.prompt.text();
         RequestView {
-            text: RoutingText::Text(s.prompt.text()),
+            text: match self.cache_view {
+                CacheView::Text => RoutingText::Text(text),
+                CacheView::Tokens | CacheView::Events => RoutingText::Tokens(tokenize(&text)),
+            },
             max_tokens: Some(s.output_tokens),
             stream: true,
             routing_key: s.session.map(|k| k.to_string()),
@@ -325,11 +367,12 @@ impl Simulation {
             self.fail(i, t, "503 circuit open".into());
             return true;
         };
-        let text = match &view.text {
-            RoutingText::Text(s) => s.as_str(),
-            _ => "",
+        let prompt = match &view.text {
+            RoutingText::Text(s) => tokenize(s),
+            RoutingText::Tokens(t) => t.clone(),
+            RoutingText::None => Vec::new(),
         };
-        let req = SimRequest { prompt: tokenize(text), output_tokens: self.specs[i].output_tokens.max(1) };
+        let req = SimRequest { prompt, output_tokens: self.specs[i].output_tokens.max(1) };
         self.results[i].worker = Some(w);
         match self.engines[w].submit(req) {
             Ok(id) => {
@@ -386,6 +429,10 @@ impl Simulation {
 
     fn step_done(&mut self, w: usize, t: f64) {
         self.busy[w] = false;
+        // The step's cache changes are published as it completes.
+        if let Some(blocks) = self.blocks.get(w) {
+            blocks.apply(&self.engines[w].take_kv_events());
+        }
         let events = std::mem::take(&mut self.pending[w]);
         let mut freed = false;
         for e in events {
@@ -445,7 +492,20 @@ pub fn run_open(
     specs: Vec<RequestSpec>,
     fault: Option<&Fault>,
 ) -> DesReport {
-    let mut sim = Simulation::new(workers, policy, replicas, seed);
+    run_open_with(workers, policy, replicas, seed, specs, fault, CacheView::Text)
+}
+
+/// [`run_open`] with routers that see the engines' caches through `view`.
+pub fn run_open_with(
+    workers: &[SimWorker],
+    policy: &PolicyConfig,
+    replicas: usize,
+    seed: u64,
+    specs: Vec<RequestSpec>,
+    fault: Option<&Fault>,
+    view: CacheView,
+) -> DesReport {
+    let mut sim = Simulation::new(workers, policy, replicas, seed).with_cache_view(view);
     if let Some(f) = fault {
         sim = sim.with_fault(f, &specs);
     }

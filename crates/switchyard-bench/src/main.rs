@@ -83,6 +83,10 @@ struct DesArgs {
     /// Router replicas, each seeing 1/R of the traffic with its own view.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
+    /// What the routers know of the engines' caches: text (the default router's prefix tree),
+    /// tokens (with --tokenizer-path), events (with the engines' KV events as well).
+    #[arg(long, value_enum, default_value_t = des::CacheView::Text)]
+    cache_view: des::CacheView,
     /// Directory for results.json, results.md and <scenario>.svg (same format as `compare`).
     #[arg(long)]
     out: Option<String>,
@@ -117,14 +121,16 @@ fn run_des(a: &DesArgs) -> Result<(), String> {
         for &load in &loads {
             let specs = s.workload.requests(s.arrival, load * capacity, a.requests, s.seed, 0, trace.as_deref());
             let started = std::time::Instant::now();
-            let report = des::run_open(&workers, &policy, a.replicas, s.seed, specs, s.fault.as_ref());
+            let ceiling = switchyard_bench::workload::hit_ceiling(&specs, 16);
+            let report =
+                des::run_open_with(&workers, &policy, a.replicas, s.seed, specs, s.fault.as_ref(), a.cache_view);
             let wall = started.elapsed().as_secs_f64();
             let summary = Summary::of(&report.results, &s.slo, workers.len());
             let mut ns = report.decision_ns.clone();
             let (p50, p99) = (percentile(&mut ns, 0.5), percentile(&mut ns, 0.99));
             println!(
-                "{} {spec} load {load:.2}: goodput {:.2} req/s, throughput {:.2} req/s, {:.0} tok/s, TTFT p50/p99 {:.0}/{:.0} ms, TPOT p50/p99 {:.1}/{:.1} ms, hit {:.2}, errors {}, shed {}, decision p50/p99 {:.0}/{:.0} ns, {:.1} s wall",
-                s.name, summary.goodput_rps, summary.throughput_rps, summary.output_tok_s, summary.ttft_p50_ms,
+                "{} {spec} [{:?} x{}] load {load:.2}: goodput {:.2} req/s, throughput {:.2} req/s, {:.0} tok/s, TTFT p50/p99 {:.0}/{:.0} ms, TPOT p50/p99 {:.1}/{:.1} ms, hit {:.2} (ceiling {ceiling:.2}), errors {}, shed {}, decision p50/p99 {:.0}/{:.0} ns, {:.1} s wall",
+                s.name, a.cache_view, a.replicas, summary.goodput_rps, summary.throughput_rps, summary.output_tok_s, summary.ttft_p50_ms,
                 summary.ttft_p99_ms, summary.tpot_p50_ms, summary.tpot_p99_ms, summary.cache_hit_rate, summary.errors,
                 report.shed, p50, p99, wall
             );

@@ -678,3 +678,26 @@ mod tests {
         }
     }
 }
+
+/// The best prompt-cache hit rate any routing could reach on `specs`: each request's leading
+/// `page`-token pages already computed for an earlier request count as cached, as if every
+/// worker held everything ever computed (unbounded memory, perfect affinity). Engines always
+/// compute a prompt's last token, so at most the full pages of its first `n - 1` tokens hit.
+pub fn hit_ceiling(specs: &[RequestSpec], page: usize) -> f64 {
+    use switchyard_sim::model::prefix_cache::page_hashes;
+    use switchyard_sim::model::tokenizer::tokenize;
+    let mut seen = std::collections::HashSet::new();
+    let (mut cached, mut total) = (0u64, 0u64);
+    for s in specs {
+        let tokens = tokenize(&s.prompt.text());
+        total += tokens.len() as u64;
+        let hashes = page_hashes(&tokens[..tokens.len().saturating_sub(1)], page);
+        cached += (hashes.iter().take_while(|h| seen.contains(*h)).count() * page) as u64;
+        seen.extend(hashes);
+    }
+    if total == 0 {
+        0.0
+    } else {
+        cached as f64 / total as f64
+    }
+}

@@ -146,8 +146,9 @@ impl PromptTokenizer {
     /// Token ids of `text`; `add_special_tokens` as the engines do for raw prompts (true) and
     /// rendered chat templates (false).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizeError> {
+        // Without offsets and word ids (routing needs only the ids): a little faster.
         self.tokenizer
-            .encode(text, add_special_tokens)
+            .encode_fast(text, add_special_tokens)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| TokenizeError::Encode(e.to_string()))
     }

@@ -227,8 +227,116 @@ fn bench_contention(quick: bool) {
     }
 }
 
+/// The router's cost with an exact cache view on a 100k-token prompt: tokenizing it (chat
+/// template included), hashing its blocks and matching them against 16 workers' indexes, and
+/// applying an engine's BlockStored for it. With a real tokenizer when one is at hand
+/// (`SWITCHYARD_BENCH_TOKENIZER`, or the DeepSeek tokenizer.json `scripts/test.sh` extracts to
+/// `target/parity/`), else the small byte-level fixture.
+fn bench_exact_view(quick: bool) {
+    use switchyard::kv_events::{cached_tokens, BlockBudget, WorkerBlocks};
+    use switchyard_kv_events::{BlockHash, KvEvent};
+    use switchyard_tokenize::PromptTokenizer;
+    let dir = std::env::temp_dir().join(format!("switchyard-bench-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let real = std::env::var("SWITCHYARD_BENCH_TOKENIZER").ok().or_else(|| {
+        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/parity/deepseek_tokenizer.json");
+        std::path::Path::new(p).exists().then(|| p.to_owned())
+    });
+    let template = "{% for m in messages %}{% if loop.first %}{{ bos_token }}{% endif %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
+    let which = match &real {
+        Some(path) => {
+            std::fs::copy(path, dir.join("tokenizer.json")).expect("copy tokenizer");
+            std::fs::write(
+                dir.join("tokenizer_config.json"),
+                serde_json::json!({"bos_token": "", "chat_template": template}).to_string(),
+            )
+            .expect("config");
+            "DeepSeek tokenizer.json"
+        }
+        None => {
+            switchyard_tokenize::fixture::write_model_dir(&dir, Some(template)).expect("fixture");
+            "byte-level fixture"
+        }
+    };
+    let tok = PromptTokenizer::load(&dir).expect("tokenizer");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut text = String::new();
+    while tok.encode(&text, false).map_or(0, |t| t.len()) < 100_000 {
+        for _ in 0..2_000 {
+            text.push_str(WORDS[rng.random_range(0..WORDS.len())]);
+            text.push(' ');
+        }
+    }
+    let ids = tok.encode(&text, false).expect("encode");
+    let rounds = if quick { 2 } else { 5 };
+    println!("\n## exact cache view on a {}-token prompt ({which}; best of {rounds})", ids.len());
+    let encode = ns_per_op(rounds, 1, |_| {
+        black_box(tok.encode(black_box(&text), false).ok());
+    });
+    let body =
+        serde_json::json!({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}]})
+            .to_string();
+    let chat = ns_per_op(rounds, 1, |_| {
+        black_box(tok.encode_chat_body(black_box(body.as_bytes())).ok());
+    });
+    // 16 workers: one holds the whole prompt, the others its first quarter.
+    let budget = Arc::new(BlockBudget::new(1 << 30));
+    let workers: Vec<Arc<Worker>> = (0..16)
+        .map(|i| {
+            let w = Arc::new(Worker::new(format!("http://bench-{i}:1"), WorkerRole::Regular));
+            let blocks = Arc::new(WorkerBlocks::new(budget.clone()));
+            blocks.set_synced(true);
+            let held = if i == 0 { ids.len() } else { ids.len() / 4 } / 16 * 16;
+            blocks.apply(&[KvEvent::BlockStored {
+                block_hashes: (0..held as u64 / 16).map(|h| BlockHash(h + 1)).collect(),
+                parent_block_hash: None,
+                token_ids: ids[..held].to_vec(),
+                block_size: 16,
+                lora_id: None,
+                medium: None,
+            }]);
+            w.attach_kv_blocks(blocks);
+            w
+        })
+        .collect();
+    let matched = ns_per_op(rounds, 10, |_| {
+        black_box(cached_tokens(black_box(&workers), black_box(&ids)));
+    });
+    let full = ids.len() / 16 * 16;
+    let store = ns_per_op(rounds, 1, |_| {
+        let blocks = WorkerBlocks::new(budget.clone());
+        blocks.apply(&[KvEvent::BlockStored {
+            block_hashes: (0..full as u64 / 16).map(|h| BlockHash(h + 1)).collect(),
+            parent_block_hash: None,
+            token_ids: ids[..full].to_vec(),
+            block_size: 16,
+            lora_id: None,
+            medium: None,
+        }]);
+        blocks.clear();
+    });
+    let per_1k = |ns: f64| ns / (ids.len() as f64 / 1000.0) / 1000.0;
+    println!("{:<44} {:>10.2} ms  ({:.1} µs per 1k tokens)", "tokenize (raw prompt)", encode / 1e6, per_1k(encode));
+    println!(
+        "{:<44} {:>10.2} ms  ({:.1} µs per 1k tokens)",
+        "tokenize (chat body: parse, template, encode)",
+        chat / 1e6,
+        per_1k(chat)
+    );
+    println!("{:<44} {:>10.2} ms", "hash blocks + match 16 workers' indexes", matched / 1e6);
+    println!("{:<44} {:>10.2} ms", "apply one BlockStored of the whole prompt", store / 1e6);
+    let per_request = (chat + matched) / 1e9;
+    println!(
+        "router CPU per request (tokenize chat + match): {:.1} ms = {:.4} core per req/s (llm-d's picker: 0.35-0.5)",
+        per_request * 1e3,
+        per_request
+    );
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
+    bench_exact_view(quick);
     bench_selection(quick);
     bench_rls(quick);
     bench_tree(quick);

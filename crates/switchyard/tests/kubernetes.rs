@@ -274,6 +274,7 @@ fn discovery(server: &str, name: &str, port: u16) -> DiscoveryConfig {
         scheme: "http".into(),
         bootstrap_port_annotation: "sglang.ai/bootstrap-port".into(),
         model_label: "switchyard.dev/model".into(),
+        kv_events_annotation: "switchyard.dev/kv-events".into(),
         kubeconfig: Some(kubeconfig(server, name)),
         ..DiscoveryConfig::default()
     }
@@ -443,6 +444,33 @@ async fn pd_roles_come_from_selectors_and_the_bootstrap_port_from_an_annotation(
     .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!([sims[0].stats().requests_finished, sims[1].stats().requests_finished], [1, 1]);
+    router.shutdown().await.unwrap();
+}
+
+/// A pod that says where its engine publishes KV events (an annotation, no router flag) is
+/// subscribed to as soon as it is discovered.
+#[tokio::test]
+async fn a_pods_kv_events_annotation_is_followed() {
+    use switchyard_kv_events::publisher::Publisher;
+    let (cluster, api) = Cluster::start().await;
+    let (_sims, port) = pod_workers(1, sim_config).await;
+    let publisher = Publisher::bind("127.0.0.2:0", None, "", 0).await.unwrap();
+    let events_port = publisher.pub_addr().port().to_string();
+    cluster.apply(pod("a", "127.0.0.2", true, ENGINE, &[("switchyard.dev/kv-events", &events_port)]));
+    let mut cfg = common::config(vec![], PolicyKind::CacheAware);
+    cfg.discovery = Some(discovery(&api, "kv", port));
+    let router = server::start(cfg).await.unwrap();
+    expect_workers(&router, &["127.0.0.2"], port, "the annotated pod").await;
+    common::eventually(Duration::from_secs(10), "subscription", || async { publisher.subscribed() == 1 }).await;
+    publisher.publish(switchyard_kv_events::EventBatch { ts: 0.0, events: vec![], data_parallel_rank: None }.encode());
+    let url = router.url();
+    common::eventually(Duration::from_secs(10), "first batch applied", || async {
+        let v = common::get(&format!("{url}/debug/kv_events")).await.json();
+        v["workers"][0]["synced"] == true
+    })
+    .await;
+    let v = common::get(&format!("{url}/debug/kv_events")).await.json();
+    assert_eq!(v["workers"][0]["endpoint"], format!("tcp://127.0.0.2:{events_port}"), "{v}");
     router.shutdown().await.unwrap();
 }
 

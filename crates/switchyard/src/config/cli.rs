@@ -335,6 +335,10 @@ pub struct Args {
     /// are asked (`/v1/models`).
     #[arg(long, default_value = "switchyard.dev/model")]
     pub model_id_label: String,
+    /// The pod annotation that says where its engine publishes KV events (a port, or
+    /// `tcp://{host}:PORT`); `<annotation>-replay` names its replay socket.
+    #[arg(long, default_value = "switchyard.dev/kv-events")]
+    pub kv_events_annotation: String,
     /// Reach the Kubernetes API with this kubeconfig (default: the in-cluster service account,
     /// else $KUBECONFIG or ~/.kube/config).
     #[arg(long, value_name = "FILE")]
@@ -764,9 +768,11 @@ impl Args {
                 reason: "must be a port number (1-65535)".into(),
             });
         }
-        for (flag, key) in
-            [("bootstrap-port-annotation", &self.bootstrap_port_annotation), ("model-id-label", &self.model_id_label)]
-        {
+        for (flag, key) in [
+            ("bootstrap-port-annotation", &self.bootstrap_port_annotation),
+            ("model-id-label", &self.model_id_label),
+            ("kv-events-annotation", &self.kv_events_annotation),
+        ] {
             if key.is_empty() || key.contains(char::is_whitespace) {
                 return Err(ConfigError::Range { flag, reason: format!("'{key}' is not a label key") });
             }
@@ -780,6 +786,7 @@ impl Args {
             scheme: self.service_discovery_scheme.clone(),
             bootstrap_port_annotation: self.bootstrap_port_annotation.clone(),
             model_label: self.model_id_label.clone(),
+            kv_events_annotation: self.kv_events_annotation.clone(),
             kubeconfig: self.kubeconfig.as_ref().map(Into::into),
         }))
     }
@@ -886,6 +893,38 @@ mod tests {
         let PolicyConfig::CacheAware(ca) = a.to_config().unwrap().policy else { panic!("not cache_aware") };
         assert_eq!((ca.cache_threshold, ca.balance_abs_threshold, ca.balance_rel_threshold), (0.3, 64, 1.5));
         assert_eq!((ca.eviction_interval, ca.max_tree_size), (Duration::from_secs(120), 1000));
+    }
+
+    #[test]
+    fn kv_event_endpoints_per_worker_or_one_template() {
+        let config = |args: &[&str]| {
+            let mut argv = vec!["switchyard", "--worker-urls", "http://127.0.0.1:1", "http://127.0.0.1:2"];
+            argv.extend_from_slice(args);
+            match parse_args(argv) {
+                ParseOutcome::Run(a) => Ok(a.to_config().unwrap()),
+                ParseOutcome::Fail(e) => Err(e),
+                ParseOutcome::Print(p) => panic!("{p}"),
+            }
+        };
+        let c = config(&["--kv-events-endpoint", "tcp://127.0.0.1:5557", "tcp://127.0.0.1:5558"]).unwrap();
+        let kv = c.kv_events.unwrap();
+        assert_eq!(kv.by_url.len(), 2);
+        assert_eq!(
+            (kv.by_url[1].0.as_str(), kv.by_url[1].1.events.as_str()),
+            ("http://127.0.0.1:2", "tcp://127.0.0.1:5558")
+        );
+        let c =
+            config(&["--kv-events-endpoint", "tcp://{host}:5557", "--kv-events-replay-endpoint", "tcp://{host}:5558"])
+                .unwrap();
+        let t = c.kv_events.unwrap().template.unwrap();
+        assert_eq!((t.events.as_str(), t.replay.as_deref()), ("tcp://{host}:5557", Some("tcp://{host}:5558")));
+        let err = config(&["--kv-events-endpoint", "tcp://127.0.0.1:5557"]).unwrap_err();
+        assert!(err.to_string().contains("1 endpoints for 2 workers"), "{err}");
+        let err = config(&["--kv-events-endpoint", "ipc:///tmp/kv", "tcp://127.0.0.1:1"]).unwrap_err();
+        assert!(err.to_string().contains("not tcp://HOST:PORT"), "{err}");
+        let err = config(&["--kv-events-replay-endpoint", "tcp://127.0.0.1:1"]).unwrap_err();
+        assert!(err.to_string().contains("needs --kv-events-endpoint"), "{err}");
+        assert!(config(&["--tokenizer-path", "/nonexistent/model"]).unwrap_err().contains("tokenizer"));
     }
 
     fn write(name: &str, text: &str) -> String {

@@ -127,6 +127,9 @@ pub struct DiscoveryConfig {
     pub bootstrap_port_annotation: String,
     /// Label (or annotation) holding the model a pod serves; absent, the worker is asked.
     pub model_label: String,
+    /// Annotation holding where a pod's engine publishes KV events: a port, or a
+    /// `tcp://{host}:PORT` endpoint; `<annotation>-replay` likewise for its replay socket.
+    pub kv_events_annotation: String,
     /// A kubeconfig file to reach the API server with (`None`: in-cluster service account,
     /// else `$KUBECONFIG` / `~/.kube/config`).
     pub kubeconfig: Option<std::path::PathBuf>,

@@ -119,6 +119,7 @@ struct Wanted {
     url: String,
     role: WorkerRole,
     models: Vec<String>,
+    kv_events: Option<crate::kv_events::Endpoints>,
 }
 
 /// One selector's pods and the workers they became.
@@ -233,7 +234,28 @@ impl PodWatch {
             .and_then(|l| l.get(&self.config.model_label))
             .or_else(|| annotations.and_then(|a| a.get(&self.config.model_label)))
             .filter(|m| !m.is_empty());
-        Some(Wanted { url, role, models: model.into_iter().cloned().collect() })
+        let endpoint = |annotation: &str| {
+            let raw = annotations.and_then(|a| a.get(annotation))?.trim();
+            let e = match raw.parse::<u16>() {
+                Ok(port) => format!("tcp://{host}:{port}"),
+                Err(_) => raw.replace("{host}", &host),
+            };
+            if switchyard_kv_events::zmtp::tcp_address(&e).is_none() {
+                tracing::warn!(
+                    pod = pod_key(pod),
+                    annotation,
+                    value = raw,
+                    "KV events annotation is neither a port nor tcp://HOST:PORT; ignored"
+                );
+                return None;
+            }
+            Some(e)
+        };
+        let kv_events = endpoint(&self.config.kv_events_annotation).map(|events| crate::kv_events::Endpoints {
+            events,
+            replay: endpoint(&format!("{}-replay", self.config.kv_events_annotation)),
+        });
+        Some(Wanted { url, role, models: model.into_iter().cloned().collect(), kv_events })
     }
 
     /// Makes `pod` want `next`: nothing changes when it wanted the same; otherwise its old
@@ -273,8 +295,13 @@ impl PodWatch {
     /// Probes and registers a pod's worker in the background.
     fn admit(&mut self, pod: String, w: Wanted) {
         let (onboarding, wanted) = (self.onboarding.clone(), self.wanted.clone());
-        let candidate =
-            Candidate { url: w.url.clone(), role: w.role, models: w.models.clone(), source: Some(SOURCE.into()) };
+        let candidate = Candidate {
+            url: w.url.clone(),
+            role: w.role,
+            models: w.models.clone(),
+            source: Some(SOURCE.into()),
+            kv_events: w.kv_events.clone(),
+        };
         let task_pod = pod.clone();
         let task = tokio::spawn(async move {
             let pod = task_pod;

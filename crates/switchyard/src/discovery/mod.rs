@@ -30,12 +30,14 @@ pub struct Candidate {
     pub models: Vec<String>,
     /// The discovery source that owns it; `None` for workers given by hand.
     pub source: Option<String>,
+    /// Where its engine publishes KV events, when its discovery says (a pod annotation).
+    pub kv_events: Option<crate::kv_events::Endpoints>,
 }
 
 impl Candidate {
     /// A worker given by hand.
     pub fn manual(url: String, role: WorkerRole) -> Self {
-        Self { url, role, models: Vec::new(), source: None }
+        Self { url, role, models: Vec::new(), source: None, kv_events: None }
     }
 }
 
@@ -87,10 +89,13 @@ impl Onboarding {
     /// introspection done, not registered yet.
     pub async fn prepare(&self, candidate: Candidate) -> Result<Vec<Arc<Worker>>, ApiError> {
         check_worker_address(&candidate.url, &self.allow).await.map_err(ApiError::BadRequest)?;
-        let Candidate { url, role, models, source } = candidate;
+        let Candidate { url, role, models, source, kv_events } = candidate;
         let mut worker = Worker::with_breaker(url, role, self.breaker.clone());
         if let Some(source) = source {
             worker = worker.with_source(source);
+        }
+        if let Some(e) = kv_events {
+            worker = worker.with_kv_events(e);
         }
         let (healthy, status) = health::probe_status(&self.probes, worker.url(), &self.health_endpoint).await;
         if status == Some(axum::http::StatusCode::LOOP_DETECTED.as_u16()) {
@@ -147,6 +152,9 @@ impl Onboarding {
         if let Some(source) = worker.source() {
             fresh = fresh.with_source(source);
         }
+        if let Some(e) = worker.kv_events() {
+            fresh = fresh.with_kv_events(e.clone());
+        }
         fresh.set_models(worker.models());
         let ranks = ranks(fresh, Some(dp));
         for r in &ranks {
@@ -166,6 +174,9 @@ fn ranks(worker: Worker, dp: Option<(u32, bool)>) -> Vec<Arc<Worker>> {
                 let mut w = Worker::with_breaker(worker.url().to_owned(), worker.role(), worker.breaker_config());
                 if let Some(source) = worker.source() {
                     w = w.with_source(source);
+                }
+                if let Some(e) = worker.kv_events() {
+                    w = w.with_kv_events(e.clone());
                 }
                 w.set_models(worker.models());
                 Arc::new(w.with_dp_rank(DpRank { rank, size, in_body }))

@@ -50,9 +50,25 @@ pub struct KvEventsConfig {
     pub max_message_bytes: usize,
 }
 
+impl Default for KvEventsConfig {
+    /// No endpoints (workers that name their own, from discovery, are still followed).
+    fn default() -> Self {
+        Self {
+            by_url: Vec::new(),
+            template: None,
+            topic: String::new(),
+            max_index_bytes: 64 << 20,
+            max_message_bytes: 64 << 20,
+        }
+    }
+}
+
 impl KvEventsConfig {
     /// Where `worker` publishes, if known.
     pub fn endpoints_for(&self, worker: &Worker) -> Option<Endpoints> {
+        if let Some(e) = worker.kv_events() {
+            return Some(e.clone());
+        }
         if let Some((_, e)) = self.by_url.iter().find(|(u, _)| u == worker.url()) {
             return Some(e.clone());
         }

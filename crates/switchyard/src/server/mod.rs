@@ -151,7 +151,9 @@ impl Shared {
             allow: config.worker_allow.clone(),
             dp_aware: config.dp_aware,
         });
-        let kv_events = config.kv_events.clone().map(|c| Arc::new(crate::kv_events::KvEvents::new(c)));
+        // Discovered pods may name their event endpoints (an annotation) without any flag.
+        let kv_config = config.kv_events.clone().or_else(|| config.discovery.as_ref().map(|_| Default::default()));
+        let kv_events = kv_config.map(|c| Arc::new(crate::kv_events::KvEvents::new(c)));
         if let Some(kv) = &kv_events {
             // Weak: the registry must not keep the subscriptions alive once the router is gone.
             let kv = Arc::downgrade(kv);

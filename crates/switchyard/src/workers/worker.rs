@@ -63,6 +63,8 @@ pub struct Worker {
     source: Option<String>,
     /// The engine's cache as its KV events describe it, when the router subscribes to them.
     kv_blocks: OnceLock<Arc<crate::kv_events::WorkerBlocks>>,
+    /// Where its engine publishes KV events, when its discovery said so (a pod annotation).
+    kv_events: Option<crate::kv_events::Endpoints>,
 }
 
 impl Worker {
@@ -88,6 +90,7 @@ impl Worker {
             models: RwLock::new(Vec::new()),
             source: None,
             kv_blocks: OnceLock::new(),
+            kv_events: None,
         }
     }
 
@@ -102,6 +105,17 @@ impl Worker {
     pub fn with_source(mut self, source: impl Into<String>) -> Self {
         self.source = Some(source.into());
         self
+    }
+
+    /// The same worker, its engine publishing KV events at `endpoints`.
+    pub fn with_kv_events(mut self, endpoints: crate::kv_events::Endpoints) -> Self {
+        self.kv_events = Some(endpoints);
+        self
+    }
+
+    /// Where its engine publishes KV events, when its discovery said so.
+    pub fn kv_events(&self) -> Option<&crate::kv_events::Endpoints> {
+        self.kv_events.as_ref()
     }
 
     /// The registry's key: the URL, with `#rank` for a data-parallel rank.
