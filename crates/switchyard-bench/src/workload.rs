@@ -584,6 +584,29 @@ impl Workload {
     }
 }
 
+/// The best prompt-cache hit rate any routing could reach on `specs`: each request's leading
+/// `page`-token pages already computed for an earlier request count as cached, as if every
+/// worker held everything ever computed (unbounded memory, perfect affinity). Engines always
+/// compute a prompt's last token, so at most the full pages of its first `n - 1` tokens hit.
+pub fn hit_ceiling(specs: &[RequestSpec], page: usize) -> f64 {
+    use switchyard_sim::model::prefix_cache::page_hashes;
+    use switchyard_sim::model::tokenizer::tokenize;
+    let mut seen = std::collections::HashSet::new();
+    let (mut cached, mut total) = (0u64, 0u64);
+    for s in specs {
+        let tokens = tokenize(&s.prompt.text());
+        total += tokens.len() as u64;
+        let hashes = page_hashes(&tokens[..tokens.len().saturating_sub(1)], page);
+        cached += (hashes.iter().take_while(|h| seen.contains(*h)).count() * page) as u64;
+        seen.extend(hashes);
+    }
+    if total == 0 {
+        0.0
+    } else {
+        cached as f64 / total as f64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,6 +620,23 @@ mod tests {
         assert_eq!(a[..2 * block], b[..2 * block]);
         assert_ne!(a[2 * block..], b[2 * block..]);
         assert_eq!(switchyard_sim::model::tokenizer::count_tokens(&a), 1400);
+    }
+
+    #[test]
+    fn the_hit_ceiling_counts_pages_seen_before() {
+        let spec = |ids: Vec<u64>| RequestSpec {
+            at: 0.0,
+            prompt: PromptSpec::Blocks { ids, tokens: 2 * BLOCK_TOKENS },
+            output_tokens: 1,
+            session: None,
+        };
+        // Two blocks each; the second prompt shares the first block, the third both.
+        let specs = [spec(vec![1, 2]), spec(vec![1, 3]), spec(vec![1, 2])];
+        let per_prompt = f64::from(2 * BLOCK_TOKENS);
+        let block = f64::from(BLOCK_TOKENS);
+        // The third repeats the first whole, but its last token is always computed: one page less.
+        let want = (block + (per_prompt - 16.0)) / (3.0 * per_prompt);
+        assert!((hit_ceiling(&specs, 16) - want).abs() < 1e-9, "{} vs {want}", hit_ceiling(&specs, 16));
     }
 
     #[test]
@@ -676,28 +716,5 @@ mod tests {
                 assert_eq!(ta.len(), (2048 + 128) * BYTES_PER_TOKEN);
             }
         }
-    }
-}
-
-/// The best prompt-cache hit rate any routing could reach on `specs`: each request's leading
-/// `page`-token pages already computed for an earlier request count as cached, as if every
-/// worker held everything ever computed (unbounded memory, perfect affinity). Engines always
-/// compute a prompt's last token, so at most the full pages of its first `n - 1` tokens hit.
-pub fn hit_ceiling(specs: &[RequestSpec], page: usize) -> f64 {
-    use switchyard_sim::model::prefix_cache::page_hashes;
-    use switchyard_sim::model::tokenizer::tokenize;
-    let mut seen = std::collections::HashSet::new();
-    let (mut cached, mut total) = (0u64, 0u64);
-    for s in specs {
-        let tokens = tokenize(&s.prompt.text());
-        total += tokens.len() as u64;
-        let hashes = page_hashes(&tokens[..tokens.len().saturating_sub(1)], page);
-        cached += (hashes.iter().take_while(|h| seen.contains(*h)).count() * page) as u64;
-        seen.extend(hashes);
-    }
-    if total == 0 {
-        0.0
-    } else {
-        cached as f64 / total as f64
     }
 }
