@@ -85,6 +85,17 @@ impl KvEventsConfig {
 /// A per-worker Prometheus family: name, type, help, and its value for one subscription.
 type Family = (&'static str, &'static str, &'static str, fn(&Subscription) -> u64);
 
+/// `tcp://host:PORT` with PORT + `by` (unchanged when it has no port to offset).
+fn offset_port(endpoint: &str, by: u32) -> String {
+    match endpoint.rsplit_once(':') {
+        Some((head, port)) => match port.parse::<u32>() {
+            Ok(p) if p + by <= u32::from(u16::MAX) => format!("{head}:{}", p + by),
+            _ => endpoint.to_owned(),
+        },
+        None => endpoint.to_owned(),
+    }
+}
+
 #[derive(Debug)]
 struct Subscription {
     url: String,
@@ -128,7 +139,13 @@ impl KvEvents {
     }
 
     fn subscribe(&self, worker: &Arc<Worker>) {
-        let Some(endpoints) = self.config.endpoints_for(worker) else { return };
+        let Some(mut endpoints) = self.config.endpoints_for(worker) else { return };
+        // Data-parallel engines publish each rank on the endpoint's port + rank (vLLM,
+        // TensorRT-LLM); the rank's batches carry the rank too, which is checked.
+        if let Some(rank) = worker.dp_rank().map(|d| d.rank).filter(|r| *r > 0) {
+            endpoints.events = offset_port(&endpoints.events, rank);
+            endpoints.replay = endpoints.replay.map(|r| offset_port(&r, rank));
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::error!(worker = worker.url(), "kv events: no runtime to subscribe on");
             return;
@@ -269,5 +286,17 @@ impl KvEvents {
             },
             "workers": workers,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_parallel_ranks_publish_on_consecutive_ports() {
+        assert_eq!(offset_port("tcp://10.0.0.1:5557", 3), "tcp://10.0.0.1:5560");
+        assert_eq!(offset_port("tcp://[::1]:5557", 1), "tcp://[::1]:5558");
+        assert_eq!(offset_port("tcp://h:65535", 1), "tcp://h:65535");
     }
 }
