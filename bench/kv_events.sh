@@ -17,9 +17,9 @@ SCENARIOS=${SCENARIOS:-"shared-prefix-large multi-turn zipf-prefix"}
 cargo build --release -q -p switchyard-bench
 for scenario in $SCENARIOS; do
   n=$REQUESTS
-  # The Mooncake trace is not stationary: its later conversations resend longer histories, and
-  # its knee is found on its first requests (the scenario's `requests`). 20,000 requests at
-  # 0.6 of that knee saturate every policy, so it runs a window of 2,000.
+  # Mooncake plays its own arrival times, compressed to the level's rate (its knee is a
+  # Poisson rate): over 20,000 requests the compressed trace's bursts saturate every policy,
+  # load_based included, even at 0.6 of the knee, so it runs a window of 2,000.
   [ "$scenario" = multi-turn ] && n=${MULTI_TURN_REQUESTS:-2000}
   for replicas in 1 2 4; do
     for view in text tokens events; do
