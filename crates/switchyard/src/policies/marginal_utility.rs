@@ -146,6 +146,10 @@ struct Ask {
     waited_ms: f64,
 }
 
+/// Prefill tokens an engine runs per step beside its decodes (SGLang's `chunked_prefill_size`,
+/// vLLM's `max_num_batched_tokens`, both 8,192 by default on large GPUs).
+const CHUNK_TOKENS: f64 = 8192.0;
+
 /// A worker holds the request's prefix when it has cached at least this share of the prompt.
 const HOLDER_SHARE: f64 = 0.3;
 
@@ -347,6 +351,16 @@ impl MarginalUtility {
         let waiting = 2e3 * s.mean_wait.as_secs_f64();
         let t_after = pred.tpot_ms(b + 1.0, k + prompt, prefill_rate).max(t_now);
         let phi1 = pred.prefill_ms_per_token();
+        // The prefill already queued there, and this prompt's, runs in the steps the newcomer
+        // decodes in: chunks of up to CHUNK_TOKENS ride along with every decode step until the
+        // queue drains. The learnt TPOT model prices prefill at its long-run rate, which is far
+        // below this for a short answer behind a queue of long prompts (prefill-heavy traffic:
+        // a two-token answer's one gap is a whole chunk's step). Its own TPOT, for the
+        // feasibility test and its own cost, adds what the queue puts in each of its steps
+        // beyond the average the model already counts.
+        let per_step = ((s.queued_prefill_tokens as f64 + uncached) / (out / 2.0).max(1.0)).min(CHUNK_TOKENS);
+        let modelled = prefill_rate * t_after / 1e3;
+        let t_decode = t_after + phi1 * (per_step - modelled).max(0.0);
         let remaining = out / 2.0;
         let externality = b * ((t_after - t_now) * out.min(remaining) + phi1 * uncached);
         let holder = prompt > 0.0 && matched >= HOLDER_SHARE * prompt;
@@ -367,19 +381,19 @@ impl MarginalUtility {
         let feasible = if holder {
             // Judged by the model only, with the saved prefill: the requests waiting at a busy
             // holder are the same group's, and spilling them on their wait broke affinity.
-            ttft <= slo_ttft && t_after <= slo_tpot
+            ttft <= slo_ttft && t_decode <= slo_tpot
         } else {
             !guarded
                 && ttft.max(waiting) <= self.config.slo_margin * slo_ttft
-                && t_after <= self.config.slo_margin * slo_tpot
+                && t_decode <= self.config.slo_margin * slo_tpot
         };
         Candidate {
             index,
             uncached,
             ttft_ms: ttft,
             waiting_ms: waiting,
-            tpot_after_ms: t_after,
-            own_ms: ttft + out * t_after,
+            tpot_after_ms: t_decode,
+            own_ms: ttft + out * t_decode,
             externality_ms: externality,
             eviction_ms: eviction,
             gain,
