@@ -89,8 +89,9 @@ ARGUMENTS = {
         "Switchyard limits concurrency (--max-concurrent-requests), not a token rate",
     ),
     "--cors-allowed-origins": ("refuse", "Switchyard sends no CORS headers"),
-    "--model-path": ("refuse", "Switchyard does not load tokenizers yet"),
-    "--tokenizer-path": ("refuse", "Switchyard does not load tokenizers yet"),
+    # A local model directory or tokenizer.json (nothing is downloaded from a model hub).
+    "--model-path": SAME,
+    "--tokenizer-path": SAME,
 }
 
 # How many values each argument takes (argparse `nargs`), as sglang-router parses them.

@@ -85,8 +85,8 @@ TABLE = [
     (["--queue-timeout-secs", "5"], ["--queue-timeout-secs", "5"]),
     (["--rate-limit-tokens-per-second", "100"], None),
     (["--cors-allowed-origins", "http://x"], None),
-    (["--model-path", "meta-llama/Llama-3.1-8B-Instruct"], None),
-    (["--tokenizer-path", "/models/tok"], None),
+    (["--model-path", "/models/Llama-3.1-8B-Instruct"], ["--model-path", "/models/Llama-3.1-8B-Instruct"]),
+    (["--tokenizer-path", "/models/tok"], ["--tokenizer-path", "/models/tok"]),
 ]
 
 # Every argument name in sglang-router's RouterArgs.add_cli_args.

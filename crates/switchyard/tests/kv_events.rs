@@ -277,3 +277,35 @@ async fn chat_requests_tokenized_like_the_engine_get_exact_predictions() {
     assert_eq!(wrong, 0, "the router's token ids are the engine's: every prediction exact");
     assert!(wrong_without > 0, "without the tokenizer the router guesses from text");
 }
+
+/// `POST /tokenize`: the ids the router routes on; clear errors without a tokenizer or with a
+/// body it cannot tokenize.
+#[tokio::test]
+async fn tokenize_answers_ids_or_a_clear_error() {
+    let w = mock_worker().await;
+    let plain = router(config(vec![w.url()], PolicyKind::CacheAware)).await;
+    let a = post(&format!("{}/tokenize", plain.url()), &json!({"prompt": "hi"})).await;
+    assert_eq!(a.status, 404);
+    assert!(a.json()["error"]["message"].as_str().unwrap_or_default().contains("tokenizer"), "{:?}", a.json());
+    plain.shutdown().await.unwrap();
+
+    let dir = std::env::temp_dir().join(format!("switchyard-tokenize-endpoint-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    switchyard_tokenize::fixture::write_model_dir(&dir, Some("{% for m in messages %}{{ m['content'] }}{% endfor %}"))
+        .unwrap();
+    let mut cfg = config(vec![w.url()], PolicyKind::CacheAware);
+    cfg.tokenizer_path = Some(dir.clone());
+    let r = router(cfg).await;
+    let url = r.url();
+    let a = post(&format!("{url}/tokenize"), &json!({"prompt": "hi"})).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json()["tokens"], json!([257]), "the fixture's hi merge");
+    let a = post(&format!("{url}/tokenize"), &json!({"messages": [{"role": "user", "content": "hi!"}]})).await;
+    assert_eq!(a.json()["tokens"], json!([257, u32::from(b'!') + 1]));
+    let a = post(&format!("{url}/tokenize"), &json!({"prompt": 5})).await;
+    assert_eq!(a.status, 400);
+    let a = send("POST", &format!("{url}/tokenize"), &[("content-type", "application/json")], "{oops").await;
+    assert_eq!(a.status, 400);
+    r.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -49,6 +49,14 @@ pub(super) async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize)
     })
 }
 
+/// The body, within `--body-read-timeout-secs` and `--max-payload-size`.
+async fn read_body_in_time(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let limit = state.config.listener.body_read_timeout;
+    tokio::time::timeout(limit, read_body(headers, body, state.config.max_payload_size))
+        .await
+        .map_err(|_| ApiError::BodyTimeout { secs: limit.as_secs_f64() })?
+}
+
 async fn route(state: &AppState, path: &'static str, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let started = tokio::time::Instant::now();
     let answer = match state.config.request_total_timeout {
@@ -72,10 +80,7 @@ async fn admit_and_route(
     body: Body,
 ) -> Result<Response, ApiError> {
     // The body first: a slow sender must not hold an admission slot while it trickles in.
-    let limit = state.config.listener.body_read_timeout;
-    let bytes = tokio::time::timeout(limit, read_body(&headers, body, state.config.max_payload_size))
-        .await
-        .map_err(|_| ApiError::BodyTimeout { secs: limit.as_secs_f64() })??;
+    let bytes = read_body_in_time(state, &headers, body).await?;
     let permit = match &state.admission {
         Some(a) => {
             state.metrics.set_queue_depth(a.waiting() + 1);
@@ -120,10 +125,7 @@ pub(super) async fn tokenize(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let limit = state.config.listener.body_read_timeout;
-    let bytes = tokio::time::timeout(limit, read_body(&headers, body, state.config.max_payload_size))
-        .await
-        .map_err(|_| ApiError::BodyTimeout { secs: limit.as_secs_f64() })??;
+    let bytes = read_body_in_time(&state, &headers, body).await?;
     #[cfg(feature = "tokenizer")]
     if let Some(t) = state.router.tokenizer() {
         let is_chat = serde_json::from_slice::<serde_json::Value>(&bytes)
