@@ -99,15 +99,27 @@ impl Subscription {
     }
 }
 
+/// Bounds on what one replay may return.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayLimits {
+    /// Batches kept (the rest are not read).
+    pub messages: usize,
+    /// Largest batch, bytes.
+    pub message_bytes: usize,
+    /// All batches together, bytes; beyond it the replay fails.
+    pub total_bytes: usize,
+}
+
 /// Asks the replay socket at `endpoint` for every batch from `from_seq` on. Returns them in
-/// order (at most `max_messages`, at most `max_message` bytes each), stopping at the end marker.
+/// order, within `limits`, stopping at the end marker.
 pub async fn replay(
     endpoint: &str,
     from_seq: u64,
-    max_messages: usize,
-    max_message: usize,
+    limits: ReplayLimits,
     timeout: Duration,
 ) -> Result<Vec<Published>, SubscribeError> {
+    let (max_messages, max_message, max_total) = (limits.messages, limits.message_bytes, limits.total_bytes);
+    let mut total = 0usize;
     let stream = connect(endpoint, SocketType::Dealer, timeout).await?;
     let mut stream = BufReader::new(stream);
     zmtp::write_message(stream.get_mut(), &[b"", &from_seq.to_be_bytes()]).await.map_err(ZmtpError::from)?;
@@ -132,6 +144,10 @@ pub async fn replay(
         }
         if out.len() >= max_messages {
             return Ok(out);
+        }
+        total += payload.len();
+        if total > max_total {
+            return Err(SubscribeError::Zmtp(ZmtpError::TooLarge { size: total as u64, limit: max_total }));
         }
         out.push(Published { seq: seq as u64, payload: payload.to_vec() });
     }
@@ -164,9 +180,13 @@ mod tests {
         assert_eq!((m.seq, m.payload.as_slice()), (next, &b"a"[..]));
         let m = sub.next().await.unwrap();
         assert_eq!(m.seq, next + 2, "b was never sent: a gap");
-        let replayed = replay(&replay_endpoint, next + 1, 100, 1 << 20, Duration::from_secs(5)).await.unwrap();
+        let limits = ReplayLimits { messages: 100, message_bytes: 1 << 20, total_bytes: 1 << 20 };
+        let replayed = replay(&replay_endpoint, next + 1, limits, Duration::from_secs(5)).await.unwrap();
         let seqs: Vec<u64> = replayed.iter().map(|p| p.seq).collect();
         assert_eq!(seqs, vec![next + 1, next + 2]);
         assert_eq!(replayed[0].payload, b"b");
+        // A replay larger than its byte bound fails rather than growing without limit.
+        let tight = ReplayLimits { messages: 100, message_bytes: 1 << 20, total_bytes: 1 };
+        assert!(replay(&replay_endpoint, next + 1, tight, Duration::from_secs(5)).await.is_err());
     }
 }

@@ -641,7 +641,7 @@ impl Args {
             template: None,
             topic: self.kv_events_topic.clone(),
             max_index_bytes: (self.kv_index_max_mb as usize) << 20,
-            max_message_bytes: 64 << 20,
+            max_message_bytes: crate::kv_events::MAX_MESSAGE_BYTES,
         };
         if templated {
             if replay_count > 1 {

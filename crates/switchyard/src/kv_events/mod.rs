@@ -35,6 +35,12 @@ pub fn overlay_exact(mut tree: Vec<usize>, workers: &[Arc<Worker>], request: &Re
     tree
 }
 
+/// Largest event batch accepted from an engine, bytes. One engine step's batch holds the
+/// blocks it stored (at most a prefill chunk's tokens per running prompt, a few bytes each) and
+/// removed: far below this. Decoding holds up to 32 bytes per element a batch carries, so this
+/// also bounds what a broken or hostile publisher can make the router allocate (256 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
+
 /// Where workers publish their events, and the index's bounds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvEventsConfig {
@@ -58,7 +64,7 @@ impl Default for KvEventsConfig {
             template: None,
             topic: String::new(),
             max_index_bytes: 64 << 20,
-            max_message_bytes: 64 << 20,
+            max_message_bytes: MAX_MESSAGE_BYTES,
         }
     }
 }

@@ -27,6 +27,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(10));
 /// Most batches one replay may return.
 const MAX_REPLAY: u64 = 100_000;
+/// Most bytes one replay may return (a larger gap is rebuilt cold instead).
+const MAX_REPLAY_BYTES: usize = 64 << 20;
 
 /// Where one worker's events come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,7 +174,12 @@ async fn repair(f: &Follow, from: u64, to: u64) -> bool {
     if wanted > MAX_REPLAY {
         return false;
     }
-    let batches = match subscriber::replay(endpoint, from, wanted as usize + 1, f.max_message, CONNECT_TIMEOUT).await {
+    let limits = subscriber::ReplayLimits {
+        messages: wanted as usize + 1,
+        message_bytes: f.max_message,
+        total_bytes: MAX_REPLAY_BYTES,
+    };
+    let batches = match subscriber::replay(endpoint, from, limits, CONNECT_TIMEOUT).await {
         Ok(b) => b,
         Err(e) => {
             tracing::debug!(endpoint, error = %e, "kv events: replay failed");
