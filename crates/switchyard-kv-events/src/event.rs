@@ -104,7 +104,7 @@ fn kind(v: &Value) -> &'static str {
         Value::Float(_) => "a float",
         Value::Str(_) => "a string",
         Value::Bin(_) => "bytes",
-        Value::Array(_) => "an array",
+        Value::Array(_) | Value::Ints(_) => "an array",
         Value::Map(_) => "a map",
         Value::Ext(..) => "an extension",
     }
@@ -135,7 +135,10 @@ fn opt_str(v: &Value, name: &'static str) -> Result<Option<String>, EventError> 
 }
 
 fn hashes(v: &Value) -> Result<Vec<BlockHash>, EventError> {
-    array(v, "block_hashes")?.iter().map(BlockHash::from_value).collect()
+    match v.as_ints() {
+        Some(ints) => Ok(ints.iter().map(|h| BlockHash(*h as u64)).collect()),
+        None => array(v, "block_hashes")?.iter().map(BlockHash::from_value).collect(),
+    }
 }
 
 impl KvEvent {
@@ -149,12 +152,12 @@ impl KvEvent {
                     Value::Nil => None,
                     h => Some(BlockHash::from_value(h)?),
                 };
-                let token_ids = array(field(fields, 3), "token_ids")?
+                let ids = field(fields, 3);
+                let token_ids = ids
+                    .as_ints()
+                    .ok_or(EventError::Field("token_ids", kind(ids)))?
                     .iter()
-                    .map(|t| match t {
-                        Value::Int(i) => u32::try_from(*i).map_err(|_| EventError::Field("token id", "out of range")),
-                        other => Err(EventError::Field("token id", kind(other))),
-                    })
+                    .map(|t| u32::try_from(*t).map_err(|_| EventError::Field("token id", "out of range")))
                     .collect::<Result<Vec<u32>, _>>()?;
                 let block_size = match field(fields, 4) {
                     Value::Int(n) if *n > 0 && *n <= i64::from(u32::MAX) => *n as u32,

@@ -37,8 +37,9 @@ pub fn overlay_exact(mut tree: Vec<usize>, workers: &[Arc<Worker>], request: &Re
 
 /// Largest event batch accepted from an engine, bytes. One engine step's batch holds the
 /// blocks it stored (at most a prefill chunk's tokens per running prompt, a few bytes each) and
-/// removed: far below this. Decoding holds up to 32 bytes per element a batch carries, so this
-/// also bounds what a broken or hostile publisher can make the router allocate (256 MiB).
+/// removed: far below this. Decoding keeps integer arrays (token ids, hashes) at 8 bytes an
+/// element and anything else at 32, so this also bounds what a broken or hostile publisher can
+/// make the router allocate (64 MiB for integers, 256 MiB at worst).
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 
 /// Where workers publish their events, and the index's bounds.
