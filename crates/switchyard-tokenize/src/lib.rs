@@ -59,6 +59,17 @@ fn flatten_content(mut message: serde_json::Value) -> serde_json::Value {
     message
 }
 
+/// The request APIs whose prompt an engine tokenizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptApi {
+    /// OpenAI chat: `messages` through the chat template.
+    Chat,
+    /// OpenAI completions: the `prompt` string, with special tokens.
+    Completion,
+    /// SGLang `/generate`: the `text` string, with special tokens.
+    Generate,
+}
+
 /// A model's tokenizer and chat template.
 pub struct PromptTokenizer {
     tokenizer: tokenizers::Tokenizer,
@@ -171,6 +182,16 @@ impl PromptTokenizer {
                 eos_token => &self.eos_token,
             })
             .map_err(|e| TokenizeError::Template(e.to_string()))
+    }
+
+    /// Token ids of a request body to `api` as the engine computes them (`None`: the body
+    /// carries token ids already, or a batch).
+    pub fn encode_request(&self, api: PromptApi, body: &[u8]) -> Result<Option<Vec<u32>>, TokenizeError> {
+        match api {
+            PromptApi::Chat => self.encode_chat_body(body).map(Some),
+            PromptApi::Completion => self.encode_prompt_field(body, "prompt"),
+            PromptApi::Generate => self.encode_prompt_field(body, "text"),
+        }
     }
 
     /// Token ids of an OpenAI chat request body as the engine computes them: content parts

@@ -259,6 +259,15 @@ fn bench_exact_view(quick: bool) {
         }
     };
     let tok = PromptTokenizer::load(&dir).expect("tokenizer");
+    // An engine's event storing `tokens` (whole 16-token blocks) from a sequence's start.
+    let stored = |tokens: &[u32]| KvEvent::BlockStored {
+        block_hashes: (0..tokens.len() as u64 / 16).map(|h| BlockHash(h + 1)).collect(),
+        parent_block_hash: None,
+        token_ids: tokens.to_vec(),
+        block_size: 16,
+        lora_id: None,
+        medium: None,
+    };
     let _ = std::fs::remove_dir_all(&dir);
     let mut rng = StdRng::seed_from_u64(9);
     let mut text = String::new();
@@ -288,14 +297,7 @@ fn bench_exact_view(quick: bool) {
             let blocks = Arc::new(WorkerBlocks::new(budget.clone()));
             blocks.set_synced(true);
             let held = if i == 0 { ids.len() } else { ids.len() / 4 } / 16 * 16;
-            blocks.apply(&[KvEvent::BlockStored {
-                block_hashes: (0..held as u64 / 16).map(|h| BlockHash(h + 1)).collect(),
-                parent_block_hash: None,
-                token_ids: ids[..held].to_vec(),
-                block_size: 16,
-                lora_id: None,
-                medium: None,
-            }]);
+            blocks.apply(&[stored(&ids[..held])]);
             w.attach_kv_blocks(blocks);
             w
         })
@@ -306,14 +308,7 @@ fn bench_exact_view(quick: bool) {
     let full = ids.len() / 16 * 16;
     let store = ns_per_op(rounds, 1, |_| {
         let blocks = WorkerBlocks::new(budget.clone());
-        blocks.apply(&[KvEvent::BlockStored {
-            block_hashes: (0..full as u64 / 16).map(|h| BlockHash(h + 1)).collect(),
-            parent_block_hash: None,
-            token_ids: ids[..full].to_vec(),
-            block_size: 16,
-            lora_id: None,
-            medium: None,
-        }]);
+        blocks.apply(&[stored(&ids[..full])]);
         blocks.clear();
     });
     let per_1k = |ns: f64| ns / (ids.len() as f64 / 1000.0) / 1000.0;

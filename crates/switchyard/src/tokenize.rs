@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-pub use switchyard_tokenize::{PromptTokenizer, TokenizeError};
+pub use switchyard_tokenize::{PromptApi, PromptTokenizer, TokenizeError};
 
 use crate::request::{RequestView, RoutingText, MAX_ROUTING_TOKENS};
 
@@ -20,12 +20,13 @@ pub const INLINE_BYTES: usize = 16 << 10;
 /// The token ids of `body` sent to `route`, as its engine computes them (`None`: the route
 /// has no prompt to tokenize, or the request carries token ids already).
 pub fn prompt_ids(tokenizer: &PromptTokenizer, route: &str, body: &[u8]) -> Result<Option<Vec<u32>>, TokenizeError> {
-    match route {
-        "/v1/chat/completions" => tokenizer.encode_chat_body(body).map(Some),
-        "/v1/completions" => tokenizer.encode_prompt_field(body, "prompt"),
-        "/generate" => tokenizer.encode_prompt_field(body, "text"),
-        _ => Ok(None),
-    }
+    let api = match route {
+        "/v1/chat/completions" => PromptApi::Chat,
+        "/v1/completions" => PromptApi::Completion,
+        "/generate" => PromptApi::Generate,
+        _ => return Ok(None),
+    };
+    tokenizer.encode_request(api, body)
 }
 
 /// Replaces a text view's routing text with the prompt's token ids.

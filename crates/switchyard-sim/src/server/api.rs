@@ -121,16 +121,12 @@ async fn infer(State(state): State<Shared>, api: Api, headers: HeaderMap, body: 
     if let Some(tokenizer) = &state.tokenizer {
         // A real engine's prompt: the model's tokenizer and chat template (continuations of
         // the simulator's filler text are not recognised then).
-        let route = match api {
-            Api::Chat => "chat",
-            Api::Completion => "prompt",
-            Api::Generate => "text",
+        let api = match api {
+            Api::Chat => switchyard_tokenize::PromptApi::Chat,
+            Api::Completion => switchyard_tokenize::PromptApi::Completion,
+            Api::Generate => switchyard_tokenize::PromptApi::Generate,
         };
-        let ids = match route {
-            "chat" => tokenizer.encode_chat_body(&body).map(Some),
-            field => tokenizer.encode_prompt_field(&body, field),
-        };
-        match ids {
+        match tokenizer.encode_request(api, &body) {
             Ok(Some(ids)) => {
                 req.prompt = ids;
                 req.output_offset = 0;

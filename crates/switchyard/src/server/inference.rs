@@ -128,12 +128,18 @@ pub(super) async fn tokenize(
     let bytes = read_body_in_time(&state, &headers, body).await?;
     #[cfg(feature = "tokenizer")]
     if let Some(t) = state.router.tokenizer() {
-        let is_chat = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
-            .get("messages")
-            .is_some();
-        let route = if is_chat { "/v1/chat/completions" } else { "/v1/completions" };
-        let tokens = tokio::task::spawn_blocking(move || crate::tokenize::prompt_ids(&t, route, &bytes))
+        /// Only whether the body has `messages` (no JSON tree of the body is built).
+        #[derive(serde::Deserialize)]
+        struct Probe {
+            messages: Option<serde::de::IgnoredAny>,
+        }
+        let probe: Probe =
+            serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+        let api = match probe.messages {
+            Some(_) => crate::tokenize::PromptApi::Chat,
+            None => crate::tokenize::PromptApi::Completion,
+        };
+        let tokens = tokio::task::spawn_blocking(move || t.encode_request(api, &bytes))
             .await
             .map_err(|e| ApiError::BadRequest(e.to_string()))?
             .map_err(|e| ApiError::BadRequest(e.to_string()))?
