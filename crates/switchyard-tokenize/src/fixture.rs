@@ -1,6 +1,8 @@
-//! A small tokenizer written to a model directory, for tests and demos that need one without
-//! a model hub: byte-level BPE (GPT-2's byte map), every byte a token, `<s>` a special token,
-//! and one merge (`hi`).
+//! Small tokenizers written to disk, for tests, demos and benchmarks that need one without a
+//! model hub: [`write_model_dir`] (byte-level BPE, GPT-2's byte map, every byte a token, `<s>` a
+//! special token, one merge `hi`) and [`write_word_level`] (one token per word of a given
+//! vocabulary: what a benchmark needs for the router and the workers to tokenize alike while
+//! keeping its own token counts).
 
 use std::path::Path;
 
@@ -43,4 +45,27 @@ pub fn write_model_dir(dir: &Path, chat_template: Option<&str>) -> std::io::Resu
         std::fs::write(dir.join("tokenizer_config.json"), config.to_string())?;
     }
     Ok(())
+}
+
+/// Writes a `tokenizer.json` to `path` that splits text at whitespace and gives each word of
+/// `words` its own id (from 1, in order); any other word is `[UNK]` (0).
+pub fn write_word_level(path: &Path, words: impl IntoIterator<Item = String>) -> std::io::Result<()> {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("[UNK]".to_owned(), 0.into());
+    for w in words {
+        let id = vocab.len();
+        vocab.entry(w).or_insert(id.into());
+    }
+    let tokenizer = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [{"id": 0, "content": "[UNK]", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    std::fs::write(path, tokenizer.to_string())
 }

@@ -11,6 +11,9 @@
 use std::path::{Path, PathBuf};
 
 pub mod fixture;
+mod segments;
+
+pub use segments::SegmentCacheStats;
 
 use serde::Serialize;
 
@@ -70,9 +73,14 @@ pub enum PromptApi {
     Generate,
 }
 
+/// The piece cache's default bound (`with_segment_cache`): 16 M token ids.
+pub const DEFAULT_SEGMENT_CACHE_BYTES: usize = 64 << 20;
+
 /// A model's tokenizer and chat template.
 pub struct PromptTokenizer {
     tokenizer: tokenizers::Tokenizer,
+    /// Prompts split at added tokens, pieces remembered (`None`: encoded whole).
+    segmenter: Option<segments::Segmenter>,
     env: minijinja::Environment<'static>,
     has_template: bool,
     bos_token: String,
@@ -146,7 +154,20 @@ impl PromptTokenizer {
         if let Some(t) = template {
             env.add_template_owned("chat", t).map_err(|e| TokenizeError::Template(e.to_string()))?;
         }
-        Ok(Self { tokenizer, env, has_template, bos_token, eos_token, source: path.to_path_buf() })
+        let segmenter = segments::Segmenter::for_tokenizer(&tokenizer, DEFAULT_SEGMENT_CACHE_BYTES);
+        Ok(Self { tokenizer, segmenter, env, has_template, bos_token, eos_token, source: path.to_path_buf() })
+    }
+
+    /// Remember at most `bytes` of prompt pieces' ids (0: encode every prompt whole).
+    pub fn with_segment_cache(mut self, bytes: usize) -> Self {
+        self.segmenter = segments::Segmenter::for_tokenizer(&self.tokenizer, bytes);
+        self
+    }
+
+    /// The piece cache's counters; `None` when prompts are encoded whole (no cache, or a
+    /// tokenizer whose pieces do not compose).
+    pub fn segment_cache_stats(&self) -> Option<SegmentCacheStats> {
+        self.segmenter.as_ref().map(segments::Segmenter::stats)
     }
 
     /// Whether chat requests can be tokenized.
@@ -157,6 +178,14 @@ impl PromptTokenizer {
     /// Token ids of `text`; `add_special_tokens` as the engines do for raw prompts (true) and
     /// rendered chat templates (false).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizeError> {
+        if let Some(ids) = self.segmenter.as_ref().and_then(|s| s.encode(&self.tokenizer, text, add_special_tokens)) {
+            return ids;
+        }
+        self.encode_whole(text, add_special_tokens)
+    }
+
+    /// [`encode`](Self::encode) without the piece cache.
+    pub fn encode_whole(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizeError> {
         // Without offsets and word ids (routing needs only the ids): a little faster.
         self.tokenizer
             .encode_fast(text, add_special_tokens)
@@ -383,6 +412,72 @@ mod tests {
                 let _ = std::fs::remove_dir_all(&self.0);
             }
         }
+    }
+
+    #[test]
+    fn word_level_fixture_gives_one_token_per_known_word() {
+        let dir = tempdir::Dir::new();
+        let file = dir.path().join("tokenizer.json");
+        crate::fixture::write_word_level(&file, ["abc", "xyz", "abc"].map(String::from)).unwrap();
+        let t = PromptTokenizer::load(&file).unwrap();
+        assert_eq!(t.encode("abc xyz abc ", true).unwrap(), vec![1, 2, 1]);
+        assert_eq!(t.encode("xyz  lorem", false).unwrap(), vec![2, 0]);
+    }
+
+    #[test]
+    fn prompts_split_at_added_tokens_encode_as_whole_ones_and_pieces_are_remembered() {
+        let dir = tiny_dir(Some(LLAMA3));
+        let t = PromptTokenizer::load(dir.path()).unwrap();
+        assert_eq!(t.segment_cache_stats().map(|s| s.hits), Some(0));
+        let turn = "a long enough turn of conversation, with ünïcödé and  spaces\n\nand lines ".repeat(2);
+        let mut text = String::from("<s>");
+        for i in 0..6 {
+            text.push_str(&format!("{turn}{i}<s>"));
+            for special in [false, true] {
+                assert_eq!(t.encode(&text, special).unwrap(), t.encode_whole(&text, special).unwrap(), "{text:?}");
+            }
+        }
+        let stats = t.segment_cache_stats().unwrap();
+        // Every turn's piece after the first time is a hit; whole-text encodes never touch the cache.
+        assert!(stats.hits >= 15, "{stats:?}");
+        assert!(stats.bytes > 0 && stats.bytes <= stats.budget, "{stats:?}");
+        assert!(t.encode("<s><s>", false).unwrap() == vec![0, 0]);
+    }
+
+    #[test]
+    fn the_piece_cache_stays_within_its_bound() {
+        let dir = tiny_dir(None);
+        let t = PromptTokenizer::load(dir.path()).unwrap().with_segment_cache(64 << 10);
+        for i in 0..2_000 {
+            let text = format!("<s>{}<s>", format!("piece number {i} ").repeat(8));
+            assert_eq!(t.encode(&text, false).unwrap(), t.encode_whole(&text, false).unwrap());
+        }
+        let stats = t.segment_cache_stats().unwrap();
+        assert!(stats.misses >= 2_000 && stats.bytes <= 64 << 10, "{stats:?}");
+        assert!(PromptTokenizer::load(dir.path()).unwrap().with_segment_cache(0).segment_cache_stats().is_none());
+    }
+
+    #[test]
+    fn a_tokenizer_whose_pieces_do_not_compose_is_encoded_whole() {
+        // Metaspace prepending "▁" to the text's first piece only: "hello" after an added token
+        // is not "▁hello" as it would be alone.
+        let dir = tempdir::Dir::new();
+        let file = dir.path().join("tokenizer.json");
+        let vocab = serde_json::json!({"[UNK]": 0, "<s>": 1, "▁hello": 2, "hello": 3, "▁world": 4, "world": 5});
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": true},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+        });
+        std::fs::write(&file, json.to_string()).unwrap();
+        let t = PromptTokenizer::load(&file).unwrap();
+        let whole = t.encode_whole("hello<s>hello world", false).unwrap();
+        assert_eq!(whole, vec![2, 1, 3, 4], "the tokenizer treats its first piece differently");
+        assert!(t.segment_cache_stats().is_none());
+        assert_eq!(t.encode("hello<s>hello world", false).unwrap(), whole);
     }
 
     const LLAMA3: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";

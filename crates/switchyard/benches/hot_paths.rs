@@ -242,13 +242,17 @@ fn bench_exact_view(quick: bool) {
         let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/parity/deepseek_tokenizer.json");
         std::path::Path::new(p).exists().then(|| p.to_owned())
     });
-    let template = "{% for m in messages %}{% if loop.first %}{{ bos_token }}{% endif %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
+    // Turns between the model's own added tokens, as real templates write them (DeepSeek V3's
+    // layout for its tokenizer; the fixture's only added token otherwise).
+    let deepseek = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}{% else %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}";
+    let fixture = "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}";
+    let template = if real.is_some() { deepseek } else { fixture };
     let which = match &real {
         Some(path) => {
             std::fs::copy(path, dir.join("tokenizer.json")).expect("copy tokenizer");
             std::fs::write(
                 dir.join("tokenizer_config.json"),
-                serde_json::json!({"bos_token": "", "chat_template": template}).to_string(),
+                serde_json::json!({"bos_token": "<｜begin▁of▁sentence｜>", "chat_template": template}).to_string(),
             )
             .expect("config");
             "DeepSeek tokenizer.json"
@@ -259,6 +263,8 @@ fn bench_exact_view(quick: bool) {
         }
     };
     let tok = PromptTokenizer::load(&dir).expect("tokenizer");
+    // Every prompt encoded whole: what a prompt never seen before costs.
+    let whole = PromptTokenizer::load(&dir).expect("tokenizer").with_segment_cache(0);
     // An engine's event storing `tokens` (whole 16-token blocks) from a sequence's start.
     let stored = |tokens: &[u32]| KvEvent::BlockStored {
         block_hashes: (0..tokens.len() as u64 / 16).map(|h| BlockHash(h + 1)).collect(),
@@ -281,14 +287,40 @@ fn bench_exact_view(quick: bool) {
     let rounds = if quick { 2 } else { 5 };
     println!("\n## exact cache view on a {}-token prompt ({which}; best of {rounds})", ids.len());
     let encode = ns_per_op(rounds, 1, |_| {
-        black_box(tok.encode(black_box(&text), false).ok());
+        black_box(whole.encode(black_box(&text), false).ok());
     });
     let body =
-        serde_json::json!({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}]})
+        serde_json::json!({"messages": [{"role": "user", "content": "be brief"}, {"role": "user", "content": text}]})
             .to_string();
     let chat = ns_per_op(rounds, 1, |_| {
-        black_box(tok.encode_chat_body(black_box(body.as_bytes())).ok());
+        black_box(whole.encode_chat_body(black_box(body.as_bytes())).ok());
     });
+    // The same text as a 50-turn conversation; each request adds a user turn never seen before
+    // to the turns the previous requests sent (their pieces cached).
+    let words: Vec<&str> = text.split(' ').collect();
+    let turns: Vec<serde_json::Value> = words
+        .chunks(words.len().div_ceil(50))
+        .enumerate()
+        .map(
+            |(i, w)| serde_json::json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": w.join(" ")}),
+        )
+        .collect();
+    let bodies: Vec<String> = (0..rounds * 3)
+        .map(|i| {
+            let mut m = turns.clone();
+            m.push(serde_json::json!({"role": "user", "content": format!("follow-up {i}: ").repeat(40)}));
+            serde_json::json!({ "messages": m }).to_string()
+        })
+        .collect();
+    black_box(tok.encode_chat_body(bodies[0].as_bytes()).ok());
+    let next_turn = ns_per_op(rounds, 3, |i| {
+        black_box(tok.encode_chat_body(black_box(bodies[i % bodies.len()].as_bytes())).ok());
+    });
+    assert_eq!(
+        tok.encode_chat_body(bodies[1].as_bytes()).ok(),
+        whole.encode_chat_body(bodies[1].as_bytes()).ok(),
+        "cached pieces give the whole prompt's ids"
+    );
     // 16 workers: one holds the whole prompt, the others its first quarter.
     let budget = Arc::new(BlockBudget::new(1 << 30));
     let workers: Vec<Arc<Worker>> = (0..16)
@@ -319,14 +351,22 @@ fn bench_exact_view(quick: bool) {
         chat / 1e6,
         per_1k(chat)
     );
+    println!(
+        "{:<44} {:>10.2} ms  (pieces cached: {})",
+        "tokenize next turn of a 50-turn chat",
+        next_turn / 1e6,
+        tok.segment_cache_stats().is_some()
+    );
     println!("{:<44} {:>10.2} ms", "hash blocks + match 16 workers' indexes", matched / 1e6);
     println!("{:<44} {:>10.2} ms", "apply one BlockStored of the whole prompt", store / 1e6);
-    let per_request = (chat + matched) / 1e9;
-    println!(
-        "router CPU per request (tokenize chat + match): {:.1} ms = {:.4} core per req/s (llm-d's picker: 0.35-0.5)",
-        per_request * 1e3,
-        per_request
-    );
+    for (what, tokenize) in [("a prompt never seen", chat), ("a conversation's next turn", next_turn)] {
+        let per_request = (tokenize + matched) / 1e9;
+        println!(
+            "router CPU per request, {what} (tokenize + match): {:.2} ms = {:.4} core per req/s (llm-d's picker: 0.35-0.5)",
+            per_request * 1e3,
+            per_request
+        );
+    }
 }
 
 fn main() {

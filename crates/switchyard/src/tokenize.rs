@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-pub use switchyard_tokenize::{PromptApi, PromptTokenizer, TokenizeError};
+pub use switchyard_tokenize::{PromptApi, PromptTokenizer, SegmentCacheStats, TokenizeError};
 
 use crate::request::{RequestView, RoutingText, MAX_ROUTING_TOKENS};
 
@@ -27,6 +27,23 @@ pub fn prompt_ids(tokenizer: &PromptTokenizer, route: &str, body: &[u8]) -> Resu
         _ => return Ok(None),
     };
     tokenizer.encode_request(api, body)
+}
+
+/// The tokenizer's piece cache in Prometheus text (`--tokenizer-cache-mb`).
+pub fn render_cache_stats(s: &SegmentCacheStats, out: &mut String) {
+    use std::fmt::Write;
+    let _ = write!(
+        out,
+        "# HELP switchyard_tokenizer_cache_hits_total Prompt pieces (text between added tokens) whose ids were remembered.\n\
+         # TYPE switchyard_tokenizer_cache_hits_total counter\nswitchyard_tokenizer_cache_hits_total {}\n\
+         # HELP switchyard_tokenizer_cache_misses_total Prompt pieces tokenized.\n\
+         # TYPE switchyard_tokenizer_cache_misses_total counter\nswitchyard_tokenizer_cache_misses_total {}\n\
+         # HELP switchyard_tokenizer_cache_bytes Memory the piece cache holds.\n\
+         # TYPE switchyard_tokenizer_cache_bytes gauge\nswitchyard_tokenizer_cache_bytes {}\n\
+         # HELP switchyard_tokenizer_cache_max_bytes The piece cache's bound (--tokenizer-cache-mb).\n\
+         # TYPE switchyard_tokenizer_cache_max_bytes gauge\nswitchyard_tokenizer_cache_max_bytes {}\n",
+        s.hits, s.misses, s.bytes, s.budget
+    );
 }
 
 /// Replaces a text view's routing text with the prompt's token ids.

@@ -278,6 +278,45 @@ async fn chat_requests_tokenized_like_the_engine_get_exact_predictions() {
     assert!(wrong_without > 0, "without the tokenizer the router guesses from text");
 }
 
+/// A conversation's turns are tokenized once: the router remembers the pieces between the
+/// template's added tokens, and the ids of the next turn's prompt are still those of the
+/// whole prompt encoded from scratch.
+#[tokio::test]
+async fn earlier_turns_come_from_the_tokenizer_cache_with_the_same_ids() {
+    const TEMPLATE: &str = "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}";
+    let dir = std::env::temp_dir().join(format!("switchyard-tokenize-turns-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    switchyard_tokenize::fixture::write_model_dir(&dir, Some(TEMPLATE)).unwrap();
+    let w = mock_worker().await;
+    let mut cfg = config(vec![w.url()], PolicyKind::CacheAware);
+    cfg.tokenizer_path = Some(dir.clone());
+    let r = router(cfg).await;
+    let whole = switchyard_tokenize::PromptTokenizer::load(&dir).unwrap().with_segment_cache(0);
+    let mut messages = Vec::new();
+    let mut hits = Vec::new();
+    for turn in 0..4 {
+        let role = if turn % 2 == 0 { "user" } else { "assistant" };
+        messages.push(json!({"role": role, "content": format!("turn {turn}: a message long enough to be remembered, ünïcödé included. ")}));
+        let body = json!({ "messages": messages });
+        let a = post(&format!("{}/tokenize", r.url()), &body).await;
+        assert_eq!(a.status, 200);
+        let want = whole.encode_chat_body(body.to_string().as_bytes()).unwrap();
+        assert_eq!(a.json()["tokens"], json!(want), "turn {turn}");
+        let metrics = send("GET", &format!("{}/metrics", r.url()), &[], "").await;
+        let text = String::from_utf8_lossy(&metrics.body).into_owned();
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix("switchyard_tokenizer_cache_hits_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("the piece cache's hits in /metrics");
+        hits.push(value);
+    }
+    r.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    // Turn k repeats k earlier messages: hits grow by k (plus probes' none: they are uncached).
+    assert_eq!(hits, vec![0, 1, 3, 6], "hits after each turn");
+}
+
 /// `POST /tokenize`: the ids the router routes on; clear errors without a tokenizer or with a
 /// body it cannot tokenize.
 #[tokio::test]

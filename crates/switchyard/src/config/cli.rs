@@ -112,6 +112,10 @@ pub struct Args {
     /// is not given.
     #[arg(long, value_name = "PATH")]
     pub model_path: Option<String>,
+    /// Bound on the router's memory of tokenized prompt pieces (the text between a chat's
+    /// added tokens: a conversation's earlier turns), MiB; 0 tokenizes every prompt whole.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+    pub tokenizer_cache_mb: u64,
     /// Subscribe to the workers' KV cache events (vLLM/SGLang ZMQ publishers): one
     /// `tcp://host:port` per worker, in the order of --worker-urls then --prefill then
     /// --decode; or one template with `{host}` (the worker's host) for every worker, including
@@ -585,6 +589,7 @@ impl Args {
             discovery: self.discovery_config()?,
             kv_events: self.kv_events_config()?,
             tokenizer_path: self.tokenizer_path_checked()?,
+            tokenizer_cache_bytes: (self.tokenizer_cache_mb as usize) << 20,
         })
     }
 

@@ -106,6 +106,8 @@ pub struct RouterConfig {
     pub kv_events: Option<crate::kv_events::KvEventsConfig>,
     /// The model's tokenizer (`--tokenizer-path` / `--model-path`): a directory or tokenizer.json.
     pub tokenizer_path: Option<std::path::PathBuf>,
+    /// Bound on the tokenizer's cache of prompt pieces (`--tokenizer-cache-mb`), bytes.
+    pub tokenizer_cache_bytes: usize,
 }
 
 /// Kubernetes service discovery (sglang-router's flags): pods matching a selector are workers.
@@ -287,6 +289,7 @@ impl Default for RouterConfig {
             discovery: None,
             kv_events: None,
             tokenizer_path: None,
+            tokenizer_cache_bytes: 64 << 20,
         }
     }
 }

@@ -147,5 +147,9 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     if let Some(kv) = &state.kv_events {
         kv.render(&mut text);
     }
+    #[cfg(feature = "tokenizer")]
+    if let Some(stats) = state.router.tokenizer().and_then(|t| t.segment_cache_stats()) {
+        crate::tokenize::render_cache_stats(&stats, &mut text);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
