@@ -9,10 +9,19 @@
 //! Engines always compute at least the prompt's last token, so a prompt of `n` tokens can hit
 //! at most the full blocks of its first `n - 1` tokens; [`prompt_block_hashes`] hashes exactly
 //! those, and a prediction equals what the engine then reports.
+//!
+//! A prompt routed to a worker is cached there before its engine says so: its blocks are
+//! stored when its prefill completes, seconds later under load. Until then the blocks are
+//! *pending* on that worker, so the same prefix arriving meanwhile goes where it is being
+//! computed instead of to whichever worker is least loaded (which spread a popular prefix over
+//! every worker in bursts: cache_aware with events fell below its text tree past the knee). A
+//! pending block is dropped when the engine stores or removes it, its view is cleared, or after
+//! [`PENDING_TTL`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use switchyard_kv_events::{BlockHash, KvEvent};
 
@@ -98,7 +107,14 @@ struct BlockSet {
     by_engine: HashMap<u64, u64>,
     /// Router hash → how many engine blocks have it (the same tokens on GPU and CPU).
     present: HashMap<u64, u32>,
+    /// Router hashes of blocks routed here and not stored yet → until when to expect them.
+    pending: HashMap<u64, Instant>,
 }
+
+/// How long a routed prompt's blocks count as cached before the engine stores them.
+pub const PENDING_TTL: Duration = Duration::from_secs(30);
+/// Pending blocks per worker at most (4 KiB-token prompts: 2,000 of them at 16 tokens a block).
+const MAX_PENDING: usize = 1 << 19;
 
 /// Where an event says its blocks live, folded into the engine-block key so a block
 /// offloaded to CPU and its GPU copy are two entries.
@@ -204,6 +220,7 @@ impl WorkerBlocks {
                             continue;
                         }
                         s.by_engine.insert(key, router);
+                        s.pending.remove(&router);
                         *s.present.entry(router).or_insert(0) += 1;
                         done.stored += 1;
                     }
@@ -211,6 +228,7 @@ impl WorkerBlocks {
                 KvEvent::BlockRemoved { block_hashes, medium } => {
                     for h in block_hashes {
                         if let Some(router) = s.by_engine.remove(&engine_key(*h, medium.as_deref())) {
+                            s.pending.remove(&router);
                             unpresent(&mut s.present, router);
                             self.budget.give(1);
                             done.removed += 1;
@@ -222,6 +240,7 @@ impl WorkerBlocks {
                     done.removed += s.by_engine.len();
                     s.by_engine.clear();
                     s.present.clear();
+                    s.pending.clear();
                 }
             }
         }
@@ -229,22 +248,51 @@ impl WorkerBlocks {
     }
 
     /// How many leading blocks of `hashes` (a prompt's [`prompt_block_hashes`]) are cached.
-    ///
-    /// A binary search: engines evict a sequence's blocks from its tail, so the cached blocks
-    /// of one prompt form a prefix of it.
+    /// Pending blocks (routed here, not stored yet) count as cached.
     pub fn cached_prefix_blocks(&self, hashes: &[u64]) -> usize {
         let Ok(s) = self.set.read() else { return 0 };
-        let (mut lo, mut hi) = (0usize, hashes.len());
-        while lo < hi {
-            let mid = (lo + hi).div_ceil(2);
-            if s.present.contains_key(&hashes[mid - 1]) {
-                lo = mid;
-            } else {
-                hi = mid - 1;
+        let now = Instant::now();
+        let held = |h: &u64| s.present.contains_key(h) || s.pending.get(h).is_some_and(|until| *until > now);
+        prefix_len(hashes, held)
+    }
+
+    /// Marks the blocks of `hashes` (a prompt routed here) beyond those already stored as
+    /// pending until the engine stores them.
+    pub fn note_routed(&self, hashes: &[u64]) {
+        let Ok(mut s) = self.set.write() else { return };
+        let now = Instant::now();
+        let stored = prefix_len(hashes, |h| s.present.contains_key(h));
+        if s.pending.len() + hashes.len() - stored > MAX_PENDING {
+            s.pending.retain(|_, until| *until > now);
+            if s.pending.len() + hashes.len() - stored > MAX_PENDING {
+                s.pending.clear();
             }
         }
-        lo
+        let until = now + PENDING_TTL;
+        for h in &hashes[stored..] {
+            s.pending.insert(*h, until);
+        }
     }
+
+    /// Blocks pending (routed here, not stored yet), expired ones included until swept.
+    pub fn pending_blocks(&self) -> usize {
+        self.set.read().map(|s| s.pending.len()).unwrap_or(0)
+    }
+}
+
+/// How many leading `hashes` are `held`: a binary search, since engines evict a sequence's
+/// blocks from its tail and a prompt's cached blocks form a prefix of it.
+fn prefix_len(hashes: &[u64], held: impl Fn(&u64) -> bool) -> usize {
+    let (mut lo, mut hi) = (0usize, hashes.len());
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if held(&hashes[mid - 1]) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
 }
 
 fn unpresent(present: &mut HashMap<u64, u32>, router: u64) {
@@ -355,6 +403,27 @@ mod tests {
         b.apply(&[KvEvent::BlockRemoved { block_hashes: vec![BlockHash(1)], medium: Some("GPU".into()) }]);
         let h = prompt_block_hashes(&(0..5).collect::<Vec<_>>(), 4);
         assert_eq!(b.cached_prefix_blocks(&h), 1, "the CPU copy still hits");
+    }
+
+    #[test]
+    fn routed_blocks_count_as_cached_until_stored_removed_or_cleared() {
+        let b = view(1 << 20);
+        b.apply(&[stored(&[1], None, 0..4, 4)]);
+        let prompt: Vec<u32> = (0..13).collect();
+        let h = prompt_block_hashes(&prompt, 4);
+        assert_eq!(b.cached_prefix_blocks(&h), 1);
+        b.note_routed(&h);
+        assert_eq!(b.pending_blocks(), 2, "only the blocks beyond the stored one are pending");
+        assert_eq!(b.cached_prefix_blocks(&h), 3, "a prompt routed here hits here before its store event");
+        // The engine stores the second block: it is no longer pending, and still cached.
+        b.apply(&[stored(&[2], Some(1), 4..8, 4)]);
+        assert_eq!((b.pending_blocks(), b.cached_prefix_blocks(&h)), (1, 3));
+        // A restart clears what was pending with what was stored.
+        b.apply(&[KvEvent::AllBlocksCleared]);
+        assert_eq!((b.pending_blocks(), b.cached_prefix_blocks(&h)), (0, 0));
+        b.note_routed(&h);
+        b.clear();
+        assert_eq!((b.pending_blocks(), b.cached_prefix_blocks(&h)), (0, 0), "a cold rebuild forgets pending blocks");
     }
 
     #[test]

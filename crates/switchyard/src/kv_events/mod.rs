@@ -35,6 +35,17 @@ pub fn overlay_exact(mut tree: Vec<usize>, workers: &[Arc<Worker>], request: &Re
     tree
 }
 
+/// Marks `request`'s prompt as being cached on `worker` (pending until its engine stores it),
+/// when the request carries token ids and the worker's event view is synced.
+pub fn note_routed(worker: &Worker, request: &RequestView) {
+    let RoutingText::Tokens(tokens) = &request.text else { return };
+    let Some(blocks) = worker.kv_blocks().filter(|b| b.is_synced()) else { return };
+    let size = blocks.block_size() as usize;
+    if size > 0 && tokens.len() >= 2 {
+        blocks.note_routed(&prompt_block_hashes(tokens, size));
+    }
+}
+
 /// Largest event batch accepted from an engine, bytes. One engine step's batch holds the
 /// blocks it stored (at most a prefill chunk's tokens per running prompt, a few bytes each) and
 /// removed: far below this. Decoding keeps integer arrays (token ids, hashes) at 8 bytes an

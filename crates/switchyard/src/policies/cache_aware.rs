@@ -156,6 +156,7 @@ impl CacheAware {
             }
         };
         self.trees.record(&request.text, &workers[decision.0]);
+        crate::kv_events::note_routed(&workers[decision.0], request);
         let chosen = decision.0;
         let pair = matches.map(|m| {
             let other = m.iter().enumerate().filter(|(i, _)| *i != chosen).map(|(_, n)| *n).max().unwrap_or(0);

@@ -559,6 +559,7 @@ impl RoutingPolicy for MarginalUtility {
             "marginal_utility decision"
         );
         self.trees.record(&request.text, worker);
+        crate::kv_events::note_routed(worker, request);
         Ok(chosen.selection().with_predicted_cached(request.prompt_tokens(), chosen.uncached, best_other))
     }
 
@@ -597,6 +598,7 @@ impl RoutingPolicy for MarginalUtility {
         let d = *d_refs[self.best_by(&d_refs, |c| c.own_ms - c.ttft_ms + c.externality_ms).unwrap_or(0)];
         self.counters.decisions.fetch_add(1, Ordering::Relaxed);
         self.trees.record(&request.text, &prefill[p.index]);
+        crate::kv_events::note_routed(&prefill[p.index], request);
         let p_best_other = p_scored.iter().filter(|c| c.index != p.index).map(|c| c.uncached).fold(f64::MAX, f64::min);
         let p_sel = p.selection().with_predicted_cached(request.prompt_tokens(), p.uncached, p_best_other);
         Ok((p_sel, Selection::of(d.index)))
