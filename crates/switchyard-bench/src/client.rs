@@ -157,16 +157,17 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// Sends `specs` open-loop at their arrival times (simulated seconds ÷ time scale of real
-/// time) and returns the results in order. `on_progress` is called as requests finish.
+/// time), request i through `clients[i mod n]` (router replicas sharing the traffic), and
+/// returns the results in order. `on_progress` is called as requests finish.
 pub async fn run_open_loop(
-    client: &LoadClient,
+    clients: &[LoadClient],
     specs: &[RequestSpec],
     mut on_progress: impl FnMut(usize, usize),
 ) -> Vec<RequestResult> {
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (i, spec) in specs.iter().enumerate() {
-        let (client, spec) = (client.clone(), spec.clone());
+        let (client, spec) = (clients[i % clients.len()].clone(), spec.clone());
         let at = start + Duration::from_secs_f64(spec.at / client.time_scale);
         tasks.spawn(async move {
             tokio::time::sleep_until(at).await;

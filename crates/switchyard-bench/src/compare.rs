@@ -23,9 +23,11 @@ pub struct CompareArgs {
     /// Scenario file.
     #[arg(long)]
     pub scenario: String,
-    /// Routers under test, comma separated: `switchyard:POLICY[/objective...]`,
+    /// Routers under test, comma separated: `switchyard:POLICY[/objective...][+tokens|+events]`,
     /// `sglang-router:POLICY`, `vllm-router:POLICY`. Default: every switchyard policy,
-    /// sglang-router's and vllm-router's cache_aware.
+    /// sglang-router's and vllm-router's cache_aware. `+tokens`: switchyard tokenizes prompts
+    /// (`--tokenizer-path`) and keeps a token tree; `+events`: it also follows the workers' KV
+    /// events (the exact view). Both need a tokenizer (`--tokenizer-path` or `--workload-tokenizer`).
     #[arg(long, value_delimiter = ',')]
     pub routers: Vec<String>,
     /// Output directory (results.json, results.md, <scenario>.svg).
@@ -50,6 +52,18 @@ pub struct CompareArgs {
     /// `capacity.concurrency_per_worker`) instead of in the discrete-event simulation.
     #[arg(long)]
     pub live_capacity: bool,
+    /// Run each router as this many replicas, request i going to replica i mod N (as the
+    /// discrete-event simulation's `--replicas` does).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub replicas: u16,
+    /// The workers tokenize with this tokenizer (a model directory or tokenizer.json), and so
+    /// do switchyard routers with `+tokens`/`+events`.
+    #[arg(long, conflicts_with = "workload_tokenizer")]
+    pub tokenizer_path: Option<String>,
+    /// Like `--tokenizer-path` with an HF tokenizer written for the workload: one token per
+    /// word of the generated prompts, so token counts stay the scenario's.
+    #[arg(long)]
+    pub workload_tokenizer: bool,
 }
 
 /// Every switchyard policy, then the peers' defaults.
@@ -72,6 +86,9 @@ pub struct Run {
     pub router: String,
     /// Policy spec.
     pub policy: String,
+    /// Router replicas sharing the traffic.
+    #[serde(default = "one")]
+    pub replicas: u16,
     /// Scenario name.
     pub scenario: String,
     /// Fraction of capacity.
@@ -118,12 +135,17 @@ impl Results {
     }
 }
 
+fn one() -> u16 {
+    1
+}
+
 impl Run {
     /// The run's row from a summary.
     pub fn new(router: &str, policy: &str, scenario: &str, load: f64, s: &Summary) -> Self {
         Self {
             router: router.into(),
             policy: policy.into(),
+            replicas: 1,
             scenario: scenario.into(),
             load,
             goodput_rps: s.goodput_rps,
@@ -141,9 +163,12 @@ impl Run {
         }
     }
 
-    /// `router:policy`.
+    /// `router:policy`, with `×N` for N replicas.
     pub fn label(&self) -> String {
-        format!("{}:{}", self.router, self.policy)
+        match self.replicas {
+            1 => format!("{}:{}", self.router, self.policy),
+            n => format!("{}:{} ×{n}", self.router, self.policy),
+        }
     }
 }
 
@@ -212,20 +237,45 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("no free port: {e}"))
 }
 
-/// A started fleet: worker URLs, roles and prefill bootstrap ports, read from the simulator's stdout.
-struct Fleet {
-    _proc: Proc,
-    workers: Vec<(String, String, Option<u16>)>,
+/// One started worker, as the simulator's stdout describes it.
+struct FleetWorker {
+    url: String,
+    /// `plain`, `prefill` or `decode`.
+    role: String,
+    bootstrap_port: Option<u16>,
+    kv_events: Option<String>,
+    kv_events_replay: Option<String>,
 }
 
-fn start_fleet(s: &Scenario, time_scale: f64, dir: &Path) -> Result<Fleet, String> {
+/// A started fleet.
+struct Fleet {
+    _proc: Proc,
+    workers: Vec<FleetWorker>,
+}
+
+/// How the simulated workers run beyond the scenario: their tokenizer, and whether they
+/// publish KV events (with a replay socket).
+#[derive(Debug, Clone, Default)]
+struct FleetOptions {
+    tokenizer: Option<String>,
+    kv_events: bool,
+}
+
+fn start_fleet(s: &Scenario, time_scale: f64, dir: &Path, options: &FleetOptions) -> Result<Fleet, String> {
     let mut scaled = s.clone();
     scaled.time_scale = time_scale;
     let file = dir.join(format!("{}-fleet.toml", s.name));
     std::fs::write(&file, scaled.fleet_toml()).map_err(|e| e.to_string())?;
     let n = s.workers().len();
-    let mut child = Command::new(sibling_binary("switchyard-sim")?)
-        .args(["--fleet", &file.to_string_lossy(), "--base-port", "0", "--log-level", "warn"])
+    let mut cmd = Command::new(sibling_binary("switchyard-sim")?);
+    cmd.args(["--fleet", &file.to_string_lossy(), "--base-port", "0", "--log-level", "warn"]);
+    if let Some(t) = &options.tokenizer {
+        cmd.args(["--tokenizer-path", t]);
+    }
+    if options.kv_events {
+        cmd.args(["--kv-events-port", "0", "--kv-events-replay-port", "0"]);
+    }
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -237,9 +287,13 @@ fn start_fleet(s: &Scenario, time_scale: f64, dir: &Path) -> Result<Fleet, Strin
         let line = line.map_err(|e| e.to_string())?;
         let url = line.split_whitespace().next().unwrap_or_default().to_owned();
         let field = |k: &str| line.split_whitespace().find_map(|f| f.strip_prefix(k)).map(str::to_owned);
-        let role = field("role=").unwrap_or_default().to_lowercase();
-        let bootstrap = field("bootstrap_port=").and_then(|p| p.parse().ok());
-        workers.push((url, role, bootstrap));
+        workers.push(FleetWorker {
+            url,
+            role: field("role=").unwrap_or_default().to_lowercase(),
+            bootstrap_port: field("bootstrap_port=").and_then(|p| p.parse().ok()),
+            kv_events: field("kv_events="),
+            kv_events_replay: field("kv_events_replay="),
+        });
     }
     if workers.len() != n {
         return Err(format!("switchyard-sim started {} of {n} workers", workers.len()));
@@ -247,7 +301,28 @@ fn start_fleet(s: &Scenario, time_scale: f64, dir: &Path) -> Result<Fleet, Strin
     Ok(Fleet { _proc: proc, workers })
 }
 
+/// What a switchyard router knows of the workers' caches: its text tree (the default), a
+/// token tree (`+tokens`), or the engines' KV events (`+events`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum CacheView {
+    Text,
+    Tokens,
+    Events,
+}
+
+/// Splits a switchyard policy spec's `+tokens`/`+events` suffix off.
+fn cache_view(policy: &str) -> (&str, CacheView) {
+    if let Some(p) = policy.strip_suffix("+events") {
+        (p, CacheView::Events)
+    } else if let Some(p) = policy.strip_suffix("+tokens") {
+        (p, CacheView::Tokens)
+    } else {
+        (policy, CacheView::Text)
+    }
+}
+
 /// The command line that starts `router` with `policy` on `port` in front of `fleet`.
+#[allow(clippy::too_many_arguments)]
 fn router_command(
     router: &str,
     policy: &str,
@@ -256,19 +331,20 @@ fn router_command(
     s: &Scenario,
     time_scale: f64,
     venv: Option<&str>,
+    tokenizer: Option<&str>,
 ) -> Result<Command, String> {
-    let urls: Vec<String> = fleet.workers.iter().filter(|w| w.1 == "plain").map(|w| w.0.clone()).collect();
+    let urls: Vec<String> = fleet.workers.iter().filter(|w| w.role == "plain").map(|w| w.url.clone()).collect();
     let pd_args = |vllm: bool| -> Vec<String> {
         let mut a = vec![if vllm { "--vllm-pd-disaggregation" } else { "--pd-disaggregation" }.to_owned()];
-        for (url, role, bootstrap) in &fleet.workers {
-            match role.as_str() {
+        for w in &fleet.workers {
+            match w.role.as_str() {
                 "prefill" => {
-                    a.extend(["--prefill".to_owned(), url.clone()]);
+                    a.extend(["--prefill".to_owned(), w.url.clone()]);
                     if !vllm {
-                        a.push(bootstrap.map_or("none".to_owned(), |p| p.to_string()));
+                        a.push(w.bootstrap_port.map_or("none".to_owned(), |p| p.to_string()));
                     }
                 }
-                "decode" => a.extend(["--decode".to_owned(), url.clone()]),
+                "decode" => a.extend(["--decode".to_owned(), w.url.clone()]),
                 _ => {}
             }
         }
@@ -278,7 +354,26 @@ fn router_command(
     let mut cmd;
     match router {
         "switchyard" => {
+            let (policy, view) = cache_view(policy);
             cmd = Command::new(sibling_binary("switchyard")?);
+            if view != CacheView::Text {
+                let path = tokenizer.ok_or("+tokens and +events need --tokenizer-path or --workload-tokenizer")?;
+                cmd.args(["--tokenizer-path", path]);
+            }
+            if view == CacheView::Events {
+                if s.is_pd() {
+                    return Err("+events is for regular fleets here".into());
+                }
+                let endpoints = |f: fn(&FleetWorker) -> Option<&String>| -> Result<Vec<String>, String> {
+                    fleet
+                        .workers
+                        .iter()
+                        .map(|w| f(w).cloned().ok_or("the fleet publishes no KV events".to_owned()))
+                        .collect()
+                };
+                cmd.arg("--kv-events-endpoint").args(endpoints(|w| w.kv_events.as_ref())?);
+                cmd.arg("--kv-events-replay-endpoint").args(endpoints(|w| w.kv_events_replay.as_ref())?);
+            }
             cmd.args(["--host", "127.0.0.1", "--port", &port.to_string(), "--log-level", "warn"]);
             cmd.args(["--health-check-interval-secs", "1", "--load-check-interval", "1"]);
             cmd.args(["--slo-ttft-ms", &(s.slo.ttft_ms / time_scale).to_string()]);
@@ -312,6 +407,8 @@ fn router_command(
                 cmd = Command::new(bin);
             }
             cmd.args(["--host", "127.0.0.1", "--port", &port.to_string(), "--policy", policy]);
+            // Their metrics exporter listens on a fixed port by default: replicas would collide.
+            cmd.args(["--prometheus-port", &free_port()?.to_string()]);
             if s.is_pd() {
                 cmd.args(pd_args(router == "vllm-router"));
             } else {
@@ -346,8 +443,8 @@ async fn wait_ready(client: &LoadClient, base: &str, deadline: Duration) -> bool
 /// Requests finished per worker, from each simulated worker's own counter.
 async fn finished_per_worker(client: &LoadClient, fleet: &Fleet) -> Vec<f64> {
     let mut out = Vec::new();
-    for (url, _, _) in &fleet.workers {
-        let text = client.get(url, "/metrics").await.unwrap_or_default();
+    for w in &fleet.workers {
+        let text = client.get(&w.url, "/metrics").await.unwrap_or_default();
         let v = text
             .lines()
             .find(|l| l.starts_with("sglang:num_requests_total"))
@@ -445,9 +542,9 @@ async fn compare(args: &CompareArgs) -> Result<(), String> {
                 "measuring capacity: closed loop, switchyard load_based, {} per worker",
                 s.capacity.concurrency_per_worker
             );
-            let fleet = start_fleet(&s, time_scale, &dir)?;
+            let fleet = start_fleet(&s, time_scale, &dir, &FleetOptions::default())?;
             let port = free_port()?;
-            let mut cmd = router_command("switchyard", "load_based", port, &fleet, &s, time_scale, None)?;
+            let mut cmd = router_command("switchyard", "load_based", port, &fleet, &s, time_scale, None, None)?;
             let _router = Proc(cmd.stdout(Stdio::null()).spawn().map_err(|e| e.to_string())?);
             let base = format!("http://127.0.0.1:{port}");
             let client = LoadClient::new(&base, "meta-llama/Llama-3.1-8B-Instruct", time_scale, timeout);
@@ -484,46 +581,69 @@ async fn compare(args: &CompareArgs) -> Result<(), String> {
     let mut results = Results::new(&s, capacity);
     results.capacity_method = method;
     results.ceiling_rps = ceiling;
+    let tokenizer = match (&args.tokenizer_path, args.workload_tokenizer) {
+        (Some(p), _) => Some(p.clone()),
+        (None, true) => {
+            let file = dir.join("workload-tokenizer.json");
+            switchyard_tokenize::fixture::write_word_level(&file, crate::workload::prompt_vocabulary())
+                .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+            Some(file.to_string_lossy().into_owned())
+        }
+        (None, false) => None,
+    };
+    let fleet_options =
+        FleetOptions { tokenizer: tokenizer.clone(), kv_events: routers.iter().any(|r| r.ends_with("+events")) };
     for spec in &routers {
         let (router, policy) = spec.split_once(':').unwrap_or((spec.as_str(), "round_robin"));
-        let fleet = start_fleet(&s, time_scale, &dir)?;
-        let port = free_port()?;
-        let cmd = router_command(router, policy, port, &fleet, &s, time_scale, venv.as_deref());
-        let mut cmd = match cmd {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("skipping {spec}: {e}");
-                results.skipped.push(format!("{spec}: {e}"));
-                continue;
+        let fleet = start_fleet(&s, time_scale, &dir, &fleet_options)?;
+        let mut procs = Vec::new();
+        let mut clients = Vec::new();
+        let mut failure = None;
+        for replica in 0..args.replicas {
+            let port = free_port()?;
+            let cmd =
+                router_command(router, policy, port, &fleet, &s, time_scale, venv.as_deref(), tokenizer.as_deref());
+            let mut cmd = match cmd {
+                Ok(c) => c,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            };
+            let log_name = format!("{}-{}-{replica}.log", router, policy.replace('/', "-"));
+            let log = std::fs::File::create(dir.join(log_name)).map_err(|e| e.to_string())?;
+            match cmd.stdout(Stdio::null()).stderr(log).spawn() {
+                Ok(child) => procs.push(Proc(child)),
+                Err(e) => {
+                    failure = Some(format!("it did not start: {e}"));
+                    break;
+                }
             }
-        };
-        let log = std::fs::File::create(dir.join(format!("{}-{}.log", router, policy.replace('/', "-"))))
-            .map_err(|e| e.to_string())?;
-        let child = cmd.stdout(Stdio::null()).stderr(log).spawn();
-        let Ok(child) = child else {
-            eprintln!("skipping {spec}: it did not start");
-            results.skipped.push(format!("{spec}: did not start"));
-            continue;
-        };
-        let _router = Proc(child);
-        let base = format!("http://127.0.0.1:{port}");
-        let client = LoadClient::new(&base, "meta-llama/Llama-3.1-8B-Instruct", time_scale, timeout);
-        if !wait_ready(&client, &base, Duration::from_secs(90)).await {
-            eprintln!("skipping {spec}: not ready within 90 s (see its log in {})", dir.display());
-            results.skipped.push(format!("{spec}: not ready within 90 s"));
+            let base = format!("http://127.0.0.1:{port}");
+            let client = LoadClient::new(&base, "meta-llama/Llama-3.1-8B-Instruct", time_scale, timeout);
+            if !wait_ready(&client, &base, Duration::from_secs(90)).await {
+                failure = Some(format!("not ready within 90 s (see its log in {})", dir.display()));
+                break;
+            }
+            clients.push(client);
+        }
+        if let Some(e) = failure {
+            eprintln!("skipping {spec}: {e}");
+            results.skipped.push(format!("{spec}: {e}"));
             continue;
         }
+        let client = &clients[0];
         for (li, &load) in s.loads.iter().enumerate() {
-            for (url, _, _) in &fleet.workers {
-                client.post(url, "/flush_cache", "").await;
+            for w in &fleet.workers {
+                client.post(&w.url, "/flush_cache", "").await;
             }
             let n = per_level[li];
             let offset: usize = per_level[..li].iter().sum();
             let specs = s.workload.requests(s.arrival, load * capacity, n, s.seed, offset, trace.as_deref());
-            let before = finished_per_worker(&client, &fleet).await;
+            let before = finished_per_worker(client, &fleet).await;
             let fault = s.fault.map(|f| (f, f.at(&specs, f.from) / time_scale, f.at(&specs, f.to) / time_scale));
             let fault_task = fault.and_then(|(f, from, to)| {
-                let url = fleet.workers.get(f.worker)?.0.clone();
+                let url = fleet.workers.get(f.worker)?.url.clone();
                 let client = client.clone();
                 Some(tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_secs_f64(from)).await;
@@ -533,18 +653,19 @@ async fn compare(args: &CompareArgs) -> Result<(), String> {
                 }))
             });
             let label = format!("{spec} @ {load:.2}");
-            let out = run_open_loop(&client, &specs, |d, t| progress(&label, d, t)).await;
+            let out = run_open_loop(&clients, &specs, |d, t| progress(&label, d, t)).await;
             if let Some(t) = fault_task {
                 t.abort();
                 if let Some((f, _, _)) = fault {
-                    client.post(&fleet.workers[f.worker].0, "/sim/faults", "{\"slowdown\": 1.0}").await;
+                    client.post(&fleet.workers[f.worker].url, "/sim/faults", "{\"slowdown\": 1.0}").await;
                 }
             }
-            let after = finished_per_worker(&client, &fleet).await;
+            let after = finished_per_worker(client, &fleet).await;
             let mut summary = Summary::of(&out, &s.slo, n_workers);
             let total: f64 = after.iter().zip(&before).map(|(a, b)| a - b).sum();
             summary.worker_share = after.iter().zip(&before).map(|(a, b)| (a - b) / total.max(1.0)).collect();
-            let run = Run::new(router, policy, &s.name, load, &summary);
+            let mut run = Run::new(router, policy, &s.name, load, &summary);
+            run.replicas = args.replicas;
             eprintln!(
                 "  goodput {:.2} req/s, TTFT p99 {:.0} ms, TPOT p99 {:.1} ms, hit {:.2}, errors {}",
                 run.goodput_rps, run.ttft_p99_ms, run.tpot_p99_ms, run.cache_hit_rate, run.errors

@@ -56,6 +56,12 @@ fn push_tokens(out: &mut String, stream: u64, n: u32) {
     }
 }
 
+/// Every word [`push_tokens`] writes (three lowercase letters): a tokenizer with one token per
+/// word of this vocabulary counts prompts as the simulator's built-in one does.
+pub fn prompt_vocabulary() -> impl Iterator<Item = String> {
+    (0..26u32 * 26 * 26).map(|i| [i / 676, i / 26 % 26, i % 26].iter().map(|&c| char::from(b'a' + c as u8)).collect())
+}
+
 impl PromptSpec {
     /// Prompt length in tokens.
     pub fn tokens(&self) -> u32 {

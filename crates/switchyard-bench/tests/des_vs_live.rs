@@ -40,7 +40,7 @@ async fn des_and_live_agree_on_a_small_scenario() {
         Workload::Lognormal { prompt_median: 400.0, prompt_sigma: 0.5, output_median: 48.0, output_sigma: 0.3 };
     let specs = workload.requests(Arrival::Poisson, 8.0, 80, 11, 0, None);
     let client = LoadClient::new(&router.url(), "m", time_scale, Duration::from_secs(60));
-    let live = run_open_loop(&client, &specs, |_, _| {}).await;
+    let live = run_open_loop(std::slice::from_ref(&client), &specs, |_, _| {}).await;
     let slo = Slo::default();
     let live = Summary::of(&live, &slo, 2);
     assert_eq!(live.errors, 0, "{live:?}");
