@@ -470,4 +470,12 @@ mod tests {
         assert!(spliced.contains("9.80") && !spliced.contains("old") && spliced.ends_with("<!-- results:end -->\nb"));
         assert!(splice("no markers", &table).is_err());
     }
+
+    /// `bench/public_table.sh` ends by splicing its table into the README.
+    #[test]
+    fn the_readme_has_the_markers_the_public_table_is_spliced_between() {
+        let readme = include_str!("../../../README.md");
+        let spliced = splice(readme, &public_table(&[results()])).unwrap();
+        assert!(spliced.contains("switchyard:marginal_utility | 9.80"));
+    }
 }
