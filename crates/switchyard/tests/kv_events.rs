@@ -161,6 +161,18 @@ async fn the_exact_view_overrides_the_trees_guess() {
     }
     assert_eq!(ws[other].received.load(SeqCst), 3, "the engine's real cache wins over the tree's record");
     assert_eq!(ws[first].received.load(SeqCst), 1);
+    // A longer prompt goes where its first 10 blocks are; its next 2 full blocks are pending
+    // there (counted as cached) until the engine reports them stored.
+    let longer: Vec<u32> = (0..200).collect();
+    let body = json!({"input_ids": longer, "sampling_params": {"max_new_tokens": 1}});
+    assert_eq!(post(&format!("{url}/generate"), &body).await.status, 200);
+    assert_eq!(ws[other].received.load(SeqCst), 4);
+    let v = view(&url, &ws[other].url()).await;
+    assert_eq!((v["blocks"].as_u64(), v["pending_blocks"].as_u64()), (Some(10), Some(2)), "{v}");
+    ps[other].publish(batch(vec![stored(&[110, 111], Some(109), 160)]));
+    wait_for(&url, &ws[other].url(), "pending blocks stored", |v| v["blocks"] == 12 && v["pending_blocks"] == 0).await;
+    let metrics = String::from_utf8_lossy(&get(&format!("{url}/metrics")).await.body).into_owned();
+    assert!(metrics.contains("switchyard_kv_events_pending_blocks{worker="), "pending gauge missing");
     r.shutdown().await.unwrap();
 }
 

@@ -21,7 +21,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use switchyard_kv_events::{BlockHash, KvEvent};
 
@@ -83,7 +85,7 @@ impl BlockBudget {
         let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(n)));
     }
 
-    /// Blocks indexed now, over every worker.
+    /// Blocks indexed now (stored, and pending on a worker), over every worker.
     pub fn used_blocks(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
@@ -108,13 +110,61 @@ struct BlockSet {
     /// Router hash → how many engine blocks have it (the same tokens on GPU and CPU).
     present: HashMap<u64, u32>,
     /// Router hashes of blocks routed here and not stored yet → until when to expect them.
+    /// Each holds one block of the budget.
     pending: HashMap<u64, Instant>,
+    /// Pending entries at which expired ones are swept next (amortised: twice the survivors).
+    sweep_at: usize,
+    /// When expired pending entries were last swept.
+    last_sweep: Option<Instant>,
 }
 
-/// How long a routed prompt's blocks count as cached before the engine stores them.
-pub const PENDING_TTL: Duration = Duration::from_secs(30);
-/// Pending blocks per worker at most (4 KiB-token prompts: 2,000 of them at 16 tokens a block).
-const MAX_PENDING: usize = 1 << 19;
+impl BlockSet {
+    /// Drops `router` from the pending blocks, returning its share of the budget.
+    fn unpend(&mut self, router: u64, budget: &BlockBudget) {
+        if self.pending.remove(&router).is_some() {
+            budget.give(1);
+        }
+    }
+
+    /// Drops the pending blocks expired at `now`, returning their budget; whether any were.
+    fn sweep(&mut self, now: Instant, budget: &BlockBudget) -> bool {
+        let before = self.pending.len();
+        self.pending.retain(|_, until| *until > now);
+        budget.give(before - self.pending.len());
+        self.sweep_at = 2 * self.pending.len();
+        self.last_sweep = Some(now);
+        self.pending.len() < before
+    }
+
+    /// Takes one block of `budget`, sweeping expired pending blocks first if it is spent.
+    /// Sweeps at most every [`SWEEP_EVERY`]: with the budget spent, every request would.
+    fn take(&mut self, now: Instant, budget: &BlockBudget) -> bool {
+        if budget.take() {
+            return true;
+        }
+        let due = self.last_sweep.is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_EVERY);
+        due && self.sweep(now, budget) && budget.take()
+    }
+
+    /// Forgets every block, stored and pending, returning their budget.
+    fn forget_all(&mut self, budget: &BlockBudget) -> usize {
+        let stored = self.by_engine.len();
+        budget.give(stored + self.pending.len());
+        self.by_engine.clear();
+        self.present.clear();
+        self.pending.clear();
+        stored
+    }
+}
+
+/// How long a routed prompt's blocks count as cached before the engine stores them: longer
+/// than a prompt waits in an overloaded engine's queue, short enough that a request that
+/// failed stops attracting its prefix soon.
+pub const PENDING_TTL: Duration = Duration::from_secs(60);
+/// The least number of pending entries at which expired ones are swept.
+const MIN_SWEEP: usize = 1024;
+/// With the index's budget spent, expired pending entries are swept at most this often.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Where an event says its blocks live, folded into the engine-block key so a block
 /// offloaded to CPU and its GPU copy are two entries.
@@ -177,8 +227,7 @@ impl WorkerBlocks {
     /// Forgets every block (an engine restart, a gap nothing can repair).
     pub fn clear(&self) {
         if let Ok(mut s) = self.set.write() {
-            self.budget.give(s.by_engine.len());
-            *s = BlockSet { block_size: s.block_size, ..BlockSet::default() };
+            s.forget_all(&self.budget);
         }
     }
 
@@ -186,6 +235,7 @@ impl WorkerBlocks {
     pub fn apply(&self, events: &[KvEvent]) -> Applied {
         let mut done = Applied::default();
         let Ok(mut s) = self.set.write() else { return done };
+        let now = Instant::now();
         for event in events {
             match event {
                 KvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size, medium, .. } => {
@@ -214,13 +264,14 @@ impl WorkerBlocks {
                             unpresent(&mut s.present, old);
                             self.budget.give(1);
                         }
-                        if !self.budget.take() {
+                        // A pending block becomes a stored one: its budget moves with it.
+                        s.unpend(router, &self.budget);
+                        if !s.take(now, &self.budget) {
                             done.refused += 1;
                             self.budget.refused.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
                         s.by_engine.insert(key, router);
-                        s.pending.remove(&router);
                         *s.present.entry(router).or_insert(0) += 1;
                         done.stored += 1;
                     }
@@ -228,49 +279,44 @@ impl WorkerBlocks {
                 KvEvent::BlockRemoved { block_hashes, medium } => {
                     for h in block_hashes {
                         if let Some(router) = s.by_engine.remove(&engine_key(*h, medium.as_deref())) {
-                            s.pending.remove(&router);
+                            s.unpend(router, &self.budget);
                             unpresent(&mut s.present, router);
                             self.budget.give(1);
                             done.removed += 1;
                         }
                     }
                 }
-                KvEvent::AllBlocksCleared => {
-                    self.budget.give(s.by_engine.len());
-                    done.removed += s.by_engine.len();
-                    s.by_engine.clear();
-                    s.present.clear();
-                    s.pending.clear();
-                }
+                KvEvent::AllBlocksCleared => done.removed += s.forget_all(&self.budget),
             }
         }
         done
     }
 
     /// How many leading blocks of `hashes` (a prompt's [`prompt_block_hashes`]) are cached.
-    /// Pending blocks (routed here, not stored yet) count as cached.
-    pub fn cached_prefix_blocks(&self, hashes: &[u64]) -> usize {
+    /// Pending blocks (routed here, not stored yet, unexpired at `now`) count as cached.
+    pub fn cached_prefix_blocks(&self, hashes: &[u64], now: Instant) -> usize {
         let Ok(s) = self.set.read() else { return 0 };
-        let now = Instant::now();
         let held = |h: &u64| s.present.contains_key(h) || s.pending.get(h).is_some_and(|until| *until > now);
         prefix_len(hashes, held)
     }
 
-    /// Marks the blocks of `hashes` (a prompt routed here) beyond those already stored as
-    /// pending until the engine stores them.
-    pub fn note_routed(&self, hashes: &[u64]) {
+    /// Marks the blocks of `hashes` (a prompt routed here at `now`) beyond those already
+    /// stored as pending until the engine stores them, as far as the index's budget allows.
+    pub fn note_routed(&self, hashes: &[u64], now: Instant) {
         let Ok(mut s) = self.set.write() else { return };
-        let now = Instant::now();
-        let stored = prefix_len(hashes, |h| s.present.contains_key(h));
-        if s.pending.len() + hashes.len() - stored > MAX_PENDING {
-            s.pending.retain(|_, until| *until > now);
-            if s.pending.len() + hashes.len() - stored > MAX_PENDING {
-                s.pending.clear();
-            }
+        if s.pending.len() >= s.sweep_at.max(MIN_SWEEP) {
+            s.sweep(now, &self.budget);
         }
+        let stored = prefix_len(hashes, |h| s.present.contains_key(h));
         let until = now + PENDING_TTL;
         for h in &hashes[stored..] {
-            s.pending.insert(*h, until);
+            if let Some(t) = s.pending.get_mut(h) {
+                *t = until;
+            } else if s.take(now, &self.budget) {
+                s.pending.insert(*h, until);
+            } else {
+                break;
+            }
         }
     }
 
@@ -308,7 +354,7 @@ fn unpresent(present: &mut HashMap<u64, u32>, router: u64) {
 /// worker whose view is synced, `None` for one without events (or whose view is not usable
 /// now: the policy falls back to its own estimate there). `None` overall when no worker has
 /// a usable view, so the caller skips the work.
-pub fn cached_tokens(workers: &[Arc<Worker>], prompt: &[u32]) -> Option<Vec<Option<u32>>> {
+pub fn cached_tokens(workers: &[Arc<Worker>], prompt: &[u32], now: Instant) -> Option<Vec<Option<u32>>> {
     if prompt.len() < 2 || !workers.iter().any(|w| w.kv_blocks().is_some_and(|b| b.is_synced())) {
         return None;
     }
@@ -330,7 +376,7 @@ pub fn cached_tokens(workers: &[Arc<Worker>], prompt: &[u32]) -> Option<Vec<Opti
                         hashed.len() - 1
                     }
                 };
-                let n = blocks.cached_prefix_blocks(&hashed[i].1);
+                let n = blocks.cached_prefix_blocks(&hashed[i].1, now);
                 Some((n * size as usize) as u32)
             })
             .collect(),
@@ -366,11 +412,11 @@ mod tests {
         assert_eq!(b.blocks(), 3);
         let prompt: Vec<u32> = (0..12).collect();
         // 12 tokens: the last is always computed, so the third block cannot hit.
-        assert_eq!(b.cached_prefix_blocks(&prompt_block_hashes(&prompt, 4)), 2);
+        assert_eq!(b.cached_prefix_blocks(&prompt_block_hashes(&prompt, 4), Instant::now()), 2);
         let longer: Vec<u32> = (0..20).collect();
-        assert_eq!(b.cached_prefix_blocks(&prompt_block_hashes(&longer, 4)), 3);
+        assert_eq!(b.cached_prefix_blocks(&prompt_block_hashes(&longer, 4), Instant::now()), 3);
         let other: Vec<u32> = (1..20).collect();
-        assert_eq!(b.cached_prefix_blocks(&prompt_block_hashes(&other, 4)), 0);
+        assert_eq!(b.cached_prefix_blocks(&prompt_block_hashes(&other, 4), Instant::now()), 0);
     }
 
     #[test]
@@ -379,15 +425,15 @@ mod tests {
         b.apply(&[stored(&[1, 2, 3], None, 0..12, 4)]);
         let prompt: Vec<u32> = (0..13).collect();
         let h = prompt_block_hashes(&prompt, 4);
-        assert_eq!(b.cached_prefix_blocks(&h), 3);
+        assert_eq!(b.cached_prefix_blocks(&h, Instant::now()), 3);
         let applied = b.apply(&[KvEvent::BlockRemoved { block_hashes: vec![BlockHash(3)], medium: None }]);
         assert_eq!(applied.removed, 1);
-        assert_eq!(b.cached_prefix_blocks(&h), 2);
+        assert_eq!(b.cached_prefix_blocks(&h, Instant::now()), 2);
         // A removal of a block never stored changes nothing.
         assert_eq!(b.apply(&[KvEvent::BlockRemoved { block_hashes: vec![BlockHash(77)], medium: None }]).removed, 0);
         assert_eq!(b.blocks(), 2);
         b.apply(&[KvEvent::AllBlocksCleared]);
-        assert_eq!((b.blocks(), b.cached_prefix_blocks(&h)), (0, 0));
+        assert_eq!((b.blocks(), b.cached_prefix_blocks(&h, Instant::now())), (0, 0));
     }
 
     #[test]
@@ -402,28 +448,52 @@ mod tests {
         assert_eq!(b.blocks(), 2);
         b.apply(&[KvEvent::BlockRemoved { block_hashes: vec![BlockHash(1)], medium: Some("GPU".into()) }]);
         let h = prompt_block_hashes(&(0..5).collect::<Vec<_>>(), 4);
-        assert_eq!(b.cached_prefix_blocks(&h), 1, "the CPU copy still hits");
+        assert_eq!(b.cached_prefix_blocks(&h, Instant::now()), 1, "the CPU copy still hits");
     }
 
     #[test]
-    fn routed_blocks_count_as_cached_until_stored_removed_or_cleared() {
-        let b = view(1 << 20);
+    fn routed_blocks_count_as_cached_until_stored_removed_cleared_or_expired() {
+        let budget = Arc::new(BlockBudget::new(1 << 20));
+        let b = WorkerBlocks::new(budget.clone());
+        b.set_synced(true);
+        let t0 = Instant::now();
         b.apply(&[stored(&[1], None, 0..4, 4)]);
         let prompt: Vec<u32> = (0..13).collect();
         let h = prompt_block_hashes(&prompt, 4);
-        assert_eq!(b.cached_prefix_blocks(&h), 1);
-        b.note_routed(&h);
+        assert_eq!(b.cached_prefix_blocks(&h, t0), 1);
+        b.note_routed(&h, t0);
         assert_eq!(b.pending_blocks(), 2, "only the blocks beyond the stored one are pending");
-        assert_eq!(b.cached_prefix_blocks(&h), 3, "a prompt routed here hits here before its store event");
+        assert_eq!(budget.used_blocks(), 3, "pending blocks hold index budget");
+        assert_eq!(b.cached_prefix_blocks(&h, t0), 3, "a prompt routed here hits here before its store event");
+        assert_eq!(b.cached_prefix_blocks(&h, t0 + PENDING_TTL), 1, "pending blocks expire");
         // The engine stores the second block: it is no longer pending, and still cached.
         b.apply(&[stored(&[2], Some(1), 4..8, 4)]);
-        assert_eq!((b.pending_blocks(), b.cached_prefix_blocks(&h)), (1, 3));
-        // A restart clears what was pending with what was stored.
+        assert_eq!((b.pending_blocks(), b.cached_prefix_blocks(&h, t0), budget.used_blocks()), (1, 3, 3));
+        // A restart clears what was pending with what was stored, and returns the budget.
         b.apply(&[KvEvent::AllBlocksCleared]);
-        assert_eq!((b.pending_blocks(), b.cached_prefix_blocks(&h)), (0, 0));
-        b.note_routed(&h);
+        assert_eq!((b.pending_blocks(), b.cached_prefix_blocks(&h, t0), budget.used_blocks()), (0, 0, 0));
+        b.note_routed(&h, t0);
         b.clear();
-        assert_eq!((b.pending_blocks(), b.cached_prefix_blocks(&h)), (0, 0), "a cold rebuild forgets pending blocks");
+        assert_eq!((b.pending_blocks(), budget.used_blocks()), (0, 0), "a cold rebuild forgets pending blocks");
+    }
+
+    #[test]
+    fn pending_blocks_stay_within_the_budget_and_expired_ones_are_swept() {
+        let budget = Arc::new(BlockBudget::new(3000 * BYTES_PER_BLOCK));
+        let b = WorkerBlocks::new(budget.clone());
+        b.set_synced(true);
+        let t0 = Instant::now();
+        let prompts: Vec<Vec<u64>> = (0..100u32).map(|i| prompt_block_hashes(&vec![i; 401], 4)).collect();
+        for p in &prompts {
+            b.note_routed(p, t0);
+        }
+        assert_eq!((b.pending_blocks(), budget.used_blocks()), (3000, 3000), "routing stops marking at the bound");
+        // Later, everything marked before has expired: sweeping returns it to the budget.
+        let later = t0 + PENDING_TTL + Duration::from_secs(1);
+        b.note_routed(&prompts[99], later);
+        assert_eq!((b.pending_blocks(), budget.used_blocks()), (100, 100));
+        assert_eq!(b.cached_prefix_blocks(&prompts[99], later), 100);
+        assert_eq!(b.cached_prefix_blocks(&prompts[0], later), 0);
     }
 
     #[test]

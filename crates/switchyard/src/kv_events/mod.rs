@@ -11,6 +11,7 @@ mod sync;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use tokio::time::Instant;
 
 pub use blocks::{
     block_hashes, cached_tokens, prompt_block_hashes, Applied, BlockBudget, WorkerBlocks, BYTES_PER_BLOCK,
@@ -25,7 +26,7 @@ use crate::workers::{Membership, Worker};
 /// requests that carry token ids (the units of the token tree), else `tree` unchanged.
 pub fn overlay_exact(mut tree: Vec<usize>, workers: &[Arc<Worker>], request: &RequestView) -> Vec<usize> {
     let RoutingText::Tokens(tokens) = &request.text else { return tree };
-    let Some(exact) = cached_tokens(workers, tokens) else { return tree };
+    let Some(exact) = cached_tokens(workers, tokens, request.now.unwrap_or_else(Instant::now)) else { return tree };
     tree.resize(workers.len(), 0);
     for (m, e) in tree.iter_mut().zip(exact) {
         if let Some(e) = e {
@@ -36,13 +37,14 @@ pub fn overlay_exact(mut tree: Vec<usize>, workers: &[Arc<Worker>], request: &Re
 }
 
 /// Marks `request`'s prompt as being cached on `worker` (pending until its engine stores it),
-/// when the request carries token ids and the worker's event view is synced.
+/// when the request carries token ids and the worker's event view is synced. Times are the
+/// request's (`RequestView::now`: virtual in the simulation).
 pub fn note_routed(worker: &Worker, request: &RequestView) {
     let RoutingText::Tokens(tokens) = &request.text else { return };
     let Some(blocks) = worker.kv_blocks().filter(|b| b.is_synced()) else { return };
     let size = blocks.block_size() as usize;
     if size > 0 && tokens.len() >= 2 {
-        blocks.note_routed(&prompt_block_hashes(tokens, size));
+        blocks.note_routed(&prompt_block_hashes(tokens, size), request.now.unwrap_or_else(Instant::now));
     }
 }
 
@@ -204,7 +206,7 @@ impl KvEvents {
         let Ok(subs) = self.subs.lock() else { return };
         let mut subs: Vec<&Subscription> = subs.values().collect();
         subs.sort_by(|a, b| a.url.cmp(&b.url));
-        let families: [Family; 8] = [
+        let families: [Family; 9] = [
             (
                 "switchyard_kv_events_connected",
                 "gauge",
@@ -220,6 +222,12 @@ impl KvEvents {
             ("switchyard_kv_events_blocks", "gauge", "Blocks the worker's engine holds, per its events.", |s| {
                 s.blocks.blocks() as u64
             }),
+            (
+                "switchyard_kv_events_pending_blocks",
+                "gauge",
+                "Blocks routed to the worker that its engine has not reported stored yet.",
+                |s| s.blocks.pending_blocks() as u64,
+            ),
             ("switchyard_kv_events_batches_total", "counter", "Event batches applied.", |s| {
                 s.stats.batches.load(Ordering::Relaxed)
             }),
@@ -283,6 +291,7 @@ impl KvEvents {
                     "connected": st.connected.load(Ordering::Relaxed),
                     "synced": s.blocks.is_synced(),
                     "blocks": s.blocks.blocks(),
+                    "pending_blocks": s.blocks.pending_blocks(),
                     "block_size": s.blocks.block_size(),
                     "last_seq": st.last_seq.load(Ordering::Relaxed),
                     "batches": st.batches.load(Ordering::Relaxed),
