@@ -128,10 +128,9 @@ impl Shared {
         };
         let router = Dispatcher::new(registry.clone(), factory, mode, inference, config.retry.clone(), metrics.clone());
         #[cfg(feature = "tokenizer")]
-        let tokenizer = config.tokenizer_path.as_ref().map(|p| {
+        let router = match config.tokenizer_path.as_ref().map(|p| {
             crate::tokenize::PromptTokenizer::load(p).map(|t| t.with_segment_cache(config.tokenizer_cache_bytes))
-        });
-        let router = match tokenizer {
+        }) {
             Some(Ok(t)) => router.with_tokenizer(Arc::new(t)),
             Some(Err(e)) => {
                 tracing::error!(error = %e, "tokenizer unusable; routing on prompt text");
