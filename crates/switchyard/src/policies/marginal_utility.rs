@@ -514,12 +514,14 @@ impl MarginalUtility {
     /// Feeds one observed request into the models, at `at` on the policy's clock. Requests
     /// that finish on a worker already removed teach nothing (its state is gone for good).
     pub fn observe(&self, outcome: &RequestOutcome, at: Instant) {
-        if outcome.worker.is_retired() {
-            return;
-        }
         let t = at.saturating_duration_since(self.epoch).as_secs_f64();
         if let Some(sample) = Sample::from_outcome(outcome, t) {
-            self.model.write().unwrap_or_else(|p| p.into_inner()).observe(outcome.worker.id(), &sample);
+            let mut model = self.model.write().unwrap_or_else(|p| p.into_inner());
+            // Checked under the lock: a worker is retired before its removal forgets it (under
+            // this lock), so a request ending meanwhile cannot bring its state back.
+            if !outcome.worker.is_retired() {
+                model.observe(outcome.worker.id(), &sample);
+            }
         }
     }
 
@@ -620,7 +622,10 @@ impl RoutingPolicy for MarginalUtility {
         }
         let t = first.at.saturating_duration_since(self.epoch).as_secs_f64();
         let sample = Sample::from_first_token(first, t);
-        self.model.write().unwrap_or_else(|p| p.into_inner()).observe_first_token(worker, &sample);
+        let mut model = self.model.write().unwrap_or_else(|p| p.into_inner());
+        if !first.worker.is_retired() {
+            model.observe_first_token(worker, &sample);
+        }
     }
 
     fn on_membership(&self, change: &Membership<'_>) {
