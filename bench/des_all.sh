@@ -7,7 +7,7 @@
 # transient before queues reach their steady state, in which a policy that lets every queue
 # grow (random) still looks good (zipf-prefix at 1.4x: random 150.9 req/s over 6,000 requests,
 # 62.6 over 50,000). Mooncake's trace-timed levels run its 2,000-request knee window (past it
-# the trace's bursts saturate every policy). About 30 min on one core.
+# the trace's bursts saturate every policy). About 50 min on one core.
 # Writes bench-results/des/<scenario>/{results.json,results.md,<scenario>.svg} and prints the
 # tables; `python3 bench/mu_vs_best.py bench-results/des` then gives marginal_utility's ratio
 # to the best other policy at every load.
