@@ -335,7 +335,12 @@ fn bench_exact_view(quick: bool) {
         })
         .collect();
     let matched = ns_per_op(rounds, 10, |_| {
-        black_box(cached_tokens(black_box(&workers), black_box(&ids), tokio::time::Instant::now()));
+        black_box(cached_tokens(
+            black_box(&workers),
+            black_box(&ids),
+            &Default::default(),
+            tokio::time::Instant::now(),
+        ));
     });
     let full = ids.len() / 16 * 16;
     let store = ns_per_op(rounds, 1, |_| {

@@ -55,6 +55,8 @@ pub struct RequestView {
     pub waited: Duration,
     /// The time of the decision when it is not the wall clock's (a simulation's virtual time).
     pub now: Option<tokio::time::Instant>,
+    /// The prompt's block hashes once the exact cache view has computed them.
+    pub block_hashes: crate::kv_events::PromptHashes,
 }
 
 impl RequestView {
@@ -404,6 +406,7 @@ impl RequestView {
             model: f.model.map(Cow::into_owned),
             waited: Duration::ZERO,
             now: None,
+            block_hashes: Default::default(),
         })
     }
 }

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -350,16 +350,37 @@ fn unpresent(present: &mut HashMap<u64, u32>, router: u64) {
     }
 }
 
+/// A prompt's [`prompt_block_hashes`], computed once per request for the block size in use
+/// (one, in any real fleet): matching every worker and then marking the chosen one's pending
+/// blocks read the same hashes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PromptHashes(OnceLock<(u32, Arc<[u64]>)>);
+
+impl PromptHashes {
+    /// The hashes of `prompt`'s blocks of `size` tokens.
+    pub fn get(&self, prompt: &[u32], size: u32) -> Arc<[u64]> {
+        if let Some((_, h)) = self.0.get().filter(|(s, _)| *s == size) {
+            return h.clone();
+        }
+        let h: Arc<[u64]> = prompt_block_hashes(prompt, size as usize).into();
+        let _ = self.0.set((size, h.clone()));
+        h
+    }
+}
+
 /// Prompt tokens each of `workers` has cached, from its engine's events: `Some(tokens)` for a
 /// worker whose view is synced, `None` for one without events (or whose view is not usable
 /// now: the policy falls back to its own estimate there). `None` overall when no worker has
 /// a usable view, so the caller skips the work.
-pub fn cached_tokens(workers: &[Arc<Worker>], prompt: &[u32], now: Instant) -> Option<Vec<Option<u32>>> {
+pub fn cached_tokens(
+    workers: &[Arc<Worker>],
+    prompt: &[u32],
+    hashes: &PromptHashes,
+    now: Instant,
+) -> Option<Vec<Option<u32>>> {
     if prompt.len() < 2 || !workers.iter().any(|w| w.kv_blocks().is_some_and(|b| b.is_synced())) {
         return None;
     }
-    // Hashed once per block size in use (one, in any real fleet).
-    let mut hashed: Vec<(u32, Vec<u64>)> = Vec::with_capacity(1);
     Some(
         workers
             .iter()
@@ -369,14 +390,7 @@ pub fn cached_tokens(workers: &[Arc<Worker>], prompt: &[u32], now: Instant) -> O
                 if size == 0 {
                     return Some(0);
                 }
-                let i = match hashed.iter().position(|(s, _)| *s == size) {
-                    Some(i) => i,
-                    None => {
-                        hashed.push((size, prompt_block_hashes(prompt, size as usize)));
-                        hashed.len() - 1
-                    }
-                };
-                let n = blocks.cached_prefix_blocks(&hashed[i].1, now);
+                let n = blocks.cached_prefix_blocks(&hashes.get(prompt, size), now);
                 Some((n * size as usize) as u32)
             })
             .collect(),

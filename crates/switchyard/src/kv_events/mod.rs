@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 
 pub use blocks::{
-    block_hashes, cached_tokens, prompt_block_hashes, Applied, BlockBudget, WorkerBlocks, BYTES_PER_BLOCK,
+    block_hashes, cached_tokens, prompt_block_hashes, Applied, BlockBudget, PromptHashes, WorkerBlocks, BYTES_PER_BLOCK,
 };
 pub use sync::{Endpoints, SubscriptionStats};
 
@@ -26,7 +26,10 @@ use crate::workers::{Membership, Worker};
 /// requests that carry token ids (the units of the token tree), else `tree` unchanged.
 pub fn overlay_exact(mut tree: Vec<usize>, workers: &[Arc<Worker>], request: &RequestView) -> Vec<usize> {
     let RoutingText::Tokens(tokens) = &request.text else { return tree };
-    let Some(exact) = cached_tokens(workers, tokens, request.now.unwrap_or_else(Instant::now)) else { return tree };
+    let Some(exact) = cached_tokens(workers, tokens, &request.block_hashes, request.now.unwrap_or_else(Instant::now))
+    else {
+        return tree;
+    };
     tree.resize(workers.len(), 0);
     for (m, e) in tree.iter_mut().zip(exact) {
         if let Some(e) = e {
@@ -42,9 +45,9 @@ pub fn overlay_exact(mut tree: Vec<usize>, workers: &[Arc<Worker>], request: &Re
 pub fn note_routed(worker: &Worker, request: &RequestView) {
     let RoutingText::Tokens(tokens) = &request.text else { return };
     let Some(blocks) = worker.kv_blocks().filter(|b| b.is_synced()) else { return };
-    let size = blocks.block_size() as usize;
+    let size = blocks.block_size();
     if size > 0 && tokens.len() >= 2 {
-        blocks.note_routed(&prompt_block_hashes(tokens, size), request.now.unwrap_or_else(Instant::now));
+        blocks.note_routed(&request.block_hashes.get(tokens, size), request.now.unwrap_or_else(Instant::now));
     }
 }
 
