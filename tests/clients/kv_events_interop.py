@@ -10,6 +10,7 @@
 Usage: kv_events_interop.py SWITCHYARD_BIN SWITCHYARD_SIM_BIN
 """
 
+import faulthandler
 import hashlib
 import json
 import subprocess
@@ -59,6 +60,8 @@ class KVEventBatch(EventBatch):
 
 
 DEADLINE = 20.0
+# Nothing here may hang CI: past this the stacks are printed and the script exits non-zero.
+WATCHDOG = 240
 
 
 def http(method, url, body=None):
@@ -85,14 +88,26 @@ def start(cmd):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
+def stop(proc):
+    """SIGTERM, then SIGKILL if it has not exited within a few seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def sim_side(sim_bin, ctx):
     sim = start([sim_bin, "--base-port", "0", "--kv-events-port", "0", "--kv-events-replay-port", "0",
                  "--time-scale", "100"])
+    sockets = []
     try:
         line = sim.stdout.readline()
         fields = dict(f.split("=", 1) for f in line.split()[1:])
         url = line.split()[0]
         sub = ctx.socket(zmq.SUB)
+        sockets.append(sub)
         sub.connect(fields["kv_events"])
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         prompt = list(range(1000, 1000 + 40))  # two full 16-token blocks (the 40th token is not cached)
@@ -115,6 +130,7 @@ def sim_side(sim_bin, ctx):
         assert len(ev.block_hashes) == 2, ev
 
         dealer = ctx.socket(zmq.DEALER)
+        sockets.append(dealer)
         dealer.connect(fields["kv_events_replay"])
         dealer.send_multipart([b"", seq.to_bytes(8, "big")])
         replayed = []
@@ -127,8 +143,9 @@ def sim_side(sim_bin, ctx):
         assert replayed and replayed[0][0] == seq and replayed[0][1] == batch, replayed[:1]
         print(f"simulator -> pyzmq: batch {seq} decoded as vLLM's KVEventBatch; replay returned it")
     finally:
-        sim.terminate()
-        sim.wait()
+        for socket in sockets:
+            socket.close(linger=0)
+        stop(sim)
 
 
 def block_hash(parent: bytes, tokens) -> bytes:
@@ -138,21 +155,34 @@ def block_hash(parent: bytes, tokens) -> bytes:
 def router_side(router_bin, sim_bin, ctx):
     pub = ctx.socket(zmq.XPUB)  # a PUB that also says when a subscriber has joined
     pub_port = pub.bind_to_random_port("tcp://127.0.0.1")
-    replay = ctx.socket(zmq.ROUTER)
-    replay_port = replay.bind_to_random_port("tcp://127.0.0.1")
+    # A ZeroMQ socket belongs to one thread: the replay thread creates, serves and closes its
+    # own ROUTER socket (closing it from here while it blocks in recv can hang libzmq's term).
+    replay_bound = threading.Event()
+    done = threading.Event()
+    replay_port = []
     encoder = msgspec.msgpack.Encoder()
     buffered = {}
 
     def serve_replay():
-        while True:
-            try:
+        replay = ctx.socket(zmq.ROUTER)
+        try:
+            replay_port.append(replay.bind_to_random_port("tcp://127.0.0.1"))
+            replay_bound.set()
+            while not done.is_set():
+                if not replay.poll(100):
+                    continue
                 ident, _, start = replay.recv_multipart()
-            except zmq.ZMQError:
-                return
-            first = int.from_bytes(start, "big")
-            for s in sorted(k for k in buffered if k >= first):
-                replay.send_multipart([ident, b"", s.to_bytes(8, "big"), buffered[s]])
-            replay.send_multipart([ident, b"", (-1).to_bytes(8, "big", signed=True), b""])
+                first = int.from_bytes(start, "big")
+                for s in sorted(k for k in list(buffered) if k >= first):
+                    replay.send_multipart([ident, b"", s.to_bytes(8, "big"), buffered[s]])
+                replay.send_multipart([ident, b"", (-1).to_bytes(8, "big", signed=True), b""])
+        finally:
+            replay.close(linger=0)
+
+    replayer = threading.Thread(target=serve_replay, daemon=True)
+    replayer.start()
+    assert replay_bound.wait(DEADLINE), "the replay socket was not bound"
+    replay_port = replay_port[0]
 
     sim = start([sim_bin, "--base-port", "0", "--time-scale", "100"])
     sim_url = sim.stdout.readline().split()[0]
@@ -161,7 +191,6 @@ def router_side(router_bin, sim_bin, ctx):
          "--kv-events-endpoint", f"tcp://127.0.0.1:{pub_port}",
          "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay_port}", "--log-level", "warn"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    threading.Thread(target=serve_replay, daemon=True).start()
     try:
         line = router.stdout.readline()
         assert line.startswith("switchyard listening on "), line
@@ -194,18 +223,21 @@ def router_side(router_bin, sim_bin, ctx):
         assert v["blocks"] == 3 and v["block_size"] == 16 and v["synced"], v
         print(f"pyzmq (vLLM encoding, bytes hashes) -> router: {v['blocks']} blocks, gap repaired by replay")
     finally:
-        router.terminate()
-        router.wait()
-        sim.terminate()
-        sim.wait()
+        stop(router)
+        stop(sim)
+        done.set()
+        replayer.join(DEADLINE)
+        pub.close(linger=0)
 
 
 def main():
+    faulthandler.dump_traceback_later(WATCHDOG, exit=True)
     router_bin, sim_bin = sys.argv[1], sys.argv[2]
     ctx = zmq.Context()
     sim_side(sim_bin, ctx)
     router_side(router_bin, sim_bin, ctx)
-    ctx.destroy(linger=0)
+    # Every socket was closed by the thread that used it, so this cannot wait on one.
+    ctx.term()
     print("kv events interop: ok")
 
 

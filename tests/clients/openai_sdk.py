@@ -9,6 +9,7 @@ certificate from a throwaway CA (trustme) and drives that through the SDK too. P
 Usage: python tests/clients/openai_sdk.py path/to/switchyard
 """
 
+import faulthandler
 import os
 import re
 import ssl
@@ -113,6 +114,8 @@ def tls_checks(binary, check):
 
 
 def main():
+    # Nothing here may hang CI: past this the stacks are printed and the script exits non-zero.
+    faulthandler.dump_traceback_later(600, exit=True)
     binary = sys.argv[1] if len(sys.argv) > 1 else "target/debug/switchyard"
     proc, router, workers = start_router(binary)
     passed, failed = 0, 0

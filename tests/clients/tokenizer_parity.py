@@ -8,6 +8,7 @@ again, so the router answers from its cache of tokenized pieces (checked in /met
 Usage: tokenizer_parity.py SWITCHYARD_BIN TOKENIZER_JSON
 """
 
+import faulthandler
 import json
 import re
 import shutil
@@ -107,11 +108,17 @@ def check(binary, tokenizer_json, name, template):
         print(f"{name}: {len(CONVERSATIONS)} conversations and {len(PROMPTS)} prompts tokenized identically")
     finally:
         proc.terminate()
-        proc.wait()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         shutil.rmtree(d, ignore_errors=True)
 
 
 def main():
+    # Nothing here may hang CI: past this the stacks are printed and the script exits non-zero.
+    faulthandler.dump_traceback_later(600, exit=True)
     binary, tokenizer_json = sys.argv[1], sys.argv[2]
     check(binary, tokenizer_json, "llama3 template", LLAMA3)
     check(binary, tokenizer_json, "chatml template", CHATML)
