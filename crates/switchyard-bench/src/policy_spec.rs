@@ -10,7 +10,11 @@ use switchyard::policies::{MarginalUtilityConfig, Objective, Overload, PolicyCon
 
 use crate::metrics::Slo;
 
-/// Parses `name[/objective][/estimator][/overload][/dN]` (`dN`: score N sampled workers) into a policy config with `slo` (in the
+/// The spec setting for `--mu-count-other-routers`.
+const OTHERS: &str = "others";
+
+/// Parses `name[/objective][/estimator][/overload][/dN][/others]` (`dN`: score N sampled
+/// workers; `others`: count other routers' requests) into a policy config with `slo` (in the
 /// time units the policy will observe) and `seed`.
 pub fn parse(spec: &str, slo: &Slo, time_scale: f64, seed: u64) -> Result<PolicyConfig, String> {
     let mut parts = spec.split('/');
@@ -30,6 +34,8 @@ pub fn parse(spec: &str, slo: &Slo, time_scale: f64, seed: u64) -> Result<Policy
                 c.estimator = e;
             } else if let Ok(o) = Overload::from_str(p, true) {
                 c.overload = o;
+            } else if p == OTHERS {
+                c.count_other_routers = true;
             } else if let Some(d) = p.strip_prefix('d').and_then(|d| d.parse().ok()) {
                 c.candidates = d;
             } else {
@@ -53,6 +59,8 @@ pub fn flags(spec: &str) -> Vec<String> {
             out.extend(["--mu-estimator".to_owned(), p.to_owned()]);
         } else if Overload::from_str(p, true).is_ok() {
             out.extend(["--mu-overload".to_owned(), p.to_owned()]);
+        } else if p == OTHERS {
+            out.push("--mu-count-other-routers".to_owned());
         } else if let Some(d) = p.strip_prefix('d').filter(|d| d.parse::<usize>().is_ok()) {
             out.extend(["--mu-candidates".to_owned(), d.to_owned()]);
         }
@@ -83,5 +91,10 @@ mod tests {
         };
         assert_eq!(c.candidates, 16);
         assert_eq!(flags("marginal_utility/d8")[2..], ["--mu-candidates", "8"]);
+        let PolicyConfig::MarginalUtility(c) = parse("marginal_utility/others", &slo, 1.0, 1).unwrap() else {
+            panic!("mu")
+        };
+        assert!(c.count_other_routers);
+        assert_eq!(flags("marginal_utility/others")[2..], ["--mu-count-other-routers"]);
     }
 }

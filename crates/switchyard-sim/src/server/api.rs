@@ -470,7 +470,8 @@ async fn load(State(state): State<Shared>) -> Json<Value> {
     let s = state.stats();
     Json(json!({
         "load": s.running + s.waiting,
-        "num_reqs": s.running,
+        // As SGLang's scheduler reports it: running and waiting together.
+        "num_reqs": s.running + s.waiting,
         "num_waiting_reqs": s.waiting,
         "num_tokens": s.kv_used_tokens,
         "token_usage": s.kv_used_tokens.saturating_sub(s.kv_evictable_tokens) as f64 / s.kv_capacity_tokens.max(1) as f64,

@@ -137,7 +137,8 @@ pub struct Args {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub max_tree_memory_mb: u64,
     /// Seconds between polls of each worker's own load report (`/get_load`, else `/metrics`),
-    /// used by power_of_two and marginal_utility's KV/queue guards; 0 = off.
+    /// used by power_of_two and by marginal_utility (its KV/queue guards, and with
+    /// `--mu-count-other-routers` the requests other router replicas have there); 0 = off.
     #[arg(long, default_value_t = 5.0, value_parser = non_negative_secs)]
     pub load_check_interval: f64,
     /// marginal_utility: objective (slo = goodput within SLOs, latency, throughput).
@@ -171,6 +172,11 @@ pub struct Args {
     /// marginal_utility: forgetting time constant of the estimators, in seconds.
     #[arg(long, default_value_t = 120.0, value_parser = positive_secs)]
     pub mu_tau_secs: f64,
+    /// marginal_utility behind several router replicas: count the requests each worker reports
+    /// beyond this router's own (the other replicas') in its load, from the polls of
+    /// `--load-check-interval`. Off by default (see the README's "Replicas share the load").
+    #[arg(long)]
+    pub mu_count_other_routers: bool,
     /// Time allowed for a worker to answer (response headers; a whole answer's body too), in seconds.
     #[arg(long, default_value_t = 1800.0, value_parser = positive_secs)]
     pub request_timeout_secs: f64,
@@ -510,6 +516,7 @@ impl Args {
                 max_tree_size: self.max_tree_size,
                 max_tree_bytes: (self.max_tree_memory_mb as usize) << 20,
                 report_max_age: Duration::from_secs_f64((self.load_check_interval * 3.0).max(1.0)),
+                count_other_routers: self.mu_count_other_routers,
                 ..c
             }),
             other => other,
@@ -898,6 +905,13 @@ mod tests {
         let PolicyConfig::CacheAware(ca) = a.to_config().unwrap().policy else { panic!("not cache_aware") };
         assert_eq!((ca.cache_threshold, ca.balance_abs_threshold, ca.balance_rel_threshold), (0.3, 64, 1.5));
         assert_eq!((ca.eviction_interval, ca.max_tree_size), (Duration::from_secs(120), 1000));
+        let mu = |args: &[&str]| {
+            let ParseOutcome::Run(a) = parse_args(args.iter().copied()) else { panic!("{args:?}") };
+            let PolicyConfig::MarginalUtility(c) = a.to_config().unwrap().policy else { panic!("not mu") };
+            c
+        };
+        assert!(!mu(&["switchyard", "--policy", "marginal_utility"]).count_other_routers);
+        assert!(mu(&["switchyard", "--policy", "marginal_utility", "--mu-count-other-routers"]).count_other_routers);
     }
 
     #[test]

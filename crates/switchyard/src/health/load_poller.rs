@@ -16,7 +16,8 @@ use crate::load::ReportedLoad;
 use crate::proxy::Upstream;
 use crate::workers::{Worker, WorkerRegistry};
 
-/// Reads one `/get_load` answer.
+/// Reads one `/get_load` answer: KV usage, waiting and running requests. SGLang's `num_reqs`
+/// counts the waiting requests too (`len(running_batch) + num_waiting_reqs`).
 pub fn parse_get_load(body: &[u8]) -> Option<(f64, u64, u64)> {
     let v: Value = serde_json::from_slice(body).ok()?;
     let ranks: Vec<&Value> = match &v {
@@ -36,12 +37,13 @@ pub fn parse_get_load(body: &[u8]) -> Option<(f64, u64, u64)> {
             usage = usage.max(u);
             any = true;
         }
-        if let Some(q) = num(r, "num_waiting_reqs") {
-            queued += q.max(0.0) as u64;
+        let waiting = num(r, "num_waiting_reqs").map(|q| q.max(0.0) as u64);
+        if let Some(q) = waiting {
+            queued += q;
             any = true;
         }
         if let Some(n) = num(r, "num_reqs") {
-            running += n.max(0.0) as u64;
+            running += (n.max(0.0) as u64).saturating_sub(waiting.unwrap_or(0));
             any = true;
         }
     }
@@ -125,10 +127,10 @@ mod tests {
 
     #[test]
     fn reads_sglang_and_vllm_reports() {
-        assert_eq!(parse_get_load(br#"{"num_reqs":3,"num_waiting_reqs":2,"token_usage":0.5}"#), Some((0.5, 2, 3)));
+        assert_eq!(parse_get_load(br#"{"num_reqs":3,"num_waiting_reqs":2,"token_usage":0.5}"#), Some((0.5, 2, 1)));
         assert_eq!(
             parse_get_load(br#"[{"num_reqs":1,"num_waiting_reqs":0},{"num_reqs":2,"num_waiting_reqs":1}]"#),
-            Some((0.0, 1, 3))
+            Some((0.0, 1, 2))
         );
         assert_eq!(parse_get_load(b"[]"), None);
         assert_eq!(parse_get_load(b"oops"), None);

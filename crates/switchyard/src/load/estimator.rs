@@ -49,6 +49,12 @@ impl Sample {
     /// Builds a sample from what the router observed; `None` for failures and answers
     /// without a first-token time.
     pub fn from_outcome(o: &RequestOutcome, at: f64) -> Option<Sample> {
+        Self::from_outcome_with(o, at, false)
+    }
+
+    /// [`Sample::from_outcome`], with other routers' requests on the worker (from its reports)
+    /// counted in the window's batch and context when `others` is set.
+    pub fn from_outcome_with(o: &RequestOutcome, at: f64, others: bool) -> Option<Sample> {
         if !o.success() {
             return None;
         }
@@ -64,7 +70,12 @@ impl Sample {
         let decode = match (o.usage.completion_tokens, o.window) {
             (Some(n), Some(w)) if n >= MIN_DECODE_TOKENS => {
                 let tpot_ms = (o.latency.saturating_sub(ttft)).as_secs_f64() * 1e3 / f64::from(n - 1);
-                Some(([1.0, w.mean_batch, w.mean_context / 1e3, w.prefill_rate / 1e3], tpot_ms))
+                let (b, k) = if others {
+                    (w.mean_batch + w.mean_others, w.mean_context + w.mean_others_context)
+                } else {
+                    (w.mean_batch, w.mean_context)
+                };
+                Some(([1.0, b, k / 1e3, w.prefill_rate / 1e3], tpot_ms))
             }
             _ => None,
         };

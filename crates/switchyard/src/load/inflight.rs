@@ -29,7 +29,7 @@ pub struct ReportedLoad {
     pub kv_usage: f64,
     /// Requests waiting in the engine's queue.
     pub queued: u64,
-    /// Requests running in the engine.
+    /// Requests running in the engine (besides the waiting ones).
     pub running: u64,
     /// When it was read.
     pub at: Instant,
@@ -44,12 +44,18 @@ pub struct ReportedLoad {
 /// exact, and no per-request history. `waiting` counts the requests before their first token
 /// and `waiting_age` sums their ages (grown by `waiting · dt`, less each one's age as it
 /// leaves): the live evidence of a worker that has stopped answering, long before any
-/// request on it finishes.
+/// request on it finishes. `others` counts the requests the worker last reported beyond
+/// this router's own (other router replicas' traffic), integrated apart from this router's so
+/// a policy that counts them in B and K can learn from windows that count them too.
 #[derive(Debug, Default, Clone, Copy)]
 struct Integrals {
     last: Option<Instant>,
     decoding: u64,
     context: u64,
+    others: u64,
+    others_read_at: Option<Instant>,
+    int_others: f64,
+    int_others_context: f64,
     queued_prefill: u64,
     int_decoding: f64,
     int_context: f64,
@@ -62,12 +68,33 @@ impl Integrals {
     fn advance(&mut self, now: Instant) {
         if let Some(last) = self.last {
             let dt = now.saturating_duration_since(last).as_secs_f64();
+            let others = self.others_at(last) as f64;
             self.int_decoding += self.decoding as f64 * dt;
             self.int_context += self.context as f64 * dt;
+            self.int_others += others * dt;
+            self.int_others_context += others * self.context_per_request() * dt;
             self.waiting_age += self.waiting as f64 * dt;
         }
         if self.last.is_none_or(|l| now > l) {
             self.last = Some(now);
+        }
+    }
+
+    /// The other routers' requests at `now`, while the report that showed them is fresh.
+    fn others_at(&self, now: Instant) -> u64 {
+        match self.others_read_at {
+            Some(at) if now.saturating_duration_since(at) <= OTHERS_MAX_AGE => self.others,
+            _ => 0,
+        }
+    }
+
+    /// Mean context of the requests decoding here, the best guess for the others' (whose
+    /// prompts this router never saw).
+    fn context_per_request(&self) -> f64 {
+        if self.decoding == 0 {
+            0.0
+        } else {
+            self.context as f64 / self.decoding as f64
         }
     }
 
@@ -77,6 +104,10 @@ impl Integrals {
         self.waiting_age = if self.waiting == 0 { 0.0 } else { (self.waiting_age - age.as_secs_f64()).max(0.0) };
     }
 }
+
+/// How long a report's count of other routers' requests is believed: several polls at the
+/// default interval (5 s), so a worker that stops answering polls does not keep them forever.
+const OTHERS_MAX_AGE: Duration = Duration::from_secs(30);
 
 /// A snapshot of a worker's state, for policies.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -93,6 +124,12 @@ pub struct LoadSnapshot {
     pub waiting: u64,
     /// Mean time those have waited so far (zero when none).
     pub mean_wait: Duration,
+    /// Requests there that other routers sent (other replicas, direct clients), from the
+    /// worker's last report: its running and waiting requests less this router's in flight
+    /// when it was read, zero without a fresh report. They are in its batch too.
+    pub others: u64,
+    /// Context tokens to count for each of `others` (this router's decoding mean).
+    pub others_context_per_request: f64,
 }
 
 impl WorkerLoad {
@@ -129,6 +166,8 @@ impl WorkerLoad {
             queued_prefill_tokens: w.queued_prefill,
             waiting: w.waiting,
             mean_wait: Duration::from_secs_f64(mean_wait),
+            others: w.others_at(now),
+            others_context_per_request: w.context_per_request(),
         }
     }
 
@@ -137,8 +176,15 @@ impl WorkerLoad {
         *self.reported.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Stores a report from the load poller.
+    /// Stores a report from the load poller, and what it shows beyond this router's own
+    /// requests. Requests in transit either way (sent but not yet arrived, finished but not yet
+    /// seen) make the difference noisy by a few, never by other routers' whole share.
     pub fn set_reported(&self, report: ReportedLoad) {
+        let others = (report.running + report.queued).saturating_sub(self.in_flight() as u64);
+        self.with_window(report.at, |w| {
+            w.others = others;
+            w.others_read_at = Some(report.at);
+        });
         *self.reported.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
     }
 
@@ -209,6 +255,11 @@ pub struct DecodeWindow {
     pub mean_context: f64,
     /// Uncached prefill tokens admitted per second during the window, P̄.
     pub prefill_rate: f64,
+    /// Time-averaged requests of other routers there (from the worker's reports), and their
+    /// context tokens (at this router's mean per request): not in `mean_batch`/`mean_context`.
+    pub mean_others: f64,
+    /// See `mean_others`.
+    pub mean_others_context: f64,
 }
 
 /// What the router observed about one finished request, for `on_request_complete`.
@@ -272,6 +323,8 @@ struct FirstToken {
     streamed: bool,
     int_decoding: f64,
     int_context: f64,
+    int_others: f64,
+    int_others_context: f64,
     admitted_prefill: u64,
 }
 
@@ -394,6 +447,8 @@ impl InFlightGuard {
                 streamed,
                 int_decoding: w.int_decoding,
                 int_context: w.int_context,
+                int_others: w.int_others,
+                int_others_context: w.int_others_context,
                 admitted_prefill: w.admitted_prefill,
             }
         });
@@ -455,6 +510,8 @@ impl InFlightGuard {
                     mean_batch: (w.int_decoding - f.int_decoding) / dt,
                     mean_context: (w.int_context - f.int_context) / dt,
                     prefill_rate: (w.admitted_prefill - f.admitted_prefill) as f64 / dt,
+                    mean_others: (w.int_others - f.int_others) / dt,
+                    mean_others_context: (w.int_others_context - f.int_others_context) / dt,
                 })
             });
             if first.is_some() {
@@ -539,6 +596,36 @@ mod tests {
             a.finish_at(Ending::Succeeded, Usage::default(), at(10)).time_to_first_byte,
             Some(Duration::from_secs(5))
         );
+    }
+
+    #[test]
+    fn a_report_beyond_this_routers_own_requests_counts_in_the_batch_until_it_is_stale() {
+        let w = Arc::new(Worker::new("http://127.0.0.1:1".into(), WorkerRole::Regular));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let info = DispatchInfo { prompt_tokens: 100, ..DispatchInfo::default() };
+        let mut a = InFlightGuard::dispatch(w.clone(), info, at(0));
+        a.first_token_at(at(1)).expect("first token");
+        // The engine runs 4 and queues 1: 4 of them are another router's.
+        w.load().set_reported(ReportedLoad { kv_usage: 0.1, queued: 1, running: 4, at: at(2) });
+        let s = w.load().snapshot_at(at(3));
+        assert_eq!((s.in_flight, s.decoding, s.others), (1, 1, 4));
+        assert_eq!(s.others_context_per_request, 100.0, "this router's mean context stands in for theirs");
+        // The finished request's window (1 s to 4 s) saw its own batch of 1 throughout and the
+        // others' 4 for the last 2 s, counted apart.
+        let window = a.finish_at(Ending::Succeeded, Usage::default(), at(4)).window.expect("a window");
+        assert_eq!((window.mean_batch, window.mean_context), (1.0, 100.0));
+        assert!((window.mean_others - 8.0 / 3.0).abs() < 1e-9, "others {}", window.mean_others);
+        assert!((window.mean_others_context - 800.0 / 3.0).abs() < 1e-6, "{}", window.mean_others_context);
+        // Fewer than this router's own in flight: nobody else's.
+        let _b = InFlightGuard::dispatch(w.clone(), info, at(5));
+        let _c = InFlightGuard::dispatch(w.clone(), info, at(5));
+        w.load().set_reported(ReportedLoad { kv_usage: 0.1, queued: 0, running: 1, at: at(6) });
+        assert_eq!(w.load().snapshot_at(at(7)).others, 0);
+        w.load().set_reported(ReportedLoad { kv_usage: 0.1, queued: 3, running: 2, at: at(8) });
+        assert_eq!(w.load().snapshot_at(at(8)).others, 3);
+        // A worker that stops answering polls does not keep them.
+        assert_eq!(w.load().snapshot_at(at(8) + OTHERS_MAX_AGE + Duration::from_secs(1)).others, 0);
     }
 
     /// Counts what an observer hears.

@@ -6,8 +6,11 @@
 //! decoding batch, context, queued prefill U and the requests still waiting for their first
 //! token, and the [`FleetModel`] learns from every finished request a linear TPOT model (in
 //! B̄, K̄, P̄) and TTFT model (in uncached tokens u, U, B) per worker; a newcomer's first tokens
-//! correct its level at once. This file only *chooses*, from those predictions (`policies.md`);
-//! B and K below count the waiting requests too, since they join the batch first:
+//! correct its level at once. Behind several router replicas each sees only its own requests;
+//! with `count_other_routers` the worker's polled report (running and waiting) less this
+//! router's in flight counts the others', in B, K and the learning windows alike. This file
+//! only *chooses*, from those predictions (`policies.md`); B and K below count the waiting
+//! requests too, since they join the batch first:
 //!
 //! - own cost `TTFT_w(u_w) + ô·T_w(B+1, K+p)`; externality `B·[ΔT·min(ô, r̄) + φ1·u_w]`;
 //!   marginal throughput `G_w = (B+1)/T(B+1) − B/T(B)`.
@@ -98,6 +101,12 @@ pub struct MarginalUtilityConfig {
     pub max_tree_bytes: usize,
     /// Workers reporting KV usage above this are infeasible (unless they hold the prefix).
     pub kv_guard: f64,
+    /// Count the requests each worker reports beyond this router's own (other router
+    /// replicas') in its batch, context and learning windows. Off by default: behind four
+    /// replicas it lifts steady-state goodput past the knee (DES), but the reports are a poll
+    /// old and every replica reads the same ones, and while an overload builds it cost up to
+    /// a fifth of the goodput on shared-prefix traffic (README, "Replicas share the load").
+    pub count_other_routers: bool,
     /// Reports older than this are ignored by the KV/queue guards.
     pub report_max_age: Duration,
     /// RNG seed.
@@ -120,6 +129,7 @@ impl Default for MarginalUtilityConfig {
             max_tree_size: 1 << 26,
             max_tree_bytes: super::cache_aware::DEFAULT_TREE_BYTES,
             kv_guard: 0.9,
+            count_other_routers: false,
             report_max_age: Duration::from_secs(15),
             seed: None,
         }
@@ -339,10 +349,18 @@ impl MarginalUtility {
         // still before their first token, which join it first. Counting only the decoding ones
         // made a worker with a long prefill queue look idle — the cheapest place for more, a
         // feedback loop that grew its queue (TTFT) until the batch caught up.
-        let (b, k) = ((s.decoding + s.waiting) as f64, (s.context_tokens + s.queued_prefill_tokens) as f64);
+        // Other routers' requests there (the worker's report less this router's own) share the
+        // batch too; counted when asked (`--mu-count-other-routers`, see its doc for why not by
+        // default).
+        let others = if self.config.count_other_routers { s.others as f64 } else { 0.0 };
+        let in_flight = s.in_flight as f64 + others;
+        let (b, k) = (
+            (s.decoding + s.waiting) as f64 + others,
+            (s.context_tokens + s.queued_prefill_tokens) as f64 + others * s.others_context_per_request,
+        );
         let uncached = (prompt - matched).max(0.0);
         let t_now = pred.tpot_ms(b, k, prefill_rate).max(1e-3);
-        let ttft = pred.ttft_ms(uncached, s.queued_prefill_tokens as f64, s.in_flight as f64).max(0.0);
+        let ttft = pred.ttft_ms(uncached, s.queued_prefill_tokens as f64, in_flight).max(0.0);
         // The requests already waiting there for their first token are on course for about
         // twice their mean wait so far, and a newcomer queues behind them: live evidence that
         // catches, within one TTFT, a worker the model still thinks fast (nothing finishes there
@@ -399,7 +417,7 @@ impl MarginalUtility {
             gain,
             holder,
             feasible,
-            in_flight: s.in_flight as f64,
+            in_flight,
         }
     }
 
@@ -515,7 +533,7 @@ impl MarginalUtility {
     /// that finish on a worker already removed teach nothing (its state is gone for good).
     pub fn observe(&self, outcome: &RequestOutcome, at: Instant) {
         let t = at.saturating_duration_since(self.epoch).as_secs_f64();
-        if let Some(sample) = Sample::from_outcome(outcome, t) {
+        if let Some(sample) = Sample::from_outcome_with(outcome, t, self.config.count_other_routers) {
             let mut model = self.model.write().unwrap_or_else(|p| p.into_inner());
             // Checked under the lock: a worker is retired before its removal forgets it (under
             // this lock), so a request ending meanwhile cannot bring its state back.
