@@ -22,6 +22,7 @@ from typing import Any, Optional, Union
 
 import msgspec
 import zmq
+from procs import stop
 
 # The engines' wire types (field order and options are the format; see vLLM's
 # vllm/distributed/kv_events.py and SGLang's kv_events.py).
@@ -86,16 +87,6 @@ def wait_until(what, check):
 
 def start(cmd):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-
-
-def stop(proc):
-    """SIGTERM, then SIGKILL if it has not exited within a few seconds."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def sim_side(sim_bin, ctx):

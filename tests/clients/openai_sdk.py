@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import openai
+from procs import stop
 
 TIME_SCALE = 10.0
 
@@ -46,16 +47,6 @@ def start_router(binary, count=2, extra=()):
         proc.kill()
         raise SystemExit(f"router did not start (router={router}, workers={workers})")
     return proc, router, workers
-
-
-def stop(proc):
-    """SIGTERM; the exit status (None if it had to be killed)."""
-    proc.terminate()
-    try:
-        return proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return None
 
 
 def tls_checks(binary, check):

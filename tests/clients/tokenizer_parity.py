@@ -17,6 +17,7 @@ import sys
 import tempfile
 import urllib.request
 
+from procs import stop
 from transformers import AutoTokenizer
 
 LLAMA3 = (
@@ -107,12 +108,7 @@ def check(binary, tokenizer_json, name, template):
             assert got == want, f"{name}: prompt mismatch {prompt!r}\nrouter: {got}\nref:    {want}"
         print(f"{name}: {len(CONVERSATIONS)} conversations and {len(PROMPTS)} prompts tokenized identically")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         shutil.rmtree(d, ignore_errors=True)
 
 

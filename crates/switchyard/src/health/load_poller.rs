@@ -39,11 +39,11 @@ pub fn parse_get_load(body: &[u8]) -> Option<(f64, u64, u64)> {
         }
         let waiting = num(r, "num_waiting_reqs").map(|q| q.max(0.0) as u64);
         if let Some(q) = waiting {
-            queued += q;
+            queued = queued.saturating_add(q);
             any = true;
         }
         if let Some(n) = num(r, "num_reqs") {
-            running += (n.max(0.0) as u64).saturating_sub(waiting.unwrap_or(0));
+            running = running.saturating_add((n.max(0.0) as u64).saturating_sub(waiting.unwrap_or(0)));
             any = true;
         }
     }
@@ -63,10 +63,10 @@ pub fn parse_metrics(text: &str) -> Option<(f64, u64, u64)> {
                 usage = Some(usage.map_or(value, |u: f64| u.max(value)))
             }
             "sglang:num_queue_reqs" | "vllm:num_requests_waiting" => {
-                queued = Some(queued.unwrap_or(0) + value.max(0.0) as u64)
+                queued = Some(queued.unwrap_or(0u64).saturating_add(value.max(0.0) as u64))
             }
             "sglang:num_running_reqs" | "vllm:num_requests_running" => {
-                running = Some(running.unwrap_or(0) + value.max(0.0) as u64)
+                running = Some(running.unwrap_or(0u64).saturating_add(value.max(0.0) as u64))
             }
             _ => {}
         }
@@ -133,6 +133,9 @@ mod tests {
             Some((0.0, 1, 2))
         );
         assert_eq!(parse_get_load(b"[]"), None);
+        // A broken or hostile worker's numbers saturate; nothing overflows.
+        let huge = br#"[{"num_reqs":1e300,"num_waiting_reqs":1},{"num_reqs":1e300,"num_waiting_reqs":1e300}]"#;
+        assert_eq!(parse_get_load(huge), Some((0.0, u64::MAX, u64::MAX - 1)));
         assert_eq!(parse_get_load(b"oops"), None);
         let text = "# HELP x\nvllm:num_requests_waiting{model_name=\"m\"} 4.0\nvllm:kv_cache_usage_perc{model_name=\"m\"} 0.25\nvllm:num_requests_running{model_name=\"m\"} 7\n";
         assert_eq!(parse_metrics(text), Some((0.25, 4, 7)));

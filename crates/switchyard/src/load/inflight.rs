@@ -180,11 +180,16 @@ impl WorkerLoad {
     /// requests. Requests in transit either way (sent but not yet arrived, finished but not yet
     /// seen) make the difference noisy by a few, never by other routers' whole share.
     pub fn set_reported(&self, report: ReportedLoad) {
-        let others = (report.running + report.queued).saturating_sub(self.in_flight() as u64);
-        self.with_window(report.at, |w| {
+        let others = report.running.saturating_add(report.queued).saturating_sub(self.in_flight() as u64);
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        // A router alone with its workers (nothing beyond its own, before or now) leaves its
+        // window to the guards' own clock.
+        if others > 0 || w.others_at(report.at) > 0 {
+            w.advance(report.at);
             w.others = others;
             w.others_read_at = Some(report.at);
-        });
+        }
+        drop(w);
         *self.reported.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
     }
 
