@@ -494,9 +494,12 @@ impl MarginalUtility {
     fn best_effort(&self, all: &[&Candidate], request: &RequestView) -> Candidate {
         let budget = self.config.slo_ttft.as_secs_f64() * 1e3 - request.waited.as_secs_f64() * 1e3;
         let slo_tpot = self.config.slo_tpot.as_secs_f64() * 1e3;
-        let margin = self.config.slo_margin * budget;
+        let in_time_ms = self.config.slo_margin * budget;
         let can: Vec<&Candidate> =
-            all.iter().copied().filter(|c| c.expected_ttft_ms() <= margin && c.tpot_after_ms <= slo_tpot).collect();
+            all.iter().copied().filter(|c| c.expected_ttft_ms() <= in_time_ms && c.tpot_after_ms <= slo_tpot).collect();
+        // With today's feasibility test a holder that fits here is feasible already (its test is
+        // the whole SLO), so this reads "some worker holds the prefix"; written as the intent, it
+        // stays right if the holders' test changes.
         let prefix_held_by_none_in_time = all.iter().any(|c| c.holder) && !can.iter().any(|c| c.holder);
         if can.is_empty() || prefix_held_by_none_in_time {
             self.counters.late.fetch_add(1, Ordering::Relaxed);
