@@ -23,9 +23,10 @@
 //!   there waiting for their first token long enough to miss the (margin) TTFT SLO.
 //! - `latency`: least marginal cost over all; `throughput`: greatest `G_w`.
 //! - No feasible worker: `best-effort` — where the first token comes soonest among workers
-//!   still within the margin of the TTFT budget, else (the request is late anywhere, or its
-//!   prefix is held only by workers that are) the worker already furthest behind, so the
-//!   others keep meeting it — or hold in the router (`queue`,
+//!   still within the margin of the TTFT budget, else, once some worker is late already
+//!   (or the request's prefix is held only by workers that are not in time), the worker
+//!   furthest behind, so the others keep meeting it, and before that (a burst) where the first
+//!   token comes soonest — or hold in the router (`queue`,
 //!   `shed`): the policy answers [`RoutingError::Saturated`] and the router waits for
 //!   capacity, then dispatches the last moment the SLO can still be met, or sheds.
 //! - Near-ties (within `--mu-tie-tolerance`) go to the worker with the fewest requests in flight.
@@ -474,11 +475,18 @@ impl MarginalUtility {
     /// request where the model predicts the first token soonest, counting the cache a cold
     /// worker would evict (with TTFT alone an overloaded fleet sent prefix groups to whichever
     /// cold worker had the shortest queue and thrashed every cache: hit rate 0.87 → 0.70 on
-    /// shared-prefix-large). Otherwise the request is late wherever it goes, and it goes where
-    /// it costs the others least: to the worker already furthest behind, so the queues of
-    /// those still meeting the SLO stay short. Spreading late requests evenly instead made
-    /// every worker late together — goodput at 1.6× the knee fell to 0.14× least-in-flight's
-    /// on prefill-heavy traffic and 0.68× on a slow tier; with this rule it is 4.1× and 1.04×.
+    /// shared-prefix-large). Otherwise the request is late wherever it goes, and once some
+    /// worker is late already (expected TTFT past the whole budget, or step time past the TPOT
+    /// SLO) it goes where it costs the others least: to the worker furthest behind, so the
+    /// queues of those still meeting the SLO stay short. Spreading late requests evenly
+    /// instead made every worker late together — goodput at 1.6× the knee fell to 0.14×
+    /// least-in-flight's on prefill-heavy traffic and 0.68× on a slow tier; with this rule it
+    /// is 4.1× and 1.04×. Until one is late, though, every worker is merely past the margin:
+    /// that is what a burst does at the knee, and a burst passes. Sacrificing a worker to it
+    /// left that worker's queue seconds deep after the burst (bursty arrivals at the knee:
+    /// p99 TTFT 6.7 s against least-in-flight's 2.2 s, goodput 0.94× its); the request goes
+    /// where its first token comes soonest instead (0.96×, homogeneous at the knee 1.02 →
+    /// 1.05×; past the knee, where a late worker exists nearly always, 0.94–1.01× of before).
     ///
     /// Two refinements keep that worker the only late one under sustained overload. The margin
     /// applies here too: the model is optimistic exactly when queues grow, and admitting up
@@ -501,9 +509,12 @@ impl MarginalUtility {
         // the whole SLO), so this reads "some worker holds the prefix"; written as the intent, it
         // stays right if the holders' test changes.
         let prefix_held_by_none_in_time = all.iter().any(|c| c.holder) && !can.iter().any(|c| c.holder);
-        if can.is_empty() || prefix_held_by_none_in_time {
+        let one_already_late = all.iter().any(|c| c.expected_ttft_ms() > budget || c.tpot_after_ms > slo_tpot);
+        if prefix_held_by_none_in_time || (can.is_empty() && one_already_late) {
             self.counters.late.fetch_add(1, Ordering::Relaxed);
             *all[self.best_by(all, |c| -c.expected_ttft_ms()).unwrap_or(0)]
+        } else if can.is_empty() {
+            *all[self.best_by(all, Candidate::best_effort_ms).unwrap_or(0)]
         } else {
             *can[self.best_by(&can, Candidate::best_effort_ms).unwrap_or(0)]
         }
@@ -866,15 +877,21 @@ mod tests {
     }
 
     #[test]
-    fn best_effort_keeps_the_margin_and_sends_a_prefix_late_rather_than_to_a_cold_cache() {
+    fn best_effort_keeps_the_margin_sacrifices_a_worker_once_one_is_late_and_keeps_prefixes_off_cold_caches() {
         let p = policy(MarginalUtilityConfig { slo_ttft: Duration::from_millis(400), ..Default::default() });
         let view = request("q");
         let chosen = |set: &[Candidate]| p.choose(set, &view).unwrap().index;
         // Within the margin (0.5 × 400 ms): the soonest first token.
         assert_eq!(chosen(&[infeasible(0, 900.0, false), infeasible(1, 150.0, false), infeasible(2, 190.0, false)]), 1);
-        // Inside the SLO but past its margin, the model is too optimistic to trust: the request
-        // is late, and goes to the worker furthest behind so the others stay in time.
+        // Past the margin everywhere and one worker late already (900 ms > 400 ms): the request
+        // is late too, and goes to the worker furthest behind so the others stay in time.
         assert_eq!(chosen(&[infeasible(0, 900.0, false), infeasible(1, 300.0, false), infeasible(2, 600.0, false)]), 0);
+        // The same with a step time past the TPOT SLO as what makes a worker late.
+        let slow_steps = Candidate { tpot_after_ms: 150.0, ..infeasible(2, 250.0, false) };
+        assert_eq!(chosen(&[infeasible(0, 380.0, false), infeasible(1, 300.0, false), slow_steps]), 0);
+        // Past the margin everywhere but nobody late yet (a burst): not sacrificed to the worker
+        // furthest behind, but sent where its first token comes soonest.
+        assert_eq!(chosen(&[infeasible(0, 390.0, false), infeasible(1, 300.0, false), infeasible(2, 350.0, false)]), 1);
         // Its prefix is held only by a worker that is late: late there too, not on the cold
         // worker that could still serve it in time, whose cache it would evict.
         let held = [infeasible(0, 500.0, true), infeasible(1, 150.0, false), infeasible(2, 900.0, false)];
@@ -882,7 +899,7 @@ mod tests {
         // A holder that can serve it in time still gets it.
         let evicting = Candidate { eviction_ms: 100.0, ..infeasible(1, 150.0, false) };
         assert_eq!(chosen(&[infeasible(0, 180.0, true), evicting, infeasible(2, 900.0, false)]), 0);
-        assert_eq!(p.counters.late.load(Ordering::Relaxed), 2);
+        assert_eq!(p.counters.late.load(Ordering::Relaxed), 3);
     }
 
     #[test]
