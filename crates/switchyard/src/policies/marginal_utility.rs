@@ -513,10 +513,10 @@ impl MarginalUtility {
         if prefix_held_by_none_in_time || (can.is_empty() && one_already_late) {
             self.counters.late.fetch_add(1, Ordering::Relaxed);
             *all[self.best_by(all, |c| -c.expected_ttft_ms()).unwrap_or(0)]
-        } else if can.is_empty() {
-            *all[self.best_by(all, Candidate::best_effort_ms).unwrap_or(0)]
         } else {
-            *can[self.best_by(&can, Candidate::best_effort_ms).unwrap_or(0)]
+            // In time somewhere, or a burst that has made nobody late yet.
+            let pool = if can.is_empty() { all } else { &can[..] };
+            *pool[self.best_by(pool, Candidate::best_effort_ms).unwrap_or(0)]
         }
     }
 
