@@ -1,6 +1,7 @@
 //! The dispatch path's contracts, one regression test per defect the redesign fixed: guards
 //! that report their own end (to the policy, in both modes, usage included), breaker probes
-//! that cannot wedge, PD claiming breakers and honouring marginal_utility's overload modes,
+//! that cannot wedge, PD claiming breakers (and not blaming a decode worker for its prefill's
+//! queue) and honouring marginal_utility's overload modes,
 //! per-instance hold queues, and membership reaching the policies.
 
 mod common;
@@ -60,7 +61,11 @@ fn fast_retry(attempts: usize) -> RetryConfig {
 }
 
 /// A PD dispatcher over `prefill` / `decode` with `policy` for both pools, no HTTP front.
-fn pd_dispatcher(prefill: &[&WorkerHandle], decode: &[&WorkerHandle], policy: Arc<dyn RoutingPolicy>) -> Dispatcher {
+fn pd_dispatcher(
+    prefill: &[&WorkerHandle],
+    decode: &[&WorkerHandle],
+    policy: Arc<dyn RoutingPolicy>,
+) -> (Dispatcher, Arc<WorkerRegistry>) {
     let registry = Arc::new(WorkerRegistry::new());
     for p in prefill {
         let role = WorkerRole::Prefill { bootstrap_port: p.bootstrap_port() };
@@ -70,15 +75,16 @@ fn pd_dispatcher(prefill: &[&WorkerHandle], decode: &[&WorkerHandle], policy: Ar
         registry.add(Arc::new(Worker::new(d.url(), WorkerRole::Decode))).unwrap();
     }
     let upstream = Upstream::new(client::new_client(Duration::from_secs(1), 8), Duration::from_secs(10));
-    Dispatcher::pd(
-        registry,
+    let dispatcher = Dispatcher::pd(
+        registry.clone(),
         PolicySet::Joint(policy),
         PdStyle::Sglang,
         Duration::from_secs(2),
         upstream,
         fast_retry(2),
         Arc::new(Metrics::new("recording")),
-    )
+    );
+    (dispatcher, registry)
 }
 
 fn generate(stream: bool) -> bytes::Bytes {
@@ -95,7 +101,7 @@ async fn pd_failures_and_whole_answers_reach_the_policy_with_their_usage() {
     let policy = Arc::new(Recording::default());
     // Round robin over one counter: the first pair is (prefill 0, sick); the sick decode
     // answers before its prefill leg, so both are left out of the second pair.
-    let dispatcher = pd_dispatcher(&[&prefill[0], &prefill[1]], &[&decode, &sick], policy.clone());
+    let (dispatcher, _) = pd_dispatcher(&[&prefill[0], &prefill[1]], &[&decode, &sick], policy.clone());
     let resp = dispatcher.route("/generate", &Default::default(), generate(false)).await.expect("retried");
     assert_eq!(resp.status(), 200);
     let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
@@ -108,6 +114,53 @@ async fn pd_failures_and_whole_answers_reach_the_policy_with_their_usage() {
     assert_eq!(decoded.len(), 1, "{heard:?}");
     assert_eq!(decoded[0].2, Some(6), "the non-streamed decode answer's usage reaches the policy");
     assert_eq!(heard.len(), 4, "every leg of both attempts reported exactly once: {heard:?}");
+}
+
+/// One request through (a prefill worker that never answers, a decode engine that waits 1.5 s
+/// for its KV — past `KV_WAIT` — then answers 503), retried on a healthy prefill worker; while
+/// it waits, the stuck prefill worker finishes other requests if `progressing`. Returns what
+/// the policy heard about the stuck prefill worker and about the decode worker.
+async fn decode_waits_for_a_stuck_prefill(progressing: bool) -> (Vec<Ending>, Vec<Ending>) {
+    let stuck = sim(Role::Prefill, Faults { hang: true, ..Faults::default() }).await;
+    let prefill = sim(Role::Prefill, Faults::default()).await;
+    let config =
+        WorkerConfig { role: Role::Decode, time_scale: 100.0, pd_timeout_secs: 1.5, ..WorkerConfig::default() };
+    let decode = spawn_worker(config).await.unwrap();
+    let policy = Arc::new(Recording::default());
+    // The first pair is (stuck, decode).
+    let (dispatcher, registry) = pd_dispatcher(&[&stuck, &prefill], &[&decode], policy.clone());
+    let stuck_worker = registry.get(&stuck.url()).unwrap();
+    let progress = tokio::spawn(async move {
+        if progressing {
+            loop {
+                switchyard::load::InFlightGuard::new(stuck_worker.clone())
+                    .finish(Ending::Succeeded, Default::default());
+                tokio::time::sleep(Duration::from_millis(100)).await; // another request done: a pace, not a sync
+            }
+        }
+    });
+    let resp = dispatcher.route("/generate", &Default::default(), generate(false)).await.expect("retried");
+    progress.abort();
+    // Retried without the stuck prefill worker only: the decode worker serves the second pair.
+    assert_eq!(resp.status(), 200);
+    let heard = policy.heard.lock().unwrap().clone();
+    let of = |url: String| heard.iter().filter(|(u, ..)| *u == url).map(|(_, e, _)| *e).collect();
+    (of(stuck.url()), of(decode.url()))
+}
+
+#[tokio::test]
+async fn a_decode_leg_that_waited_for_its_kv_fails_a_hung_prefill_worker_not_the_decode_worker() {
+    let (stuck, decode) = decode_waits_for_a_stuck_prefill(false).await;
+    assert_eq!(decode, [Ending::Abandoned, Ending::Succeeded], "no failure counted against the decode worker");
+    assert_eq!(stuck, [Ending::Failed], "a prefill worker that finished nothing meanwhile is failed");
+}
+
+#[tokio::test]
+async fn a_decode_leg_that_waited_for_its_kv_fails_no_one_when_the_prefill_worker_is_only_behind() {
+    let (stuck, decode) = decode_waits_for_a_stuck_prefill(true).await;
+    assert_eq!(decode, [Ending::Abandoned, Ending::Succeeded], "no failure counted against the decode worker");
+    // The policy also heard the other requests it finished (the test's own).
+    assert!(!stuck.contains(&Ending::Failed) && stuck.contains(&Ending::Abandoned), "{stuck:?}");
 }
 
 #[tokio::test]

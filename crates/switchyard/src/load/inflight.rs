@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::usage::Usage;
-use crate::workers::{Claim, Worker};
+use crate::workers::{BreakerState, Claim, Worker};
 
 /// Per-worker load counters, updated by guards and read by policies.
 #[derive(Debug, Default)]
@@ -496,7 +496,14 @@ impl InFlightGuard {
         self.ended = true;
         match (self.claim.take(), ending) {
             (Some(c), Ending::Abandoned) => self.worker.breaker().release(c),
-            (Some(c), e) => self.worker.breaker().record(c, e == Ending::Succeeded),
+            (Some(c), e) => match self.worker.breaker().record(c, e == Ending::Succeeded) {
+                Some(BreakerState::Open { .. }) => {
+                    let threshold = self.worker.breaker().config().failure_threshold;
+                    tracing::warn!(worker = self.worker.url(), failures = threshold, "circuit opened");
+                }
+                Some(_) => tracing::info!(worker = self.worker.url(), "circuit closed"),
+                None => {}
+            },
             (None, _) => {}
         }
         let load = self.worker.load();

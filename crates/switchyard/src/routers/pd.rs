@@ -29,6 +29,12 @@ use crate::load::{Ending, InFlightGuard, Usage};
 use crate::proxy::{buffered, check_whole, is_event_stream, is_worker_failure, relay_stream, SendError, Upstream};
 use crate::workers::{Worker, WorkerRole};
 
+/// A decode leg that fails after waiting at least this long, while its prefill leg has not
+/// answered, was waiting for that prefill's KV: the engine gives up after its own transfer
+/// timeout (seconds). That is the prefill worker's queue, not a sick decode worker — which
+/// fails fast (a refused connection, a 5xx in milliseconds).
+const KV_WAIT: Duration = Duration::from_secs(1);
+
 fn host_of(url: &str) -> String {
     let rest = url.split("://").nth(1).unwrap_or(url);
     match rest.rsplit_once(':') {
@@ -108,7 +114,8 @@ impl Legs<'_> {
         let want_logprobs = self.members.get("return_logprob").is_some_and(|v| v.trim() == "true");
 
         // Prefill leg: its own task, so it can be cancelled (aborted: its guard then ends as
-        // abandoned) or left to finish on its own.
+        // abandoned; or told it failed, below) or left to finish on its own.
+        let (fail_prefill, failed) = tokio::sync::oneshot::channel::<()>();
         let prefill_task = {
             let (upstream, headers, route) = (self.upstream().clone(), self.a.headers.clone(), self.a.route);
             let (limit, bytes) = (self.prefill_timeout.min(upstream.timeout), bytes.clone());
@@ -117,7 +124,13 @@ impl Legs<'_> {
                 async move {
                     let mut guard = prefill;
                     let worker = guard.worker().clone();
-                    let answer = whole(&upstream, &worker, route, &headers, bytes, limit).await;
+                    let answer = tokio::select! {
+                        answer = whole(&upstream, &worker, route, &headers, bytes, limit) => answer,
+                        Ok(()) = failed => {
+                            guard.finish(Ending::Failed, Usage::default());
+                            return Err(timed_out(&worker, limit));
+                        }
+                    };
                     // The prefill leg's whole answer is its first token.
                     guard.mark_first_byte();
                     let ok = matches!(&answer, Ok((s, _)) if !super::is_worker_failure_code(*s));
@@ -134,6 +147,8 @@ impl Legs<'_> {
             leg_span("decode", &d),
         );
         tokio::pin!(sent);
+        let sent_at = tokio::time::Instant::now();
+        let prefill_done_before = p.load().succeeded();
         let mut prefill_answer: Option<Bytes> = None;
         let mut decode = Some(decode);
         let decode_resp = loop {
@@ -158,12 +173,26 @@ impl Legs<'_> {
                         Err(SendError::Timeout) => timed_out(&d, self.upstream().timeout),
                         Err(e) => unreachable(&d, e),
                     };
+                    // A slow or hung prefill makes the decode worker time out waiting for its
+                    // KV. Counted against the decode worker, an overloaded prefill pool opened
+                    // every decode worker's circuit (PD at 2.8x its capacity: the whole level
+                    // failed); so a decode leg that waited for the KV ends without a verdict and
+                    // the retry avoids only the prefill worker. That worker is failed only if it
+                    // finished nothing meanwhile (hung); one still finishing requests is merely
+                    // behind, and opening its circuit would pile its queue onto the others. A
+                    // fast failure may be either's.
+                    let waited_for_kv = prefill_answer.is_none() && sent_at.elapsed() >= KV_WAIT;
                     if let Some(g) = decode.take() {
-                        g.finish(Ending::Failed, Usage::default());
+                        g.finish(if waited_for_kv { Ending::Abandoned } else { Ending::Failed }, Usage::default());
                     }
-                    // A hung prefill makes the decode worker time out waiting for its KV: until
-                    // the prefill leg has answered, either may be at fault.
-                    let blame = if prefill_answer.is_none() { vec![p.clone(), d.clone()] } else { vec![d.clone()] };
+                    if waited_for_kv && p.load().succeeded() == prefill_done_before && fail_prefill.send(()).is_ok() {
+                        let _ = (&mut prefill_task.handle).await;
+                    }
+                    let blame = match (prefill_answer.is_none(), waited_for_kv) {
+                        (true, true) => vec![p.clone()],
+                        (true, false) => vec![p.clone(), d.clone()],
+                        (false, _) => vec![d.clone()],
+                    };
                     return Err(Failure::retry(error, blame));
                 }
             }

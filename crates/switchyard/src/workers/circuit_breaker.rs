@@ -112,18 +112,19 @@ impl CircuitBreaker {
 
     /// Records how a request sent under `claim` ended. In half-open state only the probe's
     /// verdict counts: requests sent before the circuit opened say nothing about recovery.
-    pub fn record(&self, claim: Claim, success: bool) {
+    /// Returns the new state when the circuit opened or closed, for the caller to log with the
+    /// worker's name (the breaker does not know it).
+    pub fn record(&self, claim: Claim, success: bool) -> Option<BreakerState> {
         let mut s = self.lock();
+        let before = *s;
         *s = match (*s, success) {
             (BreakerState::Closed { .. }, true) => BreakerState::Closed { failures: 0 },
             (BreakerState::Closed { failures }, false) if failures + 1 >= self.config.failure_threshold => {
-                tracing::warn!(failures = failures + 1, "circuit opened");
                 BreakerState::Open { until: Instant::now() + self.config.timeout }
             }
             (BreakerState::Closed { failures }, false) => BreakerState::Closed { failures: failures + 1 },
             (half @ BreakerState::HalfOpen { .. }, _) if !claim.probe => half,
             (BreakerState::HalfOpen { successes, .. }, true) if successes + 1 >= self.config.success_threshold => {
-                tracing::info!("circuit closed");
                 BreakerState::Closed { failures: 0 }
             }
             (BreakerState::HalfOpen { successes, .. }, true) => {
@@ -134,7 +135,13 @@ impl CircuitBreaker {
             }
             (open @ BreakerState::Open { .. }, _) => open,
         };
-        self.tripped.store(!matches!(*s, BreakerState::Closed { .. }), Ordering::Relaxed);
+        let tripped = !matches!(*s, BreakerState::Closed { .. });
+        self.tripped.store(tripped, Ordering::Relaxed);
+        match (before, *s) {
+            (BreakerState::Closed { .. }, BreakerState::Open { .. })
+            | (BreakerState::HalfOpen { .. }, BreakerState::Closed { .. }) => Some(*s),
+            _ => None,
+        }
     }
 
     /// Gives back a claim whose request ended without a verdict on the worker (the client
@@ -196,7 +203,7 @@ mod tests {
         b.record(c, false);
         b.record(c, false);
         assert!(b.allows());
-        b.record(c, false);
+        assert!(matches!(b.record(c, false), Some(BreakerState::Open { .. })), "the opening is reported");
         assert_eq!(b.state().name(), "open");
         assert!(!b.allows());
         tokio::time::advance(Duration::from_secs(59)).await;
@@ -210,7 +217,7 @@ mod tests {
         assert!(b.try_claim().is_none(), "a request sent before the circuit opened is no probe");
         b.record(probe, true);
         let probe = b.try_claim().expect("the second probe");
-        b.record(probe, true);
+        assert_eq!(b.record(probe, true), Some(BreakerState::Closed { failures: 0 }), "the closing is reported");
         assert_eq!(b.state(), BreakerState::Closed { failures: 0 });
     }
 
