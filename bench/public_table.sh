@@ -13,7 +13,8 @@
 # (homogeneous, heterogeneous, slow-tier, prefill-heavy, shared-prefix-large), 5 routers
 # (switchyard load_based, cache_aware, marginal_utility; sglang-router and vllm-router at their
 # default policy, cache_aware) and loads 0.8, 1.0, 1.2, 1.6 at 1,500 requests per level:
-# about 3 hours. Results go to $OUT (default bench-results/public).
+# about 1.5 hours (measured 2026-12-03 on 2 cores: heterogeneous 11, prefill-heavy 15, slow-tier 18
+# min; the estimate was 3 h). Results go to $OUT (default bench-results/public).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results/public}
