@@ -126,6 +126,7 @@ impl Legs<'_> {
                     let worker = guard.worker().clone();
                     let answer = tokio::select! {
                         answer = whole(&upstream, &worker, route, &headers, bytes, limit) => answer,
+                        // Told the decode leg gave up on a KV this worker never produced.
                         Ok(()) = failed => {
                             guard.finish(Ending::Failed, Usage::default());
                             return Err(timed_out(&worker, limit));
@@ -188,10 +189,10 @@ impl Legs<'_> {
                     if waited_for_kv && p.load().succeeded() == prefill_done_before && fail_prefill.send(()).is_ok() {
                         let _ = (&mut prefill_task.handle).await;
                     }
-                    let blame = match (prefill_answer.is_none(), waited_for_kv) {
-                        (true, true) => vec![p.clone()],
-                        (true, false) => vec![p.clone(), d.clone()],
-                        (false, _) => vec![d.clone()],
+                    let blame = match (waited_for_kv, prefill_answer.is_none()) {
+                        (true, _) => vec![p.clone()],
+                        (false, true) => vec![p.clone(), d.clone()],
+                        (false, false) => vec![d.clone()],
                     };
                     return Err(Failure::retry(error, blame));
                 }

@@ -135,8 +135,7 @@ impl CircuitBreaker {
             }
             (open @ BreakerState::Open { .. }, _) => open,
         };
-        let tripped = !matches!(*s, BreakerState::Closed { .. });
-        self.tripped.store(tripped, Ordering::Relaxed);
+        self.tripped.store(!matches!(*s, BreakerState::Closed { .. }), Ordering::Relaxed);
         match (before, *s) {
             (BreakerState::Closed { .. }, BreakerState::Open { .. })
             | (BreakerState::HalfOpen { .. }, BreakerState::Closed { .. }) => Some(*s),
