@@ -17,8 +17,23 @@ struct Fleet {
     decode: Vec<WorkerHandle>,
 }
 
+/// A fleet whose decode engines wait up to 5 s of wall time for their KV: far longer than a
+/// healthy prefill leg takes even on a loaded CI machine, so only tests that make a prefill
+/// leg fail on purpose ([`fleet_with_kv_wait`]) see decode legs give up.
 async fn fleet(prefill: usize, decode: usize) -> Fleet {
-    let base = WorkerConfig { time_scale: 100.0, pd_timeout_secs: 0.5, ..WorkerConfig::default() };
+    fleet_with_kv_wait(prefill, decode, 5.0).await
+}
+
+async fn fleet_with_kv_wait(prefill: usize, decode: usize, kv_wait_secs: f64) -> Fleet {
+    fleet_with(
+        prefill,
+        decode,
+        WorkerConfig { time_scale: 100.0, pd_timeout_secs: kv_wait_secs, ..WorkerConfig::default() },
+    )
+    .await
+}
+
+async fn fleet_with(prefill: usize, decode: usize, base: WorkerConfig) -> Fleet {
     let mut f = Fleet { prefill: Vec::new(), decode: Vec::new() };
     for i in 0..prefill {
         f.prefill
@@ -121,7 +136,7 @@ async fn sglang_style_merges_prompt_logprobs_from_the_prefill_leg() {
 #[tokio::test]
 async fn failing_prefill_legs_are_retried_on_another_pair_quickly() {
     for style in [PdStyle::Sglang, PdStyle::Vllm] {
-        let f = fleet(2, 2).await;
+        let f = fleet_with_kv_wait(2, 2, 0.5).await;
         let r = router(pd_config(&f, style, PolicyKind::RoundRobin)).await;
         let u = r.url();
         let body = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "ignore_eos": true});
@@ -155,7 +170,11 @@ async fn failing_prefill_legs_are_retried_on_another_pair_quickly() {
 
 #[tokio::test]
 async fn a_decode_worker_dying_mid_stream_ends_the_stream_with_an_error() {
-    let f = fleet(1, 1).await;
+    // Real-time decode steps (tens of ms a token): at 100x the worker's first tokens and its
+    // death could leave in one write, the router would see the connection fail before any
+    // byte of the stream and rightly retry (here: no pair left, a 503) instead of the
+    // mid-stream case this test is about.
+    let f = fleet_with(1, 1, WorkerConfig { time_scale: 1.0, pd_timeout_secs: 5.0, ..WorkerConfig::default() }).await;
     let r = router(pd_config(&f, PdStyle::Sglang, PolicyKind::LoadBased)).await;
     f.decode[0].set_faults(Faults { die_after_tokens: Some(3), ..Faults::default() }).unwrap();
     let started = Instant::now();
