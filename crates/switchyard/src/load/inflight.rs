@@ -20,6 +20,8 @@ pub struct WorkerLoad {
     failed: AtomicU64,
     window: Mutex<Integrals>,
     reported: Mutex<Option<ReportedLoad>>,
+    /// This router's in-flight count when the last report was stored.
+    in_flight_at_report: AtomicUsize,
 }
 
 /// What the worker itself last said about its load (polled `/get_load` or `/metrics`).
@@ -171,6 +173,13 @@ impl WorkerLoad {
         }
     }
 
+    /// How many more requests the worker has finished than this router sent it since its last
+    /// report: the drop in this router's in-flight count (negative when it grew). The report is
+    /// a poll old; a queue it showed is gone once the worker has drained that many.
+    pub fn drained_since_report(&self) -> i64 {
+        self.in_flight_at_report.load(Ordering::Relaxed) as i64 - self.in_flight() as i64
+    }
+
     /// The worker's own last report, if the load poller has one.
     pub fn reported(&self) -> Option<ReportedLoad> {
         *self.reported.lock().unwrap_or_else(|p| p.into_inner())
@@ -180,7 +189,9 @@ impl WorkerLoad {
     /// requests. Requests in transit either way (sent but not yet arrived, finished but not yet
     /// seen) make the difference noisy by a few, never by other routers' whole share.
     pub fn set_reported(&self, report: ReportedLoad) {
-        let others = report.running.saturating_add(report.queued).saturating_sub(self.in_flight() as u64);
+        let in_flight = self.in_flight();
+        self.in_flight_at_report.store(in_flight, Ordering::Relaxed);
+        let others = report.running.saturating_add(report.queued).saturating_sub(in_flight as u64);
         let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
         // A router alone with its workers (nothing beyond its own, before or now) leaves its
         // window to the guards' own clock.
