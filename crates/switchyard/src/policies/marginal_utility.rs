@@ -403,8 +403,8 @@ impl MarginalUtility {
         // worker drain that many requests since, its full cache until it has finished any: a
         // guard that outlived its queue kept bursts off the least-loaded worker, the one that
         // had just drained (bursty arrivals at 0.9x the knee: p99 TTFT 886 ms against
-        // least-in-flight's 197; 190 since). The count is this router's own: requests other
-        // routers sent there drain unseen, so with replicas the guard lapses late, never early.
+        // least-in-flight's 197; 190 since). The count is this router's own: what other
+        // routers send or finish there is unseen until the next report, which resets it.
         let guarded = w.report.is_some_and(|r| {
             let queue_left = r.queued as f64 - w.drained;
             queue_left > 0.0 || (r.kv_usage > self.config.kv_guard && w.drained <= 0.0)
