@@ -147,7 +147,23 @@ struct WorkerState {
     /// Its own last report, if fresh enough.
     report: Option<ReportedLoad>,
     /// Requests it has finished beyond those sent to it since that report.
-    drained: f64,
+    drained: i64,
+}
+
+impl WorkerState {
+    /// Whether its report shows an engine queue or a nearly full cache. With `lapses`, the
+    /// queue counts only until the router has seen it drain that many requests since the
+    /// report, the full cache until it has finished any (see the guard in `candidate`).
+    fn guarded(&self, kv_guard: f64, lapses: bool) -> bool {
+        self.report.is_some_and(|r| {
+            let full = r.kv_usage > kv_guard;
+            if lapses {
+                r.queued as i64 > self.drained || (full && self.drained <= 0)
+            } else {
+                full || r.queued > 0
+            }
+        })
+    }
 }
 
 /// The request's terms on one worker (tokens, ms).
@@ -340,7 +356,7 @@ impl MarginalUtility {
                         .load()
                         .reported()
                         .filter(|r| now.saturating_duration_since(r.at) <= self.config.report_max_age),
-                    drained: w.load().drained_since_report() as f64,
+                    drained: w.load().drained_since_report(),
                 };
                 self.candidate(index, &state, &Ask { prompt, matched, out, waited_ms })
             })
@@ -410,14 +426,7 @@ impl MarginalUtility {
         // queues (overload at 1.5x with shed: goodput 100.0 -> 85.9 req/s). The count is this
         // router's own: what other routers send or finish there is unseen until the next
         // report, which resets it.
-        let lapses = self.config.overload == Overload::BestEffort;
-        let guarded = w.report.is_some_and(|r| {
-            if !lapses {
-                return r.kv_usage > self.config.kv_guard || r.queued > 0;
-            }
-            let queue_left = r.queued as f64 - w.drained;
-            queue_left > 0.0 || (r.kv_usage > self.config.kv_guard && w.drained <= 0.0)
-        });
+        let guarded = w.guarded(self.config.kv_guard, self.config.overload == Overload::BestEffort);
         let feasible = if holder {
             // Judged by the model only, with the saved prefill: the requests waiting at a busy
             // holder are the same group's, and spilling them on their wait broke affinity.
