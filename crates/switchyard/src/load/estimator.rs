@@ -287,6 +287,27 @@ impl Prediction {
     pub fn prefill_ms_per_token(&self) -> f64 {
         self.prefill[1] / 1e3
     }
+
+    /// The largest decoding batch (at most `cap`) whose step stays within `tpot_ms` with
+    /// `context` tokens per request and no prefill: what the hardware can hold within the
+    /// SLO. The level correction is left out — it says how the worker is doing now (a worker
+    /// with a deep queue runs late), not how fast it is.
+    pub fn batch_within_tpot(&self, tpot_ms: f64, context: f64, cap: f64) -> f64 {
+        match &self.tables {
+            Some((tpot, _)) => tpot.iter().rposition(|&t| t <= tpot_ms).map_or(0.0, |b| b as f64).min(cap),
+            None => {
+                let per_request = self.decode[1] + self.decode[2] * context / 1e3;
+                let room = tpot_ms - self.decode[0];
+                if room <= 0.0 {
+                    0.0
+                } else if per_request <= 0.0 {
+                    cap
+                } else {
+                    (room / per_request).min(cap)
+                }
+            }
+        }
+    }
 }
 
 fn interpolate(table: &[f64], x: f64) -> f64 {
@@ -685,6 +706,30 @@ mod tests {
             r.update(&x, if i % 20 == 7 { y * 10.0 } else { y }, t);
         }
         assert!(max_rel_error(&r, 1.0) < 0.2, "{} {:?}", max_rel_error(&r, 1.0), r.theta());
+    }
+
+    #[test]
+    fn the_batch_within_a_tpot_slo_is_what_the_hardware_holds() {
+        let mut m = FleetModel::new(EstimatorKind::Regression, 120.0);
+        for (worker, speed, seed) in [(1, 1.0, 11), (2, 0.5, 12)] {
+            for (x, y, t) in sim_samples(400, speed, seed, 0.0) {
+                let sample =
+                    Sample { at: t, decode: Some((x, y)), prefill: None, output_tokens: None, cache_hit: None };
+                m.observe(worker, &sample);
+            }
+        }
+        let (fast, slow) = (m.predict(1), m.predict(2));
+        let (b_fast, b_slow) =
+            (fast.batch_within_tpot(50.0, 1000.0, 1024.0), slow.batch_within_tpot(50.0, 1000.0, 1024.0));
+        // At that batch the step is the SLO's, on the simulator's own cost curve.
+        for (b, speed) in [(b_fast, 1.0), (b_slow, 0.5)] {
+            let step = truth(&[1.0, b, b, 0.0], speed);
+            assert!((step / 50.0 - 1.0).abs() < 0.1, "batch {b} at speed {speed}: {step} ms a step");
+        }
+        assert!(b_fast > 1.5 * b_slow && b_slow > 1.0, "fast {b_fast} slow {b_slow}");
+        // Capped, and none where even one request's step is past the SLO.
+        assert_eq!(fast.batch_within_tpot(1e6, 1000.0, 256.0), 256.0);
+        assert_eq!(slow.batch_within_tpot(0.5, 1000.0, 256.0), 0.0);
     }
 
     #[test]

@@ -183,6 +183,15 @@ const CHUNK_TOKENS: f64 = 8192.0;
 /// A worker holds the request's prefix when it has cached at least this share of the prompt.
 const HOLDER_SHARE: f64 = 0.3;
 
+/// Workers whose capacities differ by less than this share are alike when best effort
+/// picks the worker to run late: identical workers' learnt models differ by noise (up to a
+/// quarter on zipf-prefix past the knee, where 0.25 made the choice flip between them:
+/// goodput at 1.4x 1.07 -> 0.90x random's), while an h100 holds about twice an a100's batch.
+const VICTIM_CAPACITY_TIE: f64 = 0.5;
+
+/// Cap on the batch a worker is credited with (engines' running-request limits are lower).
+const MAX_BATCH: f64 = 1024.0;
+
 /// Fleets up to this size are scored whole by default.
 pub const AUTO_ALL: usize = 64;
 /// Beyond [`AUTO_ALL`], the random sample scored by default (power of d)...
@@ -217,6 +226,9 @@ pub struct Candidate {
     pub feasible: bool,
     /// Requests in flight there (the router's count): near-ties go to the fewest.
     pub in_flight: f64,
+    /// The decoding batch its hardware holds within the TPOT SLO (the model's, for requests
+    /// of this one's length): what the fleet loses when it runs late.
+    pub capacity: f64,
 }
 
 impl Candidate {
@@ -449,6 +461,7 @@ impl MarginalUtility {
             holder,
             feasible,
             in_flight,
+            capacity: pred.batch_within_tpot(slo_tpot, prompt + out / 2.0, MAX_BATCH),
         }
     }
 
@@ -529,6 +542,12 @@ impl MarginalUtility {
     /// 1.6× 0.97 → 1.09× round_robin's. They left bursty at the knee, where overload is
     /// transient, at 0.94× load_based's; waiting for a late worker before sacrificing one (above)
     /// is what moved it.
+    ///
+    /// Which worker runs late matters on mixed hardware: the one that costs the fleet least is
+    /// the one with the smallest capacity within the TPOT SLO, not whichever fell behind first
+    /// (that was usually a fast one, given more work). On h100s beside a100s with a 50 ms TPOT
+    /// SLO (tight-tpot) at 1.2 / 1.4× the knee: 1.18 / 1.00 → 1.51 / 1.36× the best other
+    /// policy's goodput. Among workers alike it is still the one furthest behind.
     fn best_effort(&self, all: &[&Candidate], request: &RequestView) -> Candidate {
         let budget = self.config.slo_ttft.as_secs_f64() * 1e3 - request.waited.as_secs_f64() * 1e3;
         let slo_tpot = self.config.slo_tpot.as_secs_f64() * 1e3;
@@ -542,7 +561,14 @@ impl MarginalUtility {
         let one_already_late = || all.iter().any(|c| c.expected_ttft_ms() > budget || c.tpot_after_ms > slo_tpot);
         if prefix_held_by_none_in_time || (can.is_empty() && one_already_late()) {
             self.counters.late.fetch_add(1, Ordering::Relaxed);
-            *all[self.best_by(all, |c| -c.expected_ttft_ms()).unwrap_or(0)]
+            // The worker whose lateness costs the fleet least: the smallest capacity, and
+            // among workers alike the one furthest behind (already late, so nobody else
+            // joins it).
+            let least = all.iter().map(|c| c.capacity).fold(f64::INFINITY, f64::min);
+            let alike = least * (1.0 + VICTIM_CAPACITY_TIE);
+            let smallest: Vec<&Candidate> = all.iter().copied().filter(|c| c.capacity <= alike).collect();
+            let pool = if smallest.is_empty() { all } else { &smallest[..] };
+            *pool[self.best_by(pool, |c| -c.expected_ttft_ms()).unwrap_or(0)]
         } else {
             // In time somewhere, or a burst that has made nobody late yet.
             let pool = if can.is_empty() { all } else { &can[..] };
@@ -742,7 +768,7 @@ impl MarginalUtility {
             ("held", "times a request was held in the router for capacity", &c.held),
             ("shed", "requests answered 503 because they could no longer meet the TTFT SLO", &c.shed),
             ("explored", "random (exploration) choices", &c.explored),
-            ("late", "requests no worker could serve within the SLO, sent to the one furthest behind", &c.late),
+            ("late", "requests no worker could serve within the SLO, sent to the one left to run late", &c.late),
         ] {
             let _ = writeln!(out, "# HELP switchyard_mu_{name}_total marginal_utility: {help}.");
             let _ = writeln!(out, "# TYPE switchyard_mu_{name}_total counter");
@@ -903,11 +929,13 @@ mod tests {
             holder,
             feasible: false,
             in_flight: 1.0,
+            capacity: 100.0,
         }
     }
 
     #[test]
-    fn best_effort_keeps_the_margin_sacrifices_a_worker_once_one_is_late_and_keeps_prefixes_off_cold_caches() {
+    fn best_effort_keeps_the_margin_lets_the_smallest_worker_run_late_once_one_is_late_and_keeps_prefixes_off_cold_caches(
+    ) {
         let p = policy(MarginalUtilityConfig { slo_ttft: Duration::from_millis(400), ..Default::default() });
         let view = request("q");
         let chosen = |set: &[Candidate]| p.choose(set, &view).unwrap().index;
@@ -916,6 +944,16 @@ mod tests {
         // Past the margin everywhere and one worker late already (900 ms > 400 ms): the request
         // is late too, and goes to the worker furthest behind so the others stay in time.
         assert_eq!(chosen(&[infeasible(0, 900.0, false), infeasible(1, 300.0, false), infeasible(2, 600.0, false)]), 0);
+        // Of workers unlike in capacity, the smallest runs late, even one not furthest behind
+        // (yet): it is the one the fleet misses least. Workers alike (capacities within
+        // noise) leave it to the one furthest behind, as above.
+        let small = |c: Candidate, capacity: f64| Candidate { capacity, ..c };
+        let unlike =
+            [infeasible(0, 900.0, false), infeasible(1, 300.0, false), small(infeasible(2, 600.0, false), 50.0)];
+        assert_eq!(chosen(&unlike), 2);
+        let alike =
+            [infeasible(0, 900.0, false), infeasible(1, 300.0, false), small(infeasible(2, 600.0, false), 90.0)];
+        assert_eq!(chosen(&alike), 0);
         // The same with a step time past the TPOT SLO as what makes a worker late.
         let slow_steps = Candidate { tpot_after_ms: 150.0, ..infeasible(2, 250.0, false) };
         assert_eq!(chosen(&[infeasible(0, 380.0, false), infeasible(1, 300.0, false), slow_steps]), 0);
@@ -929,7 +967,7 @@ mod tests {
         // A holder that can serve it in time still gets it.
         let evicting = Candidate { eviction_ms: 100.0, ..infeasible(1, 150.0, false) };
         assert_eq!(chosen(&[infeasible(0, 180.0, true), evicting, infeasible(2, 900.0, false)]), 0);
-        assert_eq!(p.counters.late.load(Ordering::Relaxed), 3);
+        assert_eq!(p.counters.late.load(Ordering::Relaxed), 5);
     }
 
     #[test]
