@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-/// The `worker share` and `goodput` lines of one `des` run of the random policy.
+/// The `worker share` line of one `des` run of the random policy.
 fn random_policy_run(policy_seed: Option<&str>) -> String {
     let scenario = format!("{}/../../bench/scenarios/homogeneous.toml", env!("CARGO_MANIFEST_DIR"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"));
