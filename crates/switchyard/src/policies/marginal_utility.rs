@@ -151,6 +151,15 @@ struct WorkerState {
 }
 
 impl WorkerState {
+    /// Other routers' requests there (its report less this router's own), when counted.
+    fn others(&self, counted: bool) -> f64 {
+        if counted {
+            self.load.others as f64
+        } else {
+            0.0
+        }
+    }
+
     /// Whether its report shows an engine queue or a nearly full cache. With `lapses`, the
     /// queue counts only until the router has seen it drain that many requests since the
     /// report, the full cache until it has finished any (see the guard in `candidate`).
@@ -174,6 +183,9 @@ struct Ask {
     out: f64,
     /// Time the router has already held it.
     waited_ms: f64,
+    /// The candidates' mean decoding batch (the batch the decode fits learn on): where their
+    /// capacities are compared.
+    shared_batch: f64,
 }
 
 /// Prefill tokens an engine runs per step beside its decodes (SGLang's `chunked_prefill_size`,
@@ -184,13 +196,10 @@ const CHUNK_TOKENS: f64 = 8192.0;
 const HOLDER_SHARE: f64 = 0.3;
 
 /// Workers whose capacities differ by less than this share are alike when best effort
-/// picks the worker to run late: identical workers' learnt models differ by noise (up to a
-/// quarter on zipf-prefix past the knee, where 0.25 made the choice flip between them:
-/// goodput at 1.4x 1.07 -> 0.90x random's), while an h100 holds about twice an a100's batch.
+/// picks the worker to run late: identical workers' learnt models differ by noise (0.25 made
+/// the choice flip between them on zipf-prefix past the knee: goodput at 1.4x 1.07 -> 0.90x
+/// random's), while an h100 decodes about twice as fast as an a100.
 const VICTIM_CAPACITY_TIE: f64 = 0.5;
-
-/// Cap on the batch a worker is credited with (engines' running-request limits are lower).
-const MAX_BATCH: f64 = 1024.0;
 
 /// Fleets up to this size are scored whole by default.
 pub const AUTO_ALL: usize = 64;
@@ -226,8 +235,8 @@ pub struct Candidate {
     pub feasible: bool,
     /// Requests in flight there (the router's count): near-ties go to the fewest.
     pub in_flight: f64,
-    /// The decoding batch its hardware holds within the TPOT SLO (the model's, for requests
-    /// of this one's length): what the fleet loses when it runs late.
+    /// Its decode throughput (tokens/ms, the model's) at the candidates' mean decoding batch
+    /// of requests this one's length: what the fleet loses when it runs late.
     pub capacity: f64,
 }
 
@@ -352,13 +361,10 @@ impl MarginalUtility {
         let model = self.model.read().unwrap_or_else(|p| p.into_inner());
         let now = request.now.unwrap_or_else(Instant::now);
         let waited_ms = request.waited.as_secs_f64() * 1e3;
-        indices
+        let states: Vec<(usize, WorkerState)> = indices
             .into_iter()
             .map(|index| {
                 let w = &workers[index];
-                let matched = (matched_units.get(index).copied().unwrap_or(0) as f64 * per_token).min(prompt);
-                let out = model.expected_output(w.id());
-                let out = request.max_tokens.map_or(out, |m| out.min(f64::from(m))).max(1.0);
                 let state = WorkerState {
                     load: w.load().snapshot_at(now),
                     pred: model.predict(w.id()),
@@ -370,14 +376,27 @@ impl MarginalUtility {
                         .filter(|r| now.saturating_duration_since(r.at) <= self.config.report_max_age),
                     drained: w.load().drained_since_report(),
                 };
-                self.candidate(index, &state, &Ask { prompt, matched, out, waited_ms })
+                (index, state)
+            })
+            .collect();
+        let counted = self.config.count_other_routers;
+        let batches = states.iter().map(|(_, s)| s.load.decoding as f64 + s.others(counted));
+        let shared_batch = (batches.sum::<f64>() / states.len().max(1) as f64).max(1.0);
+        states
+            .into_iter()
+            .map(|(index, state)| {
+                let id = workers[index].id();
+                let matched = (matched_units.get(index).copied().unwrap_or(0) as f64 * per_token).min(prompt);
+                let out = model.expected_output(id);
+                let out = request.max_tokens.map_or(out, |m| out.min(f64::from(m))).max(1.0);
+                self.candidate(index, &state, &Ask { prompt, matched, out, waited_ms, shared_batch })
             })
             .collect()
     }
 
     fn candidate(&self, index: usize, w: &WorkerState, ask: &Ask) -> Candidate {
         let (s, pred, prefill_rate) = (&w.load, &w.pred, w.prefill_rate);
-        let Ask { prompt, matched, out, waited_ms } = *ask;
+        let Ask { prompt, matched, out, waited_ms, shared_batch } = *ask;
         // The batch the newcomer will decode in: the requests decoding there now and those
         // still before their first token, which join it first. Counting only the decoding ones
         // made a worker with a long prefill queue look idle — the cheapest place for more, a
@@ -385,7 +404,7 @@ impl MarginalUtility {
         // Other routers' requests there (the worker's report less this router's own) share the
         // batch too; counted when asked (`--mu-count-other-routers`, see its doc for why not by
         // default).
-        let others = if self.config.count_other_routers { s.others as f64 } else { 0.0 };
+        let others = w.others(self.config.count_other_routers);
         let in_flight = s.in_flight as f64 + others;
         let (b, k) = (
             (s.decoding + s.waiting) as f64 + others,
@@ -461,7 +480,7 @@ impl MarginalUtility {
             holder,
             feasible,
             in_flight,
-            capacity: pred.batch_within_tpot(slo_tpot, prompt + out / 2.0, MAX_BATCH),
+            capacity: pred.throughput_at(shared_batch, prompt + out / 2.0),
         }
     }
 
@@ -544,10 +563,18 @@ impl MarginalUtility {
     /// is what moved it.
     ///
     /// Which worker runs late matters on mixed hardware: the one that costs the fleet least is
-    /// the one with the smallest capacity within the TPOT SLO, not whichever fell behind first
-    /// (that was usually a fast one, given more work). On h100s beside a100s with a 50 ms TPOT
-    /// SLO (tight-tpot) at 1.2 / 1.4× the knee: 1.18 / 1.00 → 1.51 / 1.36× the best other
-    /// policy's goodput. Among workers alike it is still the one furthest behind.
+    /// the one with the smallest capacity, not whichever fell behind first (that was usually a
+    /// fast one, given more work). On h100s beside a100s with a 50 ms TPOT SLO (tight-tpot) at
+    /// 1.2 / 1.4× the knee: 1.18 / 1.00 → 1.51 / 1.36× the best other policy's goodput. Among
+    /// workers alike it is still the one furthest behind. Capacity is compared at one batch
+    /// (the candidates' mean), where every fit has data: first it was each fit's batch at the
+    /// TPOT SLO, an extrapolation that made identical workers look unlike behind router
+    /// replicas (each with a quarter of the samples) and scattered prefix groups onto whichever
+    /// fit was worst (zipf-prefix 1.2×, four replicas, text tree: 119.5 → 84.5 req/s; 119.5
+    /// again now). The batch is the decoding one, the fits' own feature: also counting the
+    /// requests still before their first token (far more, on prefill-heavy traffic, than the
+    /// fits have seen decoding) cost prefill-heavy at 1.6× the knee 38.9–46.7 req/s against
+    /// 47.2–48.4 over four policy seeds.
     fn best_effort(&self, all: &[&Candidate], request: &RequestView) -> Candidate {
         let budget = self.config.slo_ttft.as_secs_f64() * 1e3 - request.waited.as_secs_f64() * 1e3;
         let slo_tpot = self.config.slo_tpot.as_secs_f64() * 1e3;
