@@ -137,23 +137,29 @@ fn the_skewed_prefix_workload_has_the_popularity_and_size_its_file_says() {
     assert!(counts.len() > 450, "{} of 512 prompts drawn in 50k requests", counts.len());
 }
 
+/// zipf-prefix's goodput over 20,000 arrivals at `load`× the knee with one router and with
+/// four replicas of `policy`, each replica seeing the caches through `view`.
+fn one_and_four_replicas(policy: &str, load: f64, view: des::CacheView) -> (f64, f64) {
+    let s = scenario("zipf-prefix");
+    let knee = des::scenario_knee(&s, None).rate;
+    let fleet = SimWorker::from_scenario(&s, None);
+    let config = policy_spec::parse(policy, &s.slo, 1.0, s.seed).expect("policy");
+    let goodput = |replicas: usize| {
+        let specs = s.workload.requests(s.arrival, load * knee, 20_000, s.seed, 0, None);
+        let report = des::run_open_with(&fleet, &config, replicas, s.seed, specs, None, view);
+        assert_eq!(report.results.len(), 20_000, "every request accounted for");
+        Summary::of(&report.results, &s.slo, fleet.len()).goodput_rps
+    };
+    (goodput(1), goodput(4))
+}
+
 #[test]
 fn marginal_utility_counting_other_routers_keeps_one_routers_goodput_behind_four_replicas() {
     // Each replica sees a quarter of the traffic; the engines' reports show the rest
     // (`--mu-count-other-routers`). Without them each replica priced every worker at a quarter
     // of its load and, past the knee, kept sending to the busiest: 0.77× one router's goodput
     // here (50.0 vs 65.3 req/s). 20,000 arrivals: the loss builds up over minutes of overload.
-    let s = scenario("zipf-prefix");
-    let knee = des::scenario_knee(&s, None).rate;
-    let fleet = SimWorker::from_scenario(&s, None);
-    let config = policy_spec::parse("marginal_utility/others", &s.slo, 1.0, s.seed).expect("policy");
-    let goodput = |replicas: usize| {
-        let specs = s.workload.requests(s.arrival, 1.6 * knee, 20_000, s.seed, 0, None);
-        let report = des::run_open_with(&fleet, &config, replicas, s.seed, specs, None, des::CacheView::Events);
-        assert_eq!(report.results.len(), 20_000, "every request accounted for");
-        Summary::of(&report.results, &s.slo, fleet.len()).goodput_rps
-    };
-    let (one, four) = (goodput(1), goodput(4));
+    let (one, four) = one_and_four_replicas("marginal_utility/others", 1.6, des::CacheView::Events);
     assert!(four >= 0.95 * one, "4 replicas {four:.2} req/s vs one router {one:.2}");
 }
 
@@ -164,18 +170,8 @@ fn behind_four_replicas_with_the_text_tree_best_effort_keeps_prefix_groups_toget
     // to run late; compared by extrapolating each fit to its TPOT SLO, identical workers looked
     // unlike, the late request went to whichever fit was worst, and prefix groups scattered:
     // four replicas kept 0.51x one router's goodput here (84.5 vs 165.4 req/s). Compared at
-    // the candidates' mean decoding batch, 0.72x (119.5): what remains is each replica's tree seeing
-    // a quarter of the prompts.
-    let s = scenario("zipf-prefix");
-    let knee = des::scenario_knee(&s, None).rate;
-    let fleet = SimWorker::from_scenario(&s, None);
-    let config = policy_spec::parse("marginal_utility", &s.slo, 1.0, s.seed).expect("policy");
-    let goodput = |replicas: usize| {
-        let specs = s.workload.requests(s.arrival, 1.2 * knee, 20_000, s.seed, 0, None);
-        let report = des::run_open_with(&fleet, &config, replicas, s.seed, specs, None, des::CacheView::Text);
-        assert_eq!(report.results.len(), 20_000, "every request accounted for");
-        Summary::of(&report.results, &s.slo, fleet.len()).goodput_rps
-    };
-    let (one, four) = (goodput(1), goodput(4));
+    // the candidates' mean decoding batch, 0.72x (119.5): what remains is each replica's tree
+    // seeing a quarter of the prompts.
+    let (one, four) = one_and_four_replicas("marginal_utility", 1.2, des::CacheView::Text);
     assert!(four >= 0.65 * one, "4 replicas {four:.2} req/s vs one router {one:.2}");
 }
