@@ -287,10 +287,14 @@ struct SizeMeans {
 impl SizeMeans {
     /// Weight of each new request in the means (about the last hundred requests).
     const WEIGHT: f64 = 0.01;
+    /// A request counts in the means as at most this many times the mean: one client's
+    /// `max_tokens` of 2^32 would otherwise make every other request look small for thousands
+    /// of requests; a shift in the traffic still moves the means within tens of requests.
+    const OUTLIER: f64 = 10.0;
 
     fn update(mean: &AtomicU64, x: f64) {
         let prev = f64::from_bits(mean.load(Ordering::Relaxed));
-        let next = if prev > 0.0 { prev + Self::WEIGHT * (x - prev) } else { x };
+        let next = if prev > 0.0 { prev + Self::WEIGHT * (x.min(Self::OUTLIER * prev) - prev) } else { x };
         mean.store(next.to_bits(), Ordering::Relaxed);
     }
 
@@ -1105,11 +1109,16 @@ mod tests {
         assert_eq!(chosen(&one_late, &sized(8000, None)), 0);
         // Small by its prompt but with a cap far above the mean: large on average, late.
         assert_eq!(chosen(&one_late, &sized(1000, Some(800))), 0);
+        // One client's absurd cap counts as at most ten means: a request of the usual size after
+        // it is still about the mean (unbounded, the cap mean would be ~4e7 and it half that).
+        assert_eq!(chosen(&one_late, &sized(4000, Some(u32::MAX))), 0);
+        let usual = p.sizes.relative(&sized(4000, Some(200)));
+        assert!((0.9..1.0).contains(&usual), "relative size {usual}");
         // Small, but nobody is within the budget for it: late like the rest.
         let all_late = [infeasible(0, 900.0, false), infeasible(1, 500.0, false), infeasible(2, 600.0, false)];
         assert_eq!(chosen(&all_late, &sized(1000, Some(50))), 0);
         // The small ones that found a worker in time are not counted late.
-        assert_eq!(p.counters.late.load(Ordering::Relaxed), late + 3);
+        assert_eq!(p.counters.late.load(Ordering::Relaxed), late + 4);
     }
 
     #[test]
