@@ -247,6 +247,11 @@ impl Candidate {
         self.ttft_ms.max(self.waiting_ms)
     }
 
+    /// Whether its first token is expected within `ttft_ms` and its steps within `tpot_ms`.
+    pub fn in_time(&self, ttft_ms: f64, tpot_ms: f64) -> bool {
+        self.expected_ttft_ms() <= ttft_ms && self.tpot_after_ms <= tpot_ms
+    }
+
     /// What best effort minimises: predicted TTFT plus the eviction it causes.
     pub fn best_effort_ms(&self) -> f64 {
         self.ttft_ms + self.eviction_ms
@@ -631,13 +636,12 @@ impl MarginalUtility {
         let budget = self.config.slo_ttft.as_secs_f64() * 1e3 - request.waited.as_secs_f64() * 1e3;
         let slo_tpot = self.config.slo_tpot.as_secs_f64() * 1e3;
         let in_time_ms = self.config.slo_margin * budget;
-        let can: Vec<&Candidate> =
-            all.iter().copied().filter(|c| c.expected_ttft_ms() <= in_time_ms && c.tpot_after_ms <= slo_tpot).collect();
+        let can: Vec<&Candidate> = all.iter().copied().filter(|c| c.in_time(in_time_ms, slo_tpot)).collect();
         // With today's feasibility test a holder that fits here is feasible already (its test is
         // the whole SLO), so this reads "some worker holds the prefix"; written as the intent, it
         // stays right if the holders' test changes.
         let prefix_held_by_none_in_time = all.iter().any(|c| c.holder) && !can.iter().any(|c| c.holder);
-        let one_already_late = || all.iter().any(|c| c.expected_ttft_ms() > budget || c.tpot_after_ms > slo_tpot);
+        let one_already_late = || all.iter().any(|c| !c.in_time(budget, slo_tpot));
         if prefix_held_by_none_in_time {
             // Late on the worker furthest behind, not on a smaller cold one: what keeps the
             // cold workers fast here is their caches, not their capacity. Behind router
@@ -681,8 +685,7 @@ impl MarginalUtility {
             return None;
         }
         let slo_tpot = self.config.slo_tpot.as_secs_f64() * 1e3;
-        let in_time: Vec<&Candidate> =
-            all.iter().copied().filter(|c| c.expected_ttft_ms() <= budget && c.tpot_after_ms <= slo_tpot).collect();
+        let in_time: Vec<&Candidate> = all.iter().copied().filter(|c| c.in_time(budget, slo_tpot)).collect();
         self.best_by(&in_time, Candidate::best_effort_ms).map(|i| *in_time[i])
     }
 
