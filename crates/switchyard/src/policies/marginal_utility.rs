@@ -237,7 +237,12 @@ pub struct Candidate {
     /// Requests in flight there (the router's count): near-ties go to the fewest.
     pub in_flight: f64,
     /// Its decode throughput (tokens/ms, the model's) at the candidates' mean decoding batch
-    /// of requests this one's length: what the fleet loses when it runs late.
+    /// of requests this one's length: what the fleet loses when it runs late. Not neutral
+    /// evidence once one worker is late: its steps then carry a queue of prefill chunks, its
+    /// fit learns a lower throughput, and it stays the one chosen (prefill-heavy at 1.4x: an
+    /// a100 fitted below an l4, 0.07-0.28 against 0.57-1.09). Ranking by this request's whole
+    /// cost (prefill as well), or by the capacity remembered from while it was in time, fixed
+    /// that case and lost more elsewhere (a worker really slowed kept its old speed; README).
     pub capacity: f64,
 }
 
