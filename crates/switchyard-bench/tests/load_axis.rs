@@ -79,14 +79,28 @@ fn every_grid_crosses_the_knee_and_least_load_passes_below_and_fails_above() {
 /// Goodput of `policy` at `load` × the scenario's knee, summed over seeds 1–3 (4,000 Poisson
 /// arrivals each): single runs this close to the knee swing by ±5 %.
 fn goodput(s: &Scenario, knee: f64, policy: &str, load: f64) -> f64 {
+    goodput_over(s, knee, policy, load, 4000, 1..=3)
+}
+
+/// Goodput of `policy` at `load` × the knee, `requests` arrivals per seed, summed over `seeds`
+/// (each the workload's and the policy's).
+fn goodput_over(
+    s: &Scenario,
+    knee: f64,
+    policy: &str,
+    load: f64,
+    requests: usize,
+    seeds: impl IntoIterator<Item = u64>,
+) -> f64 {
     let fleet = SimWorker::from_scenario(s, None);
     let trace = s.workload.trace().expect("trace");
-    (1..=3)
+    seeds
+        .into_iter()
         .map(|seed| {
-            let specs = s.workload.requests(s.arrival, load * knee, 4000, seed, 0, trace.as_deref());
+            let specs = s.workload.requests(s.arrival, load * knee, requests, seed, 0, trace.as_deref());
             let config = policy_spec::parse(policy, &s.slo, 1.0, seed).expect("policy");
             let report = des::run_open(&fleet, &config, 1, seed, specs, s.fault.as_ref());
-            assert_eq!(report.results.len(), 4000, "every request accounted for");
+            assert_eq!(report.results.len(), requests, "every request accounted for");
             Summary::of(&report.results, &s.slo, fleet.len()).goodput_rps
         })
         .sum()
@@ -122,14 +136,7 @@ fn marginal_utility_keeps_least_loads_goodput_at_the_knee_with_bursty_arrivals()
     // were still in time (0.985×). 20,000 arrivals, as `des` runs it: over 4,000 nobody is late.
     let s = scenario("bursty");
     let knee = des::scenario_knee(&s, None).rate;
-    let fleet = SimWorker::from_scenario(&s, None);
-    let goodput = |policy: &str| {
-        let config = policy_spec::parse(policy, &s.slo, 1.0, s.seed).expect("policy");
-        let specs = s.workload.requests(s.arrival, knee, 20_000, s.seed, 0, None);
-        let report = des::run_open(&fleet, &config, 1, s.seed, specs, None);
-        assert_eq!(report.results.len(), 20_000, "every request accounted for");
-        Summary::of(&report.results, &s.slo, fleet.len()).goodput_rps
-    };
+    let goodput = |policy: &str| goodput_over(&s, knee, policy, 1.0, 20_000, [s.seed]);
     let (lb, mu) = (goodput("load_based"), goodput("marginal_utility"));
     assert!(mu >= 0.98 * lb, "bursty at the knee: marginal_utility {mu:.2} vs load_based {lb:.2}");
 }

@@ -646,7 +646,13 @@ impl MarginalUtility {
         // the whole SLO), so this reads "some worker holds the prefix"; written as the intent, it
         // stays right if the holders' test changes.
         let prefix_held_by_none_in_time = all.iter().any(|c| c.holder) && !can.iter().any(|c| c.holder);
-        let one_already_late = || all.iter().any(|c| !c.in_time(budget, slo_tpot));
+        // Within the whole budget rather than the margin (asked only when nobody is within the
+        // margin); a worker outside it is late already.
+        let in_budget: Vec<&Candidate> = if can.is_empty() {
+            all.iter().copied().filter(|c| c.in_time(budget, slo_tpot)).collect()
+        } else {
+            Vec::new()
+        };
         if prefix_held_by_none_in_time {
             // Late on the worker furthest behind, not on a smaller cold one: what keeps the
             // cold workers fast here is their caches, not their capacity. Behind router
@@ -655,9 +661,9 @@ impl MarginalUtility {
             // against one router's 83.2; 104.3 with this branch.
             self.counters.late.fetch_add(1, Ordering::Relaxed);
             *all[self.best_by(all, |c| -c.expected_ttft_ms()).unwrap_or(0)]
-        } else if let Some(in_time) = can.is_empty().then(|| self.small_in_time(all, request, budget)).flatten() {
+        } else if let Some(in_time) = can.is_empty().then(|| self.small_in_time(&in_budget, request)).flatten() {
             in_time
-        } else if can.is_empty() && one_already_late() {
+        } else if can.is_empty() && in_budget.len() < all.len() {
             self.counters.late.fetch_add(1, Ordering::Relaxed);
             // The worker whose lateness costs the fleet least: the smallest capacity, and
             // among workers alike the one furthest behind (already late, so nobody else
@@ -685,13 +691,11 @@ impl MarginalUtility {
     /// knee, worst 0.963 → 0.983×, geometric mean 1.24 → 1.29×); homogeneous 1.2× 86.6 → 101.2
     /// req/s, heterogeneous 1.2× 63.1 → 74.0, slow-tier 1.6× 77.6 → 85.0. Sending half the late
     /// requests there at random instead gained nothing (geometric mean 1.25×): it is the size.
-    fn small_in_time(&self, all: &[&Candidate], request: &RequestView, budget: f64) -> Option<Candidate> {
+    fn small_in_time(&self, in_budget: &[&Candidate], request: &RequestView) -> Option<Candidate> {
         if self.sizes.relative(request) >= 1.0 {
             return None;
         }
-        let slo_tpot = self.config.slo_tpot.as_secs_f64() * 1e3;
-        let in_time: Vec<&Candidate> = all.iter().copied().filter(|c| c.in_time(budget, slo_tpot)).collect();
-        self.best_by(&in_time, Candidate::best_effort_ms).map(|i| *in_time[i])
+        self.best_by(in_budget, Candidate::best_effort_ms).map(|i| *in_budget[i])
     }
 
     /// No candidate is feasible: `best` under best effort, else hold the request (the router
