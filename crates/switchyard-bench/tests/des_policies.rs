@@ -71,9 +71,10 @@ fn homogeneous_fleet_goodput_within_noise_of_least_load() {
 fn overload_with_shed_answers_what_it_cannot_serve_in_time_and_keeps_the_goodput() {
     // Shedding holds a request in the router and answers 503 once its TTFT SLO can no longer
     // be met: the requests it serves keep a bounded tail. Best effort serves everything, the
-    // late ones on the worker furthest behind, so its goodput over a window is as high (over
-    // these 4,000 arrivals 1.05x shed's since best effort stopped spreading requests at the edge
-    // of the SLO; over 20,000, 0.95x) but that worker's queue grows without bound.
+    // late ones on the worker furthest behind, so its goodput over a window is as high or higher
+    // (over these 4,000 arrivals 1.05x shed's since best effort stopped spreading requests at the
+    // edge of the SLO, 1.11x since both count the wait for a batch slot: shed 112, best effort
+    // 125 req/s) but that worker's queue grows without bound.
     let s = scenario("overload");
     let (lb, _) = run(&s, "load_based", 1.5, 4000);
     let (best_effort, shed_none) = run(&s, "marginal_utility", 1.5, 4000);
@@ -81,7 +82,7 @@ fn overload_with_shed_answers_what_it_cannot_serve_in_time_and_keeps_the_goodput
     assert_eq!(shed_none, 0);
     assert!(n_shed > 0 && shed.errors == n_shed, "shed requests are answered, counted: {n_shed} / {}", shed.errors);
     assert!(
-        shed.goodput_rps > lb.goodput_rps && shed.goodput_rps > 0.9 * best_effort.goodput_rps,
+        shed.goodput_rps > lb.goodput_rps && shed.goodput_rps > 0.85 * best_effort.goodput_rps,
         "shed {} vs load_based {} vs best-effort {}",
         shed.goodput_rps,
         lb.goodput_rps,

@@ -86,6 +86,7 @@ impl RequestView {
             route,
             predicted_cached: selection.predicted_cached,
             policy: "",
+            slot_wait_ms: selection.slot_wait_ms.unwrap_or(0),
         }
     }
 }

@@ -65,8 +65,10 @@ impl Sample {
         let uncached = prompt.saturating_sub(cached);
         // A whole (non-streamed) answer's first byte is its last: its "TTFT" includes the decode.
         let whole_answer = o.window.is_none() && o.usage.completion_tokens.is_some_and(|n| n > 1);
-        let prefill =
-            (!whole_answer).then(|| prefill_features(uncached, o.queued_prefill_ahead, o.in_flight_at_dispatch, ttft));
+        let prefill = (!whole_answer).then(|| {
+            let ttft = without_slot_wait(ttft, o.dispatch.slot_wait_ms);
+            prefill_features(uncached, o.queued_prefill_ahead, o.in_flight_at_dispatch, ttft)
+        });
         let decode = match (o.usage.completion_tokens, o.window) {
             (Some(n), Some(w)) if n >= MIN_DECODE_TOKENS => {
                 let tpot_ms = (o.latency.saturating_sub(ttft)).as_secs_f64() * 1e3 / f64::from(n - 1);
@@ -92,14 +94,21 @@ impl Sample {
     /// estimate of its uncached tokens (the worker's count comes only at the end).
     pub fn from_first_token(f: &FirstTokenOutcome, at: f64) -> Sample {
         let uncached = f.dispatch.uncached_tokens.min(f.dispatch.prompt_tokens);
+        let ttft = without_slot_wait(f.ttft, f.dispatch.slot_wait_ms);
         Sample {
             at,
             decode: None,
-            prefill: Some(prefill_features(uncached, f.queued_prefill_ahead, f.in_flight_at_dispatch, f.ttft)),
+            prefill: Some(prefill_features(uncached, f.queued_prefill_ahead, f.in_flight_at_dispatch, ttft)),
             output_tokens: None,
             cache_hit: None,
         }
     }
+}
+
+/// The TTFT the prefill fit learns: the observed one less the batch-slot wait the policy
+/// predicted for it and adds to the fit's prediction (`DispatchInfo::slot_wait_ms`).
+fn without_slot_wait(ttft: Duration, slot_wait_ms: u32) -> Duration {
+    ttft.saturating_sub(Duration::from_millis(u64::from(slot_wait_ms)))
 }
 
 fn prefill_features(uncached: u32, queued_ahead: u64, in_flight: u64, ttft: Duration) -> ([f64; 4], f64) {
@@ -797,5 +806,34 @@ mod tests {
         let leg =
             Sample::from_outcome(&g.finish_at(Ending::Succeeded, Usage::default(), at(90)), 0.09).expect("sample");
         assert_eq!(leg.prefill.map(|(_, y)| y), Some(90.0));
+    }
+
+    #[test]
+    fn the_fit_learns_ttft_without_the_batch_slot_wait_the_policy_predicted() {
+        use crate::load::{DispatchInfo, Ending, InFlightGuard, Usage};
+        use crate::workers::{Worker, WorkerRole};
+        use tokio::time::Instant;
+        let w = Arc::new(Worker::new("http://127.0.0.1:1".into(), WorkerRole::Regular));
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let usage = Usage { prompt_tokens: Some(1000), cached_tokens: Some(0), completion_tokens: Some(50) };
+        let info = |slot_wait_ms| DispatchInfo {
+            prompt_tokens: 1000,
+            uncached_tokens: 1000,
+            slot_wait_ms,
+            ..Default::default()
+        };
+        // 900 ms to the first token, 700 of them predicted as the wait for a batch slot.
+        let mut g = InFlightGuard::dispatch(w.clone(), info(700), at(0));
+        let first = g.first_token_at(at(900)).expect("first token");
+        assert_eq!(Sample::from_first_token(&first, 0.9).prefill.map(|(_, y)| y), Some(200.0));
+        let end = Sample::from_outcome(&g.finish_at(Ending::Succeeded, usage, at(1900)), 1.9).expect("sample");
+        assert_eq!(end.prefill.map(|(_, y)| y), Some(200.0));
+        // The decode is the engine's whatever the wait before it.
+        assert!(end.decode.is_some_and(|(_, tpot)| (tpot - 1000.0 / 49.0).abs() < 1e-6));
+        // A prediction larger than what was seen leaves zero, never a negative time.
+        let mut g = InFlightGuard::dispatch(w, info(5000), at(0));
+        let first = g.first_token_at(at(900)).expect("first token");
+        assert_eq!(Sample::from_first_token(&first, 0.9).prefill.map(|(_, y)| y), Some(0.0));
     }
 }

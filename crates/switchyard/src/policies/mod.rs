@@ -56,6 +56,9 @@ pub struct Selection {
     /// predicted for any other candidate (the routing audit compares them with what the
     /// worker reports).
     pub predicted_cached: Option<(u32, u32)>,
+    /// How long the policy expects the request to wait there for a batch slot, in ms (see
+    /// [`crate::load::DispatchInfo::slot_wait_ms`]).
+    pub slot_wait_ms: Option<u32>,
 }
 
 impl Selection {
@@ -78,6 +81,7 @@ impl Selection {
             reason: None,
             matched: None,
             predicted_cached: None,
+            slot_wait_ms: None,
         }
     }
 }
