@@ -96,6 +96,10 @@ struct DesArgs {
     /// Directory for results.json, results.md and <scenario>.svg (same format as `compare`).
     #[arg(long)]
     out: Option<String>,
+    /// Also write every request of every run to `<out>/requests-<policy>-<load>.csv` (sent,
+    /// worker, tokens, TTFT, TPOT, whether within the SLOs); `bench/timeline.py` reads it.
+    #[arg(long, requires = "out")]
+    per_request: bool,
 }
 
 fn run_des(a: &DesArgs) -> Result<(), String> {
@@ -157,6 +161,12 @@ fn run_des(a: &DesArgs) -> Result<(), String> {
             );
             if std::env::var_os("SWITCHYARD_DES_DEBUG").is_some() {
                 eprintln!("{}", serde_json::to_string_pretty(&report.policy_state).unwrap_or_default());
+            }
+            if let (true, Some(dir)) = (a.per_request, &a.out) {
+                std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
+                let path = std::path::Path::new(dir).join(report::requests_file(spec, load));
+                std::fs::write(&path, report::requests_csv(&report.results, &s.slo))
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             }
             if workers.len() <= 16 {
                 let share: Vec<String> = summary.worker_share.iter().map(|s| format!("{s:.2}")).collect();

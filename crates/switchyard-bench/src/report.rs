@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use crate::compare::{Results, Run};
+use crate::metrics::{RequestResult, Slo};
 
 fn is_peer(r: &Run) -> bool {
     r.router != "switchyard"
@@ -104,6 +105,41 @@ pub fn write(dir: &std::path::Path, results: &Results, command: &str) -> Result<
     put("results.md".into(), &md)?;
     put(format!("{}.svg", results.scenario), &svg(results))?;
     Ok(md)
+}
+
+/// The file [`requests_csv`] of one run goes to: `requests-<policy>-<load>.csv`, the policy
+/// spec's `/` written `_`.
+pub fn requests_file(policy: &str, load: f64) -> String {
+    format!("requests-{}-{load:.2}.csv", policy.replace(['/', '\\'], "_"))
+}
+
+/// One line per request, in arrival order: when it was sent, where it went, its tokens, its
+/// latencies (seconds; empty where there is none) and whether it met both SLOs. Aggregates hide
+/// *when* and *where* a run went wrong — a worker late from a burst on and never recovering
+/// reads, in a summary, like a fleet a little short of capacity; `bench/timeline.py` turns
+/// this into per-worker windows.
+pub fn requests_csv(results: &[RequestResult], slo: &Slo) -> String {
+    let opt = |x: Option<f64>| x.map(|v| format!("{v:.6}")).unwrap_or_default();
+    let mut out =
+        String::from("sent_s,worker,prompt_tokens,cached_tokens,output_tokens,ttft_s,tpot_s,e2e_s,meets_slo,error\n");
+    for r in results {
+        let _ = writeln!(
+            out,
+            "{:.6},{},{},{},{},{},{},{:.6},{},{}",
+            r.sent_at,
+            r.worker.map(|w| w.to_string()).unwrap_or_default(),
+            r.prompt_tokens,
+            r.cached_tokens,
+            r.output_tokens,
+            opt(r.ttft),
+            opt(r.tpot()),
+            r.e2e,
+            u8::from(r.meets(slo)),
+            // One field: no commas or line breaks from an error's text.
+            r.error.as_deref().unwrap_or("").replace([',', '\n', '\r'], " "),
+        );
+    }
+    out
 }
 
 /// The markdown report; `command` is the command line that produced it.

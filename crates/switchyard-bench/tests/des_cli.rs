@@ -26,3 +26,57 @@ fn the_policy_seed_changes_the_policies_choices_and_nothing_else_is_random() {
     let other = random_policy_run(Some("2"));
     assert_ne!(other, default, "--policy-seed 2 routed exactly as seed 1: {other}");
 }
+
+#[test]
+fn per_request_output_is_the_run_the_results_summarise() {
+    let dir = std::env::temp_dir().join(format!("switchyard-des-per-request-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let scenario = format!("{}/../../bench/scenarios/zipf-mixed.toml", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"))
+        .args(["des", "--scenario", &scenario, "--policy", "marginal_utility/latency", "--load", "1.2"])
+        .args(["--requests", "600", "--per-request", "--out"])
+        .arg(&dir)
+        .output()
+        .expect("run switchyard-bench des");
+    assert!(out.status.success(), "des failed: {}", String::from_utf8_lossy(&out.stderr));
+    let csv = std::fs::read_to_string(dir.join("requests-marginal_utility_latency-1.20.csv")).expect("the CSV");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).expect("results.json")).unwrap();
+    let run = &results["runs"][0];
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some("sent_s,worker,prompt_tokens,cached_tokens,output_tokens,ttft_s,tpot_s,e2e_s,meets_slo,error")
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 600);
+    assert!(rows.iter().all(|r| r.len() == 10), "a row with the wrong number of fields");
+    // In arrival order, and the same requests the summary counted: its SLO attainment and its
+    // per-worker shares, from the rows.
+    let sent: Vec<f64> = rows.iter().map(|r| r[0].parse().unwrap()).collect();
+    assert!(sent.windows(2).all(|w| w[0] <= w[1]), "rows out of arrival order");
+    let met = rows.iter().filter(|r| r[8] == "1").count() as f64 / 600.0;
+    assert!((met - run["slo_attainment"].as_f64().unwrap()).abs() < 1e-9, "{met} vs {}", run["slo_attainment"]);
+    let shares = run["worker_share"].as_array().unwrap();
+    assert_eq!(shares.len(), 4);
+    for (w, share) in shares.iter().enumerate() {
+        let n = rows.iter().filter(|r| r[1] == w.to_string()).count() as f64 / 600.0;
+        assert!((n - share.as_f64().unwrap()).abs() < 1e-9, "worker {w}: {n} vs {share}");
+    }
+    // Prefix traffic: some tokens came from the workers' caches, never more than the prompt.
+    let tokens = |r: &Vec<&str>, i: usize| r[i].parse::<u64>().unwrap();
+    assert!(rows.iter().all(|r| tokens(r, 3) <= tokens(r, 2)));
+    assert!(rows.iter().any(|r| tokens(r, 3) > 0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn per_request_output_needs_a_directory() {
+    let scenario = format!("{}/../../bench/scenarios/homogeneous.toml", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"))
+        .args(["des", "--scenario", &scenario, "--per-request", "--requests", "10"])
+        .output()
+        .expect("run switchyard-bench des");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--out"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Per-worker timeline of one run, from the CSV `switchyard-bench des --per-request` writes.
+
+    switchyard-bench des --scenario bench/scenarios/zipf-mixed.toml --policy marginal_utility \\
+        --load 1.3 --out /tmp/zm --per-request
+    python3 bench/timeline.py /tmp/zm/requests-marginal_utility-1.30.csv [window seconds, 10]
+
+One line per window of arrivals: for each worker, the requests sent there, the share of them
+outside the SLOs ("late"), the share of prompt tokens served from its cache ("hit") and the mean
+TTFT (s). A summary says how a run went; this says when and where: e.g. one worker late from
+the first burst on and never recovering, against a fleet that drains its warm-up queue.
+"""
+
+import csv
+import sys
+from collections import defaultdict
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    window = float(sys.argv[2]) if len(sys.argv) > 2 else 10.0
+    cells = defaultdict(lambda: defaultdict(lambda: [0, 0, 0, 0, 0.0, 0]))
+    with open(sys.argv[1], newline="") as f:
+        for r in csv.DictReader(f):
+            worker = r["worker"] or "-"
+            c = cells[int(float(r["sent_s"]) // window)][worker]
+            c[0] += 1
+            c[1] += r["meets_slo"] != "1"
+            c[2] += int(r["cached_tokens"])
+            c[3] += int(r["prompt_tokens"])
+            if r["ttft_s"]:
+                c[4] += float(r["ttft_s"])
+                c[5] += 1
+    for w in sorted(cells):
+        parts = []
+        for worker, (n, late, cached, prompt, ttft, with_ttft) in sorted(cells[w].items()):
+            hit = cached / prompt if prompt else 0.0
+            mean_ttft = ttft / with_ttft if with_ttft else float("nan")
+            parts.append(f"w{worker}: n {n:4d} late {late / n:.2f} hit {hit:.2f} ttft {mean_ttft:6.2f}")
+        print(f"{w * window:6.0f}s  " + " | ".join(parts))
+
+
+if __name__ == "__main__":
+    main()
