@@ -6,8 +6,10 @@
     python3 bench/timeline.py /tmp/zm/requests-marginal_utility-1.30.csv [window seconds, 10]
 
 One line per window of arrivals: for each worker, the requests sent there, the share of them
-outside the SLOs ("late"), the share of prompt tokens served from its cache ("hit") and the mean
-TTFT (s). A summary says how a run went; this says when and where: e.g. one worker late from
+outside the SLOs ("late"), the share of prompt tokens served from its cache ("hit"), the mean
+TTFT (s) and, where the policy says why it chose (marginal_utility), the share it sent there
+knowing no worker would meet the SLOs ("be", best effort) and the share of late ones it
+predicted in time ("miss": the model was wrong, not the fleet short). A summary says how a run went; this says when and where: e.g. one worker late from
 the first burst on and never recovering, against a fleet that drains its warm-up queue.
 """
 
@@ -20,7 +22,8 @@ def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
     window = float(sys.argv[2]) if len(sys.argv) > 2 else 10.0
-    cells = defaultdict(lambda: defaultdict(lambda: [0, 0, 0, 0, 0.0, 0]))
+    cells = defaultdict(lambda: defaultdict(lambda: [0, 0, 0, 0, 0.0, 0, 0, 0]))
+    reasons = False
     with open(sys.argv[1], newline="") as f:
         for r in csv.DictReader(f):
             worker = r["worker"] or "-"
@@ -32,12 +35,19 @@ def main():
             if r["ttft_s"]:
                 c[4] += float(r["ttft_s"])
                 c[5] += 1
+            reason = r.get("reason") or ""
+            reasons = reasons or bool(reason)
+            c[6] += reason.startswith("best_effort")
+            c[7] += r["meets_slo"] != "1" and reason.startswith("feasible")
     for w in sorted(cells):
         parts = []
-        for worker, (n, late, cached, prompt, ttft, with_ttft) in sorted(cells[w].items()):
+        for worker, (n, late, cached, prompt, ttft, with_ttft, be, miss) in sorted(cells[w].items()):
             hit = cached / prompt if prompt else 0.0
             mean_ttft = ttft / with_ttft if with_ttft else float("nan")
-            parts.append(f"w{worker}: n {n:4d} late {late / n:.2f} hit {hit:.2f} ttft {mean_ttft:6.2f}")
+            part = f"w{worker}: n {n:4d} late {late / n:.2f} hit {hit:.2f} ttft {mean_ttft:6.2f}"
+            if reasons:
+                part += f" be {be / n:.2f} miss {miss / late if late else 0.0:.2f}"
+            parts.append(part)
         print(f"{w * window:6.0f}s  " + " | ".join(parts))
 
 

@@ -374,6 +374,8 @@ impl Simulation {
         };
         let req = SimRequest { prompt, output_tokens: self.specs[i].output_tokens.max(1) };
         self.results[i].worker = Some(w);
+        self.results[i].predicted_ttft_ms = selection.predicted_ttft_ms;
+        self.results[i].reason = selection.reason;
         match self.engines[w].submit(req) {
             Ok(id) => {
                 self.open.insert((w, id), (i, Open { guard: Some(guard), last_token: t }));

@@ -26,6 +26,10 @@ pub struct RequestResult {
     pub error: Option<String>,
     /// Worker index that served it, where known (simulation).
     pub worker: Option<usize>,
+    /// The policy's predicted TTFT for it (ms), where the policy predicts one (simulation).
+    pub predicted_ttft_ms: Option<u32>,
+    /// Why the policy chose that worker, where it says (simulation).
+    pub reason: Option<&'static str>,
 }
 
 impl RequestResult {

@@ -121,11 +121,11 @@ pub fn requests_file(policy: &str, load: f64) -> String {
 pub fn requests_csv(results: &[RequestResult], slo: &Slo) -> String {
     let opt = |x: Option<f64>| x.map(|v| format!("{v:.6}")).unwrap_or_default();
     let mut out =
-        String::from("sent_s,worker,prompt_tokens,cached_tokens,output_tokens,ttft_s,tpot_s,e2e_s,meets_slo,error\n");
+        String::from("sent_s,worker,prompt_tokens,cached_tokens,output_tokens,ttft_s,tpot_s,e2e_s,meets_slo,predicted_ttft_s,reason,error\n");
     for r in results {
         let _ = writeln!(
             out,
-            "{:.6},{},{},{},{},{},{},{:.6},{},{}",
+            "{:.6},{},{},{},{},{},{},{:.6},{},{},{},{}",
             r.sent_at,
             r.worker.map(|w| w.to_string()).unwrap_or_default(),
             r.prompt_tokens,
@@ -135,6 +135,8 @@ pub fn requests_csv(results: &[RequestResult], slo: &Slo) -> String {
             opt(r.tpot()),
             r.e2e,
             u8::from(r.meets(slo)),
+            opt(r.predicted_ttft_ms.map(|ms| f64::from(ms) / 1e3)),
+            r.reason.unwrap_or(""),
             // One field: no commas or line breaks from an error's text.
             r.error.as_deref().unwrap_or("").replace([',', '\n', '\r'], " "),
         );

@@ -33,24 +33,26 @@ fn per_request_output_is_the_run_the_results_summarise() {
     let _ = std::fs::remove_dir_all(&dir);
     let scenario = format!("{}/../../bench/scenarios/zipf-mixed.toml", env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"))
-        .args(["des", "--scenario", &scenario, "--policy", "marginal_utility/latency", "--load", "1.2"])
+        .args(["des", "--scenario", &scenario, "--policy", "marginal_utility", "--load", "1.2"])
         .args(["--requests", "600", "--per-request", "--out"])
         .arg(&dir)
         .output()
         .expect("run switchyard-bench des");
     assert!(out.status.success(), "des failed: {}", String::from_utf8_lossy(&out.stderr));
-    let csv = std::fs::read_to_string(dir.join("requests-marginal_utility_latency-1.20.csv")).expect("the CSV");
+    let csv = std::fs::read_to_string(dir.join("requests-marginal_utility-1.20.csv")).expect("the CSV");
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).expect("results.json")).unwrap();
     let run = &results["runs"][0];
     let mut lines = csv.lines();
     assert_eq!(
         lines.next(),
-        Some("sent_s,worker,prompt_tokens,cached_tokens,output_tokens,ttft_s,tpot_s,e2e_s,meets_slo,error")
+        Some(
+            "sent_s,worker,prompt_tokens,cached_tokens,output_tokens,ttft_s,tpot_s,e2e_s,meets_slo,predicted_ttft_s,reason,error"
+        )
     );
     let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
     assert_eq!(rows.len(), 600);
-    assert!(rows.iter().all(|r| r.len() == 10), "a row with the wrong number of fields");
+    assert!(rows.iter().all(|r| r.len() == 12), "a row with the wrong number of fields");
     // In arrival order, and the same requests the summary counted: its SLO attainment and its
     // per-worker shares, from the rows.
     let sent: Vec<f64> = rows.iter().map(|r| r[0].parse().unwrap()).collect();
@@ -67,6 +69,15 @@ fn per_request_output_is_the_run_the_results_summarise() {
     let tokens = |r: &Vec<&str>, i: usize| r[i].parse::<u64>().unwrap();
     assert!(rows.iter().all(|r| tokens(r, 3) <= tokens(r, 2)));
     assert!(rows.iter().any(|r| tokens(r, 3) > 0));
+    // Each dispatched request carries the policy's prediction and reason, in the policy's words:
+    // past the knee some go where no worker was feasible, and then the reason names the rule.
+    for r in rows.iter().filter(|r| !r[1].is_empty()) {
+        let predicted: f64 = r[9].parse().unwrap_or_else(|_| panic!("no predicted TTFT in {r:?}"));
+        assert!(predicted >= 0.0);
+        assert!(r[10].starts_with("feasible") || r[10].starts_with("best_effort_"), "reason {:?}", r[10]);
+    }
+    assert!(rows.iter().any(|r| r[10].starts_with("feasible")));
+    assert!(rows.iter().any(|r| r[10] == "best_effort_late_furthest_behind"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -283,6 +283,9 @@ pub struct Candidate {
     /// Its cache's recent hit rate (cached / prompt tokens, the model's EWMA; 0 where workers
     /// do not report cached tokens).
     pub hit_rate: f64,
+    /// Which rule chose it when no worker was feasible (best effort's branch); the trace's reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_effort: Option<&'static str>,
 }
 
 impl Candidate {
@@ -301,6 +304,11 @@ impl Candidate {
         self.ttft_ms + self.eviction_ms
     }
 
+    /// This candidate, chosen by best effort's rule `why`.
+    fn because(&self, why: &'static str) -> Candidate {
+        Candidate { best_effort: Some(why), ..*self }
+    }
+
     /// Own cost plus externality plus eviction.
     pub fn cost(&self) -> f64 {
         self.own_ms + self.externality_ms + self.eviction_ms
@@ -316,7 +324,7 @@ impl Candidate {
             reason: Some(match (self.feasible, self.holder) {
                 (true, true) => "feasible_prefix_holder",
                 (true, false) => "feasible",
-                (false, _) => "best_effort",
+                (false, _) => self.best_effort.unwrap_or("best_effort"),
             }),
             matched: None,
             predicted_cached: None,
@@ -582,6 +590,7 @@ impl MarginalUtility {
             capacity: pred.throughput_at(shared_batch, prompt + out / 2.0),
             slot_wait_ms: slot_wait,
             hit_rate: w.hit_rate,
+            best_effort: None,
         }
     }
 
@@ -716,11 +725,13 @@ impl MarginalUtility {
             let victim = *all[self.best_by(all, |c| -c.expected_ttft_ms()).unwrap_or(0)];
             let holders: Vec<&Candidate> = all.iter().copied().filter(|c| c.holder).collect();
             match self.best_by(&holders, |c| -c.expected_ttft_ms()).map(|i| *holders[i]) {
-                Some(holder) if !victim.holder && victim.hit_rate + VICTIM_HIT_GAP < holder.hit_rate => holder,
-                _ => victim,
+                Some(holder) if !victim.holder && victim.hit_rate + VICTIM_HIT_GAP < holder.hit_rate => {
+                    holder.because("best_effort_late_on_holder")
+                }
+                _ => victim.because("best_effort_late_furthest_behind"),
             }
         } else if let Some(in_time) = can.is_empty().then(|| self.small_in_time(&in_budget, request)).flatten() {
-            in_time
+            in_time.because("best_effort_small_in_time")
         } else if can.is_empty() && in_budget.len() < all.len() {
             self.counters.late.fetch_add(1, Ordering::Relaxed);
             // The worker whose lateness costs the fleet least: the smallest capacity, and
@@ -730,11 +741,15 @@ impl MarginalUtility {
             let alike = least * (1.0 + VICTIM_CAPACITY_TIE);
             let smallest: Vec<&Candidate> = all.iter().copied().filter(|c| c.capacity <= alike).collect();
             let pool = if smallest.is_empty() { all } else { &smallest[..] };
-            *pool[self.best_by(pool, |c| -c.expected_ttft_ms()).unwrap_or(0)]
+            pool[self.best_by(pool, |c| -c.expected_ttft_ms()).unwrap_or(0)].because("best_effort_late_smallest")
         } else {
             // In time somewhere, or a burst that has made nobody late yet.
-            let pool = if can.is_empty() { all } else { &can[..] };
-            *pool[self.best_by(pool, Candidate::best_effort_ms).unwrap_or(0)]
+            let (pool, why) = if can.is_empty() {
+                (all, "best_effort_burst_soonest")
+            } else {
+                (&can[..], "best_effort_in_margin_soonest")
+            };
+            pool[self.best_by(pool, Candidate::best_effort_ms).unwrap_or(0)].because(why)
         }
     }
 
@@ -1112,6 +1127,7 @@ mod tests {
             capacity: 100.0,
             slot_wait_ms: 0.0,
             hit_rate: 0.0,
+            best_effort: None,
         }
     }
 
@@ -1159,6 +1175,10 @@ mod tests {
             hits(infeasible(2, 900.0, false), 0.6),
         ];
         assert_eq!(chosen(&thrashing), 0);
+        // The trace names the rule that chose.
+        let reason = |set: &[Candidate]| p.choose(set, &view).unwrap().selection().reason;
+        assert_eq!(reason(&thrashing), Some("best_effort_late_on_holder"));
+        assert_eq!(reason(&held), Some("best_effort_late_furthest_behind"));
         // Within the gap it is still the worker furthest behind; and when that worker holds
         // the prefix too, it stays there whatever its cache.
         let caching = [
@@ -1173,7 +1193,7 @@ mod tests {
         // A holder that can serve it in time still gets it.
         let evicting = Candidate { eviction_ms: 100.0, ..infeasible(1, 150.0, false) };
         assert_eq!(chosen(&[infeasible(0, 180.0, true), evicting, infeasible(2, 900.0, false)]), 0);
-        assert_eq!(p.counters.late.load(Ordering::Relaxed), 9);
+        assert_eq!(p.counters.late.load(Ordering::Relaxed), 11);
     }
 
     #[test]
