@@ -208,6 +208,7 @@ mod tests {
             output_tokens: tokens,
             error: None,
             worker: Some(0),
+            ..Default::default()
         }
     }
 
