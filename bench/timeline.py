@@ -7,15 +7,19 @@
 
 One line per window of arrivals: for each worker, the requests sent there, the share of them
 outside the SLOs ("late"), the share of prompt tokens served from its cache ("hit"), the mean
-TTFT (s) and, where the policy says why it chose (marginal_utility), the share it sent there
-knowing no worker would meet the SLOs ("be", best effort) and the share of late ones it
-predicted in time ("miss": the model was wrong, not the fleet short). A summary says how a run went; this says when and where: e.g. one worker late from
-the first burst on and never recovering, against a fleet that drains its warm-up queue.
+TTFT (s) and, where the policy says why it chose (marginal_utility's `reason`), the share sent
+there by best effort, no worker being feasible ("be"), and the share of the late ones sent by a
+rule that expected them in time ("miss": the model was wrong, not the fleet short). A summary
+says how a run went; this says when and where: e.g. one worker late from the first burst on and
+never recovering, against a fleet that drains its warm-up queue.
 """
 
 import csv
 import sys
 from collections import defaultdict
+
+# Reasons under which the policy expected the first token within the SLO.
+IN_TIME = ("feasible", "best_effort_in_margin_soonest", "best_effort_small_in_time")
 
 
 def main():
@@ -38,7 +42,7 @@ def main():
             reason = r.get("reason") or ""
             reasons = reasons or bool(reason)
             c[6] += reason.startswith("best_effort")
-            c[7] += r["meets_slo"] != "1" and reason.startswith("feasible")
+            c[7] += r["meets_slo"] != "1" and reason.startswith(IN_TIME)
     for w in sorted(cells):
         parts = []
         for worker, (n, late, cached, prompt, ttft, with_ttft, be, miss) in sorted(cells[w].items()):
