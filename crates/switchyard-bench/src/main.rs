@@ -97,7 +97,8 @@ struct DesArgs {
     #[arg(long)]
     out: Option<String>,
     /// Also write every request of every run to `<out>/requests-<policy>-<load>.csv` (sent,
-    /// worker, tokens, TTFT, TPOT, whether within the SLOs); `bench/timeline.py` reads it.
+    /// worker, tokens, TTFT, TPOT, whether within the SLOs, the policy's predicted TTFT and its
+    /// reason); `bench/timeline.py` reads it.
     #[arg(long, requires = "out")]
     per_request: bool,
 }
