@@ -68,7 +68,8 @@ struct DesArgs {
     #[arg(long)]
     scenario: String,
     /// Policies, comma separated: a switchyard policy name, optionally
-    /// `/objective/estimator/overload` (e.g. `marginal_utility/latency`).
+    /// `/objective/estimator/overload`, `/dN` (score N sampled workers), `/hmX` (holder margin X)
+    /// or `/others` (count other routers' requests), e.g. `marginal_utility/latency`.
     #[arg(long, value_delimiter = ',', default_value = "marginal_utility")]
     policy: Vec<String>,
     /// Workers (the scenario's fleet repeated); default: the scenario's fleet.

@@ -12,9 +12,16 @@ use crate::metrics::Slo;
 
 /// The spec setting for `--mu-count-other-routers`.
 const OTHERS: &str = "others";
+/// The spec setting for `--mu-holder-margin X`: `hmX`.
+const HOLDER_MARGIN: &str = "hm";
 
-/// Parses `name[/objective][/estimator][/overload][/dN][/others]` (`dN`: score N sampled
-/// workers; `others`: count other routers' requests) into a policy config with `slo` (in the
+/// The holder margin a spec part names (`hm0.6`), when it is one and in (0, 1].
+fn holder_margin(part: &str) -> Option<f64> {
+    part.strip_prefix(HOLDER_MARGIN)?.parse().ok().filter(|m| *m > 0.0 && *m <= 1.0)
+}
+
+/// Parses `name[/objective][/estimator][/overload][/dN][/hmX][/others]` (`dN`: score N sampled
+/// workers; `hmX`: holder margin X; `others`: count other routers' requests) into a policy config with `slo` (in the
 /// time units the policy will observe) and `seed`.
 pub fn parse(spec: &str, slo: &Slo, time_scale: f64, seed: u64) -> Result<PolicyConfig, String> {
     let mut parts = spec.split('/');
@@ -36,6 +43,8 @@ pub fn parse(spec: &str, slo: &Slo, time_scale: f64, seed: u64) -> Result<Policy
                 c.overload = o;
             } else if p == OTHERS {
                 c.count_other_routers = true;
+            } else if let Some(m) = holder_margin(p) {
+                c.holder_margin = m;
             } else if let Some(d) = p.strip_prefix('d').and_then(|d| d.parse().ok()) {
                 c.candidates = d;
             } else {
@@ -61,6 +70,8 @@ pub fn flags(spec: &str) -> Vec<String> {
             out.extend(["--mu-overload".to_owned(), p.to_owned()]);
         } else if p == OTHERS {
             out.push("--mu-count-other-routers".to_owned());
+        } else if let Some(m) = holder_margin(p) {
+            out.extend(["--mu-holder-margin".to_owned(), m.to_string()]);
         } else if let Some(d) = p.strip_prefix('d').filter(|d| d.parse::<usize>().is_ok()) {
             out.extend(["--mu-candidates".to_owned(), d.to_owned()]);
         }
@@ -96,5 +107,11 @@ mod tests {
         };
         assert!(c.count_other_routers);
         assert_eq!(flags("marginal_utility/others")[2..], ["--mu-count-other-routers"]);
+        let PolicyConfig::MarginalUtility(c) = parse("marginal_utility/hm0.6", &slo, 1.0, 1).unwrap() else {
+            panic!("mu")
+        };
+        assert_eq!(c.holder_margin, 0.6);
+        assert_eq!(flags("marginal_utility/hm0.6")[2..], ["--mu-holder-margin", "0.6"]);
+        assert!(parse("marginal_utility/hm1.5", &slo, 1.0, 1).is_err());
     }
 }

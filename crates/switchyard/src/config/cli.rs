@@ -156,6 +156,11 @@ pub struct Args {
     /// marginal_utility: share of the SLOs a worker without the request's prefix must stay under.
     #[arg(long, default_value_t = 0.5, value_parser = unit_interval)]
     pub mu_slo_margin: f64,
+    /// marginal_utility: share of the TTFT SLO a worker holding the request's prefix must stay
+    /// under (1: the whole SLO; below 1 spills prefix groups from holders near the edge, which
+    /// pays past the knee on traffic sharing system prompts and costs conversations).
+    #[arg(long, default_value_t = 1.0, value_parser = unit_interval)]
+    pub mu_holder_margin: f64,
     /// marginal_utility: when no worker can meet the SLOs: best-effort, queue, or shed (503).
     #[arg(long, value_enum, default_value_t = Overload::BestEffort)]
     pub mu_overload: Overload,
@@ -508,6 +513,7 @@ impl Args {
                 slo_ttft: Duration::from_secs_f64(self.slo_ttft_ms / 1e3),
                 slo_tpot: Duration::from_secs_f64(self.slo_tpot_ms / 1e3),
                 slo_margin: self.mu_slo_margin,
+                holder_margin: self.mu_holder_margin,
                 overload: self.mu_overload,
                 tie_tolerance: self.mu_tie_tolerance,
                 candidates: self.mu_candidates,
@@ -912,6 +918,12 @@ mod tests {
         };
         assert!(!mu(&["switchyard", "--policy", "marginal_utility"]).count_other_routers);
         assert!(mu(&["switchyard", "--policy", "marginal_utility", "--mu-count-other-routers"]).count_other_routers);
+        assert_eq!(mu(&["switchyard", "--policy", "marginal_utility"]).holder_margin, 1.0);
+        assert_eq!(mu(&["switchyard", "--policy", "marginal_utility", "--mu-holder-margin", "0.6"]).holder_margin, 0.6);
+        assert!(matches!(
+            parse_args(["switchyard", "--policy", "marginal_utility", "--mu-holder-margin", "1.5"]),
+            ParseOutcome::Fail(e) if e.contains("between 0 and 1")
+        ));
     }
 
     #[test]
