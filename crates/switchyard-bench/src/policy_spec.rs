@@ -15,14 +15,14 @@ const OTHERS: &str = "others";
 /// The spec setting for `--mu-holder-margin X`: `hmX`.
 const HOLDER_MARGIN: &str = "hm";
 
-/// The holder margin a spec part names (`hm0.6`), when it is one and in (0, 1].
+/// The holder margin a spec part names (`hm0.6`), when it is one and in [0, 1] (the flag's range).
 fn holder_margin(part: &str) -> Option<f64> {
-    part.strip_prefix(HOLDER_MARGIN)?.parse().ok().filter(|m| *m > 0.0 && *m <= 1.0)
+    part.strip_prefix(HOLDER_MARGIN)?.parse().ok().filter(|m| (0.0..=1.0).contains(m))
 }
 
 /// Parses `name[/objective][/estimator][/overload][/dN][/hmX][/others]` (`dN`: score N sampled
-/// workers; `hmX`: holder margin X; `others`: count other routers' requests) into a policy config with `slo` (in the
-/// time units the policy will observe) and `seed`.
+/// workers; `hmX`: holder margin X; `others`: count other routers' requests) into a policy
+/// config with `slo` (in the time units the policy will observe) and `seed`.
 pub fn parse(spec: &str, slo: &Slo, time_scale: f64, seed: u64) -> Result<PolicyConfig, String> {
     let mut parts = spec.split('/');
     let name = parts.next().unwrap_or_default();
