@@ -3,6 +3,10 @@
 # regular-mode scenario, in the discrete-event simulation: the router's own policy objects on
 # the simulator's model in virtual time. Deterministic for the scenarios' seeds.
 #   bench/des_all.sh [requests per load, default 20000]
+# OUT=DIR writes elsewhere than bench-results/des and POLICIES=a,b,... runs those only (a
+# longer-window check beside the table: `OUT=bench-results/des-long POLICIES=random,round_robin,
+# power_of_two,load_based,cache_aware,consistent_hash,marginal_utility MULTI_TURN_REQUESTS=6000
+# bench/des_all.sh 60000`, README).
 # 20,000 requests per level (the `des` default): past the knee shorter windows are mostly the
 # transient before queues reach their steady state, in which a policy that lets every queue
 # grow (random) still looks good (zipf-prefix at 1.4x: random 150.9 req/s over 6,000 requests,
@@ -14,8 +18,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-20000}
+OUT=${OUT:-bench-results/des}
 cargo build --release --quiet -p switchyard-bench
-POLICIES=random,round_robin,power_of_two,load_based,cache_aware,consistent_hash,marginal_utility,marginal_utility/latency,marginal_utility/throughput,marginal_utility/slo/difference
+POLICIES=${POLICIES:-random,round_robin,power_of_two,load_based,cache_aware,consistent_hash,marginal_utility,marginal_utility/latency,marginal_utility/throughput,marginal_utility/slo/difference}
 for f in bench/scenarios/*.toml; do
   name=$(basename "$f" .toml)
   [ "$name" = pd ] && continue   # the DES runs regular fleets only; pd is measured live
@@ -24,5 +29,5 @@ for f in bench/scenarios/*.toml; do
   n=$N
   [ "$name" = multi-turn ] && n=${MULTI_TURN_REQUESTS:-2000}
   ./target/release/switchyard-bench des --scenario "$f" --policy "$POLICIES$extra" --requests "$n" \
-    --out "bench-results/des/$name" | sed -n '/^### /,$p'
+    --out "$OUT/$name" | sed -n '/^### /,$p'
 done
