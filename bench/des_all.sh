@@ -6,7 +6,8 @@
 # OUT=DIR writes elsewhere than bench-results/des and POLICIES=a,b,... runs those only (a
 # longer-window check beside the table: `OUT=bench-results/des-long POLICIES=random,round_robin,
 # power_of_two,load_based,cache_aware,consistent_hash,marginal_utility MULTI_TURN_REQUESTS=6000
-# bench/des_all.sh 60000`, README).
+# bench/des_all.sh 60000`, README). REPLICAS=R puts R router replicas in front of the fleet
+# (`des --replicas`), CACHE_VIEW=text|tokens|events sets what they see of the caches.
 # 20,000 requests per level (the `des` default): past the knee shorter windows are mostly the
 # transient before queues reach their steady state, in which a policy that lets every queue
 # grow (random) still looks good (zipf-prefix at 1.4x: random 150.9 req/s over 6,000 requests,
@@ -29,5 +30,5 @@ for f in bench/scenarios/*.toml; do
   n=$N
   [ "$name" = multi-turn ] && n=${MULTI_TURN_REQUESTS:-2000}
   ./target/release/switchyard-bench des --scenario "$f" --policy "$POLICIES$extra" --requests "$n" \
-    --out "$OUT/$name" | sed -n '/^### /,$p'
+    --replicas "${REPLICAS:-1}" --cache-view "${CACHE_VIEW:-text}" --out "$OUT/$name" | sed -n '/^### /,$p'
 done
