@@ -13,7 +13,7 @@
 # grow (random) still looks good (zipf-prefix at 1.4x: random 150.9 req/s over 6,000 requests,
 # 62.6 over 50,000). Mooncake's trace-timed levels run its 2,000-request knee window (past it
 # the trace's bursts saturate every policy). About 50 min on one core.
-# Writes bench-results/des/<scenario>/{results.json,results.md,<scenario>.svg} and prints the
+# Writes $OUT/<scenario>/{results.json,results.md,<scenario>.svg} (OUT default bench-results/des) and prints the
 # tables; `python3 bench/mu_vs_best.py bench-results/des` then gives marginal_utility's ratio
 # to the best other policy at every load.
 set -euo pipefail
@@ -26,7 +26,8 @@ for f in bench/scenarios/*.toml; do
   name=$(basename "$f" .toml)
   [ "$name" = pd ] && continue   # the DES runs regular fleets only; pd is measured live
   extra=""
-  [ "$name" = overload ] && extra=",marginal_utility/shed"
+  # shed is a marginal_utility mode: only beside it, not in a POLICIES set without it
+  [ "$name" = overload ] && [[ ",$POLICIES," == *",marginal_utility,"* ]] && extra=",marginal_utility/shed"
   n=$N
   [ "$name" = multi-turn ] && n=${MULTI_TURN_REQUESTS:-2000}
   ./target/release/switchyard-bench des --scenario "$f" --policy "$POLICIES$extra" --requests "$n" \
