@@ -105,13 +105,13 @@ async fn gaps_are_replayed_or_rebuilt_and_restarts_clear_the_view() {
     // Worker 1's engine restarts: numbering starts over and the view is cleared.
     with_replay.restart();
     with_replay.publish(batch(vec![stored(&[9], None, 5000)]));
-    wait_for(&url, &w1.url(), "restart seen", |v| v["restarts"] == 1).await;
+    wait_for(&url, &w1.url(), "restart seen", |v| v["restarts"] == 1 && v["last_seq"] == 0).await;
     let v = view(&url, &w1.url()).await;
     assert_eq!((v["blocks"].as_u64(), v["last_seq"].as_i64()), (Some(1), Some(0)), "{v}");
 
     // A batch that is not msgpack clears the view too (counted, never a panic).
     with_replay.publish(b"\xc1 not msgpack".to_vec());
-    wait_for(&url, &w1.url(), "malformed seen", |v| v["malformed"] == 1).await;
+    wait_for(&url, &w1.url(), "malformed seen", |v| v["malformed"] == 1 && v["last_seq"] == 1).await;
     assert_eq!(view(&url, &w1.url()).await["blocks"], 0);
 
     let metrics = String::from_utf8_lossy(&get(&format!("{url}/metrics")).await.body).into_owned();

@@ -287,6 +287,8 @@ impl KvEvents {
             .values()
             .map(|s| {
                 let st = &s.stats;
+                // Read first: every field below then reflects at least the batches up to it.
+                let last_seq = st.last_seq.load(Ordering::Acquire);
                 serde_json::json!({
                     "worker": s.url,
                     "endpoint": s.endpoints.events,
@@ -296,7 +298,7 @@ impl KvEvents {
                     "blocks": s.blocks.blocks(),
                     "pending_blocks": s.blocks.pending_blocks(),
                     "block_size": s.blocks.block_size(),
-                    "last_seq": st.last_seq.load(Ordering::Relaxed),
+                    "last_seq": last_seq,
                     "batches": st.batches.load(Ordering::Relaxed),
                     "gaps_replayed": st.gaps_replayed.load(Ordering::Relaxed),
                     "gaps_cold": st.gaps_cold.load(Ordering::Relaxed),

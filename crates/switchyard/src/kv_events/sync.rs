@@ -196,8 +196,9 @@ async fn repair(f: &Follow, from: u64, to: u64) -> bool {
     exact
 }
 
+/// Applies one batch, then publishes its sequence number: a reader that sees `last_seq` at `n`
+/// (Acquire) also sees every block change up to batch `n`.
 fn apply(f: &Follow, msg: &Published) {
-    f.stats.last_seq.store(msg.seq as i64, Ordering::Relaxed);
     match EventBatch::decode(&msg.payload) {
         Ok(batch) => {
             let other_rank = matches!((batch.data_parallel_rank, f.dp_rank), (Some(b), Some(w)) if b != i64::from(w));
@@ -214,4 +215,5 @@ fn apply(f: &Follow, msg: &Published) {
             f.blocks.clear();
         }
     }
+    f.stats.last_seq.store(msg.seq as i64, Ordering::Release);
 }
