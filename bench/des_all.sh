@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every switchyard policy (marginal_utility with each objective and both estimators) on every
-# regular-mode scenario, in the discrete-event simulation: the router's own policy objects on
+# scenario (pd's prefill/decode fleet included), in the discrete-event simulation: the router's own policy objects on
 # the simulator's model in virtual time. Deterministic for the scenarios' seeds.
 #   bench/des_all.sh [requests per load, default 20000]
 # OUT=DIR writes elsewhere than bench-results/des and POLICIES=a,b,... runs those only (a
@@ -24,7 +24,6 @@ cargo build --release --quiet -p switchyard-bench
 POLICIES=${POLICIES:-random,round_robin,power_of_two,load_based,cache_aware,consistent_hash,marginal_utility,marginal_utility/latency,marginal_utility/throughput,marginal_utility/slo/difference}
 for f in bench/scenarios/*.toml; do
   name=$(basename "$f" .toml)
-  [ "$name" = pd ] && continue   # the DES runs regular fleets only; pd is measured live
   extra=""
   # shed is a marginal_utility mode: only beside it, not in a POLICIES set without it
   [ "$name" = overload ] && [[ ",$POLICIES," == *",marginal_utility,"* ]] && extra=",marginal_utility/shed"

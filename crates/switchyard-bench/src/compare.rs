@@ -523,7 +523,7 @@ async fn compare(args: &CompareArgs) -> Result<(), String> {
     let mut ceiling = None;
     let capacity = match args.capacity {
         Some(c) => c,
-        None if !args.live_capacity && !s.is_pd() => {
+        None if !args.live_capacity => {
             let started = std::time::Instant::now();
             let knee = crate::des::scenario_knee(&s, trace.as_deref());
             eprintln!(
@@ -569,10 +569,9 @@ async fn compare(args: &CompareArgs) -> Result<(), String> {
     let per_level: Vec<usize> = s
         .loads
         .iter()
-        .map(|&load| match (args.requests, s.is_pd()) {
-            (Some(n), _) => n,
-            (None, true) => s.requests,
-            (None, false) => crate::des::steady_requests(&s, load * capacity, trace.as_deref()),
+        .map(|&load| match args.requests {
+            Some(n) => n,
+            None => crate::des::steady_requests(&s, load * capacity, trace.as_deref()),
         })
         .collect();
     eprintln!("requests per level: {per_level:?}");

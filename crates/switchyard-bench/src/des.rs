@@ -5,6 +5,11 @@
 //! Virtual time maps onto `tokio::time::Instant`s as `base + t`, which is all the guards and
 //! the policies' estimators need. Several router replicas can share one fleet, each with
 //! its own policy and its own view of the workers (the stale-view study).
+//!
+//! A fleet split into prefill and decode workers runs as the router runs it: the policy picks
+//! a pair (`select_pair`), both legs hold a guard from dispatch on, the prefill worker computes
+//! the prompt and one token, the KV crosses the link (the simulator's transfer time), and the
+//! decode worker, which computes no prefill, streams the answer.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -13,12 +18,13 @@ use std::time::Duration;
 
 use switchyard::kv_events::{BlockBudget, WorkerBlocks};
 use switchyard::load::{Ending, FirstTokenOutcome, GuardObserver, InFlightGuard, ReportedLoad, RequestOutcome, Usage};
-use switchyard::policies::{build, PolicyConfig, Report, RoutingError, RoutingPolicy};
+use switchyard::policies::{build, PolicyConfig, Report, RoutingError, RoutingPolicy, Selection};
 use switchyard::request::{RequestView, RoutingText};
 use switchyard::routers::hold::{Asked, Hold, HoldQueue};
 use switchyard::workers::{Worker, WorkerRole};
 use switchyard_sim::model::tokenizer::tokenize;
 use switchyard_sim::model::{Engine, EngineEvent, Profile, RequestId, SimRequest};
+use switchyard_sim::server::pd::transfer_seconds;
 use tokio::time::Instant;
 
 use crate::metrics::RequestResult;
@@ -45,6 +51,8 @@ pub struct SimWorker {
     pub profile: Profile,
     /// Speed factor.
     pub speed: f64,
+    /// Whole requests, or one side of a prefill/decode split.
+    pub role: WorkerRole,
 }
 
 impl SimWorker {
@@ -58,7 +66,12 @@ impl SimWorker {
                 if let Some(kv) = g.kv_capacity_tokens {
                     profile.kv_capacity_tokens = kv;
                 }
-                SimWorker { profile, speed: g.speed }
+                let role = match g.role.as_str() {
+                    "prefill" => WorkerRole::Prefill { bootstrap_port: None },
+                    "decode" => WorkerRole::Decode,
+                    _ => WorkerRole::Regular,
+                };
+                SimWorker { profile, speed: g.speed, role }
             })
             .collect();
         let n = n.unwrap_or(base.len());
@@ -113,6 +126,8 @@ impl Ord for Time {
 enum Event {
     Arrival(usize),
     StepDone(usize),
+    /// A prefill leg's KV reached its decode worker (the key into `Simulation::transfers`).
+    Transferred(u64),
     Recheck,
     Slowdown(usize, u64),
     Poll,
@@ -126,6 +141,9 @@ const POLL_INTERVAL: f64 = 1.0;
 struct Replica {
     policy: Arc<dyn RoutingPolicy>,
     workers: Vec<Arc<Worker>>,
+    /// In a PD fleet, the same workers split by role (what `select_pair` is given).
+    prefill: Vec<Arc<Worker>>,
+    decode: Vec<Arc<Worker>>,
     observer: Arc<dyn GuardObserver>,
     hold: Arc<HoldQueue>,
 }
@@ -146,11 +164,27 @@ impl GuardObserver for PolicyObserver {
 struct Open {
     guard: Option<InFlightGuard>,
     last_token: f64,
+    /// On a prefill leg: where its request decodes once the KV is there.
+    handoff: Option<Handoff>,
+}
+
+/// A PD request's decode leg, claimed at dispatch (the router sends both legs at once).
+struct Handoff {
+    engine: usize,
+    guard: InFlightGuard,
+    prompt: Vec<u32>,
 }
 
 /// Runs `source` on `workers` with one policy per router replica built from `policy`.
 pub struct Simulation {
     engines: Vec<Engine>,
+    /// In a PD fleet, the prefill and the decode engines' indices (both empty otherwise).
+    prefill: Vec<usize>,
+    decode: Vec<usize>,
+    /// Decode legs whose KV is crossing the link.
+    transfers: HashMap<u64, (usize, Handoff)>,
+    /// The KV link between prefill and decode workers, GB/s (the simulator's default).
+    kv_link_gbps: f64,
     busy: Vec<bool>,
     pending: Vec<Vec<EngineEvent>>,
     replicas: Vec<Replica>,
@@ -174,17 +208,36 @@ pub struct Simulation {
 impl Simulation {
     /// A fleet of `workers` behind `replicas` routers, each running `policy`.
     pub fn new(workers: &[SimWorker], policy: &PolicyConfig, replicas: usize, seed: u64) -> Self {
+        let with_role = |pick: fn(&WorkerRole) -> bool| -> Vec<usize> {
+            let pd = workers.iter().any(|w| w.role != WorkerRole::Regular);
+            (0..workers.len()).filter(|&i| pd && pick(&workers[i].role)).collect()
+        };
+        let prefill = with_role(|r| matches!(r, WorkerRole::Prefill { .. }));
+        let decode = with_role(|r| matches!(r, WorkerRole::Decode));
         let replicas = (0..replicas.max(1))
             .map(|r| {
-                let workers = (0..workers.len())
-                    .map(|i| Arc::new(Worker::new(format!("http://sim-{r}-{i}:1"), WorkerRole::Regular)))
+                let workers: Vec<Arc<Worker>> = workers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, w)| Arc::new(Worker::new(format!("http://sim-{r}-{i}:1"), w.role)))
                     .collect();
                 let policy = build(policy);
                 let observer: Arc<dyn GuardObserver> = Arc::new(PolicyObserver(policy.clone()));
-                Replica { policy, workers, observer, hold: Arc::new(HoldQueue::default()) }
+                Replica {
+                    policy,
+                    prefill: prefill.iter().map(|&i| workers[i].clone()).collect(),
+                    decode: decode.iter().map(|&i| workers[i].clone()).collect(),
+                    workers,
+                    observer,
+                    hold: Arc::new(HoldQueue::default()),
+                }
             })
             .collect();
         Self {
+            prefill,
+            decode,
+            transfers: HashMap::new(),
+            kv_link_gbps: switchyard_sim::server::WorkerConfig::default().kv_link_gbps,
             engines: workers
                 .iter()
                 .enumerate()
@@ -276,6 +329,7 @@ impl Simulation {
             match event {
                 Event::Arrival(i) => self.arrive(i, t),
                 Event::StepDone(w) => self.step_done(w, t),
+                Event::Transferred(key) => self.transferred(key, t),
                 Event::Recheck => self.retry_held(t),
                 Event::Slowdown(w, bits) => self.engines[w].set_slowdown(f64::from_bits(bits)),
                 Event::Poll => {
@@ -340,11 +394,15 @@ impl Simulation {
         let replica = i % self.replicas.len();
         let now = self.at(t);
         view.now = Some(now);
-        let Replica { policy, workers, observer, .. } = &self.replicas[replica];
+        let Replica { policy, workers, observer, prefill, decode, .. } = &self.replicas[replica];
         let started = std::time::Instant::now();
-        let asked = hold.ask(&mut view, now, &mut |v| policy.select_single(workers, v));
+        let asked = if self.prefill.is_empty() {
+            hold.ask(&mut view, now, &mut |v| policy.select_single(workers, v).map(|s| (s, None)))
+        } else {
+            hold.ask(&mut view, now, &mut |v| policy.select_pair(prefill, decode, v).map(|(p, d)| (p, Some(d))))
+        };
         self.report.decision_ns.push(started.elapsed().as_nanos() as f64);
-        let selection = match asked {
+        let (selection, decode_leg) = match asked {
             Asked::Wait(recheck) => {
                 self.held.push_back((i, view, hold));
                 self.push(t + recheck.as_secs_f64(), Event::Recheck);
@@ -361,9 +419,12 @@ impl Simulation {
                 return true;
             }
         };
-        let w = selection.index;
-        let info = view.dispatch_info(&selection, "/v1/completions");
-        let Some(guard) = InFlightGuard::claim(workers[w].clone(), info, now, observer.clone()) else {
+        let engine_of = |leg: &[usize], s: &Selection| leg.get(s.index).copied().unwrap_or(s.index);
+        let w = engine_of(&self.prefill, &selection);
+        let claim = |w: usize, s: &Selection| {
+            InFlightGuard::claim(workers[w].clone(), view.dispatch_info(s, "/v1/completions"), now, observer.clone())
+        };
+        let Some(guard) = claim(w, &selection) else {
             self.fail(i, t, "503 circuit open".into());
             return true;
         };
@@ -372,13 +433,27 @@ impl Simulation {
             RoutingText::Tokens(t) => t.clone(),
             RoutingText::None => Vec::new(),
         };
-        let req = SimRequest { prompt, output_tokens: self.specs[i].output_tokens.max(1) };
+        let handoff = match decode_leg {
+            None => None,
+            Some(d) => {
+                let engine = engine_of(&self.decode, &d);
+                let Some(guard) = claim(engine, &d) else {
+                    self.fail(i, t, "503 circuit open".into());
+                    return true;
+                };
+                Some(Handoff { engine, guard, prompt: prompt.clone() })
+            }
+        };
+        // A prefill leg computes the prompt and the first token only.
+        let output_tokens = if handoff.is_some() { 1 } else { self.specs[i].output_tokens.max(1) };
+        let req = SimRequest { prompt, output_tokens };
         self.results[i].worker = Some(w);
+        self.results[i].decode_worker = handoff.as_ref().map(|h| h.engine);
         self.results[i].predicted_ttft_ms = selection.predicted_ttft_ms;
         self.results[i].reason = selection.reason;
         match self.engines[w].submit(req) {
             Ok(id) => {
-                self.open.insert((w, id), (i, Open { guard: Some(guard), last_token: t }));
+                self.open.insert((w, id), (i, Open { guard: Some(guard), last_token: t, handoff }));
                 self.kick(w, t);
             }
             Err(e) => {
@@ -387,6 +462,45 @@ impl Simulation {
             }
         }
         true
+    }
+
+    /// A prefill leg answered: its guard ends, and its KV starts across the link.
+    fn prefill_done(&mut self, w: usize, id: RequestId, t: f64) {
+        let Some((i, mut open)) = self.open.remove(&(w, id)) else { return };
+        let now = self.at(t);
+        let r = &self.results[i];
+        let usage = Usage {
+            prompt_tokens: Some(r.prompt_tokens),
+            cached_tokens: Some(r.cached_tokens),
+            completion_tokens: Some(1),
+        };
+        if let Some(mut g) = open.guard.take() {
+            g.first_token_at(now);
+            g.finish_at(Ending::Succeeded, usage, now);
+        }
+        if let Some(h) = open.handoff.take() {
+            let arrives = t + transfer_seconds(h.prompt.len(), self.kv_link_gbps);
+            self.seq += 1;
+            let key = self.seq;
+            self.transfers.insert(key, (i, h));
+            self.push(arrives, Event::Transferred(key));
+        }
+    }
+
+    /// A decode leg's KV arrived: its worker queues the request, with no prefill to compute.
+    fn transferred(&mut self, key: u64, t: f64) {
+        let Some((i, h)) = self.transfers.remove(&key) else { return };
+        let req = SimRequest { prompt: h.prompt, output_tokens: self.specs[i].output_tokens.max(1) };
+        match self.engines[h.engine].submit_transferred(req) {
+            Ok(id) => {
+                self.open.insert((h.engine, id), (i, Open { guard: Some(h.guard), last_token: t, handoff: None }));
+                self.kick(h.engine, t);
+            }
+            Err(e) => {
+                h.guard.finish_at(Ending::Failed, Usage::default(), self.at(t));
+                self.fail(i, t, format!("400 {e}"));
+            }
+        }
     }
 
     fn fail(&mut self, i: usize, t: f64, error: String) {
@@ -440,13 +554,22 @@ impl Simulation {
         for e in events {
             match e {
                 EngineEvent::Admitted { id, cached_tokens } => {
-                    if let Some((i, _)) = self.open.get(&(w, id)) {
-                        self.results[*i].cached_tokens = cached_tokens;
+                    // In a PD fleet the prompt's cache is the prefill worker's.
+                    if let Some((i, open)) = self.open.get(&(w, id)) {
+                        if self.prefill.is_empty() || open.handoff.is_some() {
+                            self.results[*i].cached_tokens = cached_tokens;
+                        }
                     }
                 }
                 EngineEvent::Token { id, index, last } => {
                     let Some((i, open)) = self.open.get_mut(&(w, id)) else { continue };
                     let i = *i;
+                    if open.handoff.is_some() {
+                        if last {
+                            self.prefill_done(w, id, t);
+                        }
+                        continue;
+                    }
                     if index == 0 {
                         let now = self.base + Duration::from_secs_f64(t);
                         if let Some(g) = open.guard.as_mut() {

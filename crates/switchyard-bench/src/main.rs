@@ -106,9 +106,6 @@ struct DesArgs {
 
 fn run_des(a: &DesArgs) -> Result<(), String> {
     let s = Scenario::load(&a.scenario).map_err(|e| e.to_string())?;
-    if s.is_pd() {
-        return Err("the discrete-event simulation runs regular (non-PD) fleets only".into());
-    }
     let fleet_size = s.workers().len();
     let workers = SimWorker::from_scenario(&s, a.workers);
     let trace = s.workload.trace().map_err(|e| e.to_string())?;

@@ -24,8 +24,10 @@ pub struct RequestResult {
     pub output_tokens: u32,
     /// Error (status or transport), if the request failed.
     pub error: Option<String>,
-    /// Worker index that served it, where known (simulation).
+    /// Worker index that served it, where known (simulation); in a PD fleet, the prefill worker.
     pub worker: Option<usize>,
+    /// In a PD fleet, the decode worker's index (simulation).
+    pub decode_worker: Option<usize>,
     /// The policy's predicted TTFT for it (ms), where the policy predicts one (simulation).
     pub predicted_ttft_ms: Option<u32>,
     /// Why the policy chose that worker, where it says (simulation).
@@ -112,7 +114,8 @@ pub struct Summary {
     pub e2e_p99_ms: f64,
     /// Cached prompt tokens / prompt tokens.
     pub cache_hit_rate: f64,
-    /// Share of requests served by each worker (where known).
+    /// Share of requests served by each worker (where known; in a PD fleet each pool's shares
+    /// sum to one).
     pub worker_share: Vec<f64>,
     /// Run length used for rates (first send to last completion), seconds.
     pub duration_s: f64,
@@ -164,7 +167,7 @@ impl Summary {
         let cached: u64 = ok.iter().map(|r| u64::from(r.cached_tokens)).sum();
         let mut share = vec![0.0; workers];
         for r in results {
-            if let Some(w) = r.worker.filter(|w| *w < workers) {
+            for w in [r.worker, r.decode_worker].into_iter().flatten().filter(|w| *w < workers) {
                 share[w] += 1.0 / n as f64;
             }
         }

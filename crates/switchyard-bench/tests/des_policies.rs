@@ -137,3 +137,39 @@ fn large_fleets_simulate_with_sampled_candidates() {
     assert!(used > 900, "spread over the fleet: {used} workers used");
     assert_eq!(report.decision_ns.len(), 5000);
 }
+
+#[test]
+fn on_a_pd_fleet_every_policy_runs_each_request_through_a_prefill_and_a_decode_worker() {
+    use switchyard_sim::server::{pd::transfer_seconds, WorkerConfig};
+    let s = scenario("pd");
+    let fleet = SimWorker::from_scenario(&s, None);
+    let prefill: Vec<usize> = (0..fleet.len()).filter(|&i| s.workers()[i].role == "prefill").collect();
+    let decode: Vec<usize> = (0..fleet.len()).filter(|&i| s.workers()[i].role == "decode").collect();
+    assert_eq!((prefill.len(), decode.len()), (2, 2), "the scenario's fleet");
+    let specs = s.workload.requests(s.arrival, 40.0, 600, s.seed, 0, None);
+    for policy in
+        ["random", "round_robin", "power_of_two", "load_based", "cache_aware", "consistent_hash", "marginal_utility"]
+    {
+        let config = policy_spec::parse(policy, &s.slo, 1.0, s.seed).expect("policy");
+        let report = des::run_open(&fleet, &config, 1, s.seed, specs.clone(), None);
+        for (r, spec) in report.results.iter().zip(&specs) {
+            assert_eq!(r.error, None, "{policy}");
+            assert_eq!(r.output_tokens, spec.output_tokens.max(1), "{policy}: the decode leg streams the whole answer");
+            assert!(r.worker.is_some_and(|w| prefill.contains(&w)), "{policy}: prefill leg on {:?}", r.worker);
+            assert!(
+                r.decode_worker.is_some_and(|w| decode.contains(&w)),
+                "{policy}: decode leg on {:?}",
+                r.decode_worker
+            );
+            // The first token comes from the decode worker, after the prompt's KV crossed the link.
+            let kv = transfer_seconds(r.prompt_tokens as usize, WorkerConfig::default().kv_link_gbps);
+            assert!(r.ttft.is_some_and(|t| t > kv), "{policy}: TTFT {:?} within the {kv:.4} s transfer", r.ttft);
+        }
+        let summary = Summary::of(&report.results, &s.slo, fleet.len());
+        for pool in [&prefill, &decode] {
+            let total: f64 = pool.iter().map(|&w| summary.worker_share[w]).sum();
+            assert!((total - 1.0).abs() < 1e-9, "{policy}: each pool serves every request once");
+            assert!(pool.iter().all(|&w| summary.worker_share[w] > 0.2), "{policy}: both workers of each pool used");
+        }
+    }
+}

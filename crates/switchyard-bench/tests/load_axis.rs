@@ -30,7 +30,7 @@ fn the_knee_of_one_worker_with_fixed_lengths_sits_just_below_its_analytic_capaci
     let (prompt, out, b) = (16.0, 64.0, p.max_running_requests as f64);
     let step_secs = p.c0 + p.c1 * b + p.c2 * b * (prompt + out / 2.0);
     let capacity = b / (out * step_secs);
-    let workers = vec![SimWorker { profile: p, speed: 1.0 }];
+    let workers = vec![SimWorker { profile: p, speed: 1.0, role: switchyard::workers::WorkerRole::Regular }];
     let workload =
         Workload::Lognormal { prompt_median: prompt, prompt_sigma: 0.0, output_median: out, output_sigma: 0.0 };
     let slo = Slo { ttft_ms: 2000.0, tpot_ms: 100.0 };
