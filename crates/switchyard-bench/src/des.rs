@@ -419,7 +419,8 @@ impl Simulation {
                 return true;
             }
         };
-        let engine_of = |leg: &[usize], s: &Selection| leg.get(s.index).copied().unwrap_or(s.index);
+        // A selection indexes the list it was made from: the whole fleet, or one PD pool.
+        let engine_of = |pool: &[usize], s: &Selection| if pool.is_empty() { s.index } else { pool[s.index] };
         let w = engine_of(&self.prefill, &selection);
         let claim = |w: usize, s: &Selection| {
             InFlightGuard::claim(workers[w].clone(), view.dispatch_info(s, "/v1/completions"), now, observer.clone())

@@ -200,6 +200,10 @@ impl Scenario {
                 return Err(invalid(format!("unknown role '{}'", g.role)));
             }
         }
+        let has = |role: &str| s.fleet.iter().any(|g| g.role == role && g.count > 0);
+        if s.is_pd() && (has("plain") || !has("prefill") || !has("decode")) {
+            return Err(invalid("a PD fleet needs prefill and decode workers and no plain ones".into()));
+        }
         if s.loads.is_empty() || s.loads.iter().any(|l| !(*l > 0.0 && l.is_finite())) {
             return Err(invalid("loads must be positive fractions of capacity".into()));
         }
@@ -298,5 +302,12 @@ mod tests {
         assert!(e.to_string().contains("loads"), "{e}");
         let e = Scenario::parse("x.toml", "loads=[1.0]\nbogus=1\n").unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+        // A PD fleet needs both pools: without one every request would fail or skip the split.
+        let e = Scenario::parse(
+            "x.toml",
+            "loads=[1.0]\n[[fleet]]\nprofile=\"h100\"\nrole=\"prefill\"\n[workload]\nkind=\"lognormal\"\nprompt_median=1\noutput_median=1\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("prefill and decode"), "{e}");
     }
 }
