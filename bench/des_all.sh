@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every switchyard policy (marginal_utility with each objective and both estimators) on every
-# scenario (pd's prefill/decode fleet included), in the discrete-event simulation: the router's own policy objects on
-# the simulator's model in virtual time. Deterministic for the scenarios' seeds.
+# scenario (pd's prefill/decode fleet included), in the discrete-event simulation: the router's
+# own policy objects on the simulator's model in virtual time. Deterministic for the scenarios'
+# seeds.
 #   bench/des_all.sh [requests per load, default 20000]
 # OUT=DIR writes elsewhere than bench-results/des and POLICIES=a,b,... runs those only (a
 # longer-window check beside the table: `OUT=bench-results/des-long POLICIES=random,round_robin,
