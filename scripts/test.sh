@@ -17,8 +17,10 @@ bounded 3000 cargo test --workspace
 
 # The pip package: the wheel (from the debug build the tests made), installed into a fresh
 # venv; the OpenAI SDK test then runs the installed `switchyard` command, and the launcher test
-# checks `python -m switchyard.launch_router` against sglang-router's arguments.
-cargo build --bin switchyard --bin switchyard-sim --bin switchyard-bench
+# checks `python -m switchyard.launch_router` against sglang-router's arguments. `cargo test`
+# built the three binaries (the integration tests run them); a `cargo build` here would resolve
+# features without the dev-dependencies and recompile ~30 crates (4.6 min on 2 cores) for the
+# same programs. build_wheel.py fails if one is missing.
 wheel=$(python3 scripts/build_wheel.py --profile dev --no-build --strip)
 python3 -m venv --clear target/wheel-venv
 bounded 900 target/wheel-venv/bin/pip install --quiet --disable-pip-version-check openai trustme pyzmq msgspec transformers jinja2 "$wheel"

@@ -1,6 +1,9 @@
 //! The load axis: the knee found by bisection in the DES, grids that cross it, and
 //! marginal_utility's goodput past it. Fixed seeds; orderings and bounds, not timings.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
 use switchyard_bench::des::{self, SimWorker};
 use switchyard_bench::metrics::{Slo, Summary};
 use switchyard_bench::policy_spec;
@@ -11,6 +14,15 @@ use switchyard_sim::model::Profile;
 fn scenario(name: &str) -> Scenario {
     let path = format!("{}/../../bench/scenarios/{name}.toml", env!("CARGO_MANIFEST_DIR"));
     Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The scenario's knee (req/s), bisected once per scenario in this test binary: several tests
+/// measure against the same scenario, and the bisection (tens of DES runs) was most of their
+/// time. A test asking while another computes it waits for that result.
+fn knee(s: &Scenario) -> f64 {
+    static KNEES: Mutex<BTreeMap<String, Arc<OnceLock<f64>>>> = Mutex::new(BTreeMap::new());
+    let cell = KNEES.lock().unwrap_or_else(|p| p.into_inner()).entry(s.name.clone()).or_default().clone();
+    *cell.get_or_init(|| des::scenario_knee(s, s.workload.trace().expect("trace").as_deref()).rate)
 }
 
 #[test]
@@ -66,11 +78,10 @@ fn every_grid_crosses_the_knee_and_least_load_passes_below_and_fails_above() {
     for name in ["homogeneous", "slow-tier", "prefill-heavy"] {
         let s = scenario(name);
         let trace = s.workload.trace().expect("trace");
-        let knee = des::scenario_knee(&s, trace.as_deref());
+        let knee = knee(&s);
         let workers = SimWorker::from_scenario(&s, None);
-        let passes = |load: f64| {
-            des::meets_knee(&workers, &s.workload, &s.slo, load * knee.rate, 2000, 60.0, 7, trace.as_deref())
-        };
+        let passes =
+            |load: f64| des::meets_knee(&workers, &s.workload, &s.slo, load * knee, 2000, 60.0, 7, trace.as_deref());
         assert!(passes(0.6), "{name}: least load misses the SLO at 0.6 of the knee");
         assert!(!passes(1.6), "{name}: least load still within SLO at 1.6 of the knee");
     }
@@ -121,8 +132,7 @@ fn marginal_utility_keeps_least_loads_goodput_past_the_knee_on_mixed_and_prefill
     ];
     for (name, load, floor) in cases {
         let s = scenario(name);
-        let trace = s.workload.trace().expect("trace");
-        let knee = des::scenario_knee(&s, trace.as_deref()).rate;
+        let knee = knee(&s);
         let (lb, mu) = (goodput(&s, knee, "load_based", load), goodput(&s, knee, "marginal_utility", load));
         assert!(mu >= floor * lb, "{name} at {load}× the knee: marginal_utility {mu:.2} vs load_based {lb:.2}");
     }
@@ -135,7 +145,7 @@ fn marginal_utility_keeps_least_loads_goodput_at_the_knee_with_bursty_arrivals()
     // least-in-flight kept (0.970× its) until requests smaller than the mean went where they
     // were still in time (0.985×). 20,000 arrivals, as `des` runs it: over 4,000 nobody is late.
     let s = scenario("bursty");
-    let knee = des::scenario_knee(&s, None).rate;
+    let knee = knee(&s);
     let goodput = |policy: &str| goodput_over(&s, knee, policy, 1.0, 20_000, [s.seed]);
     let (lb, mu) = (goodput("load_based"), goodput("marginal_utility"));
     assert!(mu >= 0.98 * lb, "bursty at the knee: marginal_utility {mu:.2} vs load_based {lb:.2}");
@@ -150,7 +160,7 @@ fn marginal_utility_drains_a_warm_up_overload_when_the_fleet_has_the_capacity() 
     // whose cache hits clearly less than the holder's no longer takes what it cannot keep.
     // 20,000 arrivals (as `des` runs it; the trap is the steady state after the warm-up).
     let s = scenario("zipf-mixed");
-    let knee = des::scenario_knee(&s, None).rate;
+    let knee = knee(&s);
     let goodput = |policy: &str| goodput_over(&s, knee, policy, 1.3, 20_000, [s.seed]);
     let (ca, mu) = (goodput("cache_aware"), goodput("marginal_utility"));
     assert!(mu >= 0.95 * ca, "zipf-mixed at 1.3x the knee: marginal_utility {mu:.2} vs cache_aware {ca:.2}");
@@ -183,7 +193,7 @@ fn the_skewed_prefix_workload_has_the_popularity_and_size_its_file_says() {
 /// `replicas` of `policy`, each replica seeing the caches through `view`.
 fn behind_replicas(policy: &str, load: f64, view: des::CacheView, replicas: &[usize]) -> Vec<f64> {
     let s = scenario("zipf-prefix");
-    let knee = des::scenario_knee(&s, None).rate;
+    let knee = knee(&s);
     let fleet = SimWorker::from_scenario(&s, None);
     let config = policy_spec::parse(policy, &s.slo, 1.0, s.seed).expect("policy");
     let goodput = |replicas: usize| {
