@@ -1,9 +1,10 @@
-//! Hot-path benchmarks: policy selection at 4/64/1,024 workers, radix-tree insert and match
-//! at 10^4–10^6 stored prompts of realistic shapes, and the tree's memory per stored
-//! character. A plain harness (no criterion) keeps the build lean; each figure is the best
+//! Hot-path benchmarks: policy selection at 4/64/1,024 workers, PD pair selection, radix-tree
+//! insert and match at 10^4–10^6 stored prompts of realistic shapes, and the tree's memory per
+//! stored character. A plain harness (no criterion) keeps the build lean; each figure is the best
 //! of several timed batches, so background noise inflates it less.
 //!
-//! `cargo bench --bench hot_paths` (add `-- quick` for a shorter run).
+//! `cargo bench --bench hot_paths` (add `-- quick` for a shorter run, and section names —
+//! exact, selection, pairs, rls, tree, contention — to run only those).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -138,6 +139,43 @@ fn bench_selection(quick: bool) {
         row.push_str(&format!(" {:>7.0} / {:>6.0}", percentile(&times, 0.5), percentile(&times, 0.99)));
     }
     println!("{row}  (cache_aware)");
+}
+
+/// PD pair selection: each policy's `select_pair` over a prefill and a decode pool of `n`
+/// workers each, as a `--pd-disaggregation` router asks for every request.
+fn bench_pairs(quick: bool) {
+    println!("\n## PD pair selection (ns per select_pair, pools of n prefill + n decode: p50 / p99)");
+    println!("{:<16} {:>16} {:>16} {:>16}", "policy", "2+2", "16+16", "256+256");
+    let mut rng = StdRng::seed_from_u64(2);
+    let texts: Vec<RequestView> = (0..1024)
+        .map(|_| RequestView { text: RoutingText::Text(conversation(&mut rng, 64)), ..RequestView::default() })
+        .collect();
+    for kind in <PolicyKind as clap::ValueEnum>::value_variants() {
+        let mut row = format!("{:<16}", format!("{kind:?}"));
+        for n in [2usize, 16, 256] {
+            let pool = |role: WorkerRole, host: usize| -> Vec<Arc<Worker>> {
+                (0..n)
+                    .map(|i| Arc::new(Worker::new(format!("http://10.{host}.0.{}:{}", i % 250, 8000 + i), role)))
+                    .collect()
+            };
+            let (prefill, decode) =
+                (pool(WorkerRole::Prefill { bootstrap_port: None }, 2), pool(WorkerRole::Decode, 3));
+            let _guards: Vec<InFlightGuard> = (0..n * 2)
+                .flat_map(|i| {
+                    [InFlightGuard::new(prefill[(i * 7) % n].clone()), InFlightGuard::new(decode[(i * 5) % n].clone())]
+                })
+                .collect();
+            let policy = build(&PolicyConfig::new(*kind, Some(7)));
+            for t in texts.iter().cycle().take(if quick { 1024 } else { 4096 }) {
+                let _ = policy.select_pair(&prefill, &decode, t);
+            }
+            let times = per_call_ns(if quick { 5_000 } else { 50_000 }, |i| {
+                black_box(policy.select_pair(&prefill, &decode, &texts[i % texts.len()]).ok());
+            });
+            row.push_str(&format!(" {:>7.0} / {:>6.0}", percentile(&times, 0.5), percentile(&times, 0.99)));
+        }
+        println!("{row}");
+    }
 }
 
 fn bench_rls(quick: bool) {
@@ -374,11 +412,25 @@ fn bench_exact_view(quick: bool) {
     }
 }
 
+/// A section of the run: its name on the command line, and the benchmark (`quick` or not).
+type Section = (&'static str, fn(bool));
+
 fn main() {
-    let quick = std::env::args().any(|a| a == "quick");
-    bench_exact_view(quick);
-    bench_selection(quick);
-    bench_rls(quick);
-    bench_tree(quick);
-    bench_contention(quick);
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let quick = args.iter().any(|a| a == "quick");
+    // Section names after `--` run only those (`cargo bench --bench hot_paths -- quick pairs`).
+    let only: Vec<&str> = args.iter().map(String::as_str).filter(|a| *a != "quick").collect();
+    let sections: [Section; 6] = [
+        ("exact", bench_exact_view),
+        ("selection", bench_selection),
+        ("pairs", bench_pairs),
+        ("rls", bench_rls),
+        ("tree", bench_tree),
+        ("contention", bench_contention),
+    ];
+    for (name, run) in sections {
+        if only.is_empty() || only.contains(&name) {
+            run(quick);
+        }
+    }
 }

@@ -39,17 +39,68 @@ pub fn stable_hash(bytes: &[u8]) -> u64 {
     h ^ (h >> 31)
 }
 
-#[derive(Debug, Default)]
+/// One candidate set's ring.
+#[derive(Debug)]
 struct Ring {
+    /// The candidates' ids, in the order they were passed.
     members: Vec<u32>,
     points: Vec<(u64, u32)>,
+    last_used: u64,
+}
+
+/// Rings kept, one per candidate set seen: a PD router asks with its prefill pool and its
+/// decode pool in turn, a multi-model router with each model's workers. With a single ring every
+/// change of set rebuilt it (160 hashed points a worker, sorted): in PD mode twice a request.
+const RINGS_KEPT: usize = 16;
+
+#[derive(Debug, Default)]
+struct Rings {
+    rings: Vec<Ring>,
+    uses: u64,
+    /// Rings built so far.
+    builds: u64,
+}
+
+impl Rings {
+    /// The ring of `workers`, built now if this set was not seen (or was evicted).
+    fn of(&mut self, workers: &[Arc<Worker>], virtual_nodes: usize) -> &Ring {
+        self.uses += 1;
+        // Another set's ring differs within its first few members (pools are disjoint).
+        let found = self.rings.iter().position(|r| {
+            r.members.len() == workers.len() && r.members.iter().zip(workers).all(|(id, w)| *id == w.id())
+        });
+        let at = match found {
+            Some(at) => at,
+            None => {
+                let mut points = Vec::with_capacity(workers.len() * virtual_nodes);
+                for w in workers {
+                    for v in 0..virtual_nodes {
+                        points.push((stable_hash(format!("{}#{v}", w.url()).as_bytes()), w.id()));
+                    }
+                }
+                points.sort_unstable();
+                self.builds += 1;
+                let ring = Ring { members: workers.iter().map(|w| w.id()).collect(), points, last_used: 0 };
+                if self.rings.len() < RINGS_KEPT {
+                    self.rings.push(ring);
+                    self.rings.len() - 1
+                } else {
+                    let oldest = (0..self.rings.len()).min_by_key(|&i| self.rings[i].last_used).unwrap_or(0);
+                    self.rings[oldest] = ring;
+                    oldest
+                }
+            }
+        };
+        self.rings[at].last_used = self.uses;
+        &self.rings[at]
+    }
 }
 
 /// Session affinity by consistent hashing.
 #[derive(Debug)]
 pub struct ConsistentHash {
     virtual_nodes: usize,
-    ring: Mutex<Ring>,
+    rings: Mutex<Rings>,
     rng: PolicyRng,
 }
 
@@ -58,7 +109,7 @@ impl ConsistentHash {
     pub fn new(config: &ConsistentHashConfig) -> Self {
         Self {
             virtual_nodes: config.virtual_nodes.max(1),
-            ring: Mutex::new(Ring::default()),
+            rings: Mutex::new(Rings::default()),
             rng: PolicyRng::new(config.seed),
         }
     }
@@ -90,17 +141,8 @@ impl RoutingPolicy for ConsistentHash {
         let Some(h) = Self::key_hash(request) else {
             return Ok(Selection::of(self.rng.index(workers.len())));
         };
-        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-        if ring.members.len() != workers.len() || ring.members.iter().zip(workers).any(|(id, w)| *id != w.id()) {
-            ring.members = workers.iter().map(|w| w.id()).collect();
-            ring.points.clear();
-            for w in workers {
-                for v in 0..self.virtual_nodes {
-                    ring.points.push((stable_hash(format!("{}#{v}", w.url()).as_bytes()), w.id()));
-                }
-            }
-            ring.points.sort_unstable();
-        }
+        let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        let ring = rings.of(workers, self.virtual_nodes);
         let at = ring.points.partition_point(|(p, _)| *p < h) % ring.points.len();
         let owner = ring.points[at].1;
         Ok(Selection::of(workers.iter().position(|w| w.id() == owner).unwrap_or(0)))
@@ -108,22 +150,24 @@ impl RoutingPolicy for ConsistentHash {
 
     fn report(&self, to: Report<'_>) {
         if let Report::Debug(out) = to {
-            let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-            let workers: Vec<_> = ring.members.iter().map(|id| serde_json::json!({"worker": id})).collect();
+            let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+            let rings: Vec<_> = rings
+                .rings
+                .iter()
+                .map(|r| serde_json::json!({"workers": r.members.iter().map(|id| serde_json::json!({"worker": id})).collect::<Vec<_>>()}))
+                .collect();
             *out = Some(
-                serde_json::json!({"policy": "consistent_hash", "virtual_nodes": self.virtual_nodes, "workers": workers}),
+                serde_json::json!({"policy": "consistent_hash", "virtual_nodes": self.virtual_nodes, "rings": rings}),
             );
         }
     }
 
-    /// The ring is rebuilt from the candidates whenever they change; a removal drops it now
-    /// rather than at the next request, so nothing is kept about a worker that left.
+    /// Rings are built from the candidates as they come; a removal drops every ring holding the
+    /// worker now rather than when its set is next asked for, so nothing is kept about a worker
+    /// that left.
     fn on_membership(&self, change: &Membership<'_>) {
         if let Membership::Removed(w) = change {
-            let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-            if ring.members.contains(&w.id()) {
-                *ring = Ring::default();
-            }
+            self.rings.lock().unwrap_or_else(|p| p.into_inner()).rings.retain(|r| !r.members.contains(&w.id()));
         }
     }
 }
@@ -167,6 +211,35 @@ mod tests {
         // And leaving moves back exactly those keys.
         let again: Vec<u32> = keys.iter().map(|k| pick(&ws[..4], k)).collect();
         assert_eq!(again, before);
+    }
+
+    #[test]
+    fn each_candidate_set_keeps_its_ring_and_a_leaving_worker_drops_its_rings() {
+        // A PD router asks with the prefill pool, then the decode pool, for every request.
+        let ws = workers(6);
+        let (prefill, decode) = (&ws[..3], &ws[3..]);
+        let p = ConsistentHash::new(&ConsistentHashConfig::default());
+        let mut firsts = Vec::new();
+        for i in 0..200 {
+            let k = keyed(&format!("session-{i}"));
+            let (a, b) = (p.select_single(prefill, &k).unwrap(), p.select_single(decode, &k).unwrap());
+            firsts.push((a, b));
+        }
+        assert_eq!(p.rings.lock().unwrap().builds, 2, "one ring per pool, not one per call");
+        // The same keys land where they did (the kept rings are the rings).
+        for (i, first) in firsts.iter().enumerate() {
+            let k = keyed(&format!("session-{i}"));
+            assert_eq!((p.select_single(prefill, &k).unwrap(), p.select_single(decode, &k).unwrap()), *first);
+        }
+        p.on_membership(&Membership::Removed(&ws[4]));
+        let rings = p.rings.lock().unwrap().rings.iter().map(|r| r.members.clone()).collect::<Vec<_>>();
+        assert_eq!(rings, vec![prefill.iter().map(|w| w.id()).collect::<Vec<_>>()]);
+        // Sets beyond RINGS_KEPT evict the least recently used, so memory stays bounded.
+        for n in 1..=RINGS_KEPT + 4 {
+            p.select_single(&ws[..n.min(6)], &keyed("k")).unwrap();
+            p.select_single(&ws[n % 6..], &keyed("k")).unwrap();
+        }
+        assert!(p.rings.lock().unwrap().rings.len() <= RINGS_KEPT);
     }
 
     #[test]
