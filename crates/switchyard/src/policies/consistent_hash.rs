@@ -53,6 +53,11 @@ struct Ring {
 /// change of set rebuilt it (160 hashed points a worker, sorted): in PD mode twice a request.
 const RINGS_KEPT: usize = 16;
 
+/// Points kept over all rings (16 bytes each, 8 MiB): sets that differ by one worker (a retry
+/// that leaves out the one that failed) would otherwise keep 16 near-copies of a large fleet's
+/// ring (2.6 MB each at 1,024 workers).
+const POINTS_KEPT: usize = 1 << 19;
+
 #[derive(Debug, Default)]
 struct Rings {
     rings: Vec<Ring>,
@@ -80,15 +85,17 @@ impl Rings {
                 }
                 points.sort_unstable();
                 self.builds += 1;
-                let ring = Ring { members: workers.iter().map(|w| w.id()).collect(), points, last_used: 0 };
-                if self.rings.len() < RINGS_KEPT {
-                    self.rings.push(ring);
-                    self.rings.len() - 1
-                } else {
-                    let oldest = (0..self.rings.len()).min_by_key(|&i| self.rings[i].last_used).unwrap_or(0);
-                    self.rings[oldest] = ring;
-                    oldest
+                // Least recently used out until the new ring fits both bounds (it is kept even
+                // when it alone exceeds the points: it is the one being asked for).
+                while let Some(oldest) = (0..self.rings.len()).min_by_key(|&i| self.rings[i].last_used) {
+                    let kept: usize = self.rings.iter().map(|r| r.points.len()).sum();
+                    if self.rings.len() < RINGS_KEPT && kept + points.len() <= POINTS_KEPT {
+                        break;
+                    }
+                    self.rings.swap_remove(oldest);
                 }
+                self.rings.push(Ring { members: workers.iter().map(|w| w.id()).collect(), points, last_used: 0 });
+                self.rings.len() - 1
             }
         };
         self.rings[at].last_used = self.uses;
@@ -240,6 +247,25 @@ mod tests {
             p.select_single(&ws[n % 6..], &keyed("k")).unwrap();
         }
         assert!(p.rings.lock().unwrap().rings.len() <= RINGS_KEPT);
+    }
+
+    #[test]
+    fn a_large_fleets_rings_stay_within_the_points_kept() {
+        // 1,024 workers: each ring holds 163,840 points; retries leaving out one worker each
+        // make new sets. At most three such rings fit in POINTS_KEPT, the newest always kept.
+        let ws = workers(1024);
+        let p = ConsistentHash::new(&ConsistentHashConfig::default());
+        for skip in 0..6 {
+            let pool: Vec<Arc<Worker>> =
+                ws.iter().enumerate().filter(|(i, _)| *i != skip).map(|(_, w)| w.clone()).collect();
+            p.select_single(&pool, &keyed("session")).unwrap();
+        }
+        let rings = p.rings.lock().unwrap();
+        let kept: usize = rings.rings.iter().map(|r| r.points.len()).sum();
+        assert!(kept <= POINTS_KEPT, "{kept} points kept");
+        assert_eq!(rings.rings.len(), POINTS_KEPT / (1023 * 160), "as many whole rings as fit");
+        assert_eq!(rings.builds, 6);
+        assert!(rings.rings.iter().any(|r| !r.members.contains(&ws[5].id())), "the newest set's ring is kept");
     }
 
     #[test]
