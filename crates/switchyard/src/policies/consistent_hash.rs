@@ -155,17 +155,25 @@ impl RoutingPolicy for ConsistentHash {
         Ok(Selection::of(workers.iter().position(|w| w.id() == owner).unwrap_or(0)))
     }
 
+    /// `workers`: every worker some kept ring holds (the per-worker state `/debug/policy` lists
+    /// for every policy); `rings`: each kept ring's size.
     fn report(&self, to: Report<'_>) {
         if let Report::Debug(out) = to {
             let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
-            let rings: Vec<_> = rings
+            let ids: std::collections::BTreeSet<u32> =
+                rings.rings.iter().flat_map(|r| r.members.iter().copied()).collect();
+            let workers: Vec<_> = ids.into_iter().map(|id| serde_json::json!({"worker": id})).collect();
+            let sizes: Vec<_> = rings
                 .rings
                 .iter()
-                .map(|r| serde_json::json!({"workers": r.members.iter().map(|id| serde_json::json!({"worker": id})).collect::<Vec<_>>()}))
+                .map(|r| serde_json::json!({"workers": r.members.len(), "points": r.points.len()}))
                 .collect();
-            *out = Some(
-                serde_json::json!({"policy": "consistent_hash", "virtual_nodes": self.virtual_nodes, "rings": rings}),
-            );
+            *out = Some(serde_json::json!({
+                "policy": "consistent_hash",
+                "virtual_nodes": self.virtual_nodes,
+                "workers": workers,
+                "rings": sizes,
+            }));
         }
     }
 
