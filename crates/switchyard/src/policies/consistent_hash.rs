@@ -49,8 +49,8 @@ struct Ring {
 }
 
 /// Rings kept, one per candidate set seen: a PD router asks with its prefill pool and its
-/// decode pool in turn, a multi-model router with each model's workers. With a single ring every
-/// change of set rebuilt it (160 hashed points a worker, sorted): in PD mode twice a request.
+/// decode pool in turn, a retry without the workers that failed. With a single ring every change
+/// of set rebuilt it (160 hashed points a worker, sorted): in PD mode twice a request.
 const RINGS_KEPT: usize = 16;
 
 /// Points kept over all rings (16 bytes each, 8 MiB): sets that differ by one worker (a retry
