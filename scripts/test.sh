@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # A hung step must fail the run, not eat CI's time limit: each step below has a bound far above
-# its normal duration on a 2-core machine (the whole script takes ~15-20 min there).
+# its normal duration on a 2-core machine (the whole script takes ~20 min there from a cold build).
 bounded() { timeout --kill-after=15 "$@"; }
 
 cargo fmt --all -- --check
