@@ -89,6 +89,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
+/// A table cell: " p50 / p99" of sorted per-call times.
+fn p50_p99_cell(sorted: &[f64]) -> String {
+    format!(" {:>7.0} / {:>6.0}", percentile(sorted, 0.5), percentile(sorted, 0.99))
+}
+
 fn bench_selection(quick: bool) {
     println!("\n## policy selection (ns per select_single: p50 / p99 over single timed calls)");
     println!("{:<16} {:>16} {:>16} {:>16}", "policy", "4", "64", "1024");
@@ -114,7 +119,7 @@ fn bench_selection(quick: bool) {
             let times = per_call_ns(calls, |i| {
                 black_box(policy.select_single(&workers, &texts[i % texts.len()]).ok());
             });
-            row.push_str(&format!(" {:>7.0} / {:>6.0}", percentile(&times, 0.5), percentile(&times, 0.99)));
+            row.push_str(&p50_p99_cell(&times));
         }
         println!("{row}");
     }
@@ -136,7 +141,7 @@ fn bench_selection(quick: bool) {
         let times = per_call_ns(if quick { 5_000 } else { 50_000 }, |i| {
             black_box(policy.select_single(&workers, &views[i % views.len()]).ok());
         });
-        row.push_str(&format!(" {:>7.0} / {:>6.0}", percentile(&times, 0.5), percentile(&times, 0.99)));
+        row.push_str(&p50_p99_cell(&times));
     }
     println!("{row}  (cache_aware)");
 }
@@ -172,7 +177,7 @@ fn bench_pairs(quick: bool) {
             let times = per_call_ns(if quick { 5_000 } else { 50_000 }, |i| {
                 black_box(policy.select_pair(&prefill, &decode, &texts[i % texts.len()]).ok());
             });
-            row.push_str(&format!(" {:>7.0} / {:>6.0}", percentile(&times, 0.5), percentile(&times, 0.99)));
+            row.push_str(&p50_p99_cell(&times));
         }
         println!("{row}");
     }
