@@ -94,6 +94,13 @@ struct DesArgs {
     /// tie-breaks can move goodput by a tenth.
     #[arg(long)]
     policy_seed: Option<u64>,
+    /// The scenario fleet's knee (req/s), as an earlier run printed it (its `--knee ...`, every
+    /// digit: past the knee a rate rounded to 0.01 req/s is another arrival sequence, and a
+    /// cell can move by a fifth): skips the bisection, seconds to a minute a run. The knee
+    /// depends only on the scenario, so a sweep over policies, policy seeds or replicas needs
+    /// it found once.
+    #[arg(long, value_parser = positive_rate)]
+    knee: Option<f64>,
     /// Directory for results.json, results.md and <scenario>.svg (same format as `compare`).
     #[arg(long)]
     out: Option<String>,
@@ -104,28 +111,52 @@ struct DesArgs {
     per_request: bool,
 }
 
+/// A `--knee`: a finite rate above zero.
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!("`{s}` is not a rate in requests per second above zero")),
+    }
+}
+
 fn run_des(a: &DesArgs) -> Result<(), String> {
     let s = Scenario::load(&a.scenario).map_err(|e| e.to_string())?;
     let fleet_size = s.workers().len();
     let workers = SimWorker::from_scenario(&s, a.workers);
     let trace = s.workload.trace().map_err(|e| e.to_string())?;
     let started = std::time::Instant::now();
-    let knee = des::scenario_knee(&s, trace.as_deref());
     let scale = workers.len() as f64 / fleet_size as f64;
-    let capacity = knee.rate * scale;
-    eprintln!(
-        "load 1.0 = {capacity:.2} req/s ({} workers; the scenario fleet's knee {:.2} req/s, found in {} DES runs, {:.1} s; its closed-loop ceiling {:.2})",
-        workers.len(),
-        knee.rate,
-        knee.evaluations,
-        started.elapsed().as_secs_f64(),
-        knee.ceiling
-    );
+    // The knee, and the closed-loop ceiling where the bisection ran (it starts from it).
+    let (knee, ceiling) = match a.knee {
+        Some(rate) => {
+            eprintln!(
+                "load 1.0 = {:.2} req/s ({} workers; the scenario fleet's knee {rate:.2} req/s, given)",
+                rate * scale,
+                workers.len()
+            );
+            (rate, None)
+        }
+        None => {
+            let knee = des::scenario_knee(&s, trace.as_deref());
+            eprintln!(
+                "load 1.0 = {:.2} req/s ({} workers; the scenario fleet's knee {:.2} req/s (`--knee {}`), found in {} DES runs, {:.1} s; its closed-loop ceiling {:.2})",
+                knee.rate * scale,
+                workers.len(),
+                knee.rate,
+                knee.rate,
+                knee.evaluations,
+                started.elapsed().as_secs_f64(),
+                knee.ceiling
+            );
+            (knee.rate, Some(knee.ceiling))
+        }
+    };
+    let capacity = knee * scale;
     if matches!(s.arrival, switchyard_bench::workload::Arrival::Trace) && trace.is_some() {
         // Trace-timed levels replay the trace's own timestamps, scaled to each level's mean
         // rate; past the window the knee was found on they can hold bursts no routing absorbs
         // (Mooncake: load_based's p99 TTFT ~400 s over 20,000 requests even at 0.02 req/s).
-        let knee_window = s.capacity.requests.max((knee.rate * des::KNEE_WINDOW_SECS) as usize);
+        let knee_window = s.capacity.requests.max((knee * des::KNEE_WINDOW_SECS) as usize);
         if a.requests > 2 * knee_window {
             eprintln!(
                 "warning: {} requests per level replay the trace well past the {knee_window} its knee was found on; its bursts may saturate every policy (the scenario's steady window is {})",
@@ -138,8 +169,11 @@ fn run_des(a: &DesArgs) -> Result<(), String> {
     }
     let loads = if a.load.is_empty() { s.loads.clone() } else { a.load.clone() };
     let mut results = Results::new(&s, capacity);
-    results.capacity_method = des::KNEE_METHOD.to_owned();
-    results.ceiling_rps = Some(knee.ceiling * scale);
+    results.capacity_method = match ceiling {
+        Some(_) => des::KNEE_METHOD.to_owned(),
+        None => format!("knee given (`--knee`), as found before: {}", des::KNEE_METHOD),
+    };
+    results.ceiling_rps = ceiling.map(|c| c * scale);
     for spec in &a.policy {
         let policy = policy_spec::parse(spec, &s.slo, 1.0, a.policy_seed.unwrap_or(s.seed))?;
         for &load in &loads {

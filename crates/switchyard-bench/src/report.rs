@@ -117,15 +117,16 @@ pub fn requests_file(policy: &str, load: f64) -> String {
 /// latencies (seconds; empty where there is none) and whether it met both SLOs. Aggregates hide
 /// *when* and *where* a run went wrong — a worker late from a burst on and never recovering
 /// reads, in a summary, like a fleet a little short of capacity; `bench/timeline.py` turns
-/// this into per-worker windows.
+/// this into per-worker windows. In a PD fleet `worker` is the prefill leg's and
+/// `decode_worker` the decode leg's (indices into the fleet's list); elsewhere it is empty.
 pub fn requests_csv(results: &[RequestResult], slo: &Slo) -> String {
     let opt = |x: Option<f64>| x.map(|v| format!("{v:.6}")).unwrap_or_default();
     let mut out =
-        String::from("sent_s,worker,prompt_tokens,cached_tokens,output_tokens,ttft_s,tpot_s,e2e_s,meets_slo,predicted_ttft_s,reason,error\n");
+        String::from("sent_s,worker,prompt_tokens,cached_tokens,output_tokens,ttft_s,tpot_s,e2e_s,meets_slo,predicted_ttft_s,reason,error,decode_worker\n");
     for r in results {
         let _ = writeln!(
             out,
-            "{:.6},{},{},{},{},{},{},{:.6},{},{},{},{}",
+            "{:.6},{},{},{},{},{},{},{:.6},{},{},{},{},{}",
             r.sent_at,
             r.worker.map(|w| w.to_string()).unwrap_or_default(),
             r.prompt_tokens,
@@ -139,6 +140,7 @@ pub fn requests_csv(results: &[RequestResult], slo: &Slo) -> String {
             r.reason.unwrap_or(""),
             // One field: no commas or line breaks from an error's text.
             r.error.as_deref().unwrap_or("").replace([',', '\n', '\r'], " "),
+            r.decode_worker.map(|w| w.to_string()).unwrap_or_default(),
         );
     }
     out

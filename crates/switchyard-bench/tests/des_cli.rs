@@ -6,7 +6,20 @@ use std::process::Command;
 fn random_policy_run(policy_seed: Option<&str>) -> String {
     let scenario = format!("{}/../../bench/scenarios/homogeneous.toml", env!("CARGO_MANIFEST_DIR"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"));
-    cmd.args(["des", "--scenario", &scenario, "--policy", "random", "--load", "0.8", "--requests", "400"]);
+    // A given knee: what this test compares is the policy's choices, not the bisection's.
+    cmd.args([
+        "des",
+        "--scenario",
+        &scenario,
+        "--policy",
+        "random",
+        "--load",
+        "0.8",
+        "--requests",
+        "400",
+        "--knee",
+        "90",
+    ]);
     if let Some(seed) = policy_seed {
         cmd.args(["--policy-seed", seed]);
     }
@@ -47,12 +60,13 @@ fn per_request_output_is_the_run_the_results_summarise() {
     assert_eq!(
         lines.next(),
         Some(
-            "sent_s,worker,prompt_tokens,cached_tokens,output_tokens,ttft_s,tpot_s,e2e_s,meets_slo,predicted_ttft_s,reason,error"
+            "sent_s,worker,prompt_tokens,cached_tokens,output_tokens,ttft_s,tpot_s,e2e_s,meets_slo,predicted_ttft_s,reason,error,decode_worker"
         )
     );
     let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
     assert_eq!(rows.len(), 600);
-    assert!(rows.iter().all(|r| r.len() == 12), "a row with the wrong number of fields");
+    assert!(rows.iter().all(|r| r.len() == 13), "a row with the wrong number of fields");
+    assert!(rows.iter().all(|r| r[12].is_empty()), "a decode worker outside a PD fleet");
     // In arrival order, and the same requests the summary counted: its SLO attainment and its
     // per-worker shares, from the rows.
     let sent: Vec<f64> = rows.iter().map(|r| r[0].parse().unwrap()).collect();
@@ -90,4 +104,55 @@ fn per_request_output_needs_a_directory() {
         .expect("run switchyard-bench des");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--out"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_given_knee_skips_the_bisection_and_pd_rows_name_both_legs() {
+    let dir = std::env::temp_dir().join(format!("switchyard-des-pd-knee-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let scenario = format!("{}/../../bench/scenarios/pd-mixed.toml", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"))
+        .args(["des", "--scenario", &scenario, "--policy", "marginal_utility", "--knee", "50", "--load", "2"])
+        .args(["--requests", "300", "--per-request", "--out"])
+        .arg(&dir)
+        .output()
+        .expect("run switchyard-bench des");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "des failed: {stderr}");
+    // The rate is the given knee's: no DES runs to find it.
+    assert!(stderr.contains("load 1.0 = 50.00 req/s") && stderr.contains("given"), "{stderr}");
+    assert!(!stderr.contains("found in"), "{stderr}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).expect("results.json")).unwrap();
+    assert_eq!(results["capacity_rps"].as_f64(), Some(50.0));
+    assert!(
+        results["capacity_method"].as_str().is_some_and(|m| m.contains("--knee")),
+        "{}",
+        results["capacity_method"]
+    );
+    assert!(results["ceiling_rps"].is_null(), "a ceiling nobody measured: {}", results["ceiling_rps"]);
+    // Every row names its prefill worker (the fleet's first three) and its decode worker (the
+    // last three); at twice the given knee some prefill legs run late, by a named rule.
+    let csv = std::fs::read_to_string(dir.join("requests-marginal_utility-2.00.csv")).expect("the CSV");
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 300);
+    for r in &rows {
+        assert!(["0", "1", "2"].contains(&r[1]) && ["3", "4", "5"].contains(&r[12]), "{r:?}");
+        assert!(r[10].starts_with("feasible") || r[10].starts_with("best_effort_"), "reason {:?}", r[10]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_knee_that_is_not_a_rate_is_refused() {
+    let scenario = format!("{}/../../bench/scenarios/homogeneous.toml", env!("CARGO_MANIFEST_DIR"));
+    for bad in ["0", "-3", "NaN", "inf", "fast"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"))
+            .args(["des", "--scenario", &scenario, "--requests", "10", &format!("--knee={bad}")])
+            .output()
+            .expect("run switchyard-bench des");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--knee {bad} accepted");
+        assert!(stderr.contains("--knee") && stderr.contains("above zero"), "{stderr}");
+    }
 }
