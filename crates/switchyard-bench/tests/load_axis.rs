@@ -152,6 +152,26 @@ fn marginal_utility_keeps_least_loads_goodput_at_the_knee_with_bursty_arrivals()
 }
 
 #[test]
+fn marginal_utility_keeps_the_best_simple_policys_goodput_on_a_mixed_pd_fleet_past_the_knee() {
+    // pd-mixed: each pool an h100 and two a100s. Past the knee no prefill worker is in time, and
+    // the prefill leg went to the cheapest one, which made every prefill worker late alike:
+    // 6.9 req/s at 1.4x, where round_robin (keeping the h100 pair in time) delivered 46.5 and
+    // load_based 6.4. Late prefill legs now go where regular mode's best effort sends them.
+    // 20,000 arrivals, as `des` runs it: past the knee shorter windows are mostly warm-up.
+    let s = scenario("pd-mixed");
+    let knee = knee(&s);
+    for load in [1.0, 1.2, 1.4] {
+        let goodput = |policy: &str| goodput_over(&s, knee, policy, load, 20_000, [s.seed]);
+        let (best, best_policy) = ["round_robin", "load_based", "consistent_hash"]
+            .into_iter()
+            .map(|p| (goodput(p), p))
+            .fold((0.0, ""), |a, b| if b.0 > a.0 { b } else { a });
+        let mu = goodput("marginal_utility");
+        assert!(mu >= 0.98 * best, "pd-mixed at {load}x the knee: marginal_utility {mu:.2} vs {best_policy} {best:.2}");
+    }
+}
+
+#[test]
 fn marginal_utility_drains_a_warm_up_overload_when_the_fleet_has_the_capacity() {
     // zipf-mixed at 1.3x the knee starts with every cache cold: all four workers are late for
     // a while. cache_aware's a100s drain it within ~40 s; marginal_utility made one a100 the

@@ -47,6 +47,7 @@ use super::{Report, RoutingError, RoutingPolicy, Selection};
 use crate::load::estimator::{EstimatorKind, FleetModel, Prediction, Sample, WorkerReport};
 use crate::load::{FirstTokenOutcome, LoadSnapshot, ReportedLoad, RequestOutcome, CHARS_PER_TOKEN};
 use crate::request::{RequestView, RoutingText};
+use crate::workers::WorkerRole;
 use crate::workers::{Membership, Worker};
 
 /// What the policy optimises.
@@ -163,6 +164,10 @@ struct WorkerState {
     report: Option<ReportedLoad>,
     /// Requests it has finished beyond those sent to it since that report.
     drained: i64,
+    /// A PD prefill worker: its requests leave when their prompt is computed, so a newcomer
+    /// queues for prefill compute (the TTFT fit's queued tokens), never for a batch slot held
+    /// through a decode.
+    prefill_leg: bool,
 }
 
 impl WorkerState {
@@ -290,6 +295,9 @@ pub struct Candidate {
     /// cost (prefill as well), or by the capacity remembered from while it was in time, fixed
     /// that case and lost more elsewhere (a worker really slowed kept its old speed; README).
     pub capacity: f64,
+    /// Its prefill throughput (uncached prompt tokens per ms, the TTFT fit's): what a prefill
+    /// worker's lateness costs a PD fleet, where it decodes nothing (`for_prefill_leg`).
+    pub prefill_throughput: f64,
     /// Of `ttft_ms`, the wait for a batch slot (ms; see `WorkerState::slot_wait_ms`).
     pub slot_wait_ms: f64,
     /// Its cache's recent hit rate (cached / prompt tokens, the model's EWMA; 0 where workers
@@ -314,6 +322,13 @@ impl Candidate {
     /// What best effort minimises: predicted TTFT plus the eviction it causes.
     pub fn best_effort_ms(&self) -> f64 {
         self.ttft_ms + self.eviction_ms
+    }
+
+    /// This candidate as a PD prefill leg: it computes the prompt and the first token only, so
+    /// its steps are not the stream's (the decode leg is judged on TPOT) and what the fleet
+    /// loses while it runs late is prefill throughput, not decode throughput.
+    fn for_prefill_leg(&self) -> Candidate {
+        Candidate { tpot_after_ms: 0.0, capacity: self.prefill_throughput, ..*self }
     }
 
     /// This candidate, chosen by best effort's rule `why`.
@@ -493,6 +508,7 @@ impl MarginalUtility {
                         .reported()
                         .filter(|r| now.saturating_duration_since(r.at) <= self.config.report_max_age),
                     drained: w.load().drained_since_report(),
+                    prefill_leg: matches!(w.role(), WorkerRole::Prefill { .. }),
                 };
                 (index, state)
             })
@@ -530,7 +546,7 @@ impl MarginalUtility {
         );
         let uncached = (prompt - matched).max(0.0);
         let t_now = pred.tpot_ms(b, k, prefill_rate).max(1e-3);
-        let slot_wait = w.slot_wait_ms(in_flight, mean_out, t_now);
+        let slot_wait = if w.prefill_leg { 0.0 } else { w.slot_wait_ms(in_flight, mean_out, t_now) };
         let ttft = pred.ttft_ms(uncached, s.queued_prefill_tokens as f64, in_flight).max(0.0) + slot_wait;
         // The requests already waiting there for their first token are on course for about
         // twice their mean wait so far, and a newcomer queues behind them: live evidence that
@@ -600,6 +616,7 @@ impl MarginalUtility {
             feasible,
             in_flight,
             capacity: pred.throughput_at(shared_batch, prompt + out / 2.0),
+            prefill_throughput: 1.0 / phi1.max(1e-9),
             slot_wait_ms: slot_wait,
             hit_rate: w.hit_rate,
             best_effort: None,
@@ -886,9 +903,16 @@ impl RoutingPolicy for MarginalUtility {
     /// in what the prefill leg leaves of the budget. Past the knee, where none does, the request
     /// goes to the decode worker furthest behind, as best effort sends it in regular mode: the
     /// others stay in time instead of every queue growing alike (DES, `pd` at 1.0-1.2x the knee:
-    /// 41.6 / 16.7 / 13.1 -> 62.2 / 21.2 / 13.6 req/s, README). A request whose prefill leg is
-    /// late already keeps the cheapest decode worker: sent to the one furthest behind as well, it
-    /// starved the rest of the pool (1.4x: throughput 89 -> 58 req/s).
+    /// 41.6 / 16.7 / 13.1 -> 62.2 / 21.2 / 13.6 req/s, README).
+    ///
+    /// The prefill leg past the knee follows regular mode's best effort too (`for_prefill_leg`):
+    /// late on the prefill worker of least prefill throughput furthest behind, small requests
+    /// still in time, rather than on the cheapest, which made every prefill worker late alike
+    /// (`pd-mixed`, an h100 and two a100s a pool, at 1.4x the knee: 6.9 req/s, round_robin's
+    /// 46.5). A request late already on its prefill leg is late on the decode worker furthest
+    /// behind as well: kept off the decode workers still in time, it no longer pushes them past
+    /// the SLO (it once starved the pool, when every prefill leg was late: 1.4x, throughput 89
+    /// -> 58 req/s). DES, README ("PD past the knee").
     fn select_pair(
         &self,
         prefill: &[Arc<Worker>],
@@ -900,6 +924,10 @@ impl RoutingPolicy for MarginalUtility {
         }
         let margin = self.config.slo_margin;
         let (slo_ttft, slo_tpot) = (self.config.slo_ttft.as_secs_f64() * 1e3, self.config.slo_tpot.as_secs_f64() * 1e3);
+        // The sizes best effort tells small requests by (as `choose` does in regular mode).
+        if request.waited.is_zero() {
+            self.sizes.observe(request);
+        }
         let p_scored = self.score(prefill, request);
         let budget = slo_ttft - request.waited.as_secs_f64() * 1e3;
         let prefill_cost = |c: &Candidate| c.ttft_ms + c.externality_ms + c.eviction_ms;
@@ -907,22 +935,28 @@ impl RoutingPolicy for MarginalUtility {
             p_scored.iter().filter(|c| c.expected_ttft_ms() <= if c.holder { 1.0 } else { margin } * budget).collect();
         let p = if p_feasible.is_empty() {
             self.counters.infeasible.fetch_add(1, Ordering::Relaxed);
-            let all: Vec<&Candidate> = p_scored.iter().collect();
-            let best = *all[self.best_by(&all, prefill_cost).unwrap_or(0)];
+            let legs: Vec<Candidate> = p_scored.iter().map(Candidate::for_prefill_leg).collect();
+            let all: Vec<&Candidate> = legs.iter().collect();
+            let best = self.best_effort(&all, request);
             self.overloaded(&all, best, request)?
         } else {
-            *p_feasible[self.best_by(&p_feasible, prefill_cost).unwrap_or(0)]
+            // Feasible as a prefill leg, whatever the worker's own test (its step time and
+            // guards are the stream's, which the decode leg carries): the trace says so.
+            Candidate { feasible: true, ..*p_feasible[self.best_by(&p_feasible, prefill_cost).unwrap_or(0)] }
         };
         let d_scored = self.score(decode, request);
         let d_feasible: Vec<&Candidate> = d_scored.iter().filter(|c| c.tpot_after_ms <= margin * slo_tpot).collect();
         let mut d_refs: Vec<&Candidate> = if d_feasible.is_empty() { d_scored.iter().collect() } else { d_feasible };
-        if !p_feasible.is_empty() {
-            let left = budget - p.expected_ttft_ms();
-            let furthest = d_refs.iter().copied().max_by(|a, b| a.slot_wait_ms.total_cmp(&b.slot_wait_ms));
+        // The decode worker furthest behind on batch slots: where a late request costs least.
+        let furthest = d_refs.iter().copied().max_by(|a, b| a.slot_wait_ms.total_cmp(&b.slot_wait_ms));
+        let left = budget - p.expected_ttft_ms();
+        if left >= 0.0 {
             d_refs.retain(|c| c.slot_wait_ms <= left);
             if d_refs.is_empty() {
                 d_refs.extend(furthest);
             }
+        } else {
+            d_refs = furthest.into_iter().collect();
         }
         let d = *d_refs[self.best_by(&d_refs, |c| c.own_ms - c.ttft_ms + c.externality_ms).unwrap_or(0)];
         self.counters.decisions.fetch_add(1, Ordering::Relaxed);
@@ -1181,6 +1215,7 @@ mod tests {
             feasible: false,
             in_flight: 1.0,
             capacity: 100.0,
+            prefill_throughput: 10.0,
             slot_wait_ms: 0.0,
             hit_rate: 0.0,
             best_effort: None,
@@ -1443,10 +1478,46 @@ mod tests {
         let _g3 = load(&ws[3], 150);
         assert!(waits(&p).iter().all(|&x| x > 2000.0), "{:?}", waits(&p));
         assert_eq!(decode_pick(&p), ws[1].id());
-        // A request whose prefill leg is late already keeps the cheapest decode worker: the one
-        // furthest behind would only starve the others.
+        // A request whose prefill leg is late already is late on the decode worker furthest
+        // behind too, even when another still has a free slot.
         let _g0 = load(&ws[0], 400);
-        assert_ne!(decode_pick(&p), ws[1].id());
+        assert!(p.score(&ws[..1], &view)[0].expected_ttft_ms() > 2000.0);
+        drop(_g3);
+        assert_eq!(waits(&p)[2], 0.0);
+        assert_eq!(decode_pick(&p), ws[1].id());
+    }
+
+    #[test]
+    fn pd_prefill_legs_past_the_knee_run_late_on_the_slowest_prefill_worker_furthest_behind() {
+        // ws[0..3] prefill (ws[0] three times as fast), ws[3] decodes.
+        let (ws, p) = (workers(4), policy(MarginalUtilityConfig::default()));
+        for (w, speed) in ws.iter().zip([3.0, 1.0, 1.0, 1.0]) {
+            train(&p, w.id(), speed);
+        }
+        let t0 = Instant::now();
+        let view = RequestView { now: Some(t0), ..request("hello") };
+        let load = |w: &Arc<Worker>, in_flight: usize| -> Vec<InFlightGuard> {
+            (0..in_flight)
+                .map(|_| {
+                    let mut g = InFlightGuard::dispatch(w.clone(), Default::default(), t0);
+                    g.mark_first_byte();
+                    g
+                })
+                .collect()
+        };
+        let pick = |p: &MarginalUtility| p.select_pair(&ws[..3], &ws[3..], &view).unwrap().0;
+        // Every prefill worker is expected past the TTFT budget (predicted 2.17 / 2.02 / 2.12 s).
+        // The fast one is not where late requests cost least, and of the two slow ones the
+        // request joins the one furthest behind: the other can come back in time. (Spreading
+        // them by cost, as before, sent it to ws[1], the cheapest, and every queue grew.)
+        let (_g0, mut g1, _g2) = (load(&ws[0], 1300), load(&ws[1], 400), load(&ws[2], 420));
+        let late = pick(&p);
+        assert_eq!(late.index, 2, "{late:?}");
+        assert_eq!(late.reason, Some("best_effort_late_smallest"));
+        // Once ws[1] drains it is in time again, and its pick says so.
+        g1.truncate(50);
+        let in_time = pick(&p);
+        assert_eq!((in_time.index, in_time.reason), (1, Some("feasible")), "{in_time:?}");
     }
 
     #[test]
