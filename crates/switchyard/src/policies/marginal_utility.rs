@@ -295,9 +295,10 @@ pub struct Candidate {
     /// cost (prefill as well), or by the capacity remembered from while it was in time, fixed
     /// that case and lost more elsewhere (a worker really slowed kept its old speed; README).
     pub capacity: f64,
-    /// Its prefill throughput (uncached prompt tokens per ms, the TTFT fit's): what a prefill
-    /// worker's lateness costs a PD fleet, where it decodes nothing (`for_prefill_leg`).
-    pub prefill_throughput: f64,
+    /// Its prefill time per uncached prompt token (ms, the TTFT fit's): its inverse, prefill
+    /// throughput, is what a prefill worker's lateness costs a PD fleet, where it decodes
+    /// nothing (`for_prefill_leg`). Kept as the fit gives it: the division is paid only there.
+    pub prefill_ms_per_token: f64,
     /// Of `ttft_ms`, the wait for a batch slot (ms; see `WorkerState::slot_wait_ms`).
     pub slot_wait_ms: f64,
     /// Its cache's recent hit rate (cached / prompt tokens, the model's EWMA; 0 where workers
@@ -328,7 +329,7 @@ impl Candidate {
     /// its steps are not the stream's (the decode leg is judged on TPOT) and what the fleet
     /// loses while it runs late is prefill throughput, not decode throughput.
     fn for_prefill_leg(&self) -> Candidate {
-        Candidate { tpot_after_ms: 0.0, capacity: self.prefill_throughput, ..*self }
+        Candidate { tpot_after_ms: 0.0, capacity: 1.0 / self.prefill_ms_per_token.max(1e-9), ..*self }
     }
 
     /// This candidate, chosen by best effort's rule `why`.
@@ -616,7 +617,7 @@ impl MarginalUtility {
             feasible,
             in_flight,
             capacity: pred.throughput_at(shared_batch, prompt + out / 2.0),
-            prefill_throughput: 1.0 / phi1.max(1e-9),
+            prefill_ms_per_token: phi1,
             slot_wait_ms: slot_wait,
             hit_rate: w.hit_rate,
             best_effort: None,
@@ -1215,7 +1216,7 @@ mod tests {
             feasible: false,
             in_flight: 1.0,
             capacity: 100.0,
-            prefill_throughput: 10.0,
+            prefill_ms_per_token: 0.1,
             slot_wait_ms: 0.0,
             hit_rate: 0.0,
             best_effort: None,
