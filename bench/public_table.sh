@@ -7,7 +7,7 @@
 #   bench/public_table.sh            # the whole protocol
 #   bench/public_table.sh --quick    # a reduced grid for a quick look (see below)
 #
-# Wall time on a 2-core machine: the whole protocol is 14 scenarios x 9 routers x 8 levels of
+# Wall time on a 2-core machine: the whole protocol is 17 scenarios x 9 routers x 8 levels of
 # steady-state runs - about a day at time scale 1 (each level runs 4x the p99 end-to-end
 # latency of arrivals, typically 40-90 s, plus start-up and drain). --quick runs 5 scenarios
 # (homogeneous, heterogeneous, slow-tier, prefill-heavy, shared-prefix-large), 5 routers

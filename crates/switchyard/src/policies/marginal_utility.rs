@@ -1441,6 +1441,21 @@ mod tests {
         // No wait is predicted for a worker that never reports its load, however busy.
         let _busy: Vec<InFlightGuard> = (0..40).map(|_| InFlightGuard::new(ws[1].clone())).collect();
         assert_eq!(p.score(&ws, &view)[1].slot_wait_ms, 0.0);
+        // Nor for a PD prefill worker under the same report: its requests leave once their
+        // prompt is computed, so a newcomer queues for prefill compute (the fit's queued
+        // tokens), and what the fit learns from it is its whole TTFT. (Counting a decode-style
+        // wait there taught the fit a negative queue term, and an idle h100 prefill worker was
+        // predicted past the SLO for good: pd-mixed, README "PD past the knee".)
+        let prefill =
+            Arc::new(Worker::new("http://127.0.0.9:30000".into(), WorkerRole::Prefill { bootstrap_port: None }));
+        train(&p, prefill.id(), 1.0);
+        let _prefilling: Vec<InFlightGuard> = (0..40).map(|_| InFlightGuard::new(prefill.clone())).collect();
+        prefill.load().set_reported(report(8, 32));
+        let leg = p.score(std::slice::from_ref(&prefill), &view)[0];
+        assert_eq!((leg.slot_wait_ms, leg.selection().slot_wait_ms), (0.0, Some(0)), "{leg:?}");
+        ws[0].load().set_reported(report(8, 32));
+        guards.extend(running(9));
+        assert!(p.score(&ws, &view)[0].slot_wait_ms > 0.0, "a regular worker under that report still waits");
     }
 
     #[test]
@@ -1515,6 +1530,18 @@ mod tests {
         let late = pick(&p);
         assert_eq!(late.index, 2, "{late:?}");
         assert_eq!(late.reason, Some("best_effort_late_smallest"));
+        // ws[1] drains to within the whole budget but not the margin: large requests still run
+        // late on ws[2], and one smaller than the mean the pair choice has seen goes to ws[1],
+        // in time (PD learns request sizes as regular mode does).
+        g1.truncate(300);
+        let sized = |text: &str| RequestView { now: Some(t0), ..request(text) };
+        for i in 0..3 {
+            // Each its own prompt: one the tree remembers would go to its holder.
+            let big = p.select_pair(&ws[..3], &ws[3..], &sized(&format!("{i}{}", "word ".repeat(400)))).unwrap().0;
+            assert_eq!((big.index, big.reason), (2, Some("best_effort_late_smallest")), "{big:?}");
+        }
+        let small = p.select_pair(&ws[..3], &ws[3..], &sized("hi there")).unwrap().0;
+        assert_eq!((small.index, small.reason), (1, Some("best_effort_small_in_time")), "{small:?}");
         // Once ws[1] drains it is in time again, and its pick says so.
         g1.truncate(50);
         let in_time = pick(&p);
