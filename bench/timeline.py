@@ -11,7 +11,9 @@ TTFT (s) and, where the policy says why it chose (marginal_utility's `reason`), 
 there by best effort, no worker being feasible ("be"), and the share of the late ones sent by a
 rule that expected them in time ("miss": the model was wrong, not the fleet short). A summary
 says how a run went; this says when and where: e.g. one worker late from the first burst on and
-never recovering, against a fleet that drains its warm-up queue.
+never recovering, against a fleet that drains its warm-up queue. In a prefill/decode fleet each
+request counts twice: at its prefill worker ("w") and at its decode worker ("d"), whose batch
+slots are where a PD fleet's queue builds.
 """
 
 import csv
@@ -30,25 +32,28 @@ def main():
     reasons = False
     with open(sys.argv[1], newline="") as f:
         for r in csv.DictReader(f):
-            worker = r["worker"] or "-"
-            c = cells[int(float(r["sent_s"]) // window)][worker]
-            c[0] += 1
-            c[1] += r["meets_slo"] != "1"
-            c[2] += int(r["cached_tokens"])
-            c[3] += int(r["prompt_tokens"])
-            if r["ttft_s"]:
-                c[4] += float(r["ttft_s"])
-                c[5] += 1
             reason = r.get("reason") or ""
             reasons = reasons or bool(reason)
-            c[6] += reason.startswith("best_effort")
-            c[7] += r["meets_slo"] != "1" and reason.startswith(IN_TIME)
+            legs = [("w", r["worker"] or "-")]
+            if r.get("decode_worker"):
+                legs.append(("d", r["decode_worker"]))
+            for leg in legs:
+                c = cells[int(float(r["sent_s"]) // window)][leg]
+                c[0] += 1
+                c[1] += r["meets_slo"] != "1"
+                c[2] += int(r["cached_tokens"])
+                c[3] += int(r["prompt_tokens"])
+                if r["ttft_s"]:
+                    c[4] += float(r["ttft_s"])
+                    c[5] += 1
+                c[6] += reason.startswith("best_effort")
+                c[7] += r["meets_slo"] != "1" and reason.startswith(IN_TIME)
     for w in sorted(cells):
         parts = []
-        for worker, (n, late, cached, prompt, ttft, with_ttft, be, miss) in sorted(cells[w].items()):
+        for (leg, worker), (n, late, cached, prompt, ttft, with_ttft, be, miss) in sorted(cells[w].items()):
             hit = cached / prompt if prompt else 0.0
             mean_ttft = ttft / with_ttft if with_ttft else float("nan")
-            part = f"w{worker}: n {n:4d} late {late / n:.2f} hit {hit:.2f} ttft {mean_ttft:6.2f}"
+            part = f"{leg}{worker}: n {n:4d} late {late / n:.2f} hit {hit:.2f} ttft {mean_ttft:6.2f}"
             if reasons:
                 part += f" be {be / n:.2f} miss {miss / late if late else 0.0:.2f}"
             parts.append(part)
