@@ -43,8 +43,9 @@ struct Args {
     /// next ones); unset = any free ports.
     #[arg(long)]
     bootstrap_port: Option<u16>,
-    /// Decode role: seconds to wait for a prefill worker's KV before failing the request.
-    #[arg(long, default_value_t = 10.0, value_parser = positive)]
+    /// Decode role: seconds to wait for a prefill worker's KV before failing the request
+    /// (SGLang's `SGLANG_DISAGGREGATION_WAITING_TIMEOUT` default).
+    #[arg(long, default_value_t = 300.0, value_parser = positive)]
     pd_timeout_secs: f64,
     /// KV transfer bandwidth between prefill and decode workers, GB/s.
     #[arg(long, default_value_t = 50.0, value_parser = positive)]
