@@ -1444,8 +1444,8 @@ mod tests {
         // Nor for a PD prefill worker under the same report: its requests leave once their
         // prompt is computed, so a newcomer queues for prefill compute (the fit's queued
         // tokens), and what the fit learns from it is its whole TTFT. (Counting a decode-style
-        // wait there taught the fit a negative queue term, and an idle h100 prefill worker was
-        // predicted past the SLO for good: pd-mixed, README "PD past the knee".)
+        // wait there put marginal_utility at 0.964x load_based's goodput at pd-mixed's knee:
+        // README "PD past the knee".)
         let prefill =
             Arc::new(Worker::new("http://127.0.0.9:30000".into(), WorkerRole::Prefill { bootstrap_port: None }));
         train(&p, prefill.id(), 1.0);
