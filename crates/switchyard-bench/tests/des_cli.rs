@@ -2,9 +2,14 @@
 
 use std::process::Command;
 
+/// A shipped scenario's path.
+fn scenario(name: &str) -> String {
+    format!("{}/../../bench/scenarios/{name}.toml", env!("CARGO_MANIFEST_DIR"))
+}
+
 /// The `worker share` line of one `des` run of the random policy.
 fn random_policy_run(policy_seed: Option<&str>) -> String {
-    let scenario = format!("{}/../../bench/scenarios/homogeneous.toml", env!("CARGO_MANIFEST_DIR"));
+    let scenario = scenario("homogeneous");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"));
     // A given knee: what this test compares is the policy's choices, not the bisection's.
     cmd.args([
@@ -44,7 +49,7 @@ fn the_policy_seed_changes_the_policies_choices_and_nothing_else_is_random() {
 fn per_request_output_is_the_run_the_results_summarise() {
     let dir = std::env::temp_dir().join(format!("switchyard-des-per-request-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let scenario = format!("{}/../../bench/scenarios/zipf-mixed.toml", env!("CARGO_MANIFEST_DIR"));
+    let scenario = scenario("zipf-mixed");
     let out = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"))
         .args(["des", "--scenario", &scenario, "--policy", "marginal_utility", "--load", "1.2"])
         .args(["--requests", "600", "--per-request", "--out"])
@@ -97,7 +102,7 @@ fn per_request_output_is_the_run_the_results_summarise() {
 
 #[test]
 fn per_request_output_needs_a_directory() {
-    let scenario = format!("{}/../../bench/scenarios/homogeneous.toml", env!("CARGO_MANIFEST_DIR"));
+    let scenario = scenario("homogeneous");
     let out = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"))
         .args(["des", "--scenario", &scenario, "--per-request", "--requests", "10"])
         .output()
@@ -110,7 +115,7 @@ fn per_request_output_needs_a_directory() {
 fn a_given_knee_skips_the_bisection_and_pd_rows_name_both_legs() {
     let dir = std::env::temp_dir().join(format!("switchyard-des-pd-knee-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let scenario = format!("{}/../../bench/scenarios/pd-mixed.toml", env!("CARGO_MANIFEST_DIR"));
+    let scenario = scenario("pd-mixed");
     let out = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"))
         .args(["des", "--scenario", &scenario, "--policy", "marginal_utility", "--knee", "50", "--load", "2"])
         .args(["--requests", "300", "--per-request", "--out"])
@@ -145,7 +150,7 @@ fn a_given_knee_skips_the_bisection_and_pd_rows_name_both_legs() {
 
 #[test]
 fn a_knee_that_is_not_a_rate_is_refused() {
-    let scenario = format!("{}/../../bench/scenarios/homogeneous.toml", env!("CARGO_MANIFEST_DIR"));
+    let scenario = scenario("homogeneous");
     for bad in ["0", "-3", "NaN", "inf", "fast"] {
         let out = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"))
             .args(["des", "--scenario", &scenario, "--requests", "10", &format!("--knee={bad}")])

@@ -948,16 +948,14 @@ impl RoutingPolicy for MarginalUtility {
         let d_scored = self.score(decode, request);
         let d_feasible: Vec<&Candidate> = d_scored.iter().filter(|c| c.tpot_after_ms <= margin * slo_tpot).collect();
         let mut d_refs: Vec<&Candidate> = if d_feasible.is_empty() { d_scored.iter().collect() } else { d_feasible };
-        // The decode worker furthest behind on batch slots: where a late request costs least.
+        // In time if the slot wait fits in what the prefill leg leaves of the budget; where none
+        // does — always so for a leg late already (a wait is never negative) — the decode
+        // worker furthest behind on batch slots, where a late request costs least.
         let furthest = d_refs.iter().copied().max_by(|a, b| a.slot_wait_ms.total_cmp(&b.slot_wait_ms));
         let left = budget - p.expected_ttft_ms();
-        if left >= 0.0 {
-            d_refs.retain(|c| c.slot_wait_ms <= left);
-            if d_refs.is_empty() {
-                d_refs.extend(furthest);
-            }
-        } else {
-            d_refs = furthest.into_iter().collect();
+        d_refs.retain(|c| c.slot_wait_ms <= left);
+        if d_refs.is_empty() {
+            d_refs.extend(furthest);
         }
         let d = *d_refs[self.best_by(&d_refs, |c| c.own_ms - c.ttft_ms + c.externality_ms).unwrap_or(0)];
         self.counters.decisions.fetch_add(1, Ordering::Relaxed);
