@@ -105,6 +105,14 @@ pub enum ApiError {
         /// The timeout.
         secs: f64,
     },
+    /// A PD prefill worker finished nothing while a prefill leg waited on it: hung.
+    #[error("prefill worker {worker} finished no request in {secs:.3} s (--pd-prefill-timeout-secs)")]
+    PrefillStalled {
+        /// Worker URL.
+        worker: String,
+        /// The window it finished nothing in.
+        secs: f64,
+    },
 }
 
 impl ApiError {
@@ -117,7 +125,9 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NoHealthyWorkers | ApiError::Shed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::WorkerUnreachable { .. } | ApiError::WorkerFailed { .. } => StatusCode::BAD_GATEWAY,
-            ApiError::Timeout { .. } | ApiError::TotalTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Timeout { .. } | ApiError::TotalTimeout { .. } | ApiError::PrefillStalled { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Loop => StatusCode::LOOP_DETECTED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -137,7 +147,10 @@ impl ApiError {
             ApiError::NoHealthyWorkers => "service_unavailable",
             ApiError::Shed { .. } => "overloaded",
             ApiError::WorkerUnreachable { .. } | ApiError::WorkerFailed { .. } => "bad_gateway",
-            ApiError::Timeout { .. } | ApiError::TotalTimeout { .. } | ApiError::BodyTimeout { .. } => "timeout",
+            ApiError::Timeout { .. }
+            | ApiError::TotalTimeout { .. }
+            | ApiError::BodyTimeout { .. }
+            | ApiError::PrefillStalled { .. } => "timeout",
             ApiError::Loop => "loop_detected",
             ApiError::Forbidden(_) => "permission_error",
             ApiError::MethodNotAllowed { .. } => "invalid_request_error",
@@ -194,6 +207,7 @@ mod tests {
             (ApiError::Shed { retry_after_secs: 2 }, 503),
             (ApiError::WorkerUnreachable { worker: "w".into(), reason: "r".into() }, 502),
             (ApiError::Timeout { worker: "w".into(), secs: 1.0 }, 504),
+            (ApiError::PrefillStalled { worker: "w".into(), secs: 1.0 }, 504),
             (ApiError::BodyTimeout { secs: 1.0 }, 408),
             (ApiError::Loop, 508),
             (ApiError::Forbidden("x".into()), 403),

@@ -10,6 +10,7 @@ use common::*;
 use serde_json::{json, Value};
 use switchyard::config::{PdConfig, PdStyle, RetryConfig, RouterConfig};
 use switchyard::policies::PolicyKind;
+use switchyard_sim::model::Profile;
 use switchyard_sim::server::{spawn_worker, Faults, Role, WorkerConfig, WorkerHandle};
 
 struct Fleet {
@@ -165,6 +166,52 @@ async fn failing_prefill_legs_are_retried_on_another_pair_quickly() {
         assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
         eventually(Duration::from_secs(5), "in-flight 0 on both pools", || async { total_in_flight(&u).await == 0 })
             .await;
+    }
+}
+
+/// A prefill worker that is behind is not hung: its legs wait their turn rather than being
+/// retried once `--pd-prefill-timeout-secs` has passed. The one prefill worker runs one
+/// request at a time, 0.3 s a step, and ten requests arrive together, so the last waits 3 s or
+/// more — past the 1-s window — while the worker keeps finishing the ones ahead of it. A flat
+/// timeout gave up on every leg queued past the window (each then queued again, or failed with
+/// no other prefill worker to try); now each request is prefilled once and nothing fails.
+#[tokio::test]
+async fn a_prefill_leg_queued_behind_others_is_waited_for_not_retried() {
+    for style in [PdStyle::Sglang, PdStyle::Vllm] {
+        let real_time = WorkerConfig { time_scale: 1.0, pd_timeout_secs: 60.0, ..WorkerConfig::default() };
+        let one_at_a_time = Profile { c0: 0.3, max_running_requests: 1, noise_sigma: 0.0, ..Profile::h100_llama8b() };
+        let prefill = WorkerConfig { role: Role::Prefill, profile: one_at_a_time, ..real_time.clone() };
+        let f = Fleet {
+            prefill: vec![spawn_worker(prefill).await.unwrap()],
+            decode: vec![spawn_worker(WorkerConfig { role: Role::Decode, seed: 100, ..real_time }).await.unwrap()],
+        };
+        let r = router(pd_config(&f, style, PolicyKind::RoundRobin)).await;
+        let u = r.url();
+        let mut sends = tokio::task::JoinSet::new();
+        for i in 0..10 {
+            let (url, body) = (
+                format!("{u}/v1/chat/completions"),
+                json!({"messages": [{"role": "user", "content": format!("q{i}")}], "max_tokens": 2, "ignore_eos": true}),
+            );
+            sends.spawn(async move { post(&url, &body).await });
+        }
+        let started = Instant::now();
+        while let Some(answer) = sends.join_next().await {
+            let a = answer.unwrap();
+            assert_eq!(a.status, 200, "{style:?}: {:?}", a.body);
+        }
+        assert!(
+            started.elapsed() > Duration::from_secs(2),
+            "{style:?}: the prefill queue was not deep enough to test this"
+        );
+        eventually(Duration::from_secs(5), "both pools idle", || async { total_in_flight(&u).await == 0 }).await;
+        let workers = get(&format!("{u}/workers")).await.json();
+        let p = f.prefill[0].url();
+        assert_eq!(
+            (load_of(&workers, &p, "dispatched"), load_of(&workers, &p, "failed")),
+            (10, 0),
+            "{style:?}: each prefill leg sent once, none given up on"
+        );
     }
 }
 

@@ -75,7 +75,9 @@ pub struct Args {
     /// Policy of the decode pool (default: --policy).
     #[arg(long, value_enum)]
     pub decode_policy: Option<PolicyKind>,
-    /// PD: seconds the prefill leg may take before it counts as failed (and is retried).
+    /// PD: seconds a prefill leg waits on a worker that finishes nothing before it counts as
+    /// failed (hung) and is retried; a worker still finishing others' requests is behind, not
+    /// hung, and its legs wait their turn.
     #[arg(long, default_value_t = 60.0, value_parser = positive_secs)]
     pub pd_prefill_timeout_secs: f64,
     /// Demo: start N simulated prefill workers (with --sim-decode, a PD fleet).
