@@ -3,6 +3,7 @@
 //! `sglang:num_queue_reqs`) or vLLM (`vllm:kv_cache_usage_perc`, `vllm:num_requests_waiting`).
 //! What the worker says goes into [`crate::load::WorkerLoad::set_reported`]; policies read it.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,6 +92,12 @@ pub async fn poll(upstream: &Upstream, worker: &Worker) -> Option<ReportedLoad> 
 }
 
 /// Polls every worker each `interval` until `shutdown` changes.
+///
+/// Each worker's poll runs on its own: a worker still answering (or timing out on) its last
+/// poll is skipped this round, not waited for. A round that waited for every poll let one hung
+/// worker — two probe timeouts, `/get_load` then `/metrics`, 10 s by default — hold back every
+/// other worker's report, until their reports were older than the policies accept
+/// (`report_max_age`, three intervals) and marginal_utility lost its view of the whole fleet.
 pub async fn run(
     registry: Arc<WorkerRegistry>,
     upstream: Upstream,
@@ -99,24 +106,29 @@ pub async fn run(
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut polls: JoinSet<()> = JoinSet::new();
+    // The worker each running poll is for (a poll that panicked ends its entry too).
+    let mut polling: HashMap<tokio::task::Id, String> = HashMap::new();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let mut polls = JoinSet::new();
-        for w in registry.all().iter() {
-            let w = w.clone();
-            let upstream = upstream.clone();
-            polls.spawn(async move {
-                if let Some(report) = poll(&upstream, &w).await {
-                    w.load().set_reported(report);
-                }
-            });
+        while let Some(done) = polls.try_join_next_with_id() {
+            polling.remove(&done.map_or_else(|e| e.id(), |(id, ())| id));
         }
-        tokio::select! {
-            _ = polls.join_all() => {}
-            _ = shutdown.changed() => return,
+        let busy: HashSet<&str> = polling.values().map(String::as_str).collect();
+        let due: Vec<Arc<Worker>> = registry.all().iter().filter(|w| !busy.contains(w.key())).cloned().collect();
+        for w in due {
+            let (key, upstream) = (w.key().to_owned(), upstream.clone());
+            let id = polls
+                .spawn(async move {
+                    if let Some(report) = poll(&upstream, &w).await {
+                        w.load().set_reported(report);
+                    }
+                })
+                .id();
+            polling.insert(id, key);
         }
     }
 }
@@ -124,6 +136,44 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::client::new_client;
+    use crate::workers::WorkerRole;
+
+    /// A worker that accepts connections and never answers must not hold back the others'
+    /// reports: the healthy worker is polled every round while the hung one's poll waits out its
+    /// 5-s timeout. Waiting for every poll each round gave it one report in those 2 s.
+    #[tokio::test]
+    async fn a_hung_worker_does_not_delay_the_others_reports() {
+        let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hung_url = format!("http://{}", hung.local_addr().unwrap());
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = hung.accept().await {
+                open.push(socket);
+            }
+        });
+        let healthy =
+            switchyard_sim::server::spawn_worker(switchyard_sim::server::WorkerConfig::default()).await.unwrap();
+        let registry = Arc::new(WorkerRegistry::new());
+        let good = Arc::new(Worker::new(healthy.url(), WorkerRole::Regular));
+        registry.add(Arc::new(Worker::new(hung_url, WorkerRole::Regular))).unwrap();
+        registry.add(good.clone()).unwrap();
+        let upstream = Upstream::new(new_client(Duration::from_secs(1), 4), Duration::from_secs(5));
+        let (stop, shutdown) = watch::channel(());
+        let poller = tokio::spawn(run(registry, upstream, Duration::from_millis(50), shutdown));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut seen = HashSet::new();
+        while Instant::now() < deadline && seen.len() < 4 {
+            if let Some(r) = good.load().reported() {
+                seen.insert(r.at);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(seen.len() >= 4, "the healthy worker was polled {} times in 2 s", seen.len());
+        drop(stop);
+        poller.await.unwrap();
+        held.abort();
+    }
 
     #[test]
     fn reads_sglang_and_vllm_reports() {
