@@ -133,8 +133,9 @@ enum Event {
     Poll,
 }
 
-/// How often simulated routers read the workers' own load reports (as `--load-check-interval`).
-const POLL_INTERVAL: f64 = 1.0;
+/// How often simulated routers read the workers' own load reports: the router's default
+/// `--load-check-interval`, one constant for both.
+const POLL_INTERVAL: f64 = switchyard::config::DEFAULT_LOAD_CHECK_INTERVAL_SECS;
 
 /// One router replica: its policy, its own view of the workers, the observer its guards
 /// report to (the policy, as the live router's pool observer does), and its hold queue.

@@ -141,7 +141,7 @@ pub struct Args {
     /// Seconds between polls of each worker's own load report (`/get_load`, else `/metrics`),
     /// used by power_of_two and by marginal_utility (its KV/queue guards, and with
     /// `--mu-count-other-routers` the requests other router replicas have there); 0 = off.
-    #[arg(long, default_value_t = 5.0, value_parser = non_negative_secs)]
+    #[arg(long, default_value_t = super::DEFAULT_LOAD_CHECK_INTERVAL_SECS, value_parser = non_negative_secs)]
     pub load_check_interval: f64,
     /// marginal_utility: objective (slo = goodput within SLOs, latency, throughput).
     #[arg(long, value_enum, default_value_t = Objective::Slo)]
@@ -906,6 +906,9 @@ mod tests {
         assert_eq!(c.max_payload_size, 64 * 1024 * 1024);
         assert_eq!((c.health.failure_threshold, c.health.success_threshold), (3, 2));
         assert_eq!(c.health.endpoint, "/health");
+        // One default for the command line, the library's config and the simulator's polls.
+        let polls = Some(Duration::from_secs_f64(super::super::DEFAULT_LOAD_CHECK_INTERVAL_SECS));
+        assert_eq!((c.load_check_interval, RouterConfig::default().load_check_interval), (polls, polls));
         let ParseOutcome::Run(a) = parse_args(["switchyard", "--policy", "cache_aware", "--max-tree-size", "1000"])
         else {
             panic!()

@@ -124,7 +124,7 @@ pub struct MarginalUtilityConfig {
     /// old and every replica reads the same ones, and while an overload builds it cost up to
     /// a fifth of the goodput on shared-prefix traffic (README, "Replicas share the load").
     pub count_other_routers: bool,
-    /// Reports older than this are ignored by the KV/queue guards.
+    /// Reports older than this are ignored by the KV/queue guards: three polls (`--load-check-interval`).
     pub report_max_age: Duration,
     /// RNG seed.
     pub seed: Option<u64>,
@@ -148,7 +148,7 @@ impl Default for MarginalUtilityConfig {
             max_tree_bytes: super::cache_aware::DEFAULT_TREE_BYTES,
             kv_guard: 0.9,
             count_other_routers: false,
-            report_max_age: Duration::from_secs(15),
+            report_max_age: Duration::from_secs_f64((3.0 * crate::config::DEFAULT_LOAD_CHECK_INTERVAL_SECS).max(1.0)),
             seed: None,
         }
     }
