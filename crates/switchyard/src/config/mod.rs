@@ -6,11 +6,10 @@ mod cli;
 mod file;
 
 /// Seconds between polls of each worker's own load report, by default (`--load-check-interval`).
-/// The discrete-event simulator polls its engines as often, so that what it shows of
-/// marginal_utility, which reads the reports, is what the router does by default: it polled every
-/// second while the router's default was 5 s, and at 5 s marginal_utility's DES goodput past the
-/// knee fell by up to a fifth on conversation and PD traffic (README, "Load reports every second").
-pub const DEFAULT_LOAD_CHECK_INTERVAL_SECS: f64 = 1.0;
+/// 1 s was tried (it is what the discrete-event simulator polls at, and there marginal_utility
+/// gains past the knee from it) and not kept: live it gained nothing on PD and conversation
+/// traffic and lost 6 % on a mixed fleet past the knee (README, "Load reports").
+pub const DEFAULT_LOAD_CHECK_INTERVAL_SECS: f64 = 5.0;
 
 pub use address::{canonical_host, worker_ip_allowed, Cidr};
 pub use cli::{parse_args, Args, ParseOutcome, MAX_SECS};
