@@ -1,34 +1,40 @@
 //! The `des` command as users run it: its options reach the simulation.
 
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 /// A shipped scenario's path.
 fn scenario(name: &str) -> String {
     format!("{}/../../bench/scenarios/{name}.toml", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// One `switchyard-bench des` run with `args`, optionally writing to `out`.
+fn des(args: &[&str], out: Option<&Path>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"));
+    cmd.arg("des").args(args);
+    if let Some(dir) = out {
+        cmd.arg("--out").arg(dir);
+    }
+    cmd.output().expect("run switchyard-bench des")
+}
+
+/// An empty directory of its own for one test's output.
+fn fresh_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("switchyard-des-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 /// The `worker share` line of one `des` run of the random policy.
 fn random_policy_run(policy_seed: Option<&str>) -> String {
     let scenario = scenario("homogeneous");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"));
     // A given knee: what this test compares is the policy's choices, not the bisection's.
-    cmd.args([
-        "des",
-        "--scenario",
-        &scenario,
-        "--policy",
-        "random",
-        "--load",
-        "0.8",
-        "--requests",
-        "400",
-        "--knee",
-        "90",
-    ]);
+    let mut args =
+        vec!["--scenario", &scenario, "--policy", "random", "--load", "0.8", "--requests", "400", "--knee", "90"];
     if let Some(seed) = policy_seed {
-        cmd.args(["--policy-seed", seed]);
+        args.extend(["--policy-seed", seed]);
     }
-    let out = cmd.output().expect("run switchyard-bench des");
+    let out = des(&args, None);
     assert!(out.status.success(), "des failed: {}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let share = stdout.lines().find(|l| l.trim_start().starts_with("worker share:")).expect("a worker share line");
@@ -47,15 +53,10 @@ fn the_policy_seed_changes_the_policies_choices_and_nothing_else_is_random() {
 
 #[test]
 fn per_request_output_is_the_run_the_results_summarise() {
-    let dir = std::env::temp_dir().join(format!("switchyard-des-per-request-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = fresh_dir("per-request");
     let scenario = scenario("zipf-mixed");
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"))
-        .args(["des", "--scenario", &scenario, "--policy", "marginal_utility", "--load", "1.2"])
-        .args(["--requests", "600", "--per-request", "--out"])
-        .arg(&dir)
-        .output()
-        .expect("run switchyard-bench des");
+    let args = ["--scenario", &scenario, "--policy", "marginal_utility", "--load", "1.2", "--requests", "600"];
+    let out = des(&[&args[..], &["--per-request"]].concat(), Some(&dir));
     assert!(out.status.success(), "des failed: {}", String::from_utf8_lossy(&out.stderr));
     let csv = std::fs::read_to_string(dir.join("requests-marginal_utility-1.20.csv")).expect("the CSV");
     let results: serde_json::Value =
@@ -103,25 +104,17 @@ fn per_request_output_is_the_run_the_results_summarise() {
 #[test]
 fn per_request_output_needs_a_directory() {
     let scenario = scenario("homogeneous");
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"))
-        .args(["des", "--scenario", &scenario, "--per-request", "--requests", "10"])
-        .output()
-        .expect("run switchyard-bench des");
+    let out = des(&["--scenario", &scenario, "--per-request", "--requests", "10"], None);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--out"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
 fn a_given_knee_skips_the_bisection_and_pd_rows_name_both_legs() {
-    let dir = std::env::temp_dir().join(format!("switchyard-des-pd-knee-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = fresh_dir("pd-knee");
     let scenario = scenario("pd-mixed");
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"))
-        .args(["des", "--scenario", &scenario, "--policy", "marginal_utility", "--knee", "50", "--load", "2"])
-        .args(["--requests", "300", "--per-request", "--out"])
-        .arg(&dir)
-        .output()
-        .expect("run switchyard-bench des");
+    let args = ["--scenario", &scenario, "--policy", "marginal_utility", "--knee", "50", "--load", "2"];
+    let out = des(&[&args[..], &["--requests", "300", "--per-request"]].concat(), Some(&dir));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "des failed: {stderr}");
     // The rate is the given knee's: no DES runs to find it.
@@ -152,10 +145,7 @@ fn a_given_knee_skips_the_bisection_and_pd_rows_name_both_legs() {
 fn a_knee_that_is_not_a_rate_is_refused() {
     let scenario = scenario("homogeneous");
     for bad in ["0", "-3", "NaN", "inf", "fast"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"))
-            .args(["des", "--scenario", &scenario, "--requests", "10", &format!("--knee={bad}")])
-            .output()
-            .expect("run switchyard-bench des");
+        let out = des(&["--scenario", &scenario, "--requests", "10", &format!("--knee={bad}")], None);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "--knee {bad} accepted");
         assert!(stderr.contains("--knee") && stderr.contains("above zero"), "{stderr}");

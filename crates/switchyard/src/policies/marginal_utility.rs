@@ -47,8 +47,7 @@ use super::{Report, RoutingError, RoutingPolicy, Selection};
 use crate::load::estimator::{EstimatorKind, FleetModel, Prediction, Sample, WorkerReport};
 use crate::load::{FirstTokenOutcome, LoadSnapshot, ReportedLoad, RequestOutcome, CHARS_PER_TOKEN};
 use crate::request::{RequestView, RoutingText};
-use crate::workers::WorkerRole;
-use crate::workers::{Membership, Worker};
+use crate::workers::{Membership, Worker, WorkerRole};
 
 /// What the policy optimises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]

@@ -340,20 +340,21 @@ fn usage_of(body: &[u8]) -> Usage {
     usage
 }
 
-/// Sends `body` to a prefill `worker` and reads the whole answer, within `limit`.
 /// A PD leg's span (until its answer's head, or its whole answer for prefill).
 fn leg_span(leg: &'static str, worker: &Worker) -> tracing::Span {
     tracing::debug_span!(target: crate::telemetry::TARGET, "leg", otel.name = leg, worker = worker.key())
 }
 
+/// Sends `body` to a prefill `worker` and reads the whole answer, all within the request
+/// timeout.
 async fn whole(
     upstream: &Upstream,
     worker: &Worker,
     route: &str,
     headers: &HeaderMap,
     body: Bytes,
-    limit: Duration,
 ) -> Result<(u16, Bytes), ApiError> {
+    let limit = upstream.timeout;
     let call = async {
         let resp = upstream.send_to(worker, route, headers, body).await.map_err(|e| match e {
             SendError::Timeout => timed_out(worker, upstream.timeout),
@@ -390,7 +391,7 @@ async fn whole_unless_stalled(
     body: Bytes,
     window: Duration,
 ) -> Result<(u16, Bytes), ApiError> {
-    let call = whole(upstream, worker, route, headers, body, upstream.timeout);
+    let call = whole(upstream, worker, route, headers, body);
     tokio::pin!(call);
     loop {
         let finished_before = worker.load().succeeded();
