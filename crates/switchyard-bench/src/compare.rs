@@ -375,7 +375,11 @@ fn router_command(
                 cmd.arg("--kv-events-replay-endpoint").args(endpoints(|w| w.kv_events_replay.as_ref())?);
             }
             cmd.args(["--host", "127.0.0.1", "--port", &port.to_string(), "--log-level", "warn"]);
-            cmd.args(["--health-check-interval-secs", "1", "--load-check-interval", "1"]);
+            cmd.args(["--health-check-interval-secs", "1"]);
+            // The router's default load polls, in the fleet's time as the SLOs are: workers
+            // running `time_scale` times faster than hardware are polled that much more often.
+            let polls = switchyard::config::DEFAULT_LOAD_CHECK_INTERVAL_SECS / time_scale;
+            cmd.args(["--load-check-interval", &polls.to_string()]);
             cmd.args(["--slo-ttft-ms", &(s.slo.ttft_ms / time_scale).to_string()]);
             cmd.args(["--slo-tpot-ms", &(s.slo.tpot_ms / time_scale).to_string()]);
             cmd.args(crate::policy_spec::flags(policy));

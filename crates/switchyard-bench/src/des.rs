@@ -133,13 +133,9 @@ enum Event {
     Poll,
 }
 
-/// How often simulated routers read the workers' own load reports (`--load-check-interval`).
-/// Every second, not the router's default 5 s: marginal_utility reads the reports, and at 5 s
-/// the DES shows it up to a fifth lower past the knee on conversation and PD traffic (pd-mixed
-/// 1.4x: 78.6 -> 61.2 req/s, where the live router measured 60-63), yet the live router at 1 s
-/// was no better (62.2) — the DES's polls and the live ones differ in a way not yet understood.
-/// Every DES table in the README is at this interval (README, "Load reports").
-const POLL_INTERVAL: f64 = 1.0;
+/// How often simulated routers read the workers' own load reports: the router's default
+/// `--load-check-interval`, one constant for both.
+const POLL_INTERVAL: f64 = switchyard::config::DEFAULT_LOAD_CHECK_INTERVAL_SECS;
 
 /// One router replica: its policy, its own view of the workers, the observer its guards
 /// report to (the policy, as the live router's pool observer does), and its hold queue.

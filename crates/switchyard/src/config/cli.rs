@@ -906,7 +906,7 @@ mod tests {
         assert_eq!(c.max_payload_size, 64 * 1024 * 1024);
         assert_eq!((c.health.failure_threshold, c.health.success_threshold), (3, 2));
         assert_eq!(c.health.endpoint, "/health");
-        // One default for the command line and the library's config.
+        // One default for the command line, the library's config and the simulator's polls.
         let polls = Some(Duration::from_secs_f64(super::super::DEFAULT_LOAD_CHECK_INTERVAL_SECS));
         assert_eq!((c.load_check_interval, RouterConfig::default().load_check_interval), (polls, polls));
         let ParseOutcome::Run(a) = parse_args(["switchyard", "--policy", "cache_aware", "--max-tree-size", "1000"])

@@ -6,10 +6,12 @@ mod cli;
 mod file;
 
 /// Seconds between polls of each worker's own load report, by default (`--load-check-interval`).
-/// 1 s was tried (it is what the discrete-event simulator polls at, and there marginal_utility
-/// gains past the knee from it) and not kept: live it gained nothing on PD and conversation
-/// traffic and lost 6 % on a mixed fleet past the knee (README, "Load reports").
-pub const DEFAULT_LOAD_CHECK_INTERVAL_SECS: f64 = 5.0;
+/// The discrete-event simulator polls its engines as often. marginal_utility reads the reports
+/// (its queue and KV guards), and past the knee they go stale fast: at 5 s it lost a fifth of its
+/// goodput on PD traffic, live as in the DES (pd-mixed at 1.4x the knee: live 48.0 against
+/// 60-63 req/s at 1 s; DES 61.2 against 78.6), and up to a quarter on conversations in the DES
+/// (README, "Load reports"). A poll is one small GET per worker.
+pub const DEFAULT_LOAD_CHECK_INTERVAL_SECS: f64 = 1.0;
 
 pub use address::{canonical_host, worker_ip_allowed, Cidr};
 pub use cli::{parse_args, Args, ParseOutcome, MAX_SECS};
