@@ -924,6 +924,9 @@ mod tests {
         assert!(!mu(&["switchyard", "--policy", "marginal_utility"]).count_other_routers);
         assert!(mu(&["switchyard", "--policy", "marginal_utility", "--mu-count-other-routers"]).count_other_routers);
         assert_eq!(mu(&["switchyard", "--policy", "marginal_utility"]).holder_margin, 1.0);
+        // The library's default forgetting time is the command line's (the benchmark scales it).
+        let (cli, lib) = (mu(&["switchyard", "--policy", "marginal_utility"]), MarginalUtilityConfig::default());
+        assert_eq!((cli.tau, cli.report_max_age), (lib.tau, lib.report_max_age));
         assert_eq!(mu(&["switchyard", "--policy", "marginal_utility", "--mu-holder-margin", "0.6"]).holder_margin, 0.6);
         assert!(matches!(
             parse_args(["switchyard", "--policy", "marginal_utility", "--mu-holder-margin", "1.5"]),
