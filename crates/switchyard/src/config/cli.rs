@@ -523,7 +523,7 @@ impl Args {
                 tau: Duration::from_secs_f64(self.mu_tau_secs),
                 max_tree_size: self.max_tree_size,
                 max_tree_bytes: (self.max_tree_memory_mb as usize) << 20,
-                report_max_age: Duration::from_secs_f64((self.load_check_interval * 3.0).max(1.0)),
+                report_max_age: MarginalUtilityConfig::report_max_age_for(self.load_check_interval),
                 count_other_routers: self.mu_count_other_routers,
                 ..c
             }),

@@ -129,6 +129,14 @@ pub struct MarginalUtilityConfig {
     pub seed: Option<u64>,
 }
 
+impl MarginalUtilityConfig {
+    /// The oldest report the guards read when workers are polled every `poll_secs`: three
+    /// polls (one late answer is not a lost view), at least a second.
+    pub fn report_max_age_for(poll_secs: f64) -> Duration {
+        Duration::from_secs_f64((3.0 * poll_secs).max(1.0))
+    }
+}
+
 impl Default for MarginalUtilityConfig {
     fn default() -> Self {
         Self {
@@ -147,7 +155,7 @@ impl Default for MarginalUtilityConfig {
             max_tree_bytes: super::cache_aware::DEFAULT_TREE_BYTES,
             kv_guard: 0.9,
             count_other_routers: false,
-            report_max_age: Duration::from_secs_f64((3.0 * crate::config::DEFAULT_LOAD_CHECK_INTERVAL_SECS).max(1.0)),
+            report_max_age: Self::report_max_age_for(crate::config::DEFAULT_LOAD_CHECK_INTERVAL_SECS),
             seed: None,
         }
     }

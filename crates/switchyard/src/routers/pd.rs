@@ -97,6 +97,12 @@ impl Legs<'_> {
         &self.router.0.upstream
     }
 
+    /// How long a prefill worker may finish nothing before its leg is given up on
+    /// ([`whole_unless_stalled`]): never past the request timeout.
+    fn prefill_window(&self) -> Duration {
+        self.prefill_timeout.min(self.upstream().timeout)
+    }
+
     async fn sglang(&self, prefill: InFlightGuard, decode: InFlightGuard) -> Result<Response<Body>, Failure> {
         let (p, d) = (prefill.worker().clone(), decode.worker().clone());
         let bootstrap_port = match p.role() {
@@ -122,7 +128,7 @@ impl Legs<'_> {
         let (fail_prefill, failed) = tokio::sync::oneshot::channel::<()>();
         let prefill_task = {
             let (upstream, headers, route) = (self.upstream().clone(), self.a.headers.clone(), self.a.route);
-            let (window, bytes) = (self.prefill_timeout.min(upstream.timeout), bytes.clone());
+            let (window, bytes) = (self.prefill_window(), bytes.clone());
             let span = leg_span("prefill", &p);
             tokio::spawn(Instrument::instrument(
                 async move {
@@ -271,7 +277,7 @@ impl Legs<'_> {
             set.push(("max_completion_tokens", "1".to_owned()));
         }
         let prefill_body = self.members.rewrite(&set, &["stream_options"]);
-        let window = self.prefill_timeout.min(self.upstream().timeout);
+        let window = self.prefill_window();
         let answer = Instrument::instrument(
             whole_unless_stalled(self.upstream(), &p, self.a.route, self.a.headers, prefill_body, window),
             leg_span("prefill", &p),
