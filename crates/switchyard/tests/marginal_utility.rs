@@ -52,6 +52,11 @@ async fn learns_from_proxied_streams_and_explains_itself() {
     let state = get(&format!("{}/debug/policy", r.url())).await.json();
     assert_eq!(state["policy"], "marginal_utility");
     assert_eq!(state["decisions"].as_u64(), Some(40), "{state}");
+    // Each request's size counted once, on its first ask (best effort tells small from large
+    // by these): every request asked for 16 tokens.
+    let sizes = &state["request_sizes"];
+    assert_eq!(sizes["mean_max_tokens"].as_f64(), Some(16.0), "{state}");
+    assert!(sizes["mean_prompt_tokens"].as_f64().is_some_and(|p| p > 100.0), "{state}");
     let reports = state["workers"].as_array().expect("workers");
     let samples: u64 = reports.iter().map(|w| w["samples"][1].as_u64().unwrap_or(0)).sum();
     assert_eq!(samples, 40, "every streamed request became a prefill sample: {state}");

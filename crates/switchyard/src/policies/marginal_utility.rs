@@ -398,6 +398,12 @@ impl SizeMeans {
         }
     }
 
+    /// The means (prompt tokens, output cap), 0 before the first request: `/debug/policy`.
+    fn means(&self) -> (f64, f64) {
+        let read = |m: &AtomicU64| f64::from_bits(m.load(Ordering::Relaxed));
+        (read(&self.prompt), read(&self.cap))
+    }
+
     /// The request's size over the mean: prompt and output cap each against theirs, averaged
     /// (the prompt alone when it has no cap). 1 until there is a mean to compare with.
     fn relative(&self, request: &RequestView) -> f64 {
@@ -1057,6 +1063,7 @@ impl MarginalUtility {
             "shed": c.shed.load(Ordering::Relaxed),
             "explored": c.explored.load(Ordering::Relaxed),
             "late": c.late.load(Ordering::Relaxed),
+            "request_sizes": {"mean_prompt_tokens": self.sizes.means().0, "mean_max_tokens": self.sizes.means().1},
             "workers": self.report(),
         })
     }

@@ -107,14 +107,19 @@ pub struct Hold {
 }
 
 impl Hold {
-    /// Asks the policy once at `now`, with `view.waited` set to the time held so far.
+    /// Asks the policy once at `now`, with `view.waited` set to the time held so far: zero
+    /// until the policy has once answered "saturated". A policy tells a request's first ask
+    /// by it (marginal_utility counts each request's size once, for its best effort); the
+    /// microseconds between the ticket and the first ask on a live clock made every first ask
+    /// look like a recheck, and the sizes were never counted live (the simulation's clock
+    /// stands still between them).
     pub fn ask<T>(
         &mut self,
         view: &mut RequestView,
         now: Instant,
         select: &mut impl FnMut(&RequestView) -> Result<T, RoutingError>,
     ) -> Asked<T> {
-        view.waited = now.saturating_duration_since(self.since);
+        view.waited = if self.holding { now.saturating_duration_since(self.since) } else { Duration::ZERO };
         let answer = match select(view) {
             Err(RoutingError::Saturated { recheck }) => {
                 if !self.holding {
@@ -213,6 +218,22 @@ mod tests {
         assert_eq!(queue.held(), 1, "the second was never held");
         drop(first);
         assert_eq!(queue.held(), 0);
+    }
+
+    #[test]
+    fn a_first_ask_has_waited_nothing_however_late_it_comes_and_a_recheck_counts_from_the_ticket() {
+        let queue = Arc::new(HoldQueue::new(4));
+        let since = Instant::now();
+        let mut hold = queue.hold(since);
+        let mut view = RequestView::default();
+        let mut seen = Vec::new();
+        let mut select = |v: &RequestView| {
+            seen.push(v.waited);
+            Err::<(), _>(RoutingError::Saturated { recheck: Duration::from_millis(5) })
+        };
+        assert!(matches!(hold.ask(&mut view, since + Duration::from_millis(3), &mut select), Asked::Wait(_)));
+        assert!(matches!(hold.ask(&mut view, since + Duration::from_millis(10), &mut select), Asked::Wait(_)));
+        assert_eq!(seen, [Duration::ZERO, Duration::from_millis(10)]);
     }
 
     #[test]
