@@ -1048,6 +1048,7 @@ impl MarginalUtility {
 
     fn debug_state(&self) -> serde_json::Value {
         let c = &self.counters;
+        let (mean_prompt, mean_cap) = self.sizes.means();
         serde_json::json!({
             "policy": "marginal_utility",
             "objective": self.config.objective,
@@ -1063,7 +1064,7 @@ impl MarginalUtility {
             "shed": c.shed.load(Ordering::Relaxed),
             "explored": c.explored.load(Ordering::Relaxed),
             "late": c.late.load(Ordering::Relaxed),
-            "request_sizes": {"mean_prompt_tokens": self.sizes.means().0, "mean_max_tokens": self.sizes.means().1},
+            "request_sizes": {"mean_prompt_tokens": mean_prompt, "mean_max_tokens": mean_cap},
             "workers": self.report(),
         })
     }
