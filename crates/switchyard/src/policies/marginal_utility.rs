@@ -407,12 +407,10 @@ impl SizeMeans {
     /// The request's size over the mean: prompt and output cap each against theirs, averaged
     /// (the prompt alone when it has no cap). 1 until there is a mean to compare with.
     fn relative(&self, request: &RequestView) -> f64 {
-        let ratio = |x: f64, mean: &AtomicU64| {
-            let m = f64::from_bits(mean.load(Ordering::Relaxed));
-            (m > 0.0).then(|| x / m)
-        };
-        let prompt = ratio(f64::from(request.prompt_tokens()), &self.prompt).unwrap_or(1.0);
-        match request.max_tokens.and_then(|cap| ratio(f64::from(cap), &self.cap)) {
+        let (mean_prompt, mean_cap) = self.means();
+        let ratio = |x: f64, m: f64| (m > 0.0).then(|| x / m);
+        let prompt = ratio(f64::from(request.prompt_tokens()), mean_prompt).unwrap_or(1.0);
+        match request.max_tokens.and_then(|cap| ratio(f64::from(cap), mean_cap)) {
             Some(cap) => (prompt + cap) / 2.0,
             None => prompt,
         }
