@@ -53,6 +53,10 @@ pub struct RequestView {
     pub model: Option<String>,
     /// How long the router has held the request waiting for capacity (overload queueing).
     pub waited: Duration,
+    /// How often a policy was asked to place this request before this ask: a held request's
+    /// rechecks, a retry after a failed attempt, a re-choice after a breaker's refusal. A policy
+    /// that counts each request once (marginal_utility's size means) counts it at 0.
+    pub asks: u32,
     /// The time of the decision when it is not the wall clock's (a simulation's virtual time).
     pub now: Option<tokio::time::Instant>,
     /// The prompt's block hashes once the exact cache view has computed them.
@@ -406,6 +410,7 @@ impl RequestView {
             stream: f.stream.unwrap_or(false),
             model: f.model.map(Cow::into_owned),
             waited: Duration::ZERO,
+            asks: 0,
             now: None,
             block_hashes: Default::default(),
         })

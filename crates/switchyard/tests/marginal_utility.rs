@@ -148,3 +148,34 @@ async fn hung_and_cut_streams_through_marginal_utility() {
         state["workers"].as_array().expect("workers").iter().map(|w| w["samples"][1].as_u64().unwrap_or(0)).sum();
     assert_eq!(samples, ok, "only successful requests are learnt from: {state}");
 }
+
+/// Best effort tells a small request from a large one by the means of the requests' sizes, each
+/// request counted once: a retry after a failed attempt (or a re-choice after a breaker's
+/// refusal) is the same request asked about again, not another one. Every worker here fails
+/// every request, so each request is asked about once per attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_request_counts_once_in_the_size_means() {
+    let workers = sim_workers(3).await;
+    for w in &workers {
+        w.set_faults(Faults { error_rate: 1.0, error_status: 503, ..Faults::default() }).expect("faults");
+    }
+    let r = router(mu(MarginalUtilityConfig::default(), workers.iter().map(|w| w.url()).collect())).await;
+    let url = format!("{}/v1/completions", r.url());
+    let sized = |i: usize, cap: u32| json!({"model": "m", "prompt": format!("question {i} {}", "words ".repeat(100)), "max_tokens": cap});
+    for (i, cap) in [(0, 16), (1, 1000)] {
+        let answer = post(&url, &sized(i, cap)).await;
+        assert!(
+            answer.status.is_server_error(),
+            "every worker fails: {} {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        );
+    }
+    let state = get(&format!("{}/debug/policy", r.url())).await.json();
+    let decisions = state["decisions"].as_u64().expect("decisions");
+    assert!(decisions > 2, "the failed attempts were retried elsewhere: {state}");
+    // Once each: 16, then 1000 (capped at 10x the mean, 160) at weight 0.01: 16 + 0.01 x 144.
+    // Counted once per attempt, the 16s would be a wash but the 160s would pull it past 18.8.
+    let mean_cap = state["request_sizes"]["mean_max_tokens"].as_f64().expect("mean");
+    assert!((mean_cap - 17.44).abs() < 1e-9, "mean output cap {mean_cap} after {decisions} asks: {state}");
+}

@@ -656,8 +656,9 @@ impl MarginalUtility {
             return Err(RoutingError::NoHealthyWorkers);
         }
         self.counters.decisions.fetch_add(1, Ordering::Relaxed);
-        // Each request once, not again each time a held one is asked about (`queue`, `shed`).
-        if request.waited.is_zero() {
+        // Each request once: not again when a held one is rechecked (`queue`, `shed`), retried
+        // after a failed attempt or re-chosen after a breaker's refusal.
+        if request.asks == 0 {
             self.sizes.observe(request);
         }
         let all: Vec<&Candidate> = scored.iter().collect();
@@ -937,7 +938,7 @@ impl RoutingPolicy for MarginalUtility {
         let margin = self.config.slo_margin;
         let (slo_ttft, slo_tpot) = (self.config.slo_ttft.as_secs_f64() * 1e3, self.config.slo_tpot.as_secs_f64() * 1e3);
         // The sizes best effort tells small requests by (as `choose` does in regular mode).
-        if request.waited.is_zero() {
+        if request.asks == 0 {
             self.sizes.observe(request);
         }
         let p_scored = self.score(prefill, request);

@@ -108,11 +108,10 @@ pub struct Hold {
 
 impl Hold {
     /// Asks the policy once at `now`, with `view.waited` set to the time held so far: zero
-    /// until the policy has once answered "saturated". A policy tells a request's first ask
-    /// by it (marginal_utility counts each request's size once, for its best effort); the
-    /// microseconds between the ticket and the first ask on a live clock made every first ask
-    /// look like a recheck, and the sizes were never counted live (the simulation's clock
-    /// stands still between them).
+    /// until the policy has once answered "saturated" (the microseconds between the ticket and
+    /// the first ask on a live clock are not a wait). Every ask, held or not, counts in
+    /// `view.asks`, so a policy tells a request's first ask from a recheck, a retry or a
+    /// re-choice after a breaker's refusal, all of which come through here.
     pub fn ask<T>(
         &mut self,
         view: &mut RequestView,
@@ -120,6 +119,11 @@ impl Hold {
         select: &mut impl FnMut(&RequestView) -> Result<T, RoutingError>,
     ) -> Asked<T> {
         view.waited = if self.holding { now.saturating_duration_since(self.since) } else { Duration::ZERO };
+        let mut select = |view: &mut RequestView| {
+            let answer = select(view);
+            view.asks = view.asks.saturating_add(1);
+            answer
+        };
         let answer = match select(view) {
             Err(RoutingError::Saturated { recheck }) => {
                 if !self.holding {
@@ -234,6 +238,30 @@ mod tests {
         assert!(matches!(hold.ask(&mut view, since + Duration::from_millis(3), &mut select), Asked::Wait(_)));
         assert!(matches!(hold.ask(&mut view, since + Duration::from_millis(10), &mut select), Asked::Wait(_)));
         assert_eq!(seen, [Duration::ZERO, Duration::from_millis(10)]);
+    }
+
+    #[test]
+    fn every_ask_counts_the_full_queues_second_and_a_later_tickets_too() {
+        let queue = Arc::new(HoldQueue::new(1));
+        let now = Instant::now();
+        let seen = std::cell::RefCell::new(Vec::new());
+        let saturated = |v: &RequestView| {
+            seen.borrow_mut().push(v.asks);
+            Err::<(), _>(RoutingError::Saturated { recheck: Duration::from_millis(5) })
+        };
+        let mut first = queue.hold(now);
+        let _ = first.ask(&mut RequestView::default(), now, &mut { saturated });
+        seen.borrow_mut().clear();
+        // The queue is full: one ask, then the final-answer ask within it.
+        let mut view = RequestView::default();
+        let mut hold = queue.hold(now);
+        assert!(matches!(hold.ask(&mut view, now, &mut { saturated }), Asked::Wait(_)));
+        // A retry takes a new ticket but is the same request: it goes on counting.
+        let mut retry = queue.hold(now);
+        let asked = retry.ask(&mut view, now, &mut |v: &RequestView| Ok::<u32, RoutingError>(v.asks));
+        assert!(matches!(asked, Asked::Decided(Ok(2))));
+        assert_eq!(*seen.borrow(), [0, 1]);
+        assert_eq!(view.asks, 3);
     }
 
     #[test]
