@@ -187,8 +187,8 @@ fn run_des(a: &DesArgs) -> Result<(), String> {
             let mut ns = report.decision_ns.clone();
             let (p50, p99) = (percentile(&mut ns, 0.5), percentile(&mut ns, 0.99));
             println!(
-                "{} {spec} [{:?} x{}] load {load:.2}: goodput {:.2} req/s, throughput {:.2} req/s, {:.0} tok/s, TTFT p50/p99 {:.0}/{:.0} ms, TPOT p50/p99 {:.1}/{:.1} ms, hit {:.2} (ceiling {ceiling:.2}), errors {}, shed {}, decision p50/p99 {:.0}/{:.0} ns, {:.1} s wall",
-                s.name, a.cache_view, a.replicas, summary.goodput_rps, summary.throughput_rps, summary.output_tok_s, summary.ttft_p50_ms,
+                "{} {spec} [{:?} x{}] load {load:.2}: goodput {:.2} req/s, throughput {:.2} req/s and {:.0} tok/s over {:.0} s to the last completion, TTFT p50/p99 {:.0}/{:.0} ms, TPOT p50/p99 {:.1}/{:.1} ms, hit {:.2} (ceiling {ceiling:.2}), errors {}, shed {}, decision p50/p99 {:.0}/{:.0} ns, {:.1} s wall",
+                s.name, a.cache_view, a.replicas, summary.goodput_rps, summary.throughput_rps, summary.output_tok_s, summary.duration_s, summary.ttft_p50_ms,
                 summary.ttft_p99_ms, summary.tpot_p50_ms, summary.tpot_p99_ms, summary.cache_hit_rate, summary.errors,
                 report.shed, p50, p99, wall
             );

@@ -84,9 +84,10 @@ pub struct Summary {
     /// Requests within both SLOs per second: the offered rate (over the arrival window) times
     /// the share within SLO, so a short run's drain tail does not dilute it.
     pub goodput_rps: f64,
-    /// Successful requests per second.
+    /// Successful requests per second over [`Summary::duration_s`] (the drain included): past
+    /// the knee, where the queues drain long after the last arrival, it can be below goodput.
     pub throughput_rps: f64,
-    /// Output tokens per second.
+    /// Output tokens per second over [`Summary::duration_s`].
     pub output_tok_s: f64,
     /// Share of requests within both SLOs.
     pub slo_attainment: f64,

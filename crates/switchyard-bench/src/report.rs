@@ -198,6 +198,10 @@ pub fn markdown(results: &Results, command: &str) -> String {
         let _ = writeln!(out, "\nSkipped: {s}");
     }
     let _ = writeln!(out, "\n<details><summary>every run</summary>\n");
+    let _ = writeln!(
+        out,
+        "Goodput is per second of arrivals (the offered rate times the share within both SLOs); throughput and tok/s are per second from the first send to the last completion, the drain included, so past the knee, where the queues drain long after the last arrival, throughput can be the smaller.\n"
+    );
     let _ = writeln!(out, "| router:policy | load | goodput | throughput | tok/s | TTFT p50/p99 ms | TPOT p50/p99 ms | E2E p99 ms | hit | in SLO | errors |");
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     for (label, runs) in series(results) {
