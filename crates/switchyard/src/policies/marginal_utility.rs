@@ -391,7 +391,12 @@ impl SizeMeans {
         mean.store(next.to_bits(), Ordering::Relaxed);
     }
 
+    /// Counts a request once, on its first ask: not again when a held one is rechecked
+    /// (`queue`, `shed`), retried after a failed attempt or re-chosen after a breaker's refusal.
     fn observe(&self, request: &RequestView) {
+        if request.asks > 0 {
+            return;
+        }
         Self::update(&self.prompt, f64::from(request.prompt_tokens()));
         if let Some(cap) = request.max_tokens {
             Self::update(&self.cap, f64::from(cap));
@@ -656,11 +661,7 @@ impl MarginalUtility {
             return Err(RoutingError::NoHealthyWorkers);
         }
         self.counters.decisions.fetch_add(1, Ordering::Relaxed);
-        // Each request once: not again when a held one is rechecked (`queue`, `shed`), retried
-        // after a failed attempt or re-chosen after a breaker's refusal.
-        if request.asks == 0 {
-            self.sizes.observe(request);
-        }
+        self.sizes.observe(request);
         let all: Vec<&Candidate> = scored.iter().collect();
         let explore = self.config.epsilon > 0.0 && (self.rng.index(1_000_000) as f64) < self.config.epsilon * 1e6;
         let pick = |set: &[&Candidate], key: &dyn Fn(&Candidate) -> f64| -> Candidate {
@@ -938,9 +939,7 @@ impl RoutingPolicy for MarginalUtility {
         let margin = self.config.slo_margin;
         let (slo_ttft, slo_tpot) = (self.config.slo_ttft.as_secs_f64() * 1e3, self.config.slo_tpot.as_secs_f64() * 1e3);
         // The sizes best effort tells small requests by (as `choose` does in regular mode).
-        if request.asks == 0 {
-            self.sizes.observe(request);
-        }
+        self.sizes.observe(request);
         let p_scored = self.score(prefill, request);
         let budget = slo_ttft - request.waited.as_secs_f64() * 1e3;
         let prefill_cost = |c: &Candidate| c.ttft_ms + c.externality_ms + c.eviction_ms;
