@@ -8,13 +8,18 @@
 #   bench/public_table.sh --quick    # a reduced grid for a quick look (see below)
 #
 # Wall time on a 2-core machine: the whole protocol is 17 scenarios x 9 routers x 8 levels of
-# steady-state runs - about a day at time scale 1 (each level runs 4x the p99 end-to-end
-# latency of arrivals, typically 40-90 s, plus start-up and drain). --quick runs 5 scenarios
-# (homogeneous, heterogeneous, slow-tier, prefill-heavy, shared-prefix-large), 5 routers
-# (switchyard load_based, cache_aware, marginal_utility; sglang-router and vllm-router at their
-# default policy, cache_aware) and loads 0.8, 1.0, 1.2, 1.6 at 1,500 requests per level:
-# about 1.5 hours (measured 2026-12-03 on 2 cores: heterogeneous 11, prefill-heavy 15, slow-tier 18
-# min; the estimate was 3 h). Results go to $OUT (default bench-results/public).
+# steady-state runs - about a day at time scale 1 (each level's arrivals span 4x the p99
+# end-to-end latency least-in-flight shows there in the DES, typically 30-60 s, plus start-up and
+# drain). --quick is a reduced grid, not shorter levels: 5 scenarios (homogeneous, heterogeneous,
+# slow-tier, prefill-heavy, shared-prefix-large), 5 routers (switchyard load_based, cache_aware,
+# marginal_utility; sglang-router and vllm-router at their default policy, cache_aware) and loads
+# 0.8, 1.0, 1.2, 1.6, each level as long as the whole protocol's. Levels of a fixed 1,500 requests
+# (what --quick ran until 2026-12-06) are 9-44 s of arrivals: past the knee no queue has time to
+# build and every balancing router looked 5x better than at steady state (heterogeneous 1.6x:
+# 92.7-99.6 req/s against 17.3-18.9). Measured 2026-12-06 on 2 cores, nothing else running:
+# homogeneous 17, heterogeneous 30, slow-tier 70, prefill-heavy 19, shared-prefix-large 11 min,
+# about 2.5 h in all (the past-knee levels' drains are most of it: slow-tier's l4 runs minutes late).
+# Results go to $OUT (default bench-results/public).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results/public}
@@ -31,7 +36,7 @@ started=$(date +%s)
 if [ -n "$QUICK" ]; then
   SCENARIOS="homogeneous heterogeneous slow-tier prefill-heavy shared-prefix-large"
   ROUTERS="switchyard:load_based,switchyard:cache_aware,switchyard:marginal_utility,sglang-router:cache_aware,vllm-router:cache_aware"
-  EXTRA=(--loads 0.8,1.0,1.2,1.6 --requests 1500)
+  EXTRA=(--loads 0.8,1.0,1.2,1.6)
 else
   SCENARIOS=$(ls bench/scenarios/*.toml | xargs -n1 basename | sed 's/\.toml$//')
   ROUTERS="switchyard:random,switchyard:round_robin,switchyard:power_of_two,switchyard:load_based,switchyard:cache_aware,switchyard:consistent_hash,switchyard:marginal_utility,sglang-router:cache_aware,vllm-router:cache_aware"
