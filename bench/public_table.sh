@@ -8,17 +8,15 @@
 #   bench/public_table.sh --quick    # a reduced grid for a quick look (see below)
 #
 # Wall time on a 2-core machine: the whole protocol is 17 scenarios x 9 routers x 8 levels of
-# steady-state runs - about a day at time scale 1 (each level's arrivals span 4x the p99
-# end-to-end latency least-in-flight shows there in the DES, typically 30-60 s, plus start-up and
-# drain). --quick is a reduced grid, not shorter levels: 5 scenarios (homogeneous, heterogeneous,
-# slow-tier, prefill-heavy, shared-prefix-large), 5 routers (switchyard load_based, cache_aware,
-# marginal_utility; sglang-router and vllm-router at their default policy, cache_aware) and loads
-# 0.8, 1.0, 1.2, 1.6, each level as long as the whole protocol's. Levels of a fixed 1,500 requests
-# (what --quick ran until 2026-12-06) are 9-44 s of arrivals: past the knee no queue has time to
-# build and every balancing router looked 5x better than at steady state (heterogeneous 1.6x:
-# 92.7-99.6 req/s against 17.3-18.9). Measured 2026-12-06 on 2 cores, nothing else running:
-# homogeneous 17, heterogeneous 30, slow-tier 70, prefill-heavy 19, shared-prefix-large 11 min,
-# about 2.5 h in all (the past-knee levels' drains are most of it: slow-tier's l4 runs minutes late).
+# steady-state runs (each level's arrivals span 4x the p99 end-to-end latency least-in-flight
+# shows there in the DES: 20-150 s, plus start-up and drain) - about a day at time scale 1.
+# --quick is a reduced grid with the same level lengths: 5 scenarios (homogeneous,
+# heterogeneous, slow-tier, prefill-heavy, shared-prefix-large), 5 routers (switchyard
+# load_based, cache_aware, marginal_utility; sglang-router and vllm-router at their default,
+# cache_aware), loads 0.8, 1.0, 1.2, 1.6. Measured 2026-12-06, nothing else running: 17 / 30 /
+# 70 / 19 / 11 min, about 2.5 h in all; past-knee drains are most of it. (Until then --quick ran
+# 1,500 requests a level, too short for a queue to build past the knee: heterogeneous 1.6x showed
+# 92.7-99.6 req/s for the balancing routers where steady state gives 17.3-18.9.)
 # Results go to $OUT (default bench-results/public).
 set -euo pipefail
 cd "$(dirname "$0")/.."
