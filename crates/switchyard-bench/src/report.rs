@@ -361,6 +361,11 @@ pub struct TableRow {
     pub error_rate: f64,
     /// TTFT and TPOT p99 at the knee (ms).
     pub p99_at_knee: Option<(f64, f64)>,
+    /// At the grid's highest load: that load, TTFT p99 (ms) and throughput over the run,
+    /// drain included (req/s). Goodput alone hides what a policy pays past the knee (one
+    /// worker left to run late keeps the rest in time, at the late requests' expense); these
+    /// two show it, at the one load every router ran.
+    pub at_top_load: Option<(f64, f64, f64)>,
 }
 
 /// The rows of the router-vs-router table for one scenario's results.
@@ -378,6 +383,7 @@ pub fn table_rows(results: &Results) -> Vec<TableRow> {
                 .fold(0.0, f64::max);
             let errors: usize = runs.iter().map(|r| r.errors).sum();
             let sent: f64 = runs.len() as f64;
+            let top = runs.iter().max_by(|a, b| a.load.total_cmp(&b.load));
             TableRow {
                 scenario: results.scenario.clone(),
                 label,
@@ -386,6 +392,7 @@ pub fn table_rows(results: &Results) -> Vec<TableRow> {
                 max_load_ttft,
                 error_rate: errors as f64 / sent.max(1.0),
                 p99_at_knee: knee.map(|r| (r.ttft_p99_ms, r.tpot_p99_ms)),
+                at_top_load: top.map(|r| (r.load, r.ttft_p99_ms, r.throughput_rps)),
             }
         })
         .collect()
@@ -393,14 +400,15 @@ pub fn table_rows(results: &Results) -> Vec<TableRow> {
 
 /// The public table over several scenarios' results: goodput at the knee (with its ratio
 /// to the best peer there), peak goodput, the highest load with p99 TTFT within the SLO,
-/// failures, and the p99s at the knee — router against router.
+/// failures, the p99s at the knee, and at the grid's highest load the TTFT p99 and the
+/// throughput drain included (the price of goodput past the knee) — router against router.
 pub fn public_table(all: &[Results]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| scenario | router:policy | goodput @ knee (req/s) | vs best peer | peak goodput (@ load) | max load, p99 TTFT ≤ SLO | failed per level | TTFT / TPOT p99 @ knee (ms) |"
+        "| scenario | router:policy | goodput @ knee (req/s) | vs best peer | peak goodput (@ load) | max load, p99 TTFT ≤ SLO | failed per level | TTFT / TPOT p99 @ knee (ms) | TTFT p99 (s) / throughput (req/s) @ top load |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     for results in all {
         let rows = table_rows(results);
         let best_peer =
@@ -412,7 +420,7 @@ pub fn public_table(all: &[Results]) -> String {
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {:.2} (@ {:.1}) | {:.1} | {:.1} | {} |",
+                "| {} | {} | {} | {} | {:.2} (@ {:.1}) | {:.1} | {:.1} | {} | {} |",
                 r.scenario,
                 r.label,
                 r.at_knee.map_or("–".into(), |g| format!("{g:.2}")),
@@ -422,6 +430,7 @@ pub fn public_table(all: &[Results]) -> String {
                 r.max_load_ttft,
                 r.error_rate,
                 r.p99_at_knee.map_or("–".into(), |(t, p)| format!("{t:.0} / {p:.1}")),
+                r.at_top_load.map_or("–".into(), |(l, t, x)| format!("{:.1} / {x:.1} (@ {l:.1})", t / 1e3)),
             );
         }
     }
@@ -443,7 +452,13 @@ mod tests {
     use crate::metrics::Summary;
 
     fn run(router: &str, policy: &str, load: f64, goodput: f64, ttft_p99: f64) -> Run {
-        let s = Summary { goodput_rps: goodput, ttft_p99_ms: ttft_p99, slo_attainment: 0.99, ..Summary::default() };
+        let s = Summary {
+            goodput_rps: goodput,
+            throughput_rps: goodput + 1.0,
+            ttft_p99_ms: ttft_p99,
+            slo_attainment: 0.99,
+            ..Summary::default()
+        };
         Run::new(router, policy, "t", load, &s)
     }
 
@@ -461,6 +476,7 @@ mod tests {
                 run("switchyard", "marginal_utility", 1.0, 9.8, 1500.0),
                 run("sglang-router", "cache_aware", 0.9, 8.5, 1900.0),
                 run("sglang-router", "cache_aware", 1.0, 8.0, 4000.0),
+                run("sglang-router", "cache_aware", 1.2, 5.0, 9000.0),
             ],
         }
     }
@@ -509,6 +525,9 @@ mod tests {
         let table = public_table(&[results()]);
         assert!(table.contains("| t | switchyard:marginal_utility | 9.80 | 1.23× | 9.80 (@ 1.0) | 1.0 |"), "{table}");
         assert!(table.contains("| t | sglang-router:cache_aware | 8.00 | 1.00× | 8.50 (@ 0.9) | 0.9 |"), "{table}");
+        // The last column is read at the grid's highest load, whichever row it is in.
+        assert!(table.contains("| 1500 / 0.0 | 1.5 / 10.8 (@ 1.0) |"), "{table}");
+        assert!(table.contains("| 4000 / 0.0 | 9.0 / 6.0 (@ 1.2) |"), "{table}");
         let doc = "a\n<!-- results:begin -->\nold\n<!-- results:end -->\nb";
         let spliced = splice(doc, &table).unwrap();
         assert!(spliced.contains("9.80") && !spliced.contains("old") && spliced.ends_with("<!-- results:end -->\nb"));
