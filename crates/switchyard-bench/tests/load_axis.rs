@@ -178,12 +178,17 @@ fn marginal_utility_drains_a_warm_up_overload_when_the_fleet_has_the_capacity() 
     // victim, sent it other workers' prefix groups until it held more than its cache, and it
     // served its own groups late from then on (0.77x cache_aware's goodput) — until a victim
     // whose cache hits clearly less than the holder's no longer takes what it cannot keep.
+    // At 1.4x an h100 holding hot groups became the victim in the warm-up and stayed late
+    // with a standing queue, taking the other holders' late requests (0.745x cache_aware)
+    // — until only a victim whose wait grows takes them (0.950x).
     // 20,000 arrivals (as `des` runs it; the trap is the steady state after the warm-up).
     let s = scenario("zipf-mixed");
     let knee = knee(&s);
-    let goodput = |policy: &str| goodput_over(&s, knee, policy, 1.3, 20_000, [s.seed]);
-    let (ca, mu) = (goodput("cache_aware"), goodput("marginal_utility"));
-    assert!(mu >= 0.95 * ca, "zipf-mixed at 1.3x the knee: marginal_utility {mu:.2} vs cache_aware {ca:.2}");
+    for (load, floor) in [(1.3, 0.95), (1.4, 0.9)] {
+        let goodput = |policy: &str| goodput_over(&s, knee, policy, load, 20_000, [s.seed]);
+        let (ca, mu) = (goodput("cache_aware"), goodput("marginal_utility"));
+        assert!(mu >= floor * ca, "zipf-mixed at {load}x the knee: marginal_utility {mu:.2} vs cache_aware {ca:.2}");
+    }
 }
 
 #[test]

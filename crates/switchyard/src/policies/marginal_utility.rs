@@ -45,6 +45,7 @@ use super::radix_tree::PrefixIndex;
 use super::rng::PolicyRng;
 use super::{Report, RoutingError, RoutingPolicy, Selection};
 use crate::load::estimator::{EstimatorKind, FleetModel, Prediction, Sample, WorkerReport};
+use crate::load::wait_trend::WaitTrend;
 use crate::load::{FirstTokenOutcome, LoadSnapshot, ReportedLoad, RequestOutcome, CHARS_PER_TOKEN};
 use crate::request::{RequestView, RoutingText};
 use crate::workers::{Membership, Worker, WorkerRole};
@@ -237,6 +238,8 @@ struct Ask {
     shared_batch: f64,
     /// The worker's mean completion length (the running requests' residence, not this one's).
     mean_out: f64,
+    /// The worker's id.
+    worker: u32,
 }
 
 /// Prefill tokens an engine runs per step beside its decodes (SGLang's `chunked_prefill_size`,
@@ -260,6 +263,20 @@ const VICTIM_CAPACITY_TIE: f64 = 0.5;
 /// did it, and 0.2 is the one that changed nothing else (README).
 const VICTIM_HIT_GAP: f64 = 0.2;
 
+/// The worker furthest behind takes the late requests of prefixes it does not hold only while
+/// its expected wait grows at least this fast (seconds per second, over the last window of
+/// [`WAIT_TREND_WINDOW_SLOS`] TTFT SLOs): the sign that the fleet as a whole is short. A wait
+/// that stands means only the holders are short; such a request then runs late on its holder
+/// furthest behind, and the victim drains (`load::wait_trend`). DES, 20,000 requests,
+/// zipf-mixed at 1.4x the knee: 87.0 -> 110.9 req/s on the scenario's seed (0.745 -> 0.950x
+/// cache_aware), 102.1 / 104.3 -> 125.9 / 120.3 on policy seeds 2 / 3; 0.1 and 0.3 gave the
+/// same there (README).
+const GROWING_WAIT: f64 = 0.1;
+
+/// The window of that slope, in TTFT SLOs (10 s at the usual 2 s): long enough that a burst's
+/// rise and fall do not read as a trend.
+const WAIT_TREND_WINDOW_SLOS: f64 = 5.0;
+
 /// Fleets up to this size are scored whole by default.
 pub const AUTO_ALL: usize = 64;
 /// Beyond [`AUTO_ALL`], the random sample scored by default (power of d)...
@@ -272,6 +289,9 @@ const HOLDERS: usize = 8;
 pub struct Candidate {
     /// Index in the candidate list.
     pub index: usize,
+    /// The worker's id (the trace names workers by index).
+    #[serde(skip)]
+    pub worker: u32,
     /// Uncached prompt tokens on this worker.
     pub uncached: f64,
     /// Predicted TTFT (ms), from the model.
@@ -443,6 +463,7 @@ pub struct MarginalUtility {
     epoch: Instant,
     counters: Counters,
     sizes: SizeMeans,
+    wait_trend: WaitTrend,
 }
 
 impl MarginalUtility {
@@ -455,6 +476,7 @@ impl MarginalUtility {
             epoch: Instant::now(),
             counters: Counters::default(),
             sizes: SizeMeans::default(),
+            wait_trend: WaitTrend::new(config.slo_ttft.mul_f64(WAIT_TREND_WINDOW_SLOS)),
             config: config.clone(),
         }
     }
@@ -540,14 +562,15 @@ impl MarginalUtility {
                 let matched = (matched_units.get(index).copied().unwrap_or(0) as f64 * per_token).min(prompt);
                 let mean_out = model.expected_output(id).max(1.0);
                 let out = request.max_tokens.map_or(mean_out, |m| mean_out.min(f64::from(m))).max(1.0);
-                self.candidate(index, &state, &Ask { prompt, matched, out, waited_ms, shared_batch, mean_out })
+                let ask = Ask { prompt, matched, out, waited_ms, shared_batch, mean_out, worker: id };
+                self.candidate(index, &state, &ask)
             })
             .collect()
     }
 
     fn candidate(&self, index: usize, w: &WorkerState, ask: &Ask) -> Candidate {
         let (s, pred, prefill_rate) = (&w.load, &w.pred, w.prefill_rate);
-        let Ask { prompt, matched, out, waited_ms, shared_batch, mean_out } = *ask;
+        let Ask { prompt, matched, out, waited_ms, shared_batch, mean_out, worker } = *ask;
         // The batch the newcomer will decode in: the requests decoding there now and those
         // still before their first token, which join it first. Counting only the decoding ones
         // made a worker with a long prefill queue look idle — the cheapest place for more, a
@@ -621,6 +644,7 @@ impl MarginalUtility {
         };
         Candidate {
             index,
+            worker,
             uncached,
             ttft_ms: ttft,
             waiting_ms: waiting,
@@ -763,12 +787,17 @@ impl MarginalUtility {
             // holder being the worker furthest behind) and never recovered, in a fleet with
             // capacity to spare (zipf-mixed 1.3x: 88.7 req/s against cache_aware's 115.7).
             // Always on the holder instead, the victim no longer absorbs the overflow where it
-            // can cache it (shared-prefix 1.2x: 65.9 -> 21.1 req/s).
+            // can cache it (shared-prefix 1.2x: 65.9 -> 21.1 req/s) — where the fleet is short
+            // as a whole and the victim's wait grows. Where it stands, only the holders are
+            // short, and the victim takes no other holder's late requests (`GROWING_WAIT`).
             self.counters.late.fetch_add(1, Ordering::Relaxed);
             let victim = *all[self.best_by(all, |c| -c.expected_ttft_ms()).unwrap_or(0)];
+            let now = request.now.unwrap_or_else(Instant::now);
+            let wait = Duration::from_secs_f64(victim.expected_ttft_ms().clamp(0.0, 1e12) / 1e3);
+            let growing = self.wait_trend.observe(victim.worker, now, wait).is_some_and(|s| s >= GROWING_WAIT);
             let holders: Vec<&Candidate> = all.iter().copied().filter(|c| c.holder).collect();
             match self.best_by(&holders, |c| -c.expected_ttft_ms()).map(|i| *holders[i]) {
-                Some(holder) if !victim.holder && victim.hit_rate + VICTIM_HIT_GAP < holder.hit_rate => {
+                Some(holder) if !victim.holder && (!growing || victim.hit_rate + VICTIM_HIT_GAP < holder.hit_rate) => {
                     holder.because("best_effort_late_on_holder")
                 }
                 _ => victim.because("best_effort_late_furthest_behind"),
@@ -1003,6 +1032,7 @@ impl RoutingPolicy for MarginalUtility {
         if let Membership::Removed(w) = change {
             self.trees.forget(w.id());
             self.model.write().unwrap_or_else(|p| p.into_inner()).forget(w.id());
+            self.wait_trend.forget(w.id());
         }
     }
 
@@ -1215,6 +1245,7 @@ mod tests {
     fn infeasible(index: usize, ttft_ms: f64, holder: bool) -> Candidate {
         Candidate {
             index,
+            worker: index as u32,
             uncached: if holder { 100.0 } else { 2000.0 },
             ttft_ms,
             waiting_ms: 0.0,
@@ -1261,42 +1292,58 @@ mod tests {
         // Past the margin everywhere but nobody late yet (a burst): not sacrificed to the worker
         // furthest behind, but sent where its first token comes soonest.
         assert_eq!(chosen(&[infeasible(0, 390.0, false), infeasible(1, 300.0, false), infeasible(2, 350.0, false)]), 1);
-        // Its prefix is held only by a worker that is late: late there too, not on the cold
-        // worker that could still serve it in time, whose cache it would evict.
-        let held = [infeasible(0, 500.0, true), infeasible(1, 150.0, false), infeasible(2, 900.0, false)];
-        assert_eq!(chosen(&held), 2);
+        // Its prefix is held only by a worker that is late. While the worker furthest behind
+        // falls further behind (its wait grows: the fleet is short as a whole), the request is
+        // late there too, not on the cold worker that could still serve it in time, whose
+        // cache it would evict. Its wait is sampled when it is looked at, over windows of five
+        // TTFT SLOs (2 s here).
+        let t0 = Instant::now();
+        let at = |secs: f64| RequestView { now: Some(t0 + Duration::from_secs_f64(secs)), ..request("q") };
+        let pick = |set: &[Candidate], secs: f64| p.choose(set, &at(secs)).unwrap();
+        let held =
+            |victim_ms: f64| [infeasible(0, 500.0, true), infeasible(1, 150.0, false), infeasible(2, victim_ms, false)];
+        // No trend yet (no window closed): late on the holder furthest behind.
+        assert_eq!(pick(&held(900.0), 0.0).index, 0);
+        // Its wait grew 0.9 -> 2 s in 2.5 s: it takes the request.
+        assert_eq!(pick(&held(2000.0), 2.5).index, 2);
+        assert_eq!(pick(&held(2000.0), 2.6).selection().reason, Some("best_effort_late_furthest_behind"));
         // Also when the cold worker is the smallest: it keeps its cache.
         let held_small =
-            [infeasible(0, 500.0, true), small(infeasible(1, 150.0, false), 30.0), infeasible(2, 900.0, false)];
-        assert_eq!(chosen(&held_small), 2);
+            [infeasible(0, 500.0, true), small(infeasible(1, 150.0, false), 30.0), infeasible(2, 2000.0, false)];
+        assert_eq!(pick(&held_small, 2.7).index, 2);
         // Unless the worker furthest behind would have to cache it and already hits clearly
         // less than the holder (it cannot keep what it is sent): late on the holder then.
         let hits = |c: Candidate, hit_rate: f64| Candidate { hit_rate, ..c };
         let thrashing = [
             hits(infeasible(0, 500.0, true), 0.9),
             infeasible(1, 150.0, false),
-            hits(infeasible(2, 900.0, false), 0.6),
+            hits(infeasible(2, 2000.0, false), 0.6),
         ];
-        assert_eq!(chosen(&thrashing), 0);
-        // The trace names the rule that chose.
-        let reason = |set: &[Candidate]| p.choose(set, &view).unwrap().selection().reason;
-        assert_eq!(reason(&thrashing), Some("best_effort_late_on_holder"));
-        assert_eq!(reason(&held), Some("best_effort_late_furthest_behind"));
-        // Within the gap it is still the worker furthest behind; and when that worker holds
-        // the prefix too, it stays there whatever its cache.
+        assert_eq!(pick(&thrashing, 2.8).index, 0);
+        assert_eq!(pick(&thrashing, 2.9).selection().reason, Some("best_effort_late_on_holder"));
+        // Within the gap it is still the worker furthest behind.
         let caching = [
             hits(infeasible(0, 500.0, true), 0.9),
             infeasible(1, 150.0, false),
-            hits(infeasible(2, 900.0, false), 0.75),
+            hits(infeasible(2, 2000.0, false), 0.75),
         ];
-        assert_eq!(chosen(&caching), 2);
-        let both_hold =
-            [hits(infeasible(0, 500.0, true), 0.9), infeasible(1, 150.0, false), hits(infeasible(2, 900.0, true), 0.1)];
-        assert_eq!(chosen(&both_hold), 2);
+        assert_eq!(pick(&caching, 3.0).index, 2);
+        // Once its wait stands (2 s again 2.5 s later: as many requests in as out), only the
+        // holders are short: the request runs late on its holder, and the victim drains.
+        assert_eq!(pick(&held(2000.0), 5.0).index, 0);
+        assert_eq!(pick(&caching, 5.1).selection().reason, Some("best_effort_late_on_holder"));
+        // When the worker furthest behind holds the prefix too, it stays there whatever its
+        // cache and its trend.
+        let both_hold = [
+            hits(infeasible(0, 500.0, true), 0.9),
+            infeasible(1, 150.0, false),
+            hits(infeasible(2, 2000.0, true), 0.1),
+        ];
+        assert_eq!(pick(&both_hold, 5.2).index, 2);
         // A holder that can serve it in time still gets it.
         let evicting = Candidate { eviction_ms: 100.0, ..infeasible(1, 150.0, false) };
         assert_eq!(chosen(&[infeasible(0, 180.0, true), evicting, infeasible(2, 900.0, false)]), 0);
-        assert_eq!(p.counters.late.load(Ordering::Relaxed), 11);
+        assert_eq!(p.counters.late.load(Ordering::Relaxed), 14);
     }
 
     #[test]
