@@ -289,7 +289,8 @@ const HOLDERS: usize = 8;
 pub struct Candidate {
     /// Index in the candidate list.
     pub index: usize,
-    /// The worker's id (the trace names workers by index).
+    /// The worker's id: what per-worker state outlives one decision by (`index` is only the
+    /// position in this decision's list).
     #[serde(skip)]
     pub worker: u32,
     /// Uncached prompt tokens on this worker.
@@ -793,7 +794,8 @@ impl MarginalUtility {
             self.counters.late.fetch_add(1, Ordering::Relaxed);
             let victim = *all[self.best_by(all, |c| -c.expected_ttft_ms()).unwrap_or(0)];
             let now = request.now.unwrap_or_else(Instant::now);
-            let wait = Duration::from_secs_f64(victim.expected_ttft_ms().clamp(0.0, 1e12) / 1e3);
+            // A prediction that is not a finite, non-negative time (a broken fit) reads as no wait.
+            let wait = Duration::try_from_secs_f64(victim.expected_ttft_ms() / 1e3).unwrap_or_default();
             let growing = self.wait_trend.observe(victim.worker, now, wait).is_some_and(|s| s >= GROWING_WAIT);
             let holders: Vec<&Candidate> = all.iter().copied().filter(|c| c.holder).collect();
             match self.best_by(&holders, |c| -c.expected_ttft_ms()).map(|i| *holders[i]) {
