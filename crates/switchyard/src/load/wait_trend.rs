@@ -68,7 +68,7 @@ mod tests {
     }
 
     #[test]
-    fn a_growing_wait_has_a_positive_slope_and_a_standing_one_none() {
+    fn a_growing_wait_has_a_positive_slope_and_a_standing_one_a_slope_of_zero() {
         let trend = WaitTrend::new(secs(10.0));
         let t0 = Instant::now();
         // Worker 1's wait grows half a second a second; worker 2's stands at 9 s.
