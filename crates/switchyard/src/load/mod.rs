@@ -13,7 +13,7 @@
 pub mod estimator;
 mod inflight;
 mod usage;
-pub mod wait_trend;
+pub(crate) mod wait_trend;
 
 pub use inflight::{
     DecodeWindow, DispatchInfo, Ending, FirstTokenOutcome, GuardObserver, InFlightGuard, LoadSnapshot, ReportedLoad,

@@ -1316,19 +1316,20 @@ mod tests {
         // Unless the worker furthest behind would have to cache it and already hits clearly
         // less than the holder (it cannot keep what it is sent): late on the holder then.
         let hits = |c: Candidate, hit_rate: f64| Candidate { hit_rate, ..c };
-        let thrashing = [
-            hits(infeasible(0, 500.0, true), 0.9),
-            infeasible(1, 150.0, false),
-            hits(infeasible(2, 2000.0, false), 0.6),
-        ];
+        // The holder's cache hits 0.9; the worker furthest behind (cold for it, or holding it
+        // too) hits `victim_hit`.
+        let caches = |victim_hit: f64, victim_holds: bool| {
+            [
+                hits(infeasible(0, 500.0, true), 0.9),
+                infeasible(1, 150.0, false),
+                hits(infeasible(2, 2000.0, victim_holds), victim_hit),
+            ]
+        };
+        let thrashing = caches(0.6, false);
         assert_eq!(pick(&thrashing, 2.8).index, 0);
         assert_eq!(pick(&thrashing, 2.9).selection().reason, Some("best_effort_late_on_holder"));
         // Within the gap it is still the worker furthest behind.
-        let caching = [
-            hits(infeasible(0, 500.0, true), 0.9),
-            infeasible(1, 150.0, false),
-            hits(infeasible(2, 2000.0, false), 0.75),
-        ];
+        let caching = caches(0.75, false);
         assert_eq!(pick(&caching, 3.0).index, 2);
         // Once its wait stands (2 s again 2.5 s later: as many requests in as out), only the
         // holders are short: the request runs late on its holder, and the victim drains.
@@ -1336,11 +1337,7 @@ mod tests {
         assert_eq!(pick(&caching, 5.1).selection().reason, Some("best_effort_late_on_holder"));
         // When the worker furthest behind holds the prefix too, it stays there whatever its
         // cache and its trend.
-        let both_hold = [
-            hits(infeasible(0, 500.0, true), 0.9),
-            infeasible(1, 150.0, false),
-            hits(infeasible(2, 2000.0, true), 0.1),
-        ];
+        let both_hold = caches(0.1, true);
         assert_eq!(pick(&both_hold, 5.2).index, 2);
         // A holder that can serve it in time still gets it.
         let evicting = Candidate { eviction_ms: 100.0, ..infeasible(1, 150.0, false) };
