@@ -52,5 +52,5 @@ for sc in scenarios:
             bests.append(f"{best['policy']} {best['goodput_rps']:.1f}")
         if ratios:
             print(f"| {sc} | {load:.1f} | {len(ratios)} | {min(ratios):.3f} | {statistics.median(ratios):.3f} | "
-                  f"{max(ratios):.3f} | {statistics.geometric_mean(ratios):.3f} | {min(mus):.1f}-{max(mus):.1f} | {', '.join(bests)} |")
+                  f"{max(ratios):.3f} | {(statistics.geometric_mean(ratios) if min(ratios) > 0 else 0.0):.3f} | {min(mus):.1f}-{max(mus):.1f} | {', '.join(bests)} |")
 PY
