@@ -8,6 +8,12 @@
 #
 #   bash bench/des_seeds.sh                       # 4 scenarios x 3 loads x 4 seeds: ~14 min on 2 cores
 #   SCENARIOS=bursty LOADS=1.0 SEEDS="1 2" bash bench/des_seeds.sh   # a quick look
+#   DRAW=arrivals SCENARIOS=bursty LOADS=1.0,1.1 SEEDS="1 2 3 4 5 6 7 8" bash bench/des_seeds.sh
+#
+# DRAW=arrivals varies the scenario's own seed instead (its arrival times and request lengths:
+# a copy of the scenario with `seed = N`, its knee bisected anew, the policies' seed fixed).
+# Policy seeds keep the arrivals, so they cannot show a cell that depends on one arrival draw
+# (bursty at the knee: 0.984 for the scenario's seed 1, geometric mean 1.338 over eight draws).
 #
 # Results: bench-results/des-seeds/<scenario>/seed-<n>/results.json; the summary is printed.
 set -euo pipefail
@@ -16,31 +22,55 @@ SCENARIOS=${SCENARIOS:-"bursty tight-tpot zipf-prefix slow-tier"}
 LOADS=${LOADS:-1.0,1.4,1.6}
 SEEDS=${SEEDS:-"1 2 3 4"}
 REQUESTS=${REQUESTS:-20000}
+DRAW=${DRAW:-policy}
 JOBS=${JOBS:-2}
 POLICIES=${POLICIES:-random,round_robin,power_of_two,load_based,cache_aware,consistent_hash,marginal_utility}
-OUT=bench-results/des-seeds
+OUT=${OUT:-bench-results/des-seeds}
+case "$DRAW" in
+  policy) PREFIX=seed ;;
+  arrivals) PREFIX=arrivals ;;
+  *) echo "DRAW must be policy or arrivals, not $DRAW" >&2; exit 2 ;;
+esac
 cargo build --release --quiet -p switchyard-bench
+for scenario in $SCENARIOS; do
+  [ -f "bench/scenarios/$scenario.toml" ] || { echo "no scenario bench/scenarios/$scenario.toml" >&2; exit 2; }
+  for seed in $SEEDS; do
+    case "$seed" in ''|*[!0-9]*) echo "seeds are whole numbers, not $seed" >&2; exit 2 ;; esac
+    if [ "$DRAW" = arrivals ]; then
+      mkdir -p "$OUT/$scenario/$PREFIX-$seed"
+      # The top-level `seed` (before the first table) is the scenario's; add one if it has none.
+      awk -v seed="$seed" 'BEGIN { done = 0 }
+        !done && /^\[/ { print "seed = " seed; done = 1 }
+        !done && /^seed[ \t]*=/ { print "seed = " seed; done = 1; next }
+        { print }
+        END { if (!done) print "seed = " seed }' "bench/scenarios/$scenario.toml" > "$OUT/$scenario/$PREFIX-$seed/scenario.toml"
+    fi
+  done
+done
 for scenario in $SCENARIOS; do
   for seed in $SEEDS; do
     echo "$scenario $seed"
   done
 done | xargs -P "$JOBS" -L 1 sh -c '
-  ./target/release/switchyard-bench des --scenario "bench/scenarios/$0.toml" --policy "'"$POLICIES"'" \
-    --load "'"$LOADS"'" --requests "'"$REQUESTS"'" --policy-seed "$1" --out "'"$OUT"'/$0/seed-$1" >/dev/null 2>&1 \
-    || echo "failed: $0 seed $1" >&2'
-python3 - "$OUT" $SCENARIOS <<'PY'
+  dir="'"$OUT"'/$0/'"$PREFIX"'-$1"
+  if [ "'"$DRAW"'" = arrivals ]; then scenario="$dir/scenario.toml"; policy_seed=""
+  else scenario="bench/scenarios/$0.toml"; policy_seed="--policy-seed $1"; fi
+  ./target/release/switchyard-bench des --scenario "$scenario" $policy_seed --policy "'"$POLICIES"'" \
+    --load "'"$LOADS"'" --requests "'"$REQUESTS"'" --out "$dir" >/dev/null 2>&1 \
+    || echo "failed: $0 '"$DRAW"' seed $1" >&2'
+python3 - "$OUT" "$PREFIX" $SCENARIOS <<'PY'
 import glob, json, statistics, sys
-root, scenarios = sys.argv[1], sys.argv[2:]
-print("| scenario | load | seeds | marginal_utility / best other: min | median | max | geometric mean | MU goodput min-max (req/s) | best other, per seed |")
+root, prefix, scenarios = sys.argv[1], sys.argv[2], sys.argv[3:]
+print(f"| scenario | load | {'policy' if prefix == 'seed' else prefix} seeds | marginal_utility / best other: min | median | max | geometric mean | MU goodput min-max (req/s) | best other, per seed (seed: policy goodput) |")
 print("|---|---|---|---|---|---|---|---|---|")
 for sc in scenarios:
     per_seed = {}
-    for f in sorted(glob.glob(f"{root}/{sc}/seed-*/results.json")):
-        per_seed[f.split("/")[-2][5:]] = json.load(open(f))["runs"]
+    for f in sorted(glob.glob(f"{root}/{sc}/{prefix}-*/results.json")):
+        per_seed[f.split("/")[-2][len(prefix) + 1:]] = json.load(open(f))["runs"]
     loads = sorted({r["load"] for runs in per_seed.values() for r in runs})
     for load in loads:
         ratios, mus, bests = [], [], []
-        for seed, runs in sorted(per_seed.items()):
+        for seed, runs in sorted(per_seed.items(), key=lambda kv: int(kv[0])):
             at = [r for r in runs if r["load"] == load]
             mu = [r for r in at if r["policy"] == "marginal_utility"]
             others = [r for r in at if not r["policy"].startswith("marginal_utility")]
@@ -49,7 +79,7 @@ for sc in scenarios:
             best = max(others, key=lambda r: r["goodput_rps"])
             ratios.append(mu[0]["goodput_rps"] / max(best["goodput_rps"], 1e-9))
             mus.append(mu[0]["goodput_rps"])
-            bests.append(f"{best['policy']} {best['goodput_rps']:.1f}")
+            bests.append(f"{seed}: {best['policy']} {best['goodput_rps']:.1f}")
         if ratios:
             print(f"| {sc} | {load:.1f} | {len(ratios)} | {min(ratios):.3f} | {statistics.median(ratios):.3f} | "
                   f"{max(ratios):.3f} | {(statistics.geometric_mean(ratios) if min(ratios) > 0 else 0.0):.3f} | {min(mus):.1f}-{max(mus):.1f} | {', '.join(bests)} |")
