@@ -15,7 +15,9 @@
 # Policy seeds keep the arrivals, so they cannot show a cell that depends on one arrival draw
 # (bursty at the knee: 0.984 for the scenario's seed 1, geometric mean 1.338 over eight draws).
 #
-# Results: bench-results/des-seeds/<scenario>/seed-<n>/results.json; the summary is printed.
+# Results: $OUT (default bench-results/des-seeds)/<scenario>/seed-<n>/results.json, or
+# arrivals-<n>/ with its scenario copy; the summary is printed, over every seed folder there
+# (clear $OUT between runs with different seeds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCENARIOS=${SCENARIOS:-"bursty tight-tpot zipf-prefix slow-tier"}
