@@ -14,9 +14,9 @@
 # heterogeneous, slow-tier, prefill-heavy, shared-prefix-large), 5 routers (switchyard
 # load_based, cache_aware, marginal_utility; sglang-router and vllm-router at their default,
 # cache_aware), loads 0.8, 1.0, 1.2, 1.6. Measured 2026-12-06, nothing else running: 17 / 30 /
-# 70 / 19 / 11 min, about 2.5 h in all; past-knee drains are most of it. Three scenarios through
+# 70 / 19 / 11 min, about 2.5 h in all; past-knee drains are most of it. Four scenarios through
 # the whole protocol (9 routers x 8 levels, 2026-12-06): zipf-mixed 71 min, bursty 59 min,
-# multi-turn 98 min. (Until then --quick ran
+# multi-turn 98 min, shared-prefix-large 39 min. (Until then --quick ran
 # 1,500 requests a level, too short for a queue to build past the knee: heterogeneous 1.6x showed
 # 92.7-99.6 req/s for the balancing routers where steady state gives 17.3-18.9.)
 # Results go to $OUT (default bench-results/public).
