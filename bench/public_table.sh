@@ -8,17 +8,20 @@
 #   bench/public_table.sh --quick    # a reduced grid for a quick look (see below)
 #
 # Wall time on a 2-core machine: the whole protocol is 17 scenarios x 9 routers x 8 levels of
-# steady-state runs (each level's arrivals span 4x the p99 end-to-end latency least-in-flight
-# shows there in the DES: 20-150 s, plus start-up and drain) - about a day at time scale 1.
+# steady-state runs. Each level's arrivals span at least the 120 s window the knee was found
+# on, or 4x the p99 end-to-end latency least-in-flight shows there in the DES where that is
+# longer, plus start-up and drain. That is at least 41 h of arrivals, about two days at time
+# scale 1 (an estimate from the level lengths, not yet measured end to end).
 # --quick is a reduced grid with the same level lengths: 5 scenarios (homogeneous,
 # heterogeneous, slow-tier, prefill-heavy, shared-prefix-large), 5 routers (switchyard
 # load_based, cache_aware, marginal_utility; sglang-router and vllm-router at their default,
-# cache_aware), loads 0.8, 1.0, 1.2, 1.6. Measured 2026-12-06, nothing else running: 17 / 30 /
-# 70 / 19 / 11 min, about 2.5 h in all; past-knee drains are most of it. Four scenarios through
-# the whole protocol (9 routers x 8 levels, 2026-12-06): zipf-mixed 71 min, bursty 59 min,
-# multi-turn 98 min, shared-prefix-large 39 min. (Until then --quick ran
-# 1,500 requests a level, too short for a queue to build past the knee: heterogeneous 1.6x showed
-# 92.7-99.6 req/s for the balancing routers where steady state gives 17.3-18.9.)
+# cache_aware), loads 0.8, 1.0, 1.2, 1.6: at least 3.3 h of arrivals (estimated the same way).
+# Measured before the 120 s floor (levels of 4x the p99 alone, 20-150 s), nothing else running:
+# --quick 17 / 30 / 70 / 19 / 11 min, about 2.5 h; through the whole protocol zipf-mixed 71 min,
+# bursty 59, multi-turn 98, shared-prefix-large 39. Those levels were too short past the knee:
+# at 1.1x least-in-flight kept every request within the SLOs on five scenarios (README,
+# "Level length"). The same was true before them of the 1,500-request levels --quick once ran
+# (heterogeneous 1.6x: 92.7-99.6 req/s for the balancing routers where steady state gives 17.3-18.9).
 # Results go to $OUT (default bench-results/public).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -586,7 +586,8 @@ async fn compare(args: &CompareArgs) -> Result<(), String> {
     };
     eprintln!("capacity: {capacity:.2} req/s (simulated time); time scale {time_scale}");
     // Each level long enough to be steady state: its arrival window several times the
-    // requests' own p99 latency (from the DES, least in-flight, at that load).
+    // requests' own p99 latency (from the DES, least in-flight, at that load), and no shorter
+    // than the window the knee was found on (`des::steady_requests`).
     let per_level: Vec<usize> = s
         .loads
         .iter()
