@@ -113,6 +113,9 @@ pub struct Run {
     pub cache_hit_rate: f64,
     /// Failed requests.
     pub errors: usize,
+    /// Failed requests by kind (`metrics::error_kind`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub error_kinds: std::collections::BTreeMap<String, usize>,
     /// Share of requests within both SLOs.
     pub slo_attainment: f64,
     /// Requests per worker (from the workers' own counters).
@@ -158,6 +161,7 @@ impl Run {
             e2e_p99_ms: s.e2e_p99_ms,
             cache_hit_rate: s.cache_hit_rate,
             errors: s.errors,
+            error_kinds: s.error_kinds.clone(),
             slo_attainment: s.slo_attainment,
             worker_share: s.worker_share.clone(),
         }
@@ -687,9 +691,15 @@ async fn compare(args: &CompareArgs) -> Result<(), String> {
             summary.worker_share = after.iter().zip(&before).map(|(a, b)| (a - b) / total.max(1.0)).collect();
             let mut run = Run::new(router, policy, &s.name, load, &summary);
             run.replicas = args.replicas;
+            let kinds: Vec<String> = run.error_kinds.iter().map(|(k, n)| format!("{n}× {k}")).collect();
             eprintln!(
-                "  goodput {:.2} req/s, TTFT p99 {:.0} ms, TPOT p99 {:.1} ms, hit {:.2}, errors {}",
-                run.goodput_rps, run.ttft_p99_ms, run.tpot_p99_ms, run.cache_hit_rate, run.errors
+                "  goodput {:.2} req/s, TTFT p99 {:.0} ms, TPOT p99 {:.1} ms, hit {:.2}, errors {}{}",
+                run.goodput_rps,
+                run.ttft_p99_ms,
+                run.tpot_p99_ms,
+                run.cache_hit_rate,
+                run.errors,
+                if kinds.is_empty() { String::new() } else { format!(" ({})", kinds.join("; ")) }
             );
             results.runs.push(run);
         }

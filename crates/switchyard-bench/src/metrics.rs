@@ -3,6 +3,8 @@
 //! All times are in unscaled (simulated-hardware) seconds: a live run multiplies wall-clock
 //! durations by the fleet's time scale before they get here.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// What happened to one request.
@@ -81,6 +83,10 @@ pub struct Summary {
     pub requests: usize,
     /// Requests that failed.
     pub errors: usize,
+    /// The failed requests by kind ([`error_kind`]): a count alone cannot tell a router's
+    /// connection cap from a client timeout or a worker's 5xx.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub error_kinds: BTreeMap<String, usize>,
     /// Requests within both SLOs per second: the offered rate (over the arrival window) times
     /// the share within SLO, so a short run's drain tail does not dilute it.
     pub goodput_rps: f64,
@@ -120,6 +126,35 @@ pub struct Summary {
     pub worker_share: Vec<f64>,
     /// Run length used for rates (first send to last completion), seconds.
     pub duration_s: f64,
+}
+
+/// Kinds of error a summary names one by one; any further ones count under `other`, so a
+/// worker or router that words every error differently cannot grow the summary without end.
+pub const ERROR_KINDS: usize = 8;
+
+/// What kind of failure an error is, in a few words: `STATUS: message` for an HTTP error whose
+/// body is an OpenAI-style JSON error (the body's `error.message`, or a plain `error` string),
+/// else the error's text up to 80 characters.
+pub fn error_kind(error: &str) -> String {
+    let from_body = error.split_once(": ").and_then(|(status, body)| {
+        let status: u16 = status.parse().ok()?;
+        let v: serde_json::Value = serde_json::from_str(body).ok()?;
+        let message = v.pointer("/error/message").or_else(|| v.get("error")).and_then(serde_json::Value::as_str)?;
+        Some(format!("{status}: {message}"))
+    });
+    let kind = from_body.unwrap_or_else(|| error.to_owned());
+    kind.chars().take(80).collect()
+}
+
+/// Counts `errors` by [`error_kind`], at most [`ERROR_KINDS`] kinds named.
+fn count_kinds<'a>(errors: impl Iterator<Item = &'a str>) -> BTreeMap<String, usize> {
+    let mut kinds = BTreeMap::new();
+    for e in errors {
+        let kind = error_kind(e);
+        let key = if kinds.contains_key(&kind) || kinds.len() < ERROR_KINDS { kind } else { "other".to_owned() };
+        *kinds.entry(key).or_insert(0) += 1;
+    }
+    kinds
 }
 
 /// The `q`-quantile (0..=1) of `v` by nearest rank; 0 for an empty slice.
@@ -175,6 +210,7 @@ impl Summary {
         Summary {
             requests: n,
             errors: n - ok.len(),
+            error_kinds: count_kinds(results.iter().filter_map(|r| r.error.as_deref())),
             goodput_rps: good as f64 / n as f64 * offered,
             throughput_rps: ok.len() as f64 / duration,
             output_tok_s: ok.iter().map(|r| f64::from(r.output_tokens)).sum::<f64>() / duration,
@@ -217,6 +253,25 @@ mod tests {
     }
 
     #[test]
+    fn errors_are_counted_by_kind_and_the_kinds_stay_bounded() {
+        let capped = r#"503: {"error":{"message":"too many open connections (--max-connections)","type":"service_unavailable","code":503}}"#;
+        let mut results = vec![RequestResult { error: Some(capped.into()), ..Default::default() }; 3];
+        results.push(RequestResult { error: Some("timeout after 600s".into()), ..Default::default() });
+        results.push(RequestResult { error: Some(r#"502: {"error":"worker died"}"#.into()), ..Default::default() });
+        // A hostile peer that words every error differently.
+        results.extend((0..20).map(|i| RequestResult { error: Some(format!("500: oops {i}")), ..Default::default() }));
+        let s = Summary::of(&results, &Slo::default(), 1);
+        assert_eq!(s.errors, 25);
+        assert_eq!(s.error_kinds.get("503: too many open connections (--max-connections)"), Some(&3));
+        assert_eq!(s.error_kinds.get("timeout after 600s"), Some(&1));
+        assert_eq!(s.error_kinds.get("502: worker died"), Some(&1));
+        assert_eq!(s.error_kinds.len(), ERROR_KINDS + 1, "{:?}", s.error_kinds);
+        assert_eq!(s.error_kinds.values().sum::<usize>(), 25);
+        assert_eq!(s.error_kinds.get("other"), Some(&15));
+        assert_eq!(error_kind(&"x".repeat(500)).len(), 80);
+    }
+
+    #[test]
     fn hand_made_timeline() {
         let slo = Slo { ttft_ms: 500.0, tpot_ms: 50.0 };
         let results = vec![
@@ -228,6 +283,7 @@ mod tests {
         ];
         let s = Summary::of(&results, &slo, 2);
         assert_eq!((s.requests, s.errors), (5, 1));
+        assert_eq!(s.error_kinds.get("502"), Some(&1));
         assert!((s.duration_s - 4.0).abs() < 1e-9);
         // Offered: 4 gaps over 3.5 s of arrivals; 2 of 5 within SLO.
         assert!((s.goodput_rps - 0.4 * 4.0 / 3.5).abs() < 1e-9, "{}", s.goodput_rps);

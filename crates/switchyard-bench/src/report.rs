@@ -224,6 +224,12 @@ pub fn markdown(results: &Results, command: &str) -> String {
             );
         }
     }
+    for (label, runs) in series(results) {
+        for r in runs.iter().filter(|r| !r.error_kinds.is_empty()) {
+            let kinds: Vec<String> = r.error_kinds.iter().map(|(k, n)| format!("{n}× `{k}`")).collect();
+            let _ = writeln!(out, "\nErrors, {label} at {:.2}: {}.", r.load, kinds.join("; "));
+        }
+    }
     let _ = writeln!(out, "\n</details>");
     out
 }
@@ -518,6 +524,28 @@ mod tests {
         }
         let back: Results = serde_json::from_value(v).unwrap();
         assert_eq!(back, results());
+    }
+
+    #[test]
+    fn failed_requests_are_listed_by_kind_and_survive_results_json() {
+        let mut r = results();
+        r.runs[0].errors = 3;
+        r.runs[0].error_kinds.insert("503: too many open connections (--max-connections)".into(), 3);
+        let md = markdown(&r, "cmd");
+        let label = r.runs[0].label();
+        assert!(
+            md.contains(&format!("Errors, {label} at 0.90: 3× `503: too many open connections (--max-connections)`.")),
+            "{md}"
+        );
+        assert_eq!(md.matches("Errors, ").count(), 1, "only the run with errors is listed");
+        let back: Results = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        // A results.json written before the field existed still reads.
+        let mut old = serde_json::to_value(results()).unwrap();
+        assert!(old["runs"][0].get("error_kinds").is_none(), "empty kinds are not written");
+        old["runs"][0]["errors"] = 2.into();
+        let back: Results = serde_json::from_value(old).unwrap();
+        assert!(back.runs[0].error_kinds.is_empty());
     }
 
     #[test]
