@@ -18,7 +18,7 @@
 # cache_aware), loads 0.8, 1.0, 1.2, 1.6: at least 3.3 h of arrivals (estimated the same way).
 # Measured at these lengths so far, nothing else running: homogeneous 56 min (40 of them
 # arrivals), heterogeneous 66 min, shared-prefix-large 47 min, prefill-heavy 54 min, slow-tier
-# 0.8-1.2x 40 min; slow-tier 1.6x (14,910 requests at both lengths) is guessed at 30-50 min,
+# 80 min (in three runs; its 1.6x level, 14,910 requests at both lengths, 40 of them): 303 min,
 # so --quick takes about 5 h.
 # Measured before the 120 s floor (levels of 4x the p99 alone, 20-150 s), nothing else running:
 # --quick 17 / 30 / 70 / 19 / 11 min, about 2.5 h; through the whole protocol zipf-mixed 71 min,
