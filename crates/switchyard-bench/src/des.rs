@@ -731,11 +731,29 @@ pub fn bisect_knee(guess: f64, mut passes: impl FnMut(f64) -> bool) -> (f64, usi
 
 /// The scenario fleet's knee (and its closed-loop ceiling, the bisection's first guess).
 pub fn scenario_knee(s: &Scenario, trace: Option<&[crate::workload::TraceRecord]>) -> Knee {
+    let (ceiling, _) = scenario_capacity(s, trace);
+    knee_on_sample(s, trace, ceiling, knee_sample_seeds(s, 1)[0])
+}
+
+/// Seeds of `n` Poisson arrival samples for the knee: first the one load 1.0 is defined on,
+/// then the levels' own (the scenario's seed), then others.
+pub fn knee_sample_seeds(s: &Scenario, n: usize) -> Vec<u64> {
+    let mut seeds = vec![s.seed ^ 0x6b6e, s.seed];
+    seeds.extend((1..n.saturating_sub(1) as u64).map(|k| s.seed ^ 0x6b6e ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    seeds.truncate(n);
+    seeds
+}
+
+/// The knee bisected on the arrival sample (and policy seed) `seed`, from `ceiling`.
+///
+/// One sample decides where load 1.0 is, so whether the baseline meets the knee's definition
+/// on another sample at exactly 1.0 is close to a coin toss wherever it falls off a cliff
+/// there; bisecting again over other samples shows how far the knee itself moves
+/// (`des --knee-samples`).
+pub fn knee_on_sample(s: &Scenario, trace: Option<&[crate::workload::TraceRecord]>, ceiling: f64, seed: u64) -> Knee {
     let workers = SimWorker::from_scenario(s, None);
-    let shapes = s.workload.shapes(s.capacity.requests, s.seed ^ 0xcafe, 0, trace);
-    let (ceiling, _) = best_capacity(&workers, &shapes, s.seed);
     let (rate, evaluations) = bisect_knee(ceiling, |rate| {
-        meets_knee(&workers, &s.workload, &s.slo, rate, s.capacity.requests, KNEE_WINDOW_SECS, s.seed ^ 0x6b6e, trace)
+        meets_knee(&workers, &s.workload, &s.slo, rate, s.capacity.requests, KNEE_WINDOW_SECS, seed, trace)
     });
     Knee { rate, ceiling, evaluations }
 }

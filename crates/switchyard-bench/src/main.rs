@@ -101,6 +101,11 @@ struct DesArgs {
     /// it found once.
     #[arg(long, value_parser = positive_rate)]
     knee: Option<f64>,
+    /// Instead of running levels: bisect the knee on this many Poisson arrival samples (the
+    /// one load 1.0 is defined on, then the levels' own, then others), print each and their
+    /// spread, and stop. How far the knee moves between samples is how sharp "load 1.0" is.
+    #[arg(long, conflicts_with = "knee", value_parser = clap::value_parser!(u64).range(2..=50))]
+    knee_samples: Option<u64>,
     /// Directory for results.json, results.md and <scenario>.svg (same format as `compare`).
     #[arg(long)]
     out: Option<String>,
@@ -109,6 +114,28 @@ struct DesArgs {
     /// reason); `bench/timeline.py` reads it.
     #[arg(long, requires = "out")]
     per_request: bool,
+}
+
+/// `des --knee-samples`: the knee over `n` arrival samples.
+fn print_knee_samples(s: &Scenario, n: usize) -> Result<(), String> {
+    let trace = s.workload.trace().map_err(|e| e.to_string())?;
+    let (ceiling, _) = des::scenario_capacity(s, trace.as_deref());
+    let knees: Vec<f64> = des::knee_sample_seeds(s, n)
+        .into_iter()
+        .map(|seed| des::knee_on_sample(s, trace.as_deref(), ceiling, seed).rate)
+        .collect();
+    let mut sorted = knees.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let at_knee = |k: f64| format!("{k:.2} ({:+.1} %)", (k / knees[0] - 1.0) * 100.0);
+    println!("{}: the knee over {n} Poisson arrival samples, req/s (against load 1.0's)", s.name);
+    println!("  load 1.0's sample  {:.2}", knees[0]);
+    println!("  the levels' own    {}", at_knee(knees[1]));
+    for (i, k) in knees.iter().enumerate().skip(2) {
+        println!("  sample {i:<10} {}", at_knee(*k));
+    }
+    println!("  min {} · median {} · max {}", at_knee(sorted[0]), at_knee(median), at_knee(sorted[sorted.len() - 1]));
+    Ok(())
 }
 
 /// A `--knee`: a finite rate above zero.
@@ -121,6 +148,9 @@ fn positive_rate(s: &str) -> Result<f64, String> {
 
 fn run_des(a: &DesArgs) -> Result<(), String> {
     let s = Scenario::load(&a.scenario).map_err(|e| e.to_string())?;
+    if let Some(n) = a.knee_samples {
+        return print_knee_samples(&s, n as usize);
+    }
     let fleet_size = s.workers().len();
     let workers = SimWorker::from_scenario(&s, a.workers);
     let trace = s.workload.trace().map_err(|e| e.to_string())?;
