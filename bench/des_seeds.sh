@@ -14,6 +14,11 @@
 # a copy of the scenario with `seed = N`, its knee bisected anew, the policies' seed fixed).
 # Policy seeds keep the arrivals, so they cannot show a cell that depends on one arrival draw
 # (bursty at the knee: 0.984 for the scenario's seed 1, geometric mean 1.338 over eight draws).
+# Each draw's load 1.0 is then that draw's own knee, bisected anew: the edge load_based just
+# holds on that draw. KNEE=<req/s> (the `--knee` figure any `des` run of the scenario prints)
+# keeps one offered rate for every draw instead, what a fleet sees from day to day:
+#   DRAW=arrivals KNEE=107.803912944308 SCENARIOS=homogeneous LOADS=1.0,1.05 REQUESTS=12937 \
+#     SEEDS="$(seq 2 21)" POLICIES=load_based,cache_aware,marginal_utility bash bench/des_seeds.sh
 #
 # Results: $OUT (default bench-results/des-seeds)/<scenario>/seed-<n>/results.json, or
 # arrivals-<n>/ with its scenario copy; the summary is printed, over every seed folder there
@@ -26,6 +31,7 @@ SEEDS=${SEEDS:-"1 2 3 4"}
 REQUESTS=${REQUESTS:-20000}
 DRAW=${DRAW:-policy}
 JOBS=${JOBS:-2}
+KNEE=${KNEE:-}
 POLICIES=${POLICIES:-random,round_robin,power_of_two,load_based,cache_aware,consistent_hash,marginal_utility}
 OUT=${OUT:-bench-results/des-seeds}
 case "$DRAW" in
@@ -33,6 +39,11 @@ case "$DRAW" in
   arrivals) PREFIX=arrivals ;;
   *) echo "DRAW must be policy or arrivals, not $DRAW" >&2; exit 2 ;;
 esac
+KNEE_ARG=""
+if [ -n "$KNEE" ]; then
+  case "$KNEE" in ''|*[!0-9.]*|*.*.*) echo "KNEE is a rate in req/s, not $KNEE" >&2; exit 2 ;; esac
+  KNEE_ARG="--knee $KNEE"
+fi
 cargo build --release --quiet -p switchyard-bench
 for scenario in $SCENARIOS; do
   [ -f "bench/scenarios/$scenario.toml" ] || { echo "no scenario bench/scenarios/$scenario.toml" >&2; exit 2; }
@@ -57,7 +68,7 @@ done | xargs -P "$JOBS" -L 1 sh -c '
   dir="'"$OUT"'/$0/'"$PREFIX"'-$1"
   if [ "'"$DRAW"'" = arrivals ]; then scenario="$dir/scenario.toml"; policy_seed=""
   else scenario="bench/scenarios/$0.toml"; policy_seed="--policy-seed $1"; fi
-  ./target/release/switchyard-bench des --scenario "$scenario" $policy_seed --policy "'"$POLICIES"'" \
+  ./target/release/switchyard-bench des --scenario "$scenario" $policy_seed '"$KNEE_ARG"' --policy "'"$POLICIES"'" \
     --load "'"$LOADS"'" --requests "'"$REQUESTS"'" --out "$dir" >/dev/null 2>&1 \
     || echo "failed: $0 '"$DRAW"' seed $1" >&2'
 python3 - "$OUT" "$PREFIX" $SCENARIOS <<'PY'
@@ -83,6 +94,6 @@ for sc in scenarios:
             mus.append(mu[0]["goodput_rps"])
             bests.append(f"{seed}: {best['policy']} {best['goodput_rps']:.1f}")
         if ratios:
-            print(f"| {sc} | {load:.1f} | {len(ratios)} | {min(ratios):.3f} | {statistics.median(ratios):.3f} | "
+            print(f"| {sc} | {load:g} | {len(ratios)} | {min(ratios):.3f} | {statistics.median(ratios):.3f} | "
                   f"{max(ratios):.3f} | {(statistics.geometric_mean(ratios) if min(ratios) > 0 else 0.0):.3f} | {min(mus):.1f}-{max(mus):.1f} | {', '.join(bests)} |")
 PY
