@@ -22,7 +22,7 @@
 #
 # Results: $OUT (default bench-results/des-seeds)/<scenario>/seed-<n>/results.json, or
 # arrivals-<n>/ with its scenario copy; the summary is printed, over every seed folder there
-# (clear $OUT between runs with different seeds).
+# (clear $OUT between runs with different seeds or KNEE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCENARIOS=${SCENARIOS:-"bursty tight-tpot zipf-prefix slow-tier"}
