@@ -41,7 +41,7 @@ case "$DRAW" in
 esac
 KNEE_ARG=""
 if [ -n "$KNEE" ]; then
-  case "$KNEE" in ''|*[!0-9.]*|*.*.*) echo "KNEE is a rate in req/s, not $KNEE" >&2; exit 2 ;; esac
+  case "$KNEE" in *[!0-9.]*|*.*.*) echo "KNEE is a rate in req/s, not $KNEE" >&2; exit 2 ;; esac
   KNEE_ARG="--knee $KNEE"
 fi
 cargo build --release --quiet -p switchyard-bench
