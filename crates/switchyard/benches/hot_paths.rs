@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use switchyard::load::InFlightGuard;
+use switchyard::load::{DispatchInfo, InFlightGuard, ReportedLoad};
 use switchyard::policies::radix_tree::{RadixTree, SharedTree};
 use switchyard::policies::{build, PolicyConfig, PolicyKind};
 use switchyard::request::{RequestView, RoutingText};
@@ -94,6 +94,26 @@ fn p50_p99_cell(sorted: &[f64]) -> String {
     format!(" {:>7.0} / {:>6.0}", percentile(sorted, 0.5), percentile(sorted, 0.99))
 }
 
+/// Some load so least-loaded policies have work to do: two requests a worker, one decoding a
+/// 2,000-token context and one before its first token, and a fresh report of a nearly full
+/// KV cache, so marginal_utility's guards and admission waits run as they do under load.
+fn load(workers: &[Arc<Worker>]) -> Vec<InFlightGuard> {
+    let now = tokio::time::Instant::now();
+    for w in workers {
+        w.load().set_reported(ReportedLoad { kv_usage: 0.95, queued: 0, running: 2, at: now });
+    }
+    let info = DispatchInfo { prompt_tokens: 2000, uncached_tokens: 2000, ..Default::default() };
+    (0..workers.len() * 2)
+        .map(|i| {
+            let mut g = InFlightGuard::dispatch(workers[(i * 7) % workers.len()].clone(), info, now);
+            if i % 2 == 0 {
+                g.mark_first_byte();
+            }
+            g
+        })
+        .collect()
+}
+
 fn bench_selection(quick: bool) {
     println!("\n## policy selection (ns per select_single: p50 / p99 over single timed calls)");
     println!("{:<16} {:>16} {:>16} {:>16}", "policy", "4", "64", "1024");
@@ -107,9 +127,7 @@ fn bench_selection(quick: bool) {
             let workers: Vec<Arc<Worker>> = (0..n)
                 .map(|i| Arc::new(Worker::new(format!("http://10.0.0.{}:{}", i % 250, 8000 + i), WorkerRole::Regular)))
                 .collect();
-            // Some load so least-loaded policies have work to do.
-            let _guards: Vec<InFlightGuard> =
-                (0..n * 2).map(|i| InFlightGuard::new(workers[(i * 7) % n].clone())).collect();
+            let _guards = load(&workers);
             let policy = build(&PolicyConfig::new(*kind, Some(7)));
             // Warm the policy's state (trees) with the same prompts first.
             for (i, t) in texts.iter().enumerate().take(if quick { 1024 } else { 4096 }) {

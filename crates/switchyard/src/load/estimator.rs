@@ -105,8 +105,8 @@ impl Sample {
     }
 }
 
-/// The TTFT the prefill fit learns: the observed one less the batch-slot wait the policy
-/// predicted for it and adds to the fit's prediction (`DispatchInfo::slot_wait_ms`).
+/// The TTFT the prefill fit learns: the observed one less the admission wait (a batch slot or
+/// KV room) the policy predicted for it and adds to the fit's prediction (`DispatchInfo::slot_wait_ms`).
 fn without_slot_wait(ttft: Duration, slot_wait_ms: u32) -> Duration {
     ttft.saturating_sub(Duration::from_millis(u64::from(slot_wait_ms)))
 }

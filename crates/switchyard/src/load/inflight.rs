@@ -225,9 +225,10 @@ pub struct DispatchInfo {
     pub predicted_cached: Option<(u32, u32)>,
     /// The policy that made the decision, for the routing audit.
     pub policy: &'static str,
-    /// The wait for a batch slot the policy predicted and counted in its TTFT (ms): taken off
-    /// the observed TTFT before the TTFT fit learns from it, so the fit stays the engine's
-    /// own prefill and queue time and the slot term is not counted twice.
+    /// The wait to be admitted (a batch slot or room in the KV cache) the policy predicted and
+    /// counted in its TTFT (ms): taken off the observed TTFT before the TTFT fit learns from
+    /// it, so the fit stays the engine's own prefill and queue time and the wait is not
+    /// counted twice.
     pub slot_wait_ms: u32,
 }
 

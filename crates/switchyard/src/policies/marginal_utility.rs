@@ -210,6 +210,33 @@ impl WorkerState {
         (in_flight - limit + 1.0).max(0.0) * mean_out * tpot_ms / limit
     }
 
+    /// How long a newcomer waits for room in the KV cache (ms). An engine admits a request
+    /// only once its cache can hold the uncached prompt, first come first served, so when the
+    /// cache is full of running requests' contexts newcomers queue until finishing ones free
+    /// enough, whatever the batch slots say. Long contexts make this the binding limit: on
+    /// multi-turn (histories cut at 8k tokens) about 66 requests filled an h100's 430k tokens
+    /// with 256 slots free, and 8k prompts the model put at 0.4-1.1 s waited 2-3 s there for
+    /// room (DES, README "Waiting for KV room").
+    ///
+    /// Counted in the router's own units: its decoding requests' contexts hold `held` tokens
+    /// at the reported usage `u`, so `held·(1-u)/u` are free; ahead of the newcomer are the
+    /// uncached prompts of the requests still before their first token; and the running
+    /// requests free `held` tokens over one residence (`mean_out` steps of `tpot_ms`), as in
+    /// [`WorkerState::slot_wait_ms`]. Both are the same queue counted two ways, so the
+    /// larger is the wait. Behind other routers, uncounted (the default), it sees only its
+    /// own share of the queue and the cache, as the slot wait does.
+    fn kv_wait_ms(&self, load: &LoadSnapshot, others: f64, uncached: f64, mean_out: f64, tpot_ms: f64) -> f64 {
+        let Some(r) = self.report else { return 0.0 };
+        let held = load.context_tokens as f64 + others * load.others_context_per_request;
+        let usage = r.kv_usage.min(1.0);
+        if held <= 0.0 || usage <= 0.0 || !usage.is_finite() {
+            return 0.0;
+        }
+        let free = held * (1.0 - usage) / usage;
+        let ahead = load.queued_prefill_tokens as f64 + uncached;
+        (ahead - free).max(0.0) * mean_out * tpot_ms / held
+    }
+
     /// Whether its report shows an engine queue or a nearly full cache. With `lapses`, the
     /// queue counts only until the router has seen it drain that many requests since the
     /// report, the full cache until it has finished any (see the guard in `candidate`).
@@ -327,7 +354,8 @@ pub struct Candidate {
     /// throughput, is what a prefill worker's lateness costs a PD fleet, where it decodes
     /// nothing (`for_prefill_leg`). Kept as the fit gives it: the division is paid only there.
     pub prefill_ms_per_token: f64,
-    /// Of `ttft_ms`, the wait for a batch slot (ms; see `WorkerState::slot_wait_ms`).
+    /// Of `ttft_ms`, the wait to be admitted: for a batch slot or for room in the KV cache,
+    /// whichever is longer (ms; see `WorkerState::slot_wait_ms` and `WorkerState::kv_wait_ms`).
     pub slot_wait_ms: f64,
     /// Its cache's recent hit rate (cached / prompt tokens, the model's EWMA; 0 where workers
     /// do not report cached tokens).
@@ -587,7 +615,13 @@ impl MarginalUtility {
         );
         let uncached = (prompt - matched).max(0.0);
         let t_now = pred.tpot_ms(b, k, prefill_rate).max(1e-3);
-        let slot_wait = if w.prefill_leg { 0.0 } else { w.slot_wait_ms(in_flight, mean_out, t_now) };
+        // A PD prefill worker's requests leave once their prompt is computed: a newcomer queues
+        // for prefill compute there (the fit's queued tokens), not for a slot or KV room.
+        let slot_wait = if w.prefill_leg {
+            0.0
+        } else {
+            w.slot_wait_ms(in_flight, mean_out, t_now).max(w.kv_wait_ms(s, others, uncached, mean_out, t_now))
+        };
         let ttft = pred.ttft_ms(uncached, s.queued_prefill_tokens as f64, in_flight).max(0.0) + slot_wait;
         // The requests already waiting there for their first token are on course for about
         // twice their mean wait so far, and a newcomer queues behind them: live evidence that
@@ -1103,7 +1137,7 @@ impl MarginalUtility {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::InFlightGuard;
+    use crate::load::{DispatchInfo, InFlightGuard};
     use crate::policies::test_support::workers;
 
     /// Trains `worker`'s models on samples from an h100-like engine running `speed`× as fast.
@@ -1513,6 +1547,61 @@ mod tests {
         ws[0].load().set_reported(report(8, 32));
         guards.extend(running(9));
         assert!(p.score(&ws, &view)[0].slot_wait_ms > 0.0, "a regular worker under that report still waits");
+    }
+
+    #[test]
+    fn a_cache_full_of_running_contexts_makes_a_long_prompt_wait_for_room_there() {
+        let (ws, p) = trained(2, MarginalUtilityConfig::default());
+        let t0 = Instant::now();
+        let tokens = |n: usize| RequestView { now: Some(t0), ..request(&"x".repeat(n * CHARS_PER_TOKEN)) };
+        let dispatch = |w: &Arc<Worker>, prompt: u32, decoding: bool| {
+            let info = DispatchInfo { prompt_tokens: prompt, uncached_tokens: prompt, ..Default::default() };
+            let mut g = InFlightGuard::dispatch(w.clone(), info, t0);
+            if decoding {
+                g.mark_first_byte();
+            }
+            g
+        };
+        // Both run 50 requests of 8,000-token contexts (held = 400,000 tokens) and no engine
+        // queue, so no slot wait; worker 0's cache is 99 % full, worker 1's half empty.
+        let mut guards: Vec<InFlightGuard> =
+            ws.iter().flat_map(|w| (0..50).map(|_| dispatch(w, 8000, true)).collect::<Vec<_>>()).collect();
+        let report = |kv_usage| ReportedLoad { kv_usage, queued: 0, running: 50, at: t0 };
+        ws[0].load().set_reported(report(0.99));
+        ws[1].load().set_reported(report(0.5));
+        // The step time at the batch and context the candidate sees there (B, K in tokens).
+        let step = |b: f64, k: f64| {
+            let model = p.model.read().unwrap();
+            let id = ws[0].id();
+            (model.expected_output(id), model.predict(id).tpot_ms(b, k, model.prefill_rate(id)))
+        };
+        let (mean_out, tpot) = step(50.0, 400_000.0);
+        let held = 400_000.0;
+        let free = held * 0.01 / 0.99;
+        // An 8,000-token prompt needs more than the ~4,000 free: it waits for running requests
+        // to free the rest, which they do at `held` tokens per residence.
+        let long = p.score(&ws, &tokens(8000));
+        let expected = (8000.0 - free) * mean_out * tpot / held;
+        assert!((long[0].slot_wait_ms - expected).abs() < 1e-6 * expected, "{:?} vs {expected}", long[0]);
+        assert_eq!(long[1].slot_wait_ms, 0.0, "room for it on the half-empty cache");
+        assert!(long[0].ttft_ms - long[1].ttft_ms > 0.99 * expected, "counted in its TTFT: {long:?}");
+        assert_eq!(long[0].selection().slot_wait_ms, Some(expected as u32), "recorded for the fit");
+        // A short prompt fits in the room left.
+        assert_eq!(p.score(&ws, &tokens(1000))[0].slot_wait_ms, 0.0);
+        // Prompts waiting there for their first token are ahead of it in the queue for room.
+        guards.push(dispatch(&ws[0], 20_000, false));
+        let behind = p.score(&ws, &tokens(8000))[0];
+        let (_, tpot) = step(51.0, 420_000.0);
+        let with_ahead = (20_000.0 + 8000.0 - free) * mean_out * tpot / held;
+        assert!((behind.slot_wait_ms - with_ahead).abs() < 1e-6 * with_ahead, "{behind:?} vs {with_ahead}");
+        assert!(behind.slot_wait_ms > long[0].slot_wait_ms);
+        // A PD prefill worker under the same report waits for prefill compute only.
+        let prefill =
+            Arc::new(Worker::new("http://127.0.0.9:30000".into(), WorkerRole::Prefill { bootstrap_port: None }));
+        train(&p, prefill.id(), 1.0);
+        guards.extend((0..50).map(|_| dispatch(&prefill, 8000, true)));
+        prefill.load().set_reported(report(0.99));
+        assert_eq!(p.score(std::slice::from_ref(&prefill), &tokens(8000))[0].slot_wait_ms, 0.0);
     }
 
     #[test]

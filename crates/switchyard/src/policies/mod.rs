@@ -56,7 +56,8 @@ pub struct Selection {
     /// predicted for any other candidate (the routing audit compares them with what the
     /// worker reports).
     pub predicted_cached: Option<(u32, u32)>,
-    /// How long the policy expects the request to wait there for a batch slot, in ms (see
+    /// How long the policy expects the request to wait there to be admitted (a batch slot or
+    /// room in the KV cache), in ms (see
     /// [`crate::load::DispatchInfo::slot_wait_ms`]).
     pub slot_wait_ms: Option<u32>,
 }
