@@ -224,7 +224,11 @@ impl WorkerState {
     /// requests free `held` tokens over one residence (`mean_out` steps of `tpot_ms`), as in
     /// [`WorkerState::slot_wait_ms`]. Both are the same queue counted two ways, so the
     /// larger is the wait. Behind other routers, uncounted (the default), it sees only its
-    /// own share of the queue and the cache, as the slot wait does.
+    /// own share of the queue and the cache, as the slot wait does, and so counts the
+    /// newcomer's own prompt as that much larger a part of the worker's turnover. Scaling it
+    /// down by that share lost (four replicas on multi-turn at 1.2 / 1.6x the knee, eight
+    /// policy seeds: 17.3 / 14.7 -> 16.0 / 12.7 req/s): the overcount stands in for the
+    /// prompts the other replicas send there at the same moment, which no replica sees.
     fn kv_wait_ms(&self, load: &LoadSnapshot, others: f64, uncached: f64, mean_out: f64, tpot_ms: f64) -> f64 {
         let Some(r) = self.report else { return 0.0 };
         let held = load.context_tokens as f64 + others * load.others_context_per_request;
