@@ -249,8 +249,9 @@ impl WorkerState {
     ) -> f64 {
         let Some(r) = self.report.filter(|r| r.queued > 0 || r.kv_usage > kv_guard) else { return 0.0 };
         let held = load.context_tokens as f64 + others * load.others_context_per_request;
+        // `min` reads NaN and +inf as a full cache; zero, negative or -inf usage gives no wait.
         let usage = r.kv_usage.min(1.0);
-        if held <= 0.0 || usage <= 0.0 || !usage.is_finite() {
+        if held <= 0.0 || usage <= 0.0 {
             return 0.0;
         }
         let free = held * (1.0 - usage) / usage;
