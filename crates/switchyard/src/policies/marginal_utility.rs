@@ -781,10 +781,18 @@ impl MarginalUtility {
     /// request where the model predicts the first token soonest, counting the cache a cold
     /// worker would evict (with TTFT alone an overloaded fleet sent prefix groups to whichever
     /// cold worker had the shortest queue and thrashed every cache: hit rate 0.87 → 0.70 on
-    /// shared-prefix-large). Otherwise the request is late wherever it goes, and once some
-    /// worker is late already (expected TTFT past the whole budget, or step time past the TPOT
-    /// SLO) it goes where it costs the others least: to the worker furthest behind, so the
-    /// queues of those still meeting the SLO stay short. Spreading late requests evenly
+    /// shared-prefix-large). The eviction is the cost's, counted with the batch beside each lost
+    /// hit, so it outweighs the TTFTs and a cold prompt goes to the coldest cache, which stays
+    /// coldest: on multi-turn one worker takes a quarter more prefill and most of the misses.
+    /// Counting the lost hits once, as one request's prefill beside one request's TTFT, spread
+    /// that (multi-turn 0.995 -> 1.002x the best other at 1.05x the knee over twenty draws) but
+    /// lost behind four replicas (1.6x: 15.0 -> 13.9 req/s over 48 seeds) and on zipf-prefix
+    /// 1.4x (-2 %): not kept (README, "The coldest cache takes the cold prompts").
+    ///
+    /// With nobody within the margin the request is late wherever it goes, and once some worker
+    /// is late already (expected TTFT past the whole budget, or step time past the TPOT SLO) it
+    /// goes where it costs the others least: to the worker furthest behind, so the queues of
+    /// those still meeting the SLO stay short. Spreading late requests evenly
     /// instead made every worker late together — goodput at 1.6× the knee fell to 0.14×
     /// least-in-flight's on prefill-heavy traffic and 0.68× on a slow tier; with this rule it
     /// is 4.1× and 1.04×. Until one is late, though, every worker is merely past the margin:
