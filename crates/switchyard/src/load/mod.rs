@@ -12,6 +12,7 @@
 
 pub mod estimator;
 mod inflight;
+pub(crate) mod sent_prefill;
 mod usage;
 pub(crate) mod wait_trend;
 

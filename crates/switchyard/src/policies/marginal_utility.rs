@@ -45,6 +45,7 @@ use super::radix_tree::PrefixIndex;
 use super::rng::PolicyRng;
 use super::{Report, RoutingError, RoutingPolicy, Selection};
 use crate::load::estimator::{EstimatorKind, FleetModel, Prediction, Sample, WorkerReport};
+use crate::load::sent_prefill::SentPrefill;
 use crate::load::wait_trend::WaitTrend;
 use crate::load::{FirstTokenOutcome, LoadSnapshot, ReportedLoad, RequestOutcome, CHARS_PER_TOKEN};
 use crate::request::{RequestView, RoutingText};
@@ -326,6 +327,19 @@ const GROWING_WAIT: f64 = 0.1;
 /// rise and fall do not read as a trend.
 const WAIT_TREND_WINDOW_SLOS: f64 = 5.0;
 
+/// Within the TTFT margin best effort sends a cold prompt where it evicts least, the coldest
+/// cache, which stays coldest because it gets the cold prompts; so a worker is passed over there
+/// once this router has sent it this share more uncached prompt tokens lately (over [`SENT_PREFILL_HORIZON_SLOS`]) than the candidates'
+/// mean. multi-turn, twenty workload draws at the knee rate (1.0 / 1.05x), against the better
+/// of load_based and cache_aware: 0.996 / 0.995 -> 1.002 / 1.000; 0, 0.02 and 0.1 gave
+/// 1.002 / 1.000, 1.001 / 1.001 and 1.001 / 0.997 (README, "The coldest cache takes the cold
+/// prompts").
+const PREFILL_AHEAD: f64 = 0.05;
+
+/// The horizon of that share, in TTFT SLOs (20 s at the usual 2 s): some hundreds of requests
+/// at a knee of tens a second, so one long prompt does not decide it. 60 s gave the same.
+const SENT_PREFILL_HORIZON_SLOS: f64 = 10.0;
+
 /// Fleets up to this size are scored whole by default.
 pub const AUTO_ALL: usize = 64;
 /// Beyond [`AUTO_ALL`], the random sample scored by default (power of d)...
@@ -515,6 +529,7 @@ pub struct MarginalUtility {
     counters: Counters,
     sizes: SizeMeans,
     wait_trend: WaitTrend,
+    sent_prefill: SentPrefill,
 }
 
 impl MarginalUtility {
@@ -528,6 +543,7 @@ impl MarginalUtility {
             counters: Counters::default(),
             sizes: SizeMeans::default(),
             wait_trend: WaitTrend::new(config.slo_ttft.mul_f64(WAIT_TREND_WINDOW_SLOS)),
+            sent_prefill: SentPrefill::new(config.slo_ttft.mul_f64(SENT_PREFILL_HORIZON_SLOS)),
             config: config.clone(),
         }
     }
@@ -783,11 +799,10 @@ impl MarginalUtility {
     /// cold worker had the shortest queue and thrashed every cache: hit rate 0.87 → 0.70 on
     /// shared-prefix-large). The eviction is the cost's, counted with the batch beside each lost
     /// hit, so it outweighs the TTFTs and a cold prompt goes to the coldest cache, which stays
-    /// coldest: on multi-turn one worker takes a quarter more prefill and most of the misses.
-    /// Counting the lost hits once, as one request's prefill beside one request's TTFT, spread
-    /// that (multi-turn 0.995 -> 1.002x the best other at 1.05x the knee over twenty draws) but
-    /// lost behind four replicas (1.6x: 15.0 -> 13.9 req/s over 48 seeds) and on zipf-prefix
-    /// 1.4x (-2 %): not kept (README, "The coldest cache takes the cold prompts").
+    /// coldest: on multi-turn one worker took a quarter more prefill and most of the misses. So
+    /// a worker this router has sent more than its share of prefill lately is passed over here
+    /// until the others catch up (`not_ahead_on_prefill`); the README ("The coldest cache takes
+    /// the cold prompts") has what that gains near the knee and costs at 1.6x behind replicas.
     ///
     /// With nobody within the margin the request is late wherever it goes, and once some worker
     /// is late already (expected TTFT past the whole budget, or step time past the TPOT SLO) it
@@ -889,13 +904,44 @@ impl MarginalUtility {
             pool[self.best_by(pool, |c| -c.expected_ttft_ms()).unwrap_or(0)].because("best_effort_late_smallest")
         } else {
             // In time somewhere, or a burst that has made nobody late yet.
+            let not_ahead = self.not_ahead_on_prefill(all, &can, request);
             let (pool, why) = if can.is_empty() {
                 (all, "best_effort_burst_soonest")
-            } else {
+            } else if not_ahead.is_empty() {
                 (&can[..], "best_effort_in_margin_soonest")
+            } else {
+                (&not_ahead[..], "best_effort_in_margin_soonest")
             };
             pool[self.best_by(pool, Candidate::best_effort_ms).unwrap_or(0)].because(why)
         }
+    }
+
+    /// Of `can`, those best effort may send this prompt to: all but the workers this router has
+    /// sent more than [`PREFILL_AHEAD`] above the mean of `all`'s recent uncached prompt tokens,
+    /// unless they hold its prefix (and so add little prefill). The eviction best effort counts
+    /// is what makes the coldest cache the destination of every cold prompt and keeps it
+    /// coldest; the bound lets it lead by a little, then passes it over until the others catch
+    /// up. Excepting caches warmer than the mean, the ones the eviction does not favour, halved
+    /// the gain (multi-turn draws: 0.999 / 0.999). Where no cache hits at all nothing is
+    /// evicted and nothing piles up: the TTFTs decide alone and spread the prefill by each
+    /// worker's speed, which equal token shares would undo on mixed hardware (tight-tpot at
+    /// 1.1x the knee: -9.9 % with the bound there too). Empty when every worker of `can` is
+    /// ahead: the caller keeps `can` then.
+    fn not_ahead_on_prefill<'a>(
+        &self,
+        all: &[&Candidate],
+        can: &[&'a Candidate],
+        request: &RequestView,
+    ) -> Vec<&'a Candidate> {
+        let n = all.len().max(1) as f64;
+        let mean_hit = all.iter().map(|c| c.hit_rate).sum::<f64>() / n;
+        if mean_hit <= 0.0 {
+            return can.to_vec();
+        }
+        let now = request.now.unwrap_or_else(Instant::now);
+        let mean_sent = all.iter().map(|c| self.sent_prefill.recent(c.worker, now)).sum::<f64>() / n;
+        let bound = mean_sent * (1.0 + PREFILL_AHEAD);
+        can.iter().copied().filter(|c| c.holder || self.sent_prefill.recent(c.worker, now) <= bound).collect()
     }
 
     /// A request smaller than the mean (prompt and output cap), when some worker is still
@@ -1005,6 +1051,7 @@ impl RoutingPolicy for MarginalUtility {
         );
         self.trees.record(&request.text, worker);
         crate::kv_events::note_routed(worker, request);
+        self.sent_prefill.record(chosen.worker, chosen.uncached, request.now.unwrap_or_else(Instant::now));
         Ok(chosen.selection().with_predicted_cached(request.prompt_tokens(), chosen.uncached, best_other))
     }
 
@@ -1074,6 +1121,7 @@ impl RoutingPolicy for MarginalUtility {
         self.counters.decisions.fetch_add(1, Ordering::Relaxed);
         self.trees.record(&request.text, &prefill[p.index]);
         crate::kv_events::note_routed(&prefill[p.index], request);
+        self.sent_prefill.record(p.worker, p.uncached, request.now.unwrap_or_else(Instant::now));
         let p_best_other = p_scored.iter().filter(|c| c.index != p.index).map(|c| c.uncached).fold(f64::MAX, f64::min);
         let p_sel = p.selection().with_predicted_cached(request.prompt_tokens(), p.uncached, p_best_other);
         Ok((p_sel, Selection::of(d.index)))
@@ -1106,6 +1154,7 @@ impl RoutingPolicy for MarginalUtility {
             self.trees.forget(w.id());
             self.model.write().unwrap_or_else(|p| p.into_inner()).forget(w.id());
             self.wait_trend.forget(w.id());
+            self.sent_prefill.forget(w.id());
         }
     }
 
@@ -1414,6 +1463,62 @@ mod tests {
         let evicting = Candidate { eviction_ms: 100.0, ..infeasible(1, 150.0, false) };
         assert_eq!(chosen(&[infeasible(0, 180.0, true), evicting, infeasible(2, 900.0, false)]), 0);
         assert_eq!(p.counters.late.load(Ordering::Relaxed), 14);
+    }
+
+    #[test]
+    fn best_effort_passes_over_a_cold_cache_sent_more_than_its_share_of_prefill_unless_no_cache_hits() {
+        let config = MarginalUtilityConfig { slo_ttft: Duration::from_millis(400), ..Default::default() };
+        let t0 = Instant::now();
+        let at = RequestView { now: Some(t0), ..request("q") };
+        // `sent` uncached prompt tokens recorded for workers 0, 1 and 2 just now.
+        let sent = |tokens: [f64; 3]| {
+            let p = policy(config.clone());
+            for (worker, t) in tokens.into_iter().enumerate() {
+                p.sent_prefill.record(worker as u32, t, t0);
+            }
+            p
+        };
+        let cache = |c: Candidate, hit_rate: f64, eviction_ms: f64| Candidate { hit_rate, eviction_ms, ..c };
+        // Every worker within the margin (0.5 x 400 ms). Worker 0's cache is the coldest, so the
+        // eviction sends the cold prompt there though its first token comes latest.
+        let cold_first = [
+            cache(infeasible(0, 190.0, false), 0.1, 5.0),
+            cache(infeasible(1, 150.0, false), 0.5, 400.0),
+            cache(infeasible(2, 160.0, false), 0.5, 500.0),
+        ];
+        assert_eq!(sent([3000.0, 3000.0, 3000.0]).choose(&cold_first, &at).unwrap().index, 0);
+        // A little ahead of the mean (3.3 %): still there.
+        assert_eq!(sent([3150.0, 3000.0, 3000.0]).choose(&cold_first, &at).unwrap().index, 0);
+        // Ahead by more than the bound (6.5 %): passed over, the next cheapest takes it.
+        let ahead = sent([3300.0, 3000.0, 3000.0]);
+        let chosen = ahead.choose(&cold_first, &at).unwrap();
+        assert_eq!((chosen.index, chosen.selection().reason), (1, Some("best_effort_in_margin_soonest")));
+        // Once the others have caught up (sent as much since), it is the destination again.
+        ahead.sent_prefill.record(1, 300.0, t0);
+        ahead.sent_prefill.record(2, 300.0, t0);
+        assert_eq!(ahead.choose(&cold_first, &at).unwrap().index, 0);
+        // Unless it holds the prompt's prefix (little prefill to add).
+        let holds = [Candidate { holder: true, ..cold_first[0] }, cold_first[1], cold_first[2]];
+        assert_eq!(sent([3300.0, 3000.0, 3000.0]).choose(&holds, &at).unwrap().index, 0);
+        // Or it is the only worker within the margin (the others 250-300 ms, late for nobody).
+        let alone = [cold_first[0], infeasible(1, 300.0, false), infeasible(2, 250.0, false)];
+        assert_eq!(sent([3300.0, 3000.0, 3000.0]).choose(&alone, &at).unwrap().index, 0);
+        // No cache hits anywhere (nothing evicted): the soonest first token, however far ahead.
+        let no_hits = [infeasible(0, 150.0, false), infeasible(1, 190.0, false), infeasible(2, 160.0, false)];
+        assert_eq!(sent([6000.0, 3000.0, 3000.0]).choose(&no_hits, &at).unwrap().index, 0);
+    }
+
+    #[test]
+    fn every_selection_records_the_uncached_prompt_it_sends() {
+        let (ws, p) = trained(2, MarginalUtilityConfig::default());
+        let now = Instant::now();
+        let view = RequestView { now: Some(now), ..request(&"a fresh prompt ".repeat(40)) };
+        let sel = p.select_single(&ws, &view).unwrap();
+        let uncached = f64::from(sel.uncached_tokens.unwrap());
+        assert!(uncached > 0.0);
+        let sent = p.sent_prefill.recent(ws[sel.index].id(), now);
+        assert!((sent - uncached).abs() <= 1.0, "{sent} recorded for {uncached} sent");
+        assert_eq!(p.sent_prefill.recent(ws[1 - sel.index].id(), now), 0.0);
     }
 
     #[test]
