@@ -54,10 +54,11 @@ impl SentPrefill {
         *sum = Sum { tokens: sum.at(now, self.horizon_secs) + tokens, at: now };
     }
 
-    /// The decayed sum of what was sent to `worker`, as of `now` (0 for a worker sent nothing).
-    pub fn recent(&self, worker: u32, now: Instant) -> f64 {
-        let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
-        workers.get(&worker).map_or(0.0, |s| s.at(now, self.horizon_secs))
+    /// For each of `workers`, in their order, the decayed sum of what was sent there as of `now`
+    /// (0 for a worker sent nothing): one lock for a whole decision's candidates.
+    pub fn recent(&self, workers: impl IntoIterator<Item = u32>, now: Instant) -> Vec<f64> {
+        let sums = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        workers.into_iter().map(|w| sums.get(&w).map_or(0.0, |s| s.at(now, self.horizon_secs))).collect()
     }
 
     /// Drops a worker that left the fleet.
@@ -76,13 +77,13 @@ mod tests {
         let t0 = Instant::now();
         sent.record(1, 1000.0, t0);
         sent.record(1, 500.0, t0);
-        assert_eq!(sent.recent(1, t0), 1500.0);
-        assert_eq!(sent.recent(2, t0), 0.0, "a worker sent nothing");
-        let later = sent.recent(1, t0 + Duration::from_secs(20));
+        assert_eq!(sent.recent([1], t0)[0], 1500.0);
+        assert_eq!(sent.recent([2, 1], t0), vec![0.0, 1500.0], "a worker sent nothing, and one sent 1,500");
+        let later = sent.recent([1], t0 + Duration::from_secs(20))[0];
         assert!((later - 1500.0 / std::f64::consts::E).abs() < 1e-6, "{later}");
         // What is sent later adds to what is left of the earlier.
         sent.record(1, 100.0, t0 + Duration::from_secs(20));
-        assert!((sent.recent(1, t0 + Duration::from_secs(20)) - later - 100.0).abs() < 1e-6);
+        assert!((sent.recent([1], t0 + Duration::from_secs(20))[0] - later - 100.0).abs() < 1e-6);
     }
 
     #[test]
@@ -93,8 +94,8 @@ mod tests {
         for broken in [f64::NAN, f64::INFINITY, -5.0] {
             sent.record(1, broken, t0);
         }
-        assert_eq!(sent.recent(1, t0), 300.0);
+        assert_eq!(sent.recent([1], t0)[0], 300.0);
         sent.forget(1);
-        assert_eq!(sent.recent(1, t0), 0.0);
+        assert_eq!(sent.recent([1], t0)[0], 0.0);
     }
 }
