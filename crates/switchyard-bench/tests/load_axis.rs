@@ -260,20 +260,32 @@ fn the_skewed_prefix_workload_has_the_popularity_and_size_its_file_says() {
     assert!(counts.len() > 450, "{} of 512 prompts drawn in 50k requests", counts.len());
 }
 
-/// zipf-prefix's goodput over 20,000 arrivals at `load`× the knee behind each number of
-/// `replicas` of `policy`, each replica seeing the caches through `view`.
+/// The policy seeds the replica tests average over. One seed is not a measurement here: over
+/// 20,000 arrivals past the knee four replicas' goodput moves by a fifth between policy seeds
+/// (zipf-prefix 1.2x, text tree: 94.3-121.4 req/s over seeds 1-16), enough to fail or pass
+/// either test below on luck alone.
+const REPLICA_TEST_SEEDS: [u64; 6] = [1, 2, 3, 4, 5, 6];
+
+/// zipf-prefix's goodput over 20,000 arrivals at `load`x the knee behind each number of
+/// `replicas` of `policy`, each replica seeing the caches through `view`: the geometric mean
+/// over [`REPLICA_TEST_SEEDS`] (the policies' own random choices; the workload and the engines
+/// keep the scenario's seed).
 fn behind_replicas(policy: &str, load: f64, view: des::CacheView, replicas: &[usize]) -> Vec<f64> {
     let s = scenario("zipf-prefix");
     let knee = knee(&s);
     let fleet = SimWorker::from_scenario(&s, None);
-    let config = policy_spec::parse(policy, &s.slo, 1.0, s.seed).expect("policy");
-    let goodput = |replicas: usize| {
-        let specs = s.workload.requests(s.arrival, load * knee, 20_000, s.seed, 0, None);
-        let report = des::run_open_with(&fleet, &config, replicas, s.seed, specs, None, view);
+    let specs = s.workload.requests(s.arrival, load * knee, 20_000, s.seed, 0, None);
+    let goodput = |replicas: usize, seed: u64| {
+        let config = policy_spec::parse(policy, &s.slo, 1.0, seed).expect("policy");
+        let report = des::run_open_with(&fleet, &config, replicas, s.seed, specs.clone(), None, view);
         assert_eq!(report.results.len(), 20_000, "every request accounted for");
         Summary::of(&report.results, &s.slo, fleet.len()).goodput_rps
     };
-    replicas.iter().map(|&r| goodput(r)).collect()
+    let mean = |replicas: usize| {
+        let logs: f64 = REPLICA_TEST_SEEDS.iter().map(|&seed| goodput(replicas, seed).max(1e-9).ln()).sum();
+        (logs / REPLICA_TEST_SEEDS.len() as f64).exp()
+    };
+    replicas.iter().map(|&r| mean(r)).collect()
 }
 
 #[test]
@@ -286,10 +298,13 @@ fn behind_four_replicas_marginal_utility_counts_the_other_routers_requests() {
     // counted the wait for a batch slot: one router then rose to 129.3, four replicas to 100.9
     // (0.78x) — one router sees every request it sends at once, a replica the others' a report
     // late, so its wait lags where the holders queue. 20,000 arrivals: the loss builds up over
-    // minutes of overload.
+    // minutes of overload. Since the replicas agree on the worker run late (by its engine's
+    // queue, which every replica reads), the default has come closer: over policy seeds 1-6,
+    // 109.3 counting against 73.8 (1.48x; 1.60x before, the counted figure unchanged). Below
+    // 1.3x the flag would no longer be worth its loss elsewhere (README).
     let four = |policy| behind_replicas(policy, 1.6, des::CacheView::Events, &[4])[0];
     let (counted, blind) = (four("marginal_utility/others"), four("marginal_utility"));
-    assert!(counted >= 1.5 * blind, "4 replicas counting other routers {counted:.2} req/s, not counting {blind:.2}");
+    assert!(counted >= 1.3 * blind, "4 replicas counting other routers {counted:.2} req/s, not counting {blind:.2}");
 }
 
 #[test]
@@ -299,8 +314,9 @@ fn behind_four_replicas_with_the_text_tree_best_effort_keeps_prefix_groups_toget
     // to run late; compared by extrapolating each fit to its TPOT SLO, identical workers looked
     // unlike, the late request went to whichever fit was worst, and prefix groups scattered:
     // four replicas kept 0.51x one router's goodput here (84.5 vs 165.4 req/s). Compared at
-    // the candidates' mean decoding batch, 0.72x (119.5): what remains is each replica's tree
-    // seeing a quarter of the prompts.
+    // the candidates' mean decoding batch, 0.72x (119.5, policy seed 1): what remains is each
+    // replica's tree seeing a quarter of the prompts. Over policy seeds 1-6 0.68x (112.3 vs
+    // 165.4; seed by seed 0.57-0.73x).
     let goodput = behind_replicas("marginal_utility", 1.2, des::CacheView::Text, &[1, 4]);
     let (one, four) = (goodput[0], goodput[1]);
     assert!(four >= 0.65 * one, "4 replicas {four:.2} req/s vs one router {one:.2}");

@@ -177,6 +177,9 @@ struct WorkerState {
     /// queues for prefill compute (the TTFT fit's queued tokens), never for a batch slot held
     /// through a decode.
     prefill_leg: bool,
+    /// A worker serving whole requests (not one leg of a PD pair): where the worker run late is
+    /// chosen by its engine's queue as well (`Candidate::behind_ms`).
+    regular: bool,
 }
 
 impl WorkerState {
@@ -396,6 +399,13 @@ pub struct Candidate {
     /// Its cache's recent hit rate (cached / prompt tokens, the model's EWMA; 0 where workers
     /// do not report cached tokens).
     pub hit_rate: f64,
+    /// How far behind it is, for choosing which worker runs late: the expected TTFT, scaled
+    /// up by the requests its engine reports queued beyond this router's own still before
+    /// their first token. Behind router replicas each one's expected TTFT counts only its own
+    /// requests, so each found the worker it had loaded itself furthest behind, and the
+    /// replicas sacrificed a worker each; the engine's queue is what they all read. With one
+    /// router that queue is its own, and this is the expected TTFT.
+    pub behind_ms: f64,
     /// Which rule chose it when no worker was feasible (best effort's branch); the trace's reason.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub best_effort: Option<&'static str>,
@@ -615,6 +625,7 @@ impl MarginalUtility {
                         .filter(|r| now.saturating_duration_since(r.at) <= self.config.report_max_age),
                     drained: w.load().drained_since_report(),
                     prefill_leg: matches!(w.role(), WorkerRole::Prefill { .. }),
+                    regular: matches!(w.role(), WorkerRole::Regular),
                 };
                 (index, state)
             })
@@ -713,6 +724,17 @@ impl MarginalUtility {
         // router's own: what other routers send or finish there is unseen until the next
         // report, which resets it.
         let guarded = w.guarded(self.config.kv_guard, self.config.overload == Overload::BestEffort);
+        // The requests queued in the engine that this router has not sent (other routers'):
+        // its own still before their first token are all it can have there. Counted in `ttft`
+        // already when other routers are. Not on PD legs: behind four replicas it gained on pd
+        // at 1.4 / 1.6x the knee (+27 / +34 %) and lost on pd-mixed at every load past it (-3 to
+        // -22 %), which nothing here explains yet (README, "Replicas agree on the worker run late").
+        let unseen_queue = match w.report {
+            Some(r) if w.regular && !self.config.count_other_routers => (r.queued as f64 - s.waiting as f64).max(0.0),
+            _ => 0.0,
+        };
+        let own = s.in_flight as f64;
+        let behind = ttft.max(waiting) * (own + unseen_queue).max(1.0) / own.max(1.0);
         let feasible = if holder {
             // Judged by the model only, with the saved prefill: the requests waiting at a busy
             // holder are the same group's, and spilling them on their wait broke affinity.
@@ -740,6 +762,7 @@ impl MarginalUtility {
             prefill_ms_per_token: phi1,
             slot_wait_ms: slot_wait,
             hit_rate: w.hit_rate,
+            behind_ms: behind,
             best_effort: None,
         }
     }
@@ -843,6 +866,15 @@ impl MarginalUtility {
     /// requests still before their first token (far more, on prefill-heavy traffic, than the
     /// fits have seen decoding) cost prefill-heavy at 1.6× the knee 38.9–46.7 req/s against
     /// 47.2–48.4 over four policy seeds.
+    ///
+    /// "Furthest behind" is [`Candidate::behind_ms`], which counts the queue a worker's engine
+    /// reports beyond this router's own. Behind router replicas each one's view holds only its
+    /// own requests, so each found the worker it had loaded itself furthest behind and ran that
+    /// one late: four replicas made two or three workers late where one router makes one
+    /// (multi-turn at 1.6× the knee, policy seed 1, per request: from 20 s on no request in
+    /// time on two workers of four, for a while three; with the engine's queue counted, on
+    /// one), and the engine's queue is what they all read alike. The README ("Replicas agree
+    /// on the worker run late") has the figures.
     fn best_effort(&self, all: &[&Candidate], request: &RequestView) -> Candidate {
         let budget = self.config.slo_ttft.as_secs_f64() * 1e3 - request.waited.as_secs_f64() * 1e3;
         let slo_tpot = self.config.slo_tpot.as_secs_f64() * 1e3;
@@ -878,13 +910,13 @@ impl MarginalUtility {
             // as a whole and the victim's wait grows. Where it stands, only the holders are
             // short, and the victim takes no other holder's late requests (`GROWING_WAIT`).
             self.counters.late.fetch_add(1, Ordering::Relaxed);
-            let victim = *all[self.best_by(all, |c| -c.expected_ttft_ms()).unwrap_or(0)];
+            let victim = *all[self.best_by(all, |c| -c.behind_ms).unwrap_or(0)];
             let now = request.now.unwrap_or_else(Instant::now);
             // A prediction that is not a finite, non-negative time (a broken fit) reads as no wait.
             let wait = Duration::try_from_secs_f64(victim.expected_ttft_ms() / 1e3).unwrap_or_default();
             let growing = self.wait_trend.observe(victim.worker, now, wait).is_some_and(|s| s >= GROWING_WAIT);
             let holders: Vec<&Candidate> = all.iter().copied().filter(|c| c.holder).collect();
-            match self.best_by(&holders, |c| -c.expected_ttft_ms()).map(|i| *holders[i]) {
+            match self.best_by(&holders, |c| -c.behind_ms).map(|i| *holders[i]) {
                 Some(holder) if !victim.holder && (!growing || victim.hit_rate + VICTIM_HIT_GAP < holder.hit_rate) => {
                     holder.because("best_effort_late_on_holder")
                 }
@@ -901,7 +933,7 @@ impl MarginalUtility {
             let alike = least * (1.0 + VICTIM_CAPACITY_TIE);
             let smallest: Vec<&Candidate> = all.iter().copied().filter(|c| c.capacity <= alike).collect();
             let pool = if smallest.is_empty() { all } else { &smallest[..] };
-            pool[self.best_by(pool, |c| -c.expected_ttft_ms()).unwrap_or(0)].because("best_effort_late_smallest")
+            pool[self.best_by(pool, |c| -c.behind_ms).unwrap_or(0)].because("best_effort_late_smallest")
         } else {
             // In time somewhere, or a burst that has made nobody late yet.
             let not_ahead = if can.is_empty() { Vec::new() } else { self.not_ahead_on_prefill(all, &can, request) };
@@ -1384,6 +1416,7 @@ mod tests {
             prefill_ms_per_token: 0.1,
             slot_wait_ms: 0.0,
             hit_rate: 0.0,
+            behind_ms: ttft_ms,
             best_effort: None,
         }
     }
@@ -1633,6 +1666,57 @@ mod tests {
         ws[0].load().set_reported(ReportedLoad { kv_usage: 0.5, queued: 1, running: 0, at: t0 });
         drop(queued);
         assert!(!p.score(&ws, &RequestView { now: Some(t0), ..request("hello") })[0].feasible);
+    }
+
+    #[test]
+    fn behind_other_routers_the_worker_run_late_is_the_one_whose_engine_queue_is_longest() {
+        // How far behind each worker is counts the queue its engine reports beyond this
+        // router's own requests still before their first token.
+        let behind = |config: MarginalUtilityConfig, role: WorkerRole| {
+            let p = policy(config);
+            let ws: Vec<Arc<Worker>> =
+                (0..3).map(|i| Arc::new(Worker::new(format!("http://127.0.0.{}:30000", i + 2), role))).collect();
+            for w in &ws {
+                train(&p, w.id(), 1.0);
+            }
+            let t0 = Instant::now();
+            let waiting: Vec<InFlightGuard> =
+                (0..8).map(|i| InFlightGuard::dispatch(ws[i % 2].clone(), Default::default(), t0)).collect();
+            // Four of this router's requests wait on each of the first two; worker 0 reports
+            // those four queued, worker 1 forty: thirty-six another router sent. Worker 2 has
+            // none of this router's and reports no queue.
+            ws[0].load().set_reported(ReportedLoad { kv_usage: 0.5, queued: 4, running: 0, at: t0 });
+            ws[1].load().set_reported(ReportedLoad { kv_usage: 0.5, queued: 40, running: 0, at: t0 });
+            let scored = p.score(&ws, &RequestView { now: Some(t0), ..request("hello") });
+            drop(waiting);
+            scored
+        };
+        let scored = behind(MarginalUtilityConfig::default(), WorkerRole::Regular);
+        assert_eq!(scored[0].behind_ms, scored[0].expected_ttft_ms(), "its queue is this router's own: {scored:?}");
+        let scaled = scored[1].expected_ttft_ms() * (4.0 + 36.0) / 4.0;
+        assert!((scored[1].behind_ms - scaled).abs() < 1e-9 * scaled, "{scored:?}");
+        assert!(scored[2].behind_ms > 0.0, "{scored:?}");
+        assert_eq!(scored[2].behind_ms, scored[2].expected_ttft_ms(), "nothing in flight: {scored:?}");
+        // Counting other routers' requests puts them in the TTFT already: no second time.
+        let counted =
+            behind(MarginalUtilityConfig { count_other_routers: true, ..Default::default() }, WorkerRole::Regular);
+        assert_eq!(counted[1].behind_ms, counted[1].expected_ttft_ms(), "{counted:?}");
+        // Nor on a PD leg (README, "Replicas agree on the worker run late").
+        let leg = behind(MarginalUtilityConfig::default(), WorkerRole::Decode);
+        assert_eq!(leg[1].behind_ms, leg[1].expected_ttft_ms(), "{leg:?}");
+
+        // Which worker runs late follows it: the one whose engine is furthest behind, though
+        // this router's own view has another further behind (its own requests there).
+        let p = policy(MarginalUtilityConfig { slo_ttft: Duration::from_millis(400), ..Default::default() });
+        let view = request("q");
+        let at = |c: Candidate, behind_ms: f64| Candidate { behind_ms, ..c };
+        let late = [infeasible(0, 900.0, false), infeasible(1, 300.0, false), at(infeasible(2, 600.0, false), 3000.0)];
+        let chosen = p.choose(&late, &view).unwrap().selection();
+        assert_eq!((chosen.index, chosen.reason), (2, Some("best_effort_late_smallest")));
+        // The same where only late workers hold the prefix: late on the one furthest behind.
+        let held = [infeasible(0, 900.0, true), infeasible(1, 150.0, false), at(infeasible(2, 600.0, true), 3000.0)];
+        let chosen = p.choose(&held, &view).unwrap().selection();
+        assert_eq!((chosen.index, chosen.reason), (2, Some("best_effort_late_furthest_behind")));
     }
 
     #[test]
