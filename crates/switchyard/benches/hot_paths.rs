@@ -97,13 +97,12 @@ fn p50_p99_cell(sorted: &[f64]) -> String {
 /// Some load so least-loaded policies have work to do: two requests a worker, one decoding a
 /// 2,000-token context and one before its first token, and a fresh report of a nearly full
 /// KV cache, so marginal_utility's guards and admission waits run as they do under load.
+/// The report comes after the requests, as the engine would show them: none of them reads as
+/// another router's.
 fn load(workers: &[Arc<Worker>]) -> Vec<InFlightGuard> {
     let now = tokio::time::Instant::now();
-    for w in workers {
-        w.load().set_reported(ReportedLoad { kv_usage: 0.95, queued: 0, running: 2, at: now });
-    }
     let info = DispatchInfo { prompt_tokens: 2000, uncached_tokens: 2000, ..Default::default() };
-    (0..workers.len() * 2)
+    let guards = (0..workers.len() * 2)
         .map(|i| {
             let mut g = InFlightGuard::dispatch(workers[(i * 7) % workers.len()].clone(), info, now);
             if i % 2 == 0 {
@@ -111,7 +110,11 @@ fn load(workers: &[Arc<Worker>]) -> Vec<InFlightGuard> {
             }
             g
         })
-        .collect()
+        .collect();
+    for w in workers {
+        w.load().set_reported(ReportedLoad { kv_usage: 0.95, queued: 0, running: 2, at: now });
+    }
+    guards
 }
 
 fn bench_selection(quick: bool) {

@@ -181,7 +181,8 @@ pub struct Args {
     pub mu_tau_secs: f64,
     /// marginal_utility behind several router replicas: count the requests each worker reports
     /// beyond this router's own (the other replicas') in its load, from the polls of
-    /// `--load-check-interval`. Off by default (see the README's "Replicas share the load").
+    /// `--load-check-interval`. Off by default (see the README's "Replicas share the load");
+    /// the waits for a batch slot or KV room count them either way.
     #[arg(long)]
     pub mu_count_other_routers: bool,
     /// Time allowed for a worker to answer (response headers; a whole answer's body too), in seconds.

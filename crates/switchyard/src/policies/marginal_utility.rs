@@ -8,7 +8,9 @@
 //! B̄, K̄, P̄) and TTFT model (in uncached tokens u, U, B) per worker; a newcomer's first tokens
 //! correct its level at once. Behind several router replicas each sees only its own requests;
 //! with `count_other_routers` the worker's polled report (running and waiting) less this
-//! router's in flight counts the others', in B, K and the learning windows alike. This file
+//! router's in flight counts the others', in B, K and the learning windows alike. The waits
+//! for a batch slot or KV room count them always: they queue in the engine ahead of a
+//! newcomer as this router's own do. This file
 //! only *chooses*, from those predictions (`policies.md`); B and K below count the waiting
 //! requests too, since they join the batch first:
 //!
@@ -120,7 +122,8 @@ pub struct MarginalUtilityConfig {
     /// Workers reporting KV usage above this are infeasible (unless they hold the prefix).
     pub kv_guard: f64,
     /// Count the requests each worker reports beyond this router's own (other router
-    /// replicas') in its batch, context and learning windows. Off by default: behind four
+    /// replicas') in its batch, context and learning windows. (The waits for a batch slot or
+    /// KV room count them either way: [`WorkerState::slot_wait_ms`].) Off by default: behind four
     /// replicas it lifts steady-state goodput past the knee (DES), but the reports are a poll
     /// old and every replica reads the same ones, and while an overload builds it cost up to
     /// a fifth of the goodput on shared-prefix traffic (README, "Replicas share the load").
@@ -198,9 +201,14 @@ impl WorkerState {
     /// where a request's residence is its decode (`mean_out` steps of `tpot_ms`). The limit is
     /// what the engine runs while its latest report shows a queue (no limit is known without
     /// one: remembering the last one seen cost zipf-mixed at 1.6x 86 -> 48 req/s, mean of three seeds);
-    /// the requests ahead are this router's live count (and other routers', when counted),
-    /// fresher than the report, so the wait falls to zero as soon as the router has seen the
-    /// batch drain below the limit.
+    /// the requests ahead are this router's live count, fresher than the report, so the wait
+    /// falls to zero as soon as the router has seen the batch drain below the limit, plus
+    /// other routers' there as the report last showed them, whatever `count_other_routers`
+    /// says. Behind router replicas each one's own count is its share of the engine's queue,
+    /// below the limit: no replica saw a wait, and a queue of seconds built at the worker all
+    /// of them thought in time (pd-mixed at the knee behind four replicas: the h100 decode
+    /// worker's TTFT 0.27 s predicted, 4 s served, goodput 0.68x load_based's; 0.96x counting
+    /// them; README "Replicas see the engine's queue").
     ///
     /// The linear TTFT fit, over requests in flight, lags this queue: it grows by a whole
     /// decode per `limit` requests rather than by a prefill each, and the fit learns it only as
@@ -227,12 +235,13 @@ impl WorkerState {
     /// uncached prompts of the requests still before their first token; and the running
     /// requests free `held` tokens over one residence (`mean_out` steps of `tpot_ms`), as in
     /// [`WorkerState::slot_wait_ms`]. Both are the same queue counted two ways, so the
-    /// larger is the wait. Behind other routers, uncounted (the default), it sees only its
-    /// own share of the queue and the cache, as the slot wait does, and so counts the
-    /// newcomer's own prompt as that much larger a part of the worker's turnover. Scaling it
-    /// down by that share lost (four replicas on multi-turn at 1.2 / 1.6x the knee, eight
-    /// policy seeds: 17.3 / 14.7 -> 16.0 / 12.7 req/s): the overcount stands in for the
-    /// prompts the other replicas send there at the same moment, which no replica sees.
+    /// larger is the wait. Behind other routers `others` is the requests the report shows
+    /// beyond this router's own, each holding this router's mean context: the cache and its
+    /// turnover in the engine's units, while the prompts ahead are this router's own only (the
+    /// others' are not known in tokens), so the newcomer's own prompt stands for the prompts
+    /// the other replicas send there at the same moment. (Before the others were counted here,
+    /// scaling the whole wait down by this router's share lost: four replicas on multi-turn at
+    /// 1.2 / 1.6x the knee, eight policy seeds, 17.3 / 14.7 -> 16.0 / 12.7 req/s.)
     ///
     /// Read only while the report shows an engine queue or a cache past the KV guard. Without
     /// either the engine has room, and the prompts before their first token may be admitted
@@ -666,13 +675,16 @@ impl MarginalUtility {
         let t_now = pred.tpot_ms(b, k, prefill_rate).max(1e-3);
         // A PD prefill worker's requests leave once their prompt is computed: a newcomer queues
         // for prefill compute there (the fit's queued tokens), not for a slot or KV room.
+        // Other routers' requests queue in the engine ahead of a newcomer as this router's own
+        // do, so the waits count them whether or not the fits do (`WorkerState::slot_wait_ms`).
+        let queued_others = s.others as f64;
         let slot_wait = if w.prefill_leg {
             0.0
         } else {
-            w.slot_wait_ms(in_flight, mean_out, t_now).max(w.kv_wait_ms(
+            w.slot_wait_ms(s.in_flight as f64 + queued_others, mean_out, t_now).max(w.kv_wait_ms(
                 s,
                 self.config.kv_guard,
-                others,
+                queued_others,
                 uncached,
                 mean_out,
                 t_now,
@@ -1720,6 +1732,42 @@ mod tests {
     }
 
     #[test]
+    fn behind_other_routers_the_slot_wait_counts_the_requests_the_engine_reports_beyond_this_routers_own() {
+        let (ws, p) = trained(1, MarginalUtilityConfig::default());
+        let t0 = Instant::now();
+        let view = RequestView { now: Some(t0), ..request("hello") };
+        // Ten of this router's requests decode there; the engine runs 32 and queues 8: thirty
+        // are other routers'. A newcomer is 9th in line, as if all forty were this router's.
+        let _own: Vec<InFlightGuard> = (0..10)
+            .map(|_| {
+                let mut g = InFlightGuard::dispatch(ws[0].clone(), Default::default(), t0);
+                g.mark_first_byte();
+                g
+            })
+            .collect();
+        ws[0].load().set_reported(ReportedLoad { kv_usage: 0.5, queued: 8, running: 32, at: t0 });
+        let scored = p.score(&ws, &view)[0];
+        let (mean_out, tpot) = {
+            let model = p.model.read().unwrap();
+            let id = ws[0].id();
+            // The batch the fits price stays this router's own (`count_other_routers` is off).
+            (model.expected_output(id), model.predict(id).tpot_ms(10.0, 0.0, model.prefill_rate(id)))
+        };
+        let expected = 9.0 * mean_out * tpot / 32.0;
+        assert!((scored.slot_wait_ms - expected).abs() < 1e-6 * expected, "{scored:?} vs {expected}");
+        assert_eq!(scored.in_flight, 10.0, "the fits' count is this router's own: {scored:?}");
+        // Counting other routers (`--mu-count-other-routers`) puts them in the fits' count too,
+        // and the wait is the same.
+        let (ws, p) = trained(1, MarginalUtilityConfig { count_other_routers: true, ..Default::default() });
+        let _own: Vec<InFlightGuard> =
+            (0..10).map(|_| InFlightGuard::dispatch(ws[0].clone(), Default::default(), t0)).collect();
+        ws[0].load().set_reported(ReportedLoad { kv_usage: 0.5, queued: 8, running: 32, at: t0 });
+        let counted = p.score(&ws, &view)[0];
+        assert_eq!(counted.in_flight, 40.0, "{counted:?}");
+        assert!(counted.slot_wait_ms > 0.0, "{counted:?}");
+    }
+
+    #[test]
     fn past_the_engines_batch_slot_limit_a_newcomer_waits_for_running_requests_to_finish() {
         let (ws, p) = trained(2, MarginalUtilityConfig::default());
         let t0 = Instant::now();
@@ -1867,20 +1915,22 @@ mod tests {
         let (ws, p) = trained(4, MarginalUtilityConfig::default());
         let t0 = Instant::now();
         let view = RequestView { now: Some(t0), ..request("hello") };
+        // Reported once they are there, so none of them reads as another router's.
         let load = |w: &Arc<Worker>, in_flight: usize| -> Vec<InFlightGuard> {
+            let guards = (0..in_flight)
+                .map(|_| {
+                    let mut g = InFlightGuard::dispatch(w.clone(), Default::default(), t0);
+                    g.mark_first_byte();
+                    g
+                })
+                .collect();
             w.load().set_reported(ReportedLoad {
                 kv_usage: 0.5,
                 queued: in_flight.saturating_sub(32) as u64,
                 running: 32,
                 at: t0,
             });
-            (0..in_flight)
-                .map(|_| {
-                    let mut g = InFlightGuard::dispatch(w.clone(), Default::default(), t0);
-                    g.mark_first_byte();
-                    g
-                })
-                .collect()
+            guards
         };
         let decode_pick = |p: &MarginalUtility| ws[1 + p.select_pair(&ws[..1], &ws[1..], &view).unwrap().1.index].id();
         let waits =
