@@ -1731,6 +1731,15 @@ mod tests {
         assert_eq!((chosen.index, chosen.reason), (2, Some("best_effort_late_furthest_behind")));
     }
 
+    /// The slot wait the model gives a newcomer `place`th in line at `worker` for a batch of
+    /// `limit`, its step time taken at a batch of `batch` (`WorkerState::slot_wait_ms`).
+    fn slot_wait(p: &MarginalUtility, worker: &Worker, batch: f64, place: f64, limit: f64) -> f64 {
+        let model = p.model.read().unwrap();
+        let id = worker.id();
+        let tpot = model.predict(id).tpot_ms(batch, 0.0, model.prefill_rate(id));
+        place * model.expected_output(id) * tpot / limit
+    }
+
     #[test]
     fn behind_other_routers_the_slot_wait_counts_the_requests_the_engine_reports_beyond_this_routers_own() {
         let (ws, p) = trained(1, MarginalUtilityConfig::default());
@@ -1747,17 +1756,12 @@ mod tests {
             .collect();
         ws[0].load().set_reported(ReportedLoad { kv_usage: 0.5, queued: 8, running: 32, at: t0 });
         let scored = p.score(&ws, &view)[0];
-        let (mean_out, tpot) = {
-            let model = p.model.read().unwrap();
-            let id = ws[0].id();
-            // The batch the fits price stays this router's own (`count_other_routers` is off).
-            (model.expected_output(id), model.predict(id).tpot_ms(10.0, 0.0, model.prefill_rate(id)))
-        };
-        let expected = 9.0 * mean_out * tpot / 32.0;
+        // The batch the fits price stays this router's own (`count_other_routers` is off).
+        let expected = slot_wait(&p, &ws[0], 10.0, 9.0, 32.0);
         assert!((scored.slot_wait_ms - expected).abs() < 1e-6 * expected, "{scored:?} vs {expected}");
         assert_eq!(scored.in_flight, 10.0, "the fits' count is this router's own: {scored:?}");
         // Counting other routers (`--mu-count-other-routers`) puts them in the fits' count too,
-        // and the wait is the same.
+        // and the wait is still counted.
         let (ws, p) = trained(1, MarginalUtilityConfig { count_other_routers: true, ..Default::default() });
         let _own: Vec<InFlightGuard> =
             (0..10).map(|_| InFlightGuard::dispatch(ws[0].clone(), Default::default(), t0)).collect();
@@ -1791,12 +1795,7 @@ mod tests {
         // every mean decode / 32.
         ws[0].load().set_reported(report(8, 32));
         let queued = p.score(&ws, &view)[0];
-        let (mean_out, tpot) = {
-            let model = p.model.read().unwrap();
-            let id = ws[0].id();
-            (model.expected_output(id), model.predict(id).tpot_ms(40.0, 0.0, model.prefill_rate(id)))
-        };
-        let expected = 9.0 * mean_out * tpot / 32.0;
+        let expected = slot_wait(&p, &ws[0], 40.0, 9.0, 32.0);
         assert!((queued.slot_wait_ms - expected).abs() < 1e-6 * expected, "{queued:?} vs {expected}");
         assert!((queued.ttft_ms - free.ttft_ms - expected).abs() < 1e-6 * expected, "counted in its TTFT");
         assert_eq!(queued.selection().slot_wait_ms, Some(expected as u32), "recorded for the fit");
