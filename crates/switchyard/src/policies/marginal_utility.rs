@@ -677,7 +677,7 @@ impl MarginalUtility {
         // for prefill compute there (the fit's queued tokens), not for a slot or KV room.
         // Other routers' requests queue in the engine ahead of a newcomer as this router's own
         // do, so the waits count them whether or not the fits do (`WorkerState::slot_wait_ms`).
-        let queued_others = s.others as f64;
+        let queued_others = w.others(true);
         let slot_wait = if w.prefill_leg {
             0.0
         } else {
@@ -1731,6 +1731,17 @@ mod tests {
         assert_eq!((chosen.index, chosen.reason), (2, Some("best_effort_late_furthest_behind")));
     }
 
+    /// `n` requests of this router's decoding at `w` since `at` (past their first token).
+    fn decoding(w: &Arc<Worker>, n: usize, at: Instant) -> Vec<InFlightGuard> {
+        (0..n)
+            .map(|_| {
+                let mut g = InFlightGuard::dispatch(w.clone(), Default::default(), at);
+                g.mark_first_byte();
+                g
+            })
+            .collect()
+    }
+
     /// The slot wait the model gives a newcomer `place`th in line at `worker` for a batch of
     /// `limit`, its step time taken at a batch of `batch` (`WorkerState::slot_wait_ms`).
     fn slot_wait(p: &MarginalUtility, worker: &Worker, batch: f64, place: f64, limit: f64) -> f64 {
@@ -1747,13 +1758,7 @@ mod tests {
         let view = RequestView { now: Some(t0), ..request("hello") };
         // Ten of this router's requests decode there; the engine runs 32 and queues 8: thirty
         // are other routers'. A newcomer is 9th in line, as if all forty were this router's.
-        let _own: Vec<InFlightGuard> = (0..10)
-            .map(|_| {
-                let mut g = InFlightGuard::dispatch(ws[0].clone(), Default::default(), t0);
-                g.mark_first_byte();
-                g
-            })
-            .collect();
+        let _own = decoding(&ws[0], 10, t0);
         ws[0].load().set_reported(ReportedLoad { kv_usage: 0.5, queued: 8, running: 32, at: t0 });
         let scored = p.score(&ws, &view)[0];
         // The batch the fits price stays this router's own (`count_other_routers` is off).
@@ -1776,15 +1781,7 @@ mod tests {
         let (ws, p) = trained(2, MarginalUtilityConfig::default());
         let t0 = Instant::now();
         let view = RequestView { now: Some(t0), ..request("hello") };
-        let running = |n: usize| -> Vec<InFlightGuard> {
-            (0..n)
-                .map(|_| {
-                    let mut g = InFlightGuard::dispatch(ws[0].clone(), Default::default(), t0);
-                    g.mark_first_byte();
-                    g
-                })
-                .collect()
-        };
+        let running = |n: usize| decoding(&ws[0], n, t0);
         let report = |queued, running| ReportedLoad { kv_usage: 0.5, queued, running, at: t0 };
         let mut guards = running(40);
         // The engine runs all 40: no wait for a slot.
@@ -1916,13 +1913,7 @@ mod tests {
         let view = RequestView { now: Some(t0), ..request("hello") };
         // Reported once they are there, so none of them reads as another router's.
         let load = |w: &Arc<Worker>, in_flight: usize| -> Vec<InFlightGuard> {
-            let guards = (0..in_flight)
-                .map(|_| {
-                    let mut g = InFlightGuard::dispatch(w.clone(), Default::default(), t0);
-                    g.mark_first_byte();
-                    g
-                })
-                .collect();
+            let guards = decoding(w, in_flight, t0);
             w.load().set_reported(ReportedLoad {
                 kv_usage: 0.5,
                 queued: in_flight.saturating_sub(32) as u64,
@@ -1964,15 +1955,7 @@ mod tests {
         }
         let t0 = Instant::now();
         let view = RequestView { now: Some(t0), ..request("hello") };
-        let load = |w: &Arc<Worker>, in_flight: usize| -> Vec<InFlightGuard> {
-            (0..in_flight)
-                .map(|_| {
-                    let mut g = InFlightGuard::dispatch(w.clone(), Default::default(), t0);
-                    g.mark_first_byte();
-                    g
-                })
-                .collect()
-        };
+        let load = |w: &Arc<Worker>, in_flight: usize| decoding(w, in_flight, t0);
         let pick = |p: &MarginalUtility| p.select_pair(&ws[..3], &ws[3..], &view).unwrap().0;
         // Every prefill worker is expected past the TTFT budget (predicted 2.17 / 2.02 / 2.12 s).
         // The fast one is not where late requests cost least, and of the two slow ones the
