@@ -6,8 +6,14 @@
 # fleet. Workers and switchyard tokenize with an HF tokenizer written for the workload (one
 # token per generated word, so token counts stay the scenario's).
 #
-#   bash bench/kv_events_live.sh                  # ~40 min on 2 cores
+#   bash bench/kv_events_live.sh                  # ~55 min on 2 cores (24 levels)
 #   LOADS=1.0 REQUESTS=2000 bash bench/kv_events_live.sh
+#
+# Each level offers the knee's 120 s window of arrivals (`compare`), so a level takes 2-3 min
+# with its drain (2026-12-07, 2 cores: 129 s a level with one replica and 143 s with four at
+# 1.2x, 177 s with four at 1.2 / 1.6x); LOADS=1.2,1.6 is about 2 h. Four replicas at 1.6x the
+# knee of zipf-prefix are more than 2 cores hold live: the simulated workers stop accepting
+# connections in time, the routers' health checks fail and requests get 503 (README).
 #
 # Results: $OUT/<scenario>-x<replicas>/results.md (default OUT=bench-results/kv-events).
 set -euo pipefail
