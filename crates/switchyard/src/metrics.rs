@@ -263,6 +263,13 @@ impl Metrics {
         for w in workers.iter() {
             let _ = writeln!(out, "switchyard_worker_healthy{{worker=\"{}\"}} {}", w.url(), u8::from(w.is_healthy()));
         }
+        header(
+            &mut out,
+            "switchyard_health_panic",
+            "gauge",
+            "1 while too few workers pass their health probes and requests go to every worker that has served.",
+        );
+        let _ = writeln!(out, "switchyard_health_panic {}", u8::from(registry.in_panic()));
         header(&mut out, "switchyard_circuit_breaker_state", "gauge", "0 closed, 1 open, 2 half-open.");
         for w in workers.iter() {
             let v = match w.breaker().state() {

@@ -240,14 +240,96 @@ async fn health_checker_removes_and_restores_a_worker() {
         get(&format!("{}/readiness", r.url())).await.json()["healthy_workers"] == 2
     })
     .await;
-    // Both down: readiness fails, inference gets 503.
-    sick.set_faults(Faults { health_fail: true, ..Faults::default() }).unwrap();
-    well.set_faults(Faults { health_fail: true, ..Faults::default() }).unwrap();
-    eventually(Duration::from_secs(5), "no healthy worker", || async {
-        get(&format!("{}/readiness", r.url())).await.status == 503
+}
+
+/// Every worker failing its probes while it still serves (an engine too busy to answer
+/// `/health` in time): by default the router is in health panic and routes across all of
+/// them; with the panic threshold at 0 it refuses every request.
+#[tokio::test]
+async fn with_every_probe_failing_the_router_routes_across_the_workers_that_have_served_unless_panic_is_off() {
+    let a = spawn_worker(WorkerConfig { time_scale: 50.0, ..WorkerConfig::default() }).await.unwrap();
+    let b = spawn_worker(WorkerConfig { time_scale: 50.0, ..WorkerConfig::default() }).await.unwrap();
+    let panics = router(config(vec![a.url(), b.url()], PolicyKind::RoundRobin)).await;
+    let mut cfg = config(vec![a.url(), b.url()], PolicyKind::RoundRobin);
+    cfg.health.panic_threshold = 0.0;
+    let refuses = router(cfg).await;
+    let readiness = |r: String| async move { get(&format!("{r}/readiness")).await };
+    for r in [&panics, &refuses] {
+        assert_eq!(readiness(r.url()).await.json()["status"], "ready");
+    }
+    for w in [&a, &b] {
+        w.set_faults(Faults { health_fail: true, ..Faults::default() }).unwrap();
+    }
+    for r in [&panics, &refuses] {
+        eventually(Duration::from_secs(5), "both workers marked unhealthy", || async {
+            readiness(r.url()).await.json()["healthy_workers"] == 0
+        })
+        .await;
+    }
+    let ready = readiness(panics.url()).await;
+    let ready = (ready.status.as_u16(), ready.json()["status"].clone(), ready.json()["routable_workers"].clone());
+    assert_eq!(ready, (200, json!("panic"), json!(2)));
+    let metrics =
+        |r: String| async move { String::from_utf8_lossy(&get(&format!("{r}/metrics")).await.body).into_owned() };
+    assert!(metrics(panics.url()).await.contains("switchyard_health_panic 1"));
+    let mut served = std::collections::HashSet::new();
+    for _ in 0..4 {
+        let answer = post(&format!("{}/v1/chat/completions", panics.url()), &chat(json!({}))).await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        let id = answer.json()["id"].as_str().unwrap_or_default().to_owned();
+        served.extend([&a, &b].iter().map(|w| w.addr().port()).filter(|p| id.contains(&p.to_string())));
+    }
+    assert_eq!(served.len(), 2, "both workers take requests in panic: {served:?}");
+    let refused = post(&format!("{}/v1/chat/completions", refuses.url()), &chat(json!({}))).await;
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    assert!(
+        refused.json()["error"]["message"].as_str().unwrap_or_default().contains("no healthy"),
+        "{:?}",
+        refused.body
+    );
+    assert_eq!(readiness(refuses.url()).await.status, 503);
+
+    // Probes pass again: the panic is over.
+    for w in [&a, &b] {
+        w.set_faults(Faults::default()).unwrap();
+    }
+    eventually(Duration::from_secs(5), "workers healthy again", || async {
+        readiness(panics.url()).await.json()["status"] == "ready"
     })
     .await;
-    assert_eq!(post(&format!("{}/v1/chat/completions", r.url()), &chat(json!({}))).await.status, 503);
+    assert!(metrics(panics.url()).await.contains("switchyard_health_panic 0"));
+}
+
+/// In panic a worker that is really dead is routable too: its requests fail to connect and
+/// are retried on a live one, so none is lost, and its circuit breaker takes it out.
+#[tokio::test]
+async fn in_health_panic_a_dead_workers_requests_are_retried_on_a_live_one() {
+    let live = spawn_worker(WorkerConfig {
+        faults: Faults { health_fail: true, ..Faults::default() },
+        ..WorkerConfig::default()
+    })
+    .await
+    .unwrap();
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let r = router(config(vec![dead_url.clone(), live.url()], PolicyKind::RoundRobin)).await;
+    // Both have served once (as if the dead one died after its engine came up).
+    for url in [&dead_url, &live.url()] {
+        let w = r.state().registry.get(url).unwrap();
+        r.state().registry.set_healthy(&w, true);
+    }
+    eventually(Duration::from_secs(5), "both marked unhealthy", || async {
+        get(&format!("{}/readiness", r.url())).await.json()["healthy_workers"] == 0
+    })
+    .await;
+    assert!(r.state().registry.in_panic());
+    for _ in 0..6 {
+        let answer = post(&format!("{}/v1/chat/completions", r.url()), &chat(json!({}))).await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        assert!(answer.json()["id"].as_str().unwrap().contains(&live.addr().port().to_string()));
+    }
+    assert_eq!(total_in_flight(&r.url()).await, 0);
 }
 
 #[tokio::test]

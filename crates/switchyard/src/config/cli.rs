@@ -239,6 +239,10 @@ pub struct Args {
     /// Path probed on each worker.
     #[arg(long, default_value = "/health")]
     pub health_check_endpoint: String,
+    /// Health panic: when fewer than this share of a pool's workers pass their probes, route
+    /// across every worker of it that has ever passed one (circuit breakers still guard); 0: never.
+    #[arg(long, default_value_t = super::DEFAULT_HEALTH_PANIC_THRESHOLD, value_parser = unit_interval)]
+    pub health_panic_threshold: f64,
     /// Attempts per request in total (first included), each on a different worker.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub retry_max_retries: u32,
@@ -564,6 +568,7 @@ impl Args {
                 failure_threshold: self.health_failure_threshold,
                 success_threshold: self.health_success_threshold,
                 endpoint: self.health_check_endpoint.clone(),
+                panic_threshold: self.health_panic_threshold,
             },
             retry: RetryConfig {
                 max_attempts: self.retry_max_retries as usize,

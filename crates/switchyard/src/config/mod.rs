@@ -35,7 +35,14 @@ pub struct HealthConfig {
     pub success_threshold: u32,
     /// Path probed on each worker.
     pub endpoint: String,
+    /// Below this share of a pool's workers passing their probes, requests go to every worker
+    /// of it that has served (health panic; 0: never). See `WorkerRegistry::with_panic_threshold`.
+    pub panic_threshold: f64,
 }
+
+/// Envoy's default panic threshold: below half the pool healthy, a probe failing everywhere at
+/// once is likelier the probes' trouble (or load) than half a fleet dying together.
+pub const DEFAULT_HEALTH_PANIC_THRESHOLD: f64 = 0.5;
 
 impl Default for HealthConfig {
     fn default() -> Self {
@@ -45,6 +52,7 @@ impl Default for HealthConfig {
             failure_threshold: 3,
             success_threshold: 2,
             endpoint: "/health".into(),
+            panic_threshold: DEFAULT_HEALTH_PANIC_THRESHOLD,
         }
     }
 }

@@ -532,11 +532,11 @@ impl Inner {
         }
     }
 
-    /// The workers of a pool that may take a request now: healthy, serving `model`, breaker
-    /// letting one through, not excluded. Shares the registry's snapshot when nothing is
-    /// filtered out.
+    /// The workers of a pool that may take a request now: routable (healthy, or in a pool in
+    /// health panic), serving `model`, breaker letting one through, not excluded. Shares the
+    /// registry's snapshot when nothing is filtered out.
     fn candidates(&self, pool: Role, model: Option<&str>, excluded: &[Arc<Worker>]) -> Arc<Vec<Arc<Worker>>> {
-        let healthy = self.registry.healthy();
+        let routable = self.registry.routable();
         let keep = |w: &Arc<Worker>| {
             w.breaker().allows()
                 && !excluded.iter().any(|x| Arc::ptr_eq(x, w))
@@ -546,10 +546,10 @@ impl Inner {
                     (Role::All, _) | (Role::Prefill, WorkerRole::Prefill { .. }) | (Role::Decode, WorkerRole::Decode)
                 )
         };
-        if healthy.iter().all(keep) {
-            return healthy;
+        if routable.iter().all(keep) {
+            return routable;
         }
-        Arc::new(healthy.iter().filter(|w| keep(w)).cloned().collect())
+        Arc::new(routable.iter().filter(|w| keep(w)).cloned().collect())
     }
 
     /// Asks the pool's policies for this attempt's worker(s): `[worker]` or `[prefill, decode]`.
@@ -611,9 +611,9 @@ impl Inner {
 
     /// Whether every leg could go to another worker if this attempt fails.
     fn has_alternative(&self, legs: &[(Arc<Worker>, Selection)], excluded: &[Arc<Worker>]) -> bool {
-        let healthy = self.registry.healthy();
+        let routable = self.registry.routable();
         legs.iter().all(|(current, _)| {
-            healthy.iter().any(|w| {
+            routable.iter().any(|w| {
                 !Arc::ptr_eq(w, current)
                     && std::mem::discriminant(&w.role()) == std::mem::discriminant(&current.role())
                     && w.breaker().allows()

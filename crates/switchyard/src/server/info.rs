@@ -43,14 +43,25 @@ pub(super) async fn liveness() -> StatusCode {
     StatusCode::OK
 }
 
-/// `GET /readiness`: 200 when at least one worker is healthy, else 503.
+/// `GET /readiness`: 200 when requests can be routed to some worker, else 503. In health
+/// panic (too few workers pass their probes, and requests go to every worker that has served)
+/// the router is still routing: status `panic`, 200.
 pub(super) async fn readiness(State(state): State<AppState>) -> Response {
     let healthy = state.registry.healthy().len();
+    let routable = state.registry.routable().len();
     let total = state.registry.all().len();
-    let body = Json(
-        json!({"status": if healthy > 0 { "ready" } else { "not ready" }, "healthy_workers": healthy, "total_workers": total}),
-    );
-    if healthy > 0 {
+    let status = match (routable > 0, state.registry.in_panic()) {
+        (false, _) => "not ready",
+        (true, true) => "panic",
+        (true, false) => "ready",
+    };
+    let body = Json(json!({
+        "status": status,
+        "healthy_workers": healthy,
+        "routable_workers": routable,
+        "total_workers": total,
+    }));
+    if routable > 0 {
         (StatusCode::OK, body).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, body).into_response()

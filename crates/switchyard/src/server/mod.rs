@@ -77,7 +77,8 @@ impl AppState {
 
 impl Shared {
     fn new(config: RouterConfig) -> Self {
-        let registry = Arc::new(WorkerRegistry::bounded(config.max_workers));
+        let registry =
+            Arc::new(WorkerRegistry::bounded(config.max_workers).with_panic_threshold(config.health.panic_threshold));
         let identity = Arc::new(Identity {
             hop: format!("{:016x}", rand::random::<u64>()),
             worker_auth: config
