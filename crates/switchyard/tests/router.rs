@@ -300,6 +300,43 @@ async fn with_every_probe_failing_the_router_routes_across_the_workers_that_have
     assert!(metrics(panics.url()).await.contains("switchyard_health_panic 0"));
 }
 
+/// In panic a worker that hangs is routable too: its requests end at the request timeout
+/// (504, never a hang), and once its circuit breaker has counted them it gets no more.
+#[tokio::test]
+async fn in_health_panic_a_hung_worker_costs_its_requests_a_timeout_until_its_breaker_opens() {
+    let faults = Faults { hang: true, health_fail: true, ..Faults::default() };
+    let hung = spawn_worker(WorkerConfig { faults, ..WorkerConfig::default() }).await.unwrap();
+    let live = spawn_worker(WorkerConfig {
+        faults: Faults { health_fail: true, ..Faults::default() },
+        ..WorkerConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut cfg = config(vec![hung.url(), live.url()], PolicyKind::RoundRobin);
+    cfg.request_timeout = Duration::from_millis(300);
+    cfg.circuit_breaker.failure_threshold = 2;
+    let r = router(cfg).await;
+    for url in [hung.url(), live.url()] {
+        let w = r.state().registry.get(&url).unwrap();
+        r.state().registry.set_healthy(&w, true);
+    }
+    eventually(Duration::from_secs(5), "both marked unhealthy", || async {
+        get(&format!("{}/readiness", r.url())).await.json()["healthy_workers"] == 0
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        let (url, body) = (format!("{}/v1/chat/completions", r.url()), chat(json!({})));
+        let answer =
+            tokio::time::timeout(Duration::from_secs(5), post(&url, &body)).await.expect("an answer, not a hang");
+        statuses.push(answer.status.as_u16());
+    }
+    assert_eq!(statuses.iter().filter(|&&s| s == 504).count(), 2, "{statuses:?}");
+    assert!(statuses.iter().all(|&s| s == 200 || s == 504), "{statuses:?}");
+    assert!(statuses[4..].iter().all(|&s| s == 200), "the breaker keeps the hung worker out: {statuses:?}");
+    assert_eq!(total_in_flight(&r.url()).await, 0);
+}
+
 /// In panic a worker that is really dead is routable too: its requests fail to connect and
 /// are retried on a live one, so none is lost, and its circuit breaker takes it out.
 #[tokio::test]
