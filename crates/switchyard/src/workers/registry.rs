@@ -8,7 +8,6 @@
 //! and drop itself: whichever runs second cleans up.
 
 use std::mem::{discriminant, Discriminant};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -51,8 +50,6 @@ pub struct WorkerRegistry {
     routable: ArcSwap<Vec<Arc<Worker>>>,
     /// Below this share of a pool's workers passing their probes, the pool is in panic.
     panic_threshold: f64,
-    /// Whether some pool is in panic now (for the log line on each change, and `/metrics`).
-    in_panic: AtomicBool,
     /// Every model some registered worker serves, sorted (healthy or not: a model whose
     /// workers are all down is unavailable, not unknown).
     models: ArcSwap<Vec<String>>,
@@ -122,9 +119,10 @@ impl WorkerRegistry {
         self.routable.load_full()
     }
 
-    /// Whether some pool is in health panic.
+    /// Whether some pool is in health panic: then, and only then, workers that fail their
+    /// probes are routable.
     pub fn in_panic(&self) -> bool {
-        self.in_panic.load(Ordering::Relaxed)
+        self.routable.load().len() > self.healthy.load().len()
     }
 
     /// Every model some registered worker serves, sorted.
@@ -207,8 +205,8 @@ impl WorkerRegistry {
             let routable = |w: &Arc<Worker>| w.is_healthy() || (w.ready_once() && panicking.contains(&pool_of(w)));
             Arc::new(all.iter().filter(|w| routable(w)).cloned().collect())
         };
-        let now = !panicking.is_empty();
-        if self.in_panic.swap(now, Ordering::Relaxed) != now {
+        let (was, now) = (self.in_panic(), routable.len() > healthy.len());
+        if was != now {
             if now {
                 tracing::warn!(
                     healthy = healthy.len(),
