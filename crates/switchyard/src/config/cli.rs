@@ -912,6 +912,12 @@ mod tests {
         assert_eq!(c.max_payload_size, 64 * 1024 * 1024);
         assert_eq!((c.health.failure_threshold, c.health.success_threshold), (3, 2));
         assert_eq!(c.health.endpoint, "/health");
+        // Not sglang-router's (it has no health panic): Envoy's default.
+        assert_eq!(c.health.panic_threshold, 0.5);
+        let ParseOutcome::Run(off) = parse_args(["switchyard", "--health-panic-threshold", "0"]) else {
+            panic!("0 parses")
+        };
+        assert_eq!(off.to_config().unwrap().health.panic_threshold, 0.0);
         // One default for the command line, the library's config and the simulator's polls.
         let polls = Some(Duration::from_secs_f64(super::super::DEFAULT_LOAD_CHECK_INTERVAL_SECS));
         assert_eq!((c.load_check_interval, RouterConfig::default().load_check_interval), (polls, polls));
@@ -1069,6 +1075,8 @@ mod tests {
             vec!["switchyard", "--request-timeout-secs", "-1"],
             vec!["switchyard", "--no-such-flag"],
             vec!["switchyard", "--cache-threshold", "1.5"],
+            vec!["switchyard", "--health-panic-threshold", "1.5"],
+            vec!["switchyard", "--health-panic-threshold", "-0.1"],
             vec!["switchyard", "--request-timeout-secs", "1e20"],
             vec!["switchyard", "--queue-timeout-secs", "1e300"],
             vec!["switchyard", "--cb-timeout-duration-secs", "1e25"],
