@@ -242,6 +242,19 @@ async fn health_checker_removes_and_restores_a_worker() {
     .await;
 }
 
+/// Marks each of `urls` as having passed a probe (its engine came up), then waits until the
+/// health checker has marked every worker unhealthy: from then on the router is in panic.
+async fn served_then_every_probe_failing(r: &switchyard::server::RunningRouter, urls: &[String]) {
+    for url in urls {
+        let w = r.state().registry.get(url).unwrap();
+        r.state().registry.set_healthy(&w, true);
+    }
+    eventually(Duration::from_secs(5), "every worker marked unhealthy", || async {
+        get(&format!("{}/readiness", r.url())).await.json()["healthy_workers"] == 0
+    })
+    .await;
+}
+
 /// Every worker failing its probes while it still serves (an engine too busy to answer
 /// `/health` in time): by default the router is in health panic and routes across all of
 /// them; with the panic threshold at 0 it refuses every request.
@@ -261,10 +274,7 @@ async fn with_every_probe_failing_the_router_routes_across_the_workers_that_have
         w.set_faults(Faults { health_fail: true, ..Faults::default() }).unwrap();
     }
     for r in [&panics, &refuses] {
-        eventually(Duration::from_secs(5), "both workers marked unhealthy", || async {
-            readiness(r.url()).await.json()["healthy_workers"] == 0
-        })
-        .await;
+        served_then_every_probe_failing(r, &[]).await;
     }
     let ready = readiness(panics.url()).await;
     let ready = (ready.status.as_u16(), ready.json()["status"].clone(), ready.json()["routable_workers"].clone());
@@ -316,14 +326,7 @@ async fn in_health_panic_a_hung_worker_costs_its_requests_a_timeout_until_its_br
     cfg.request_timeout = Duration::from_millis(300);
     cfg.circuit_breaker.failure_threshold = 2;
     let r = router(cfg).await;
-    for url in [hung.url(), live.url()] {
-        let w = r.state().registry.get(&url).unwrap();
-        r.state().registry.set_healthy(&w, true);
-    }
-    eventually(Duration::from_secs(5), "both marked unhealthy", || async {
-        get(&format!("{}/readiness", r.url())).await.json()["healthy_workers"] == 0
-    })
-    .await;
+    served_then_every_probe_failing(&r, &[hung.url(), live.url()]).await;
     let mut statuses = Vec::new();
     for _ in 0..8 {
         let (url, body) = (format!("{}/v1/chat/completions", r.url()), chat(json!({})));
@@ -352,14 +355,7 @@ async fn in_health_panic_a_dead_workers_requests_are_retried_on_a_live_one() {
     drop(dead);
     let r = router(config(vec![dead_url.clone(), live.url()], PolicyKind::RoundRobin)).await;
     // Both have served once (as if the dead one died after its engine came up).
-    for url in [&dead_url, &live.url()] {
-        let w = r.state().registry.get(url).unwrap();
-        r.state().registry.set_healthy(&w, true);
-    }
-    eventually(Duration::from_secs(5), "both marked unhealthy", || async {
-        get(&format!("{}/readiness", r.url())).await.json()["healthy_workers"] == 0
-    })
-    .await;
+    served_then_every_probe_failing(&r, &[dead_url, live.url()]).await;
     assert!(r.state().registry.in_panic());
     for _ in 0..6 {
         let answer = post(&format!("{}/v1/chat/completions", r.url()), &chat(json!({}))).await;
