@@ -216,11 +216,16 @@ impl Simulation {
         let prefill = with_role(|r| matches!(r, WorkerRole::Prefill { .. }));
         let decode = with_role(|r| matches!(r, WorkerRole::Decode));
         let replicas = (0..replicas.max(1))
-            .map(|r| {
+            .map(|_| {
+                // Every replica names an engine alike, as live routers given the same worker
+                // URLs do: what a policy hashes from the URL (consistent_hash's ring) then agrees
+                // across replicas. Named per replica, each replica's ring differed and a session
+                // was split over up to four engines that one ring keeps together. The name is
+                // the one a single router always had, so one router's rings are unchanged.
                 let workers: Vec<Arc<Worker>> = workers
                     .iter()
                     .enumerate()
-                    .map(|(i, w)| Arc::new(Worker::new(format!("http://sim-{r}-{i}:1"), w.role)))
+                    .map(|(i, w)| Arc::new(Worker::new(format!("http://sim-0-{i}:1"), w.role)))
                     .collect();
                 let policy = build(policy);
                 let observer: Arc<dyn GuardObserver> = Arc::new(PolicyObserver(policy.clone()));

@@ -173,3 +173,26 @@ fn on_a_pd_fleet_every_policy_runs_each_request_through_a_prefill_and_a_decode_w
         }
     }
 }
+
+#[test]
+fn behind_router_replicas_consistent_hash_sends_each_session_where_one_router_would() {
+    // Live replicas are given the same worker URLs and so build the same ring; the simulated
+    // replicas must agree the same way, or the DES splits every session over the replicas.
+    let s = scenario("homogeneous");
+    let fleet = SimWorker::from_scenario(&s, None);
+    let mut specs = s.workload.requests(s.arrival, 20.0, 600, s.seed, 0, None);
+    for (i, spec) in specs.iter_mut().enumerate() {
+        spec.session = Some((i % 41) as u64);
+    }
+    let config = policy_spec::parse("consistent_hash", &s.slo, 1.0, s.seed).expect("policy");
+    let workers_behind = |replicas: usize| -> Vec<Option<usize>> {
+        let report = des::run_open(&fleet, &config, replicas, s.seed, specs.clone(), None);
+        assert_eq!(report.results.len(), specs.len(), "every request accounted for");
+        report.results.iter().map(|r| r.worker).collect()
+    };
+    let one = workers_behind(1);
+    assert!(one.iter().all(Option::is_some), "every request served");
+    let used: std::collections::HashSet<_> = one.iter().collect();
+    assert!(used.len() > 1, "the sessions spread over the fleet: {used:?}");
+    assert_eq!(workers_behind(4), one, "four replicas send every request where one router does");
+}
