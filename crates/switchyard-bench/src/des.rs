@@ -216,7 +216,7 @@ impl Simulation {
         let prefill = with_role(|r| matches!(r, WorkerRole::Prefill { .. }));
         let decode = with_role(|r| matches!(r, WorkerRole::Decode));
         let replicas = (0..replicas.max(1))
-            .map(|_| {
+            .map(|r| {
                 // Every replica names an engine alike, as live routers given the same worker
                 // URLs do: what a policy hashes from the URL (consistent_hash's ring) then agrees
                 // across replicas. Named per replica, each replica's ring differed and a session
@@ -227,7 +227,7 @@ impl Simulation {
                     .enumerate()
                     .map(|(i, w)| Arc::new(Worker::new(format!("http://sim-0-{i}:1"), w.role)))
                     .collect();
-                let policy = build(policy);
+                let policy = build(&replica_config(policy, r));
                 let observer: Arc<dyn GuardObserver> = Arc::new(PolicyObserver(policy.clone()));
                 Replica {
                     policy,
@@ -613,6 +613,18 @@ impl Simulation {
             self.retry_held(t);
         }
     }
+}
+
+/// `config` for router replica `r`. Live replicas seed their random choices from entropy, each
+/// its own; given one seed, every simulated replica made the first one's random choices, decision
+/// for decision, and with requests dealt to replicas in turn four consecutive requests went alike
+/// (random behind four replicas sent them to one worker). Replica 0 keeps the seed, so one router
+/// runs as before.
+fn replica_config(config: &PolicyConfig, r: usize) -> PolicyConfig {
+    if r == 0 {
+        return config.clone();
+    }
+    config.with_seed(config.seed().map(|s| s ^ (r as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
 }
 
 /// Runs an open-loop workload and returns the report.

@@ -196,3 +196,22 @@ fn behind_router_replicas_consistent_hash_sends_each_session_where_one_router_wo
     assert!(used.len() > 1, "the sessions spread over the fleet: {used:?}");
     assert_eq!(workers_behind(4), one, "four replicas send every request where one router does");
 }
+
+#[test]
+fn behind_router_replicas_each_replica_makes_its_own_random_choices() {
+    // Requests are dealt to the replicas in turn. Live replicas seed their choices from entropy;
+    // seeded alike, the simulated ones made the same choice for each turn's requests, and random
+    // behind four replicas sent every four consecutive requests to one worker.
+    let s = scenario("homogeneous");
+    let fleet = SimWorker::from_scenario(&s, None);
+    let specs = s.workload.requests(s.arrival, 20.0, 800, s.seed, 0, None);
+    let config = policy_spec::parse("random", &s.slo, 1.0, s.seed).expect("policy");
+    let report = des::run_open(&fleet, &config, 4, s.seed, specs, None);
+    let workers: Vec<Option<usize>> = report.results.iter().map(|r| r.worker).collect();
+    assert!(workers.iter().all(Option::is_some), "every request served");
+    let turns = workers.chunks(4).filter(|t| t.len() == 4);
+    let alike = turns.clone().filter(|t| t.iter().all(|w| *w == t[0])).count();
+    // Independent choices over the fleet's workers put a turn's four on one worker with
+    // probability 1/n³ (1/64 on four workers): a handful of 200 turns, not most of them.
+    assert!(alike * 10 < turns.count(), "{alike} of 200 turns went to one worker");
+}

@@ -247,6 +247,36 @@ impl PolicyConfig {
     }
 }
 
+impl PolicyConfig {
+    /// The seed of its random choices (`None`: from entropy, and round_robin has none).
+    pub fn seed(&self) -> Option<u64> {
+        match self {
+            PolicyConfig::Random(c) => c.seed,
+            PolicyConfig::RoundRobin(_) => None,
+            PolicyConfig::PowerOfTwo(c) => c.seed,
+            PolicyConfig::LoadBased(c) => c.seed,
+            PolicyConfig::CacheAware(c) => c.seed,
+            PolicyConfig::ConsistentHash(c) => c.seed,
+            PolicyConfig::MarginalUtility(c) => c.seed,
+        }
+    }
+
+    /// The same settings with `seed` for its random choices (round_robin has none).
+    pub fn with_seed(&self, seed: Option<u64>) -> Self {
+        let mut config = self.clone();
+        match &mut config {
+            PolicyConfig::Random(c) => c.seed = seed,
+            PolicyConfig::RoundRobin(_) => {}
+            PolicyConfig::PowerOfTwo(c) => c.seed = seed,
+            PolicyConfig::LoadBased(c) => c.seed = seed,
+            PolicyConfig::CacheAware(c) => c.seed = seed,
+            PolicyConfig::ConsistentHash(c) => c.seed = seed,
+            PolicyConfig::MarginalUtility(c) => c.seed = seed,
+        }
+        config
+    }
+}
+
 /// Builds a policy from its config.
 pub fn build(config: &PolicyConfig) -> Arc<dyn RoutingPolicy> {
     match config {
