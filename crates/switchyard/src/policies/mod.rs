@@ -245,9 +245,7 @@ impl PolicyConfig {
             }
         }
     }
-}
 
-impl PolicyConfig {
     /// The seed of its random choices (`None`: from entropy, and round_robin has none).
     pub fn seed(&self) -> Option<u64> {
         match self {
